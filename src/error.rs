@@ -1,0 +1,85 @@
+//! The crate's error type. Every public entry point validates its inputs and returns one of these
+//! instead of panicking.
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in ape-attn.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A scalar parameter is out of its domain (for example the APE temperature `T` is not finite
+    /// and positive).
+    #[error("invalid {name}: {value} ({requirement})")]
+    InvalidParameter {
+        /// The parameter, as the user knows it (e.g. "temperature T").
+        name: &'static str,
+        /// The value given.
+        value: f64,
+        /// What it must satisfy.
+        requirement: &'static str,
+    },
+
+    /// A buffer or tensor does not have the shape the operation needs.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
+    /// The head dimension is not one the operation supports.
+    #[error("unsupported head dim {head_dim} for {op}: supported are {supported:?}")]
+    UnsupportedHeadDim {
+        /// The operation that refused it.
+        op: &'static str,
+        /// The head dim given.
+        head_dim: usize,
+        /// The head dims this operation supports.
+        supported: &'static [usize],
+    },
+
+    /// `n_heads` is not a positive multiple of `n_kv_heads`.
+    #[error("invalid GQA: {n_heads} query heads cannot share {n_kv_heads} KV heads (n_heads must be a positive multiple of n_kv_heads)")]
+    Gqa {
+        /// Query heads.
+        n_heads: usize,
+        /// Key/value heads.
+        n_kv_heads: usize,
+    },
+
+    /// A position or length does not fit what the kernels index with (32-bit) or overflows.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+
+    /// Tensors of different dtypes were mixed, or a dtype is not supported by an operation.
+    #[error("dtype mismatch: {0}")]
+    DType(String),
+
+    /// Tensors live on different devices.
+    #[error("device mismatch: {0}")]
+    DeviceMismatch(String),
+
+    /// The crate was built without nvcc, so it holds no GPU kernels.
+    #[error("the CUDA kernels were not built into this copy of ape-attn ({0}); install nvcc (scripts/install-nvcc.sh) and rebuild")]
+    KernelsNotBuilt(&'static str),
+
+    /// No usable CUDA driver or device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+
+    /// The device ran out of memory.
+    #[error("GPU out of memory: {0}")]
+    OutOfMemory(String),
+
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error: {0}")]
+    Cuda(cudarc::driver::DriverError),
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        use cudarc::driver::sys::CUresult;
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfMemory(e.to_string())
+        } else {
+            Error::Cuda(e)
+        }
+    }
+}
