@@ -1,0 +1,119 @@
+//! The device handle: a CUDA context, the stream every launch goes to, and the crate's kernels
+//! loaded from the fatbin that `build.rs` embedded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{Error, Result};
+
+/// How this copy of the crate's kernels was built: the nvcc version and architectures, or why
+/// they were not built.
+pub fn kernel_build_info() -> &'static str {
+    env!("APE_ATTN_KERNEL_BUILD")
+}
+
+/// True when this copy of the crate holds compiled CUDA kernels.
+pub fn kernels_built() -> bool {
+    kernel_image().is_ok()
+}
+
+#[cfg(ape_kernels)]
+fn kernel_image() -> Result<&'static [u8]> {
+    Ok(include_bytes!(env!("APE_ATTN_FATBIN")))
+}
+
+#[cfg(not(ape_kernels))]
+fn kernel_image() -> Result<&'static [u8]> {
+    Err(Error::KernelsNotBuilt(kernel_build_info()))
+}
+
+/// One CUDA device with the crate's kernels loaded. All launches through one `Device` are
+/// ordered on its stream.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("ordinal", &self.ctx.ordinal())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Opens device `ordinal` and loads the kernels. Errors (never panics) when the kernels were
+    /// not built, when there is no NVIDIA driver, or when the device does not exist.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let image = kernel_image()?;
+        // SAFETY: only tries to open the driver library by its usual names; touches no state.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "the NVIDIA driver library (libcuda) is not present on this machine".into(),
+            ));
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))?;
+        Ok(Self {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        Ok(self.ctx.compute_capability()?)
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    /// Waits until every launch so far has finished, and reports any asynchronous kernel error.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// The stream launches go to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A kernel of the embedded module, by its `extern "C"` name.
+    pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| Error::NoDevice("kernel cache poisoned by a panic".into()))?;
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self.module.load_function(name)?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+}

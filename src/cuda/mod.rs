@@ -1,0 +1,13 @@
+//! The GPU side: a device handle, device tensors, and one safe launcher per kernel.
+//!
+//! Every launcher validates shapes, dtypes, devices and parameters before it launches and returns
+//! [`crate::Error`] instead of panicking. Each launcher's oracle is the function of the same name
+//! in [`crate::reference`]; the GPU tests (`tests/gpu_*.rs`, ignored without a device) compare them.
+
+mod device;
+pub mod merge_states;
+mod tensor;
+
+pub use device::{kernel_build_info, kernels_built, Device};
+pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,229 @@
+//! A device tensor that knows its shape and dtype.
+
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+
+use super::Device;
+use crate::error::{Error, Result};
+
+/// Element type of a [`Tensor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Short name used in kernel names (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Rounds `x` to this dtype and back, as storing it in a tensor would.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::BF16 => bf16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+/// A dense, row-major tensor in device memory.
+pub struct Tensor {
+    buf: CudaSlice<u8>,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+fn element_count(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} has too many elements")))
+}
+
+fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(data).to_vec(),
+        DType::F16 => {
+            let v: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        DType::BF16 => {
+            let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        }
+    }
+}
+
+fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
+impl Tensor {
+    /// A zero-filled tensor.
+    pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
+        let bytes = element_count(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} is too large")))?;
+        let buf = device.stream().alloc_zeros::<u8>(bytes.max(1))?;
+        Ok(Self {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Uploads `data` (f32, row-major) rounded to `dtype`.
+    pub fn from_f32(device: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
+        let n = element_count(shape)?;
+        if data.len() != n {
+            return Err(Error::Shape(format!(
+                "{} values given for shape {shape:?} ({n} elements)",
+                data.len()
+            )));
+        }
+        let mut bytes = encode(data, dtype);
+        if bytes.is_empty() {
+            bytes.push(0);
+        }
+        let buf = device.stream().clone_htod(&bytes)?;
+        Ok(Self {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Overwrites every element with `data` (rounded to the tensor's dtype).
+    pub fn copy_from_f32(&mut self, device: &Device, data: &[f32]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::Shape(format!(
+                "{} values given for shape {:?}",
+                data.len(),
+                self.shape
+            )));
+        }
+        self.check_device(device, "tensor")?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode(data, self.dtype);
+        device.stream().memcpy_htod(&bytes, &mut self.buf)?;
+        Ok(())
+    }
+
+    /// Downloads the tensor as f32 (waits for the stream).
+    pub fn to_f32(&self, device: &Device) -> Result<Vec<f32>> {
+        self.check_device(device, "tensor")?;
+        let mut bytes = device.stream().clone_dtoh(&self.buf)?;
+        bytes.truncate(self.len() * self.dtype.size());
+        Ok(decode(&bytes, self.dtype))
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device buffer, for passing to a kernel.
+    pub(crate) fn buf(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+
+    /// The device buffer, for a kernel to write.
+    pub(crate) fn buf_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.buf
+    }
+
+    /// Errors unless the tensor was allocated on `device`.
+    pub(crate) fn check_device(&self, device: &Device, what: &str) -> Result<()> {
+        if self.buf.context().as_ref() == device.context().as_ref() {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch(format!(
+                "{what} lives on device {}, the launch is on device {}",
+                self.buf.context().ordinal(),
+                device.context().ordinal()
+            )))
+        }
+    }
+
+    /// Errors unless the dtype is `dtype`.
+    pub(crate) fn check_dtype(&self, dtype: DType, what: &str) -> Result<()> {
+        if self.dtype == dtype {
+            Ok(())
+        } else {
+            Err(Error::DType(format!(
+                "{what} is {:?}, expected {:?}",
+                self.dtype, dtype
+            )))
+        }
+    }
+
+    /// Errors unless the shape is `shape`.
+    pub(crate) fn check_shape(&self, shape: &[usize], what: &str) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::Shape(format!(
+                "{what} has shape {:?}, expected {shape:?}",
+                self.shape
+            )))
+        }
+    }
+}
