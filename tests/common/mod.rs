@@ -1,0 +1,73 @@
+//! Test helpers: seeded randomness whose seed is printed when a test fails.
+#![allow(dead_code)]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A seeded RNG. The seed comes from `APE_SEED` when set, else from the clock; when the test
+/// panics, the seed is printed so the failure can be replayed.
+pub struct Seeded {
+    pub rng: StdRng,
+    seed: u64,
+    name: &'static str,
+}
+
+impl Drop for Seeded {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "{}: failed with seed {} (replay with APE_SEED={})",
+                self.name, self.seed, self.seed
+            );
+        }
+    }
+}
+
+pub fn seeded(name: &'static str) -> Seeded {
+    let seed = std::env::var("APE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x5eed)
+        });
+    Seeded {
+        rng: StdRng::seed_from_u64(seed),
+        seed,
+        name,
+    }
+}
+
+impl Seeded {
+    /// `n` values uniform in `[-scale, scale]`.
+    pub fn uniform(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.gen_range(-scale..=scale)).collect()
+    }
+
+    pub fn range(&mut self, lo: usize, hi_inclusive: usize) -> usize {
+        self.rng.gen_range(lo..=hi_inclusive)
+    }
+
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.rng.gen_range(0..xs.len())]
+    }
+
+    pub fn f32_in(&mut self, lo: f32, hi: f32) -> f32 {
+        self.rng.gen_range(lo..hi)
+    }
+
+    pub fn coin(&mut self) -> bool {
+        self.rng.gen_bool(0.5)
+    }
+}
+
+/// Largest absolute difference, treating equal infinities as equal.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| if x == y { 0.0 } else { (x - y).abs() })
+        .fold(0.0, f32::max)
+}
