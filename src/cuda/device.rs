@@ -36,6 +36,7 @@ pub struct Device {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    sm_count: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -66,11 +67,15 @@ impl Device {
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))?;
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
         Ok(Self {
             ctx,
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
+            sm_count: sm_count.max(1) as usize,
         })
     }
 
@@ -103,8 +108,23 @@ impl Device {
         &self.ctx
     }
 
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
     /// A kernel of the embedded module, by its `extern "C"` name.
     pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        self.function_with_smem(name, 0)
+    }
+
+    /// A kernel that needs `dynamic_smem` bytes of dynamic shared memory; above the default 48 KiB
+    /// the opt-in attribute is set once, when the function is first loaded.
+    pub(crate) fn function_with_smem(
+        &self,
+        name: &'static str,
+        dynamic_smem: u32,
+    ) -> Result<CudaFunction> {
         let mut cache = self
             .functions
             .lock()
@@ -113,6 +133,12 @@ impl Device {
             return Ok(f.clone());
         }
         let f = self.module.load_function(name)?;
+        if dynamic_smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic_smem as i32,
+            )?;
+        }
         cache.insert(name, f.clone());
         Ok(f)
     }

@@ -6,8 +6,14 @@
 
 mod device;
 pub mod merge_states;
+pub mod rope;
+pub mod segmented_attention;
 mod tensor;
 
 pub use device::{kernel_build_info, kernels_built, Device};
 pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
+pub use rope::{rope_apply, rope_shift};
+pub use segmented_attention::{
+    segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
+};
 pub use tensor::{DType, Tensor};

@@ -1,0 +1,467 @@
+// Segmented attention with the APE correction fused in (DESIGN §2), for the question's prefill and
+// for decode; mirrors src/reference/segmented_attention.rs.
+//
+// The keys are a list of segments read in place through descriptors {k, v, len, pos_offset, role,
+// first_tile}, K and V of a segment being [len, n_kv_heads, D]. The launcher orders the descriptors
+// Context first, then Causal, and numbers their 64-key tiles consecutively (first_tile), so that
+// tiles [0, n_ctx_tiles) are the context group C and the rest the causal group O.
+//
+// Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
+// the `group` query heads that share the KV head, so K/V are read once for all of them and never
+// repeated) and a range of tiles (a split). Per tile: S = Q K^T on tensor cores (mma.sync m16n8k16,
+// f32 accumulate), scale (1/(T sqrt d) for context tiles, 1/sqrt d for causal tiles; log2 domain),
+// mask (tail keys; causal keys after the row's position), online softmax, O += P V.
+//
+// APE with one accumulator: when the walk crosses from the last context tile to the causal tiles,
+// the finished context state (L_C, O_C) is turned into a state of log-mass a = S*T*L_C (or
+// T*L_C + ln S) holding O_C: m = a, l = 1, acc = O_C. Continuing the online softmax over the causal
+// keys then computes exactly merge((a, O_C), (L_O, O_O)), which is APE's output, and its LSE is
+// ln(e^a + e^(L_O)). That needs the whole context group in one CTA ("whole" mode, one split).
+//
+// Split mode (short questions and decode, to fill the GPU): each split covers tiles of one group
+// only and writes its normalised partial state (f32) to a workspace; the combine kernel merges the
+// splits of each group, applies the APE correction to L_C and merges the two groups.
+#include "attention_state.cuh"
+#include "mma.cuh"
+
+namespace ape {
+
+// Mirrored by SegmentDesc in src/cuda/segmented_attention.rs.
+struct SegmentDesc {
+  uint64_t k;           // device pointer to [len, n_kv_heads, D]
+  uint64_t v;           // device pointer to [len, n_kv_heads, D]
+  uint32_t len;         // tokens (> 0: the launcher drops empty segments)
+  uint32_t pos_offset;  // absolute position of token 0
+  uint32_t role;        // 0 = Context, 1 = Causal (SegmentRole)
+  uint32_t first_tile;  // index of this segment's first tile in the launch's tile order
+};
+static_assert(sizeof(SegmentDesc) == 32, "SegmentDesc layout");
+
+// Mirrored by SegmentedAttentionParams in src/cuda/segmented_attention.rs.
+struct SegmentedAttentionParams {
+  uint32_t n_rows;           // query rows
+  uint32_t n_heads;          // query heads
+  uint32_t n_kv_heads;       // KV heads
+  uint32_t group;            // n_heads / n_kv_heads
+  uint32_t q_pos_offset;     // position of query row 0
+  uint32_t n_segments;       // descriptors
+  uint32_t n_ctx_tiles;      // tiles of the context group (they come first)
+  uint32_t n_causal_tiles;   // tiles of the causal group
+  uint32_t n_ctx_splits;     // split mode: splits over the context tiles
+  uint32_t n_causal_splits;  // split mode: splits over the causal tiles
+  uint32_t whole;            // 1: one split over every tile, APE fused, final output written
+  uint32_t variant;          // ApeVariant: 0 released (a = S*T*L_C), 1 scaled mass (T*L_C + ln S)
+  float ctx_scale_log2;      // log2(e) / (T * sqrt(D))
+  float causal_scale_log2;   // log2(e) / sqrt(D)
+  float temperature;         // T
+  float scale;               // S
+};
+static_assert(sizeof(SegmentedAttentionParams) == 64, "SegmentedAttentionParams layout");
+
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kLog2e = 1.442695040888963407f;
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// APE's corrected log-mass of the context group from its LSE (natural log).
+__device__ __forceinline__ float context_log_mass(float lse_c, const SegmentedAttentionParams& p) {
+  if (lse_c == -INFINITY) return -INFINITY;
+  return p.variant == 0 ? p.scale * p.temperature * lse_c : p.temperature * lse_c + logf(p.scale);
+}
+
+// Where a tile's keys are.
+template <typename T> struct Tile {
+  const T* k;
+  const T* v;
+  int start;   // first token of the tile within its segment
+  int n;       // valid keys in the tile (1..kBlockN)
+  int pos0;    // position of the tile's first key
+  int role;    // 0 = Context, 1 = Causal
+};
+
+template <typename T>
+__device__ __forceinline__ Tile<T> tile_at(const SegmentDesc* segs, int n_segments, int& cursor,
+                                           uint32_t t) {
+  // Descriptors are in tile order; tiles are visited in increasing order, so the cursor only moves
+  // forward.
+  while (cursor + 1 < n_segments && segs[cursor + 1].first_tile <= t) ++cursor;
+  const SegmentDesc s = segs[cursor];
+  Tile<T> tile;
+  tile.k = reinterpret_cast<const T*>(s.k);
+  tile.v = reinterpret_cast<const T*>(s.v);
+  tile.start = int(t - s.first_tile) * kBlockN;
+  tile.n = min(kBlockN, int(s.len) - tile.start);
+  tile.pos0 = int(s.pos_offset) + tile.start;
+  tile.role = int(s.role);
+  return tile;
+}
+
+// Copies a [kBlockN, D] slice of K or V (one KV head) into a swizzled shared tile; rows past the
+// tile's valid keys are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_tile(T* dst, const T* base, const Tile<T>& tile, int kvh,
+                                             int n_kv_heads, int tid) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int i = 0; i < kBlockN * kChunks / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    const int row = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const bool valid = row < tile.n;
+    const T* src =
+        valid ? base + (size_t(tile.start + row) * n_kv_heads + kvh) * D + chunk * 8 : base;
+    cp_async_16(dst + swizzle<D>(row, chunk), src, valid);
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
+                               T* __restrict__ out, float* __restrict__ lse,
+                               float* __restrict__ o_part, float* __restrict__ lse_part,
+                               const SegmentedAttentionParams p) {
+  static_assert(D == 64 || D == 128, "head dim");
+  constexpr int kChunks = D / 8;
+  constexpr int kNBlocksS = kBlockN / 8;  // n8 blocks of S
+  constexpr int kNBlocksO = D / 8;        // n8 blocks of O
+  constexpr int kKSteps = D / 16;         // k16 steps over the head dim
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBlockM * D;       // [2][kBlockN][D]
+  T* sV = sK + 2 * kBlockN * D;   // [2][kBlockN][D]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int kvh = blockIdx.y;
+  const int split = blockIdx.z;
+  const int group = int(p.group);
+  const uint32_t packed_rows = p.n_rows * p.group;
+  const uint32_t m0 = blockIdx.x * kBlockM;
+
+  // This CTA's tile range.
+  uint32_t t_begin, t_end;
+  if (p.whole) {
+    t_begin = 0;
+    t_end = p.n_ctx_tiles + p.n_causal_tiles;
+  } else if (uint32_t(split) < p.n_ctx_splits) {
+    t_begin = uint32_t(uint64_t(split) * p.n_ctx_tiles / p.n_ctx_splits);
+    t_end = uint32_t(uint64_t(split + 1) * p.n_ctx_tiles / p.n_ctx_splits);
+  } else {
+    const uint64_t s = split - p.n_ctx_splits;
+    t_begin = p.n_ctx_tiles + uint32_t(s * p.n_causal_tiles / p.n_causal_splits);
+    t_end = p.n_ctx_tiles + uint32_t((s + 1) * p.n_causal_tiles / p.n_causal_splits);
+  }
+
+  // Positions of the rows this CTA holds (for skipping and masking causal tiles).
+  const uint32_t last_packed = min(m0 + kBlockM, packed_rows) - 1;
+  const int q_pos_min = int(p.q_pos_offset + m0 / p.group);
+  const int q_pos_max = int(p.q_pos_offset + last_packed / p.group);
+
+  // The two rows of each thread's accumulator fragments: packed rows r and r + 8.
+  int row_pos[2];
+  int row_idx[2];
+  int row_head[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t pr = m0 + warp * 16 + lane / 4 + i * 8;
+    row_ok[i] = pr < packed_rows;
+    row_idx[i] = int(pr / p.group);
+    row_head[i] = kvh * group + int(pr % p.group);
+    row_pos[i] = int(p.q_pos_offset) + row_idx[i];
+  }
+
+  // Load the Q tile: packed row r -> query row r / group, head kvh * group + r % group.
+  for (int idx = tid; idx < kBlockM * kChunks; idx += kThreads) {
+    const int r = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const uint32_t pr = m0 + r;
+    const bool valid = pr < packed_rows;
+    const T* src = valid ? q + (size_t(pr / p.group) * p.n_heads + kvh * group + pr % p.group) * D +
+                               chunk * 8
+                         : q;
+    cp_async_16(sQ + swizzle<D>(r, chunk), src, valid);
+  }
+  cp_async_commit();
+
+  int cursor = 0;
+  // A causal tile whose first key comes after every row of the CTA contributes nothing.
+  auto visible = [&](uint32_t t) {
+    if (t < p.n_ctx_tiles) return true;
+    int c = cursor;
+    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), c, t);
+    return tile.pos0 <= q_pos_max;
+  };
+  auto next_visible = [&](uint32_t t) {
+    while (t < t_end && !visible(t)) ++t;
+    return t;
+  };
+
+  uint32_t t = next_visible(t_begin);
+  if (t < t_end) {
+    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), cursor, t);
+    load_kv_tile<T, D>(sK, tile.k, tile, kvh, int(p.n_kv_heads), tid);
+    load_kv_tile<T, D>(sV, tile.v, tile, kvh, int(p.n_kv_heads), tid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Q fragments stay in registers for the whole walk.
+  uint32_t qf[kKSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    const int mi = lane / 8;
+    const int r = warp * 16 + (mi % 2) * 8 + lane % 8;
+    ldmatrix_x4(qf[ks], sQ + swizzle<D>(r, ks * 2 + mi / 2));
+  }
+
+  float acc[kNBlocksO][4];
+#pragma unroll
+  for (int j = 0; j < kNBlocksO; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};  // running max, log2 domain
+  float l[2] = {0.f, 0.f};              // running sum (this lane's share of the quad)
+  bool corrected = false;               // whole mode: the context state has been turned into (a, O_C)
+
+  // Whole mode: (L_C, O_C) -> (a, O_C) as a running state, before the first causal key.
+  auto correct_context = [&]() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float l_full = quad_sum(l[i]);
+      const float lse_c = (l_full > 0.f) ? (m[i] + log2f(l_full)) * kLn2 : -INFINITY;
+      const float a = context_log_mass(lse_c, p);
+      const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
+#pragma unroll
+      for (int j = 0; j < kNBlocksO; ++j) {
+        acc[j][2 * i] *= inv;
+        acc[j][2 * i + 1] *= inv;
+      }
+      m[i] = a == -INFINITY ? -INFINITY : a * kLog2e;
+      // The quad's shares must sum to 1: one lane holds it.
+      l[i] = (a != -INFINITY && lane % 4 == 0) ? 1.f : 0.f;
+    }
+    corrected = true;
+  };
+
+  int buf = 0;
+  while (t < t_end) {
+    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), cursor, t);
+    const uint32_t t_next = next_visible(t + 1);
+    if (t_next < t_end) {
+      int c = cursor;
+      const Tile<T> nt = tile_at<T>(segs, int(p.n_segments), c, t_next);
+      load_kv_tile<T, D>(sK + (buf ^ 1) * kBlockN * D, nt.k, nt, kvh, int(p.n_kv_heads), tid);
+      load_kv_tile<T, D>(sV + (buf ^ 1) * kBlockN * D, nt.v, nt, kvh, int(p.n_kv_heads), tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    if (p.whole && tile.role == 1 && !corrected) correct_context();
+
+    const T* k_tile = sK + buf * kBlockN * D;
+    const T* v_tile = sV + buf * kBlockN * D;
+
+    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+    float s[kNBlocksS][4];
+#pragma unroll
+    for (int j = 0; j < kNBlocksS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
+        const int mi = lane / 8;
+        const int key = nb * 16 + (mi / 2) * 8 + lane % 8;
+        uint32_t b[4];
+        ldmatrix_x4(b, k_tile + swizzle<D>(key, ks * 2 + mi % 2));
+        mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
+        mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
+      }
+    }
+
+    // Scale into the log2 domain and mask.
+    const float scale_log2 = tile.role == 0 ? p.ctx_scale_log2 : p.causal_scale_log2;
+    const bool need_mask =
+        tile.n < kBlockN || (tile.role == 1 && tile.pos0 + kBlockN - 1 > q_pos_min);
+#pragma unroll
+    for (int j = 0; j < kNBlocksS; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * scale_log2;
+        if (need_mask) {
+          const int key = j * 8 + (lane % 4) * 2 + (e & 1);
+          const bool ok = key < tile.n && (tile.role == 0 || tile.pos0 + key <= row_pos[e / 2]);
+          x = ok ? x : -INFINITY;
+        }
+        s[j][e] = x;
+      }
+    }
+
+    // Online softmax.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mt = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNBlocksS; ++j) mt = fmaxf(mt, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
+      mt = quad_max(mt);
+      const float m_new = fmaxf(m[i], mt);
+      // With nothing visible yet, m_new is -inf: use 0 so that no (-inf) - (-inf) appears.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m[i] - m_use);
+      l[i] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kNBlocksO; ++j) {
+        acc[j][2 * i] *= alpha;
+        acc[j][2 * i + 1] *= alpha;
+      }
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < kNBlocksS; ++j) {
+        s[j][2 * i] = exp2f(s[j][2 * i] - m_use);
+        s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - m_use);
+        rs += s[j][2 * i] + s[j][2 * i + 1];
+      }
+      l[i] += rs;
+      m[i] = m_new;
+    }
+
+    // O += P V, P taken straight from the S accumulators.
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+      a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+      a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+      a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+      for (int db = 0; db < D / 16; ++db) {
+        const int mi = lane / 8;
+        const int key = ks * 16 + (mi % 2) * 8 + lane % 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_tile + swizzle<D>(key, db * 2 + mi / 2));
+        mma_16816<T>(acc[2 * db], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
+      }
+    }
+
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+    buf ^= 1;
+    t = t_next;
+  }
+  cp_async_wait<0>();
+
+  if (p.whole && !corrected) correct_context();
+
+  // Epilogue: normalise, and write either the final output or this split's partial state.
+  const int col = (lane % 4) * 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float l_full = quad_sum(l[i]);
+    const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
+    const float row_lse = l_full > 0.f ? (m[i] + log2f(l_full)) * kLn2 : -INFINITY;
+    if (!row_ok[i]) continue;
+    const size_t row = size_t(row_idx[i]) * p.n_heads + row_head[i];
+    if (p.whole) {
+      T* o = out + row * D;
+#pragma unroll
+      for (int j = 0; j < kNBlocksO; ++j) {
+        *reinterpret_cast<uint32_t*>(o + j * 8 + col) =
+            pack2<T>(acc[j][2 * i] * inv, acc[j][2 * i + 1] * inv);
+      }
+      if (lane % 4 == 0) lse[row] = row_lse;
+    } else {
+      const size_t n = size_t(p.n_rows) * p.n_heads;
+      float* o = o_part + (size_t(split) * n + row) * D;
+#pragma unroll
+      for (int j = 0; j < kNBlocksO; ++j) {
+        *reinterpret_cast<float2*>(o + j * 8 + col) =
+            make_float2(acc[j][2 * i] * inv, acc[j][2 * i + 1] * inv);
+      }
+      if (lane % 4 == 0) lse_part[size_t(split) * n + row] = row_lse;
+    }
+  }
+}
+
+// Split mode: merges the context splits into (L_C, O_C) and the causal splits into (L_O, O_O),
+// then out = merge((a, O_C), (L_O, O_O)) with a = APE's corrected context log-mass. One warp per
+// (row, head); each lane owns D/32 consecutive elements.
+template <typename T, int D>
+__device__ __forceinline__ void segmented_attention_combine_body(const float* __restrict__ o_part,
+                                       const float* __restrict__ lse_part, T* __restrict__ out,
+                                       float* __restrict__ lse, const SegmentedAttentionParams p) {
+  constexpr int kPer = D / 32;
+  const size_t n = size_t(p.n_rows) * p.n_heads;
+  const size_t i = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= n) return;
+
+  const int nc = int(p.n_ctx_splits);
+  const int ns = nc + int(p.n_causal_splits);
+  auto group_lse = [&](int s0, int s1) {
+    float mx = -INFINITY;
+    for (int s = s0; s < s1; ++s) mx = fmaxf(mx, lse_part[s * n + i]);
+    if (mx == -INFINITY) return -INFINITY;
+    float sum = 0.f;
+    for (int s = s0; s < s1; ++s) {
+      const float x = lse_part[s * n + i];
+      if (x != -INFINITY) sum += expf(x - mx);
+    }
+    return mx + logf(sum);
+  };
+  const float lse_c = group_lse(0, nc);
+  const float lse_o = group_lse(nc, ns);
+  const MergeWeights w = merge_weights(context_log_mass(lse_c, p), lse_o);
+
+  float o[kPer];
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) o[e] = 0.f;
+  for (int s = 0; s < ns; ++s) {
+    const float x = lse_part[s * n + i];
+    if (x == -INFINITY) continue;
+    const float weight = s < nc ? w.wa * expf(x - lse_c) : w.wb * expf(x - lse_o);
+    if (weight == 0.f) continue;
+    const float* src = o_part + (s * n + i) * D + lane * kPer;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) o[e] += weight * src[e];
+  }
+  T* dst = out + i * D + lane * kPer;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) dst[e] = from_float<T>(o[e]);
+  if (lane == 0) lse[i] = w.lse;
+}
+
+}  // namespace ape
+
+#define APE_SEGMENTED_ATTENTION(NAME, T, D)                                                      \
+  extern "C" __global__ void __launch_bounds__(ape::kThreads, 2) segmented_attention_##NAME(   \
+      const T* q, const ape::SegmentDesc* segs, T* out, float* lse, float* o_part,             \
+      float* lse_part, const ape::SegmentedAttentionParams p) {                                 \
+    ape::segmented_attention_body<T, D>(q, segs, out, lse, o_part, lse_part, p);              \
+  }                                                                                              \
+  extern "C" __global__ void __launch_bounds__(256) segmented_attention_combine_##NAME(        \
+      const float* o_part, const float* lse_part, T* out, float* lse,                           \
+      const ape::SegmentedAttentionParams p) {                                                  \
+    ape::segmented_attention_combine_body<T, D>(o_part, lse_part, out, lse, p);               \
+  }
+
+APE_SEGMENTED_ATTENTION(bf16_d64, __nv_bfloat16, 64)
+APE_SEGMENTED_ATTENTION(bf16_d128, __nv_bfloat16, 128)
+APE_SEGMENTED_ATTENTION(f16_d64, __half, 64)
+APE_SEGMENTED_ATTENTION(f16_d128, __half, 128)

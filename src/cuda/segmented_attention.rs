@@ -1,0 +1,527 @@
+//! Segmented attention with the APE correction on the GPU (kernels/segmented_attention.cu;
+//! oracle: [`crate::reference::segmented_attention`]).
+//!
+//! Query rows `[n_rows, n_heads, d]` attend to a list of KV segments read in place (each
+//! `[len, n_kv_heads, d]`), Context segments with scale `1/(T*sqrt(d))`, Causal segments with
+//! `1/sqrt(d)` and causal masking by absolute position; the two groups are combined with APE's
+//! `a = S*T*L_C` (or `T*L_C + ln S`) and `b = L_O`: `out = sigmoid(a-b) O_C + (1-sigmoid(a-b)) O_O`,
+//! `lse = ln(e^a + e^b)`. `ApeParams::plain()` is plain softmax over every key, which makes the same
+//! launcher the sequential and the Block-Attention path.
+//!
+//! One launcher serves prefill (many rows) and decode (one row): when the question alone does not
+//! fill the GPU, the keys are split across thread blocks (split-KV) and a second kernel merges the
+//! partial states, group by group, before applying the APE correction.
+
+use bytemuck::{Pod, Zeroable};
+use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{DType, Device, Tensor};
+use crate::error::{Error, Result};
+use crate::params::{ApeParams, ApeVariant, AttentionDims, SegmentRole};
+
+/// Keys per tile and packed query rows per thread block (kernels/segmented_attention.cu).
+pub const BLOCK_N: usize = 64;
+/// See [`BLOCK_N`].
+pub const BLOCK_M: usize = 64;
+const THREADS: u32 = 128;
+/// Head dims the kernel is compiled for.
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
+
+/// One KV block on the device, read in place: `k` and `v` are `[len, n_kv_heads, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// Keys, `[len, n_kv_heads, head_dim]`.
+    pub k: &'a Tensor,
+    /// Values, same shape and dtype as `k`.
+    pub v: &'a Tensor,
+    /// Absolute position of the first token (causal masking).
+    pub pos_offset: usize,
+    /// Masking and APE group.
+    pub role: SegmentRole,
+}
+
+/// Query rows on the device: `data` is `[n_rows, n_heads, head_dim]`, row `r` at position
+/// `pos_offset + r`.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    /// The rows.
+    pub data: &'a Tensor,
+    /// Absolute position of row 0.
+    pub pos_offset: usize,
+}
+
+/// Launch options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentedAttentionOptions {
+    /// Split the keys across this many thread blocks per query tile; `None` chooses from the
+    /// problem size and the number of SMs. `Some(1)` forces the single-pass (fused) path.
+    pub num_splits: Option<usize>,
+}
+
+/// Mirrors `ape::SegmentDesc`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+struct SegmentDesc {
+    k: u64,
+    v: u64,
+    len: u32,
+    pos_offset: u32,
+    role: u32,
+    first_tile: u32,
+}
+const _: () = assert!(std::mem::size_of::<SegmentDesc>() == 32);
+
+/// Mirrors `ape::SegmentedAttentionParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct SegmentedAttentionParams {
+    n_rows: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    q_pos_offset: u32,
+    n_segments: u32,
+    n_ctx_tiles: u32,
+    n_causal_tiles: u32,
+    n_ctx_splits: u32,
+    n_causal_splits: u32,
+    whole: u32,
+    variant: u32,
+    ctx_scale_log2: f32,
+    causal_scale_log2: f32,
+    temperature: f32,
+    scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 64);
+// SAFETY: #[repr(C)] plain-data structs with the same layout as the kernel's structs.
+unsafe impl DeviceRepr for SegmentedAttentionParams {}
+
+/// How a launch walks the keys: tiles in order (context first), and how they are split.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Indices into the caller's segments, non-empty ones only, Context first (stable order).
+    pub order: Vec<usize>,
+    /// First tile of each segment in `order`.
+    pub first_tile: Vec<u32>,
+    /// Tiles of the context group (tiles `0..n_ctx_tiles`).
+    pub n_ctx_tiles: u32,
+    /// Tiles of the causal group (the rest).
+    pub n_causal_tiles: u32,
+    /// Thread blocks per query tile over the context tiles (split mode).
+    pub n_ctx_splits: u32,
+    /// Thread blocks per query tile over the causal tiles (split mode).
+    pub n_causal_splits: u32,
+    /// One pass over every tile with the APE correction fused (no workspace, no combine).
+    pub whole: bool,
+    /// Query tiles (`ceil(n_rows * group / BLOCK_M)`).
+    pub q_tiles: u32,
+}
+
+impl Plan {
+    /// Thread blocks along the split dimension.
+    pub fn n_splits(&self) -> u32 {
+        if self.whole {
+            1
+        } else {
+            self.n_ctx_splits + self.n_causal_splits
+        }
+    }
+}
+
+fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} = {x} does not fit in 32 bits")))
+}
+
+/// Plans a launch from the segments' lengths and roles. Pure: no device needed.
+///
+/// Whole mode when the query tiles times KV heads already give `2 * sm_count` thread blocks
+/// (or when asked with `num_splits = Some(1)`); otherwise the keys are split so that there are
+/// about four thread blocks per SM, each split covering at least two tiles and only one group.
+pub fn plan(
+    n_rows: usize,
+    dims: &AttentionDims,
+    segments: &[(usize, SegmentRole)],
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<Plan> {
+    let mut order: Vec<usize> = Vec::with_capacity(segments.len());
+    for role in [SegmentRole::Context, SegmentRole::Causal] {
+        order.extend(
+            segments
+                .iter()
+                .enumerate()
+                .filter(|(_, (len, r))| *r == role && *len > 0)
+                .map(|(i, _)| i),
+        );
+    }
+    let mut first_tile = Vec::with_capacity(order.len());
+    let (mut n_ctx_tiles, mut n_causal_tiles) = (0u64, 0u64);
+    for &i in &order {
+        let (len, role) = segments[i];
+        let tiles = len.div_ceil(BLOCK_N) as u64;
+        first_tile.push(u32_of(
+            (n_ctx_tiles + n_causal_tiles) as usize,
+            "tile index",
+        )?);
+        match role {
+            SegmentRole::Context => n_ctx_tiles += tiles,
+            SegmentRole::Causal => n_causal_tiles += tiles,
+        }
+    }
+    let n_ctx_tiles = u32_of(n_ctx_tiles as usize, "context tiles")?;
+    let n_causal_tiles = u32_of(n_causal_tiles as usize, "causal tiles")?;
+    let total_tiles = n_ctx_tiles as usize + n_causal_tiles as usize;
+    let packed = n_rows
+        .checked_mul(dims.group_size())
+        .ok_or_else(|| Error::OutOfRange("n_rows * group overflows".into()))?;
+    let q_tiles = u32_of(packed.div_ceil(BLOCK_M), "query tiles")?;
+    let base = q_tiles as usize * dims.n_kv_heads;
+
+    let wanted = match num_splits {
+        Some(0) => {
+            return Err(Error::InvalidParameter {
+                name: "num_splits",
+                value: 0.0,
+                requirement: "must be >= 1",
+            })
+        }
+        Some(n) => n.min(total_tiles.max(1)),
+        None if base >= 2 * sm_count => 1,
+        None => (4 * sm_count)
+            .div_ceil(base.max(1))
+            .min(total_tiles / 2)
+            .max(1),
+    };
+    let mut p = Plan {
+        order,
+        first_tile,
+        n_ctx_tiles,
+        n_causal_tiles,
+        n_ctx_splits: 0,
+        n_causal_splits: 0,
+        whole: true,
+        q_tiles,
+    };
+    if wanted <= 1 || total_tiles <= 1 {
+        return Ok(p);
+    }
+    // Share the splits between the groups in proportion to their tiles, at least one each for a
+    // non-empty group and never more splits than tiles.
+    let share = |tiles: u32, n: usize| -> usize {
+        if tiles == 0 {
+            0
+        } else {
+            ((n * tiles as usize + total_tiles / 2) / total_tiles).clamp(1, tiles as usize)
+        }
+    };
+    let ctx = share(n_ctx_tiles, wanted);
+    let causal = if n_causal_tiles == 0 {
+        0
+    } else {
+        wanted.saturating_sub(ctx).clamp(1, n_causal_tiles as usize)
+    };
+    p.n_ctx_splits = u32_of(ctx, "splits")?;
+    p.n_causal_splits = u32_of(causal, "splits")?;
+    p.whole = false;
+    if p.n_ctx_splits + p.n_causal_splits > 65_535 {
+        return Err(Error::OutOfRange(format!(
+            "{} splits exceed the grid limit of 65535",
+            p.n_ctx_splits + p.n_causal_splits
+        )));
+    }
+    Ok(p)
+}
+
+fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
+    match (dtype, head_dim) {
+        (DType::BF16, 64) => (
+            "segmented_attention_bf16_d64",
+            "segmented_attention_combine_bf16_d64",
+        ),
+        (DType::BF16, _) => (
+            "segmented_attention_bf16_d128",
+            "segmented_attention_combine_bf16_d128",
+        ),
+        (_, 64) => (
+            "segmented_attention_f16_d64",
+            "segmented_attention_combine_f16_d64",
+        ),
+        _ => (
+            "segmented_attention_f16_d128",
+            "segmented_attention_combine_f16_d128",
+        ),
+    }
+}
+
+/// Checks everything a launch needs; returns `n_rows`.
+fn validate(
+    device: &Device,
+    query: &Query,
+    segments: &[Segment],
+    dims: &AttentionDims,
+    out: &Tensor,
+    lse: &Tensor,
+) -> Result<usize> {
+    dims.validate()?;
+    if !SUPPORTED_HEAD_DIMS.contains(&dims.head_dim) {
+        return Err(Error::UnsupportedHeadDim {
+            op: "segmented_attention",
+            head_dim: dims.head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        });
+    }
+    let q = query.data;
+    let dtype = q.dtype();
+    if dtype == DType::F32 {
+        return Err(Error::DType(
+            "segmented_attention takes bf16 or f16 inputs, got f32".into(),
+        ));
+    }
+    let qs = q.shape();
+    if qs.len() != 3 || qs[1] != dims.n_heads || qs[2] != dims.head_dim {
+        return Err(Error::Shape(format!(
+            "query has shape {qs:?}, expected [n_rows, {}, {}]",
+            dims.n_heads, dims.head_dim
+        )));
+    }
+    let n_rows = qs[0];
+    q.check_device(device, "query")?;
+    out.check_shape(qs, "out")?;
+    out.check_dtype(dtype, "out")?;
+    out.check_device(device, "out")?;
+    lse.check_shape(&qs[..2], "lse")?;
+    lse.check_dtype(DType::F32, "lse")?;
+    lse.check_device(device, "lse")?;
+    let fits = |end: usize, what: String| -> Result<()> {
+        if end > i32::MAX as usize {
+            Err(Error::OutOfRange(format!(
+                "{what}: position {end} exceeds the kernel's 31-bit positions"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    fits(
+        query.pos_offset.saturating_add(n_rows),
+        "query rows".to_string(),
+    )?;
+    u32_of(n_rows.saturating_mul(dims.n_heads), "n_rows * n_heads")?;
+    for (i, s) in segments.iter().enumerate() {
+        let len = s.k.shape().first().copied().unwrap_or(0);
+        let want = [len, dims.n_kv_heads, dims.head_dim];
+        s.k.check_shape(&want, &format!("segment {i} k"))?;
+        s.v.check_shape(&want, &format!("segment {i} v"))?;
+        s.k.check_dtype(dtype, &format!("segment {i} k"))?;
+        s.v.check_dtype(dtype, &format!("segment {i} v"))?;
+        s.k.check_device(device, &format!("segment {i} k"))?;
+        s.v.check_device(device, &format!("segment {i} v"))?;
+        fits(s.pos_offset.saturating_add(len), format!("segment {i}"))?;
+    }
+    Ok(n_rows)
+}
+
+/// Attention of the query over all segments with the APE correction; returns new
+/// `(out [n_rows, n_heads, head_dim], lse [n_rows, n_heads] f32)`.
+pub fn segmented_attention(
+    device: &Device,
+    query: &Query,
+    segments: &[Segment],
+    dims: &AttentionDims,
+    ape: &ApeParams,
+) -> Result<(Tensor, Tensor)> {
+    let shape = query.data.shape().to_vec();
+    if shape.len() != 3 {
+        return Err(Error::Shape(format!(
+            "query has shape {shape:?}, expected [n_rows, n_heads, head_dim]"
+        )));
+    }
+    let mut out = Tensor::zeros(device, &shape, query.data.dtype())?;
+    let mut lse = Tensor::zeros(device, &shape[..2], DType::F32)?;
+    segmented_attention_into(
+        device,
+        query,
+        segments,
+        dims,
+        ape,
+        &mut out,
+        &mut lse,
+        &SegmentedAttentionOptions::default(),
+    )?;
+    Ok((out, lse))
+}
+
+/// [`segmented_attention`] into caller-provided outputs, with launch options.
+#[allow(clippy::too_many_arguments)]
+pub fn segmented_attention_into(
+    device: &Device,
+    query: &Query,
+    segments: &[Segment],
+    dims: &AttentionDims,
+    ape: &ApeParams,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
+) -> Result<()> {
+    let n_rows = validate(device, query, segments, dims, out, lse)?;
+    if n_rows == 0 {
+        return Ok(());
+    }
+    let lens: Vec<(usize, SegmentRole)> =
+        segments.iter().map(|s| (s.k.shape()[0], s.role)).collect();
+    let plan = plan(n_rows, dims, &lens, device.sm_count(), options.num_splits)?;
+
+    let stream = device.stream();
+    let mut descs = Vec::with_capacity(plan.order.len().max(1));
+    for (&i, &first_tile) in plan.order.iter().zip(&plan.first_tile) {
+        let s = &segments[i];
+        let (k, _k_sync) = s.k.buf().device_ptr(stream);
+        let (v, _v_sync) = s.v.buf().device_ptr(stream);
+        descs.push(SegmentDesc {
+            k,
+            v,
+            len: s.k.shape()[0] as u32,
+            pos_offset: s.pos_offset as u32,
+            role: s.role as u32,
+            first_tile,
+        });
+    }
+    if descs.is_empty() {
+        descs.push(SegmentDesc::zeroed());
+    }
+    let descs = stream.clone_htod(bytemuck::cast_slice::<SegmentDesc, u8>(&descs))?;
+
+    let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
+    let log2e = std::f64::consts::LOG2_E;
+    let params = SegmentedAttentionParams {
+        n_rows: n_rows as u32,
+        n_heads: dims.n_heads as u32,
+        n_kv_heads: dims.n_kv_heads as u32,
+        group: dims.group_size() as u32,
+        q_pos_offset: query.pos_offset as u32,
+        n_segments: plan.order.len() as u32,
+        n_ctx_tiles: plan.n_ctx_tiles,
+        n_causal_tiles: plan.n_causal_tiles,
+        n_ctx_splits: plan.n_ctx_splits,
+        n_causal_splits: plan.n_causal_splits,
+        whole: plan.whole as u32,
+        variant: match ape.variant() {
+            ApeVariant::Released => 0,
+            ApeVariant::ScaledMass => 1,
+        },
+        ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
+        causal_scale_log2: (log2e * inv_sqrt_d) as f32,
+        temperature: ape.temperature(),
+        scale: ape.scale(),
+    };
+
+    let n = n_rows * dims.n_heads;
+    let splits = plan.n_splits() as usize;
+    let ws_len = if plan.whole { 1 } else { splits * n };
+    let mut o_part = stream.alloc_zeros::<f32>(ws_len * dims.head_dim)?;
+    let mut lse_part = stream.alloc_zeros::<f32>(ws_len)?;
+
+    let (main, combine) = kernel_names(query.data.dtype(), dims.head_dim);
+    let smem = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
+    let f = device.function_with_smem(main, smem as u32)?;
+    let cfg = LaunchConfig {
+        grid_dim: (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits()),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut launch = stream.launch_builder(&f);
+    launch
+        .arg(query.data.buf())
+        .arg(&descs)
+        .arg(out.buf_mut())
+        .arg(lse.buf_mut())
+        .arg(&mut o_part)
+        .arg(&mut lse_part)
+        .arg(&params);
+    // SAFETY: the arguments match segmented_attention_* (q, segs, out, lse, o_part, lse_part,
+    // params). validate() checked every tensor's shape, dtype and device against `dims` and
+    // `n_rows`; the descriptors point at the segments' K/V buffers, which hold len * n_kv_heads *
+    // head_dim elements each; the workspace holds n_splits * n_rows * n_heads (* head_dim) f32. The
+    // segment buffers are freed stream-ordered, so they outlive the launch even if dropped now.
+    unsafe { launch.launch(cfg) }?;
+
+    if !plan.whole {
+        let f = device.function(combine)?;
+        let blocks = (n * 32).div_ceil(256);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(blocks, "combine blocks")?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(&o_part)
+            .arg(&lse_part)
+            .arg(out.buf_mut())
+            .arg(lse.buf_mut())
+            .arg(&params);
+        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
+        // params); the workspace was fully written by the launch above (every split writes every
+        // valid row), and out/lse were checked in validate().
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(h: usize, kv: usize) -> AttentionDims {
+        AttentionDims::new(h, kv, 128).expect("valid")
+    }
+
+    #[test]
+    fn context_tiles_come_first_and_empty_segments_are_dropped() {
+        let segs = [
+            (10, SegmentRole::Causal),
+            (0, SegmentRole::Context),
+            (130, SegmentRole::Context),
+            (64, SegmentRole::Causal),
+            (1, SegmentRole::Context),
+        ];
+        let p = plan(1000, &dims(32, 8), &segs, 132, Some(1)).expect("valid");
+        assert_eq!(p.order, vec![2, 4, 0, 3]);
+        // 130 keys = 3 tiles, 1 key = 1 tile, 10 = 1, 64 = 1.
+        assert_eq!(p.first_tile, vec![0, 3, 4, 5]);
+        assert_eq!((p.n_ctx_tiles, p.n_causal_tiles), (4, 2));
+        assert!(p.whole);
+        assert_eq!(p.q_tiles, (1000usize * 4).div_ceil(64) as u32);
+    }
+
+    #[test]
+    fn large_prefill_runs_whole_and_decode_splits_within_groups() {
+        let segs: Vec<(usize, SegmentRole)> = (0..16)
+            .map(|_| (2048, SegmentRole::Context))
+            .chain([(64, SegmentRole::Causal)])
+            .collect();
+        // 4096 rows * 4 heads per KV head / 64 = 256 query tiles * 8 KV heads: plenty.
+        let p = plan(4096, &dims(32, 8), &segs, 132, None).expect("valid");
+        assert!(p.whole);
+        // One decode row: 1 query tile * 8 KV heads = 8 blocks: split.
+        let p = plan(1, &dims(32, 8), &segs, 132, None).expect("valid");
+        assert!(!p.whole);
+        assert!(p.n_ctx_splits >= 1 && p.n_causal_splits == 1);
+        assert!(p.n_ctx_splits <= p.n_ctx_tiles);
+        assert!(8 * p.n_splits() as usize >= 2 * 132);
+    }
+
+    #[test]
+    fn forced_splits_are_clamped_to_the_tiles_and_zero_is_an_error() {
+        let segs = [(64, SegmentRole::Context), (64, SegmentRole::Causal)];
+        let p = plan(1, &dims(8, 8), &segs, 132, Some(50)).expect("valid");
+        assert_eq!((p.n_ctx_splits, p.n_causal_splits), (1, 1));
+        assert!(plan(1, &dims(8, 8), &segs, 132, Some(0)).is_err());
+        // Only one group: its splits take everything.
+        let segs = [(640, SegmentRole::Context)];
+        let p = plan(1, &dims(8, 8), &segs, 132, Some(4)).expect("valid");
+        assert_eq!((p.n_ctx_splits, p.n_causal_splits), (4, 0));
+        // No keys at all: a whole pass that writes -inf and zeros.
+        let p = plan(3, &dims(8, 8), &[], 132, None).expect("valid");
+        assert!(p.whole && p.n_ctx_tiles == 0 && p.n_causal_tiles == 0);
+    }
+}

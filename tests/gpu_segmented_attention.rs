@@ -1,0 +1,469 @@
+//! The segmented attention kernels (prefill, decode, split-KV, APE fused) against the CPU oracle
+//! (needs a CUDA device). `APE_GPU_QUICK=1` runs a reduced sweep (for compute-sanitizer).
+
+mod common;
+
+use ape_attn::cuda::{self, DType, Device, SegmentedAttentionOptions, Tensor};
+use ape_attn::reference::{self, rel_l2};
+use ape_attn::{ApeParams, ApeVariant, AttentionDims, Error, SegmentRole};
+use common::{seeded, Seeded};
+
+fn device() -> Device {
+    Device::new(0).expect("a CUDA device with the kernels built")
+}
+
+fn quick() -> bool {
+    std::env::var("APE_GPU_QUICK").is_ok_and(|v| v == "1")
+}
+
+struct HostSegment {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+    pos_offset: usize,
+    role: SegmentRole,
+}
+
+struct Case {
+    dims: AttentionDims,
+    dtype: DType,
+    n_rows: usize,
+    q_pos: usize,
+    q: Vec<f32>,
+    segments: Vec<HostSegment>,
+    ape: ApeParams,
+    splits: Option<usize>,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let lens: Vec<(usize, char)> = self
+            .segments
+            .iter()
+            .map(|s| {
+                (
+                    s.len,
+                    if s.role == SegmentRole::Context {
+                        'C'
+                    } else {
+                        'O'
+                    },
+                )
+            })
+            .collect();
+        write!(
+            f,
+            "{:?} {:?} rows={} q_pos={} T={} S={} {:?} splits={:?} segments={:?}",
+            self.dtype,
+            self.dims,
+            self.n_rows,
+            self.q_pos,
+            self.ape.temperature(),
+            self.ape.scale(),
+            self.ape.variant(),
+            self.splits,
+            lens
+        )
+    }
+}
+
+fn round(x: Vec<f32>, dtype: DType) -> Vec<f32> {
+    x.into_iter().map(|v| dtype.round(v)).collect()
+}
+
+/// An APE-shaped problem: a causal prefix at 0, `ctx_lens` contexts after it (position reuse),
+/// optional empty segments, and the question's own keys (causal) at the question's positions.
+#[allow(clippy::too_many_arguments)]
+fn make_case(
+    r: &mut Seeded,
+    dims: AttentionDims,
+    dtype: DType,
+    prefix: usize,
+    ctx_lens: &[usize],
+    n_rows: usize,
+    ape: ApeParams,
+    splits: Option<usize>,
+) -> Case {
+    let row = dims.n_kv_heads * dims.head_dim;
+    let seg = |r: &mut Seeded, len: usize, pos: usize, role| HostSegment {
+        k: round(r.uniform(len * row, 2.0), dtype),
+        v: round(r.uniform(len * row, 1.0), dtype),
+        len,
+        pos_offset: pos,
+        role,
+    };
+    let mut segments = vec![seg(r, prefix, 0, SegmentRole::Causal)];
+    for &len in ctx_lens {
+        segments.push(seg(r, len, prefix, SegmentRole::Context));
+    }
+    if r.coin() {
+        segments.insert(
+            r.range(0, segments.len()),
+            seg(r, 0, 3, SegmentRole::Context),
+        );
+    }
+    let q_pos = prefix + ctx_lens.iter().copied().max().unwrap_or(0);
+    segments.push(seg(r, n_rows, q_pos, SegmentRole::Causal));
+    Case {
+        dims,
+        dtype,
+        n_rows,
+        q_pos,
+        q: round(r.uniform(n_rows * dims.n_heads * dims.head_dim, 2.0), dtype),
+        segments,
+        ape,
+        splits,
+    }
+}
+
+/// Runs the kernel and the oracle (on at most `max_rows` sampled rows); returns (rel L2, max LSE
+/// error) and asserts that -inf rows match and no NaN appears.
+fn check(dev: &Device, r: &mut Seeded, case: &Case, max_rows: usize) -> (f64, f32) {
+    let d = case.dims.head_dim;
+    let h = case.dims.n_heads;
+    let upload = |x: &[f32], shape: &[usize]| Tensor::from_f32(dev, shape, x, case.dtype).unwrap();
+    let kv: Vec<(Tensor, Tensor)> = case
+        .segments
+        .iter()
+        .map(|s| {
+            let shape = [s.len, case.dims.n_kv_heads, d];
+            (upload(&s.k, &shape), upload(&s.v, &shape))
+        })
+        .collect();
+    let segs: Vec<cuda::Segment> = case
+        .segments
+        .iter()
+        .zip(&kv)
+        .map(|(s, (k, v))| cuda::Segment {
+            k,
+            v,
+            pos_offset: s.pos_offset,
+            role: s.role,
+        })
+        .collect();
+    let q = upload(&case.q, &[case.n_rows, h, d]);
+    let n = case.n_rows * h;
+    let mut out = Tensor::from_f32(
+        dev,
+        &[case.n_rows, h, d],
+        &vec![f32::NAN; n * d],
+        case.dtype,
+    )
+    .unwrap();
+    let mut lse = Tensor::from_f32(dev, &[case.n_rows, h], &vec![f32::NAN; n], DType::F32).unwrap();
+    let query = cuda::Query {
+        data: &q,
+        pos_offset: case.q_pos,
+    };
+    let opts = SegmentedAttentionOptions {
+        num_splits: case.splits,
+    };
+    cuda::segmented_attention_into(
+        dev, &query, &segs, &case.dims, &case.ape, &mut out, &mut lse, &opts,
+    )
+    .unwrap_or_else(|e| panic!("launch failed: {e} ({case:?})"));
+    let got_out = out.to_f32(dev).unwrap();
+    let got_lse = lse.to_f32(dev).unwrap();
+    assert!(
+        got_out.iter().all(|x| !x.is_nan()),
+        "NaN in output: {case:?}"
+    );
+    assert!(got_lse.iter().all(|x| !x.is_nan()), "NaN in lse: {case:?}");
+
+    let rows: Vec<usize> = if case.n_rows <= max_rows {
+        (0..case.n_rows).collect()
+    } else {
+        let mut rows: Vec<usize> = (0..max_rows - 2)
+            .map(|_| r.range(0, case.n_rows - 1))
+            .collect();
+        rows.extend([0, case.n_rows - 1]);
+        rows
+    };
+    let host: Vec<reference::Segment> = case
+        .segments
+        .iter()
+        .map(|s| reference::Segment {
+            k: &s.k,
+            v: &s.v,
+            len: s.len,
+            pos_offset: s.pos_offset,
+            role: s.role,
+        })
+        .collect();
+    let (mut got, mut want, mut lse_err) = (Vec::new(), Vec::new(), 0f32);
+    for &row in &rows {
+        let qr = &case.q[row * h * d..(row + 1) * h * d];
+        let query = reference::Query {
+            data: qr,
+            n_rows: 1,
+            pos_offset: case.q_pos + row,
+        };
+        let exp = reference::segmented_attention(&query, &host, &case.dims, &case.ape).unwrap();
+        got.extend_from_slice(&got_out[row * h * d..(row + 1) * h * d]);
+        want.extend_from_slice(&exp.out);
+        for (i, &l) in exp.lse.iter().enumerate() {
+            let g = got_lse[row * h + i];
+            if l == f32::NEG_INFINITY {
+                assert_eq!(g, l, "row {row} head {i} should see no key: {case:?}");
+            } else {
+                lse_err = lse_err.max((g - l).abs());
+            }
+        }
+    }
+    (rel_l2(&got, &want), lse_err)
+}
+
+fn assert_ok(case: &Case, err: (f64, f32)) {
+    println!("rel_l2 {:.2e} lse_err {:.2e} {case:?}", err.0, err.1);
+    assert!(err.0 < 1e-2, "relative L2 {} >= 1e-2: {case:?}", err.0);
+    assert!(err.1 < 1e-3, "LSE error {} >= 1e-3: {case:?}", err.1);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn lengths_and_split_modes() {
+    let dev = device();
+    let mut r = seeded("lengths_and_split_modes");
+    let lens: &[usize] = if quick() {
+        &[1, 65]
+    } else {
+        &[1, 7, 63, 64, 65, 1000, 4097]
+    };
+    for &len in lens {
+        for splits in [Some(1), None, Some(3)] {
+            for dtype in [DType::BF16, DType::F16] {
+                let dims = AttentionDims::new(8, 2, 128).unwrap();
+                let n_rows = r.pick(&[1, 7, 64, 65]).min(len.max(1));
+                let case = make_case(
+                    &mut r,
+                    dims,
+                    dtype,
+                    5,
+                    &[len, len / 2 + 1],
+                    n_rows,
+                    ApeParams::default(),
+                    splits,
+                );
+                assert_ok(&case, check(&dev, &mut r, &case, 48));
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn question_lengths_prefill() {
+    let dev = device();
+    let mut r = seeded("question_lengths_prefill");
+    let rows: &[usize] = if quick() {
+        &[65]
+    } else {
+        &[1, 7, 63, 64, 65, 1000, 4097]
+    };
+    for &n_rows in rows {
+        for head_dim in [64, 128] {
+            let dims = AttentionDims::new(12, 3, head_dim).unwrap();
+            let case = make_case(
+                &mut r,
+                dims,
+                DType::BF16,
+                16,
+                &[300, 129],
+                n_rows,
+                ApeParams::new(0.8, 0.9).unwrap(),
+                None,
+            );
+            assert_ok(&case, check(&dev, &mut r, &case, 32));
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gqa_head_dims_and_ape_parameters() {
+    let dev = device();
+    let mut r = seeded("gqa_head_dims_and_ape_parameters");
+    let params = [
+        ApeParams::plain(),
+        ApeParams::default(),
+        ApeParams::new(0.5, 1.2).unwrap(),
+        ApeParams::new(1.3, 0.6)
+            .unwrap()
+            .with_variant(ApeVariant::ScaledMass),
+        ApeParams::new(0.9, 0.9)
+            .unwrap()
+            .with_variant(ApeVariant::ScaledMass),
+    ];
+    for group in [1, 3, 4, 8] {
+        for head_dim in [64, 128] {
+            for ape in params {
+                if quick() && group != 4 {
+                    continue;
+                }
+                let dims = AttentionDims::new(2 * group, 2, head_dim).unwrap();
+                let splits = r.pick(&[Some(1), None, Some(5)]);
+                let (prefix, n_rows) = (r.range(0, 40), r.range(1, 40));
+                let case = make_case(
+                    &mut r,
+                    dims,
+                    DType::BF16,
+                    prefix,
+                    &[200, 77, 130],
+                    n_rows,
+                    ape,
+                    splits,
+                );
+                assert_ok(&case, check(&dev, &mut r, &case, 40));
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn many_segments_including_empty_ones() {
+    let dev = device();
+    let mut r = seeded("many_segments_including_empty_ones");
+    let counts: &[usize] = if quick() {
+        &[17]
+    } else {
+        &[1, 2, 17, 100, 256]
+    };
+    for &n in counts {
+        let lens: Vec<usize> = (0..n).map(|_| r.pick(&[0, 1, 7, 33, 64, 90])).collect();
+        for splits in [Some(1), None] {
+            let dims = AttentionDims::new(32, 8, 128).unwrap();
+            let n_rows = r.pick(&[1, 16, 64]);
+            let case = make_case(
+                &mut r,
+                dims,
+                DType::BF16,
+                12,
+                &lens,
+                n_rows,
+                ApeParams::default(),
+                splits,
+            );
+            assert_ok(&case, check(&dev, &mut r, &case, 16));
+        }
+    }
+}
+
+/// With T = S = 1, contexts and question split into pieces must give the same answer as one causal
+/// sequence over the same keys: the sequential and Block-Attention paths.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn plain_attention_and_edge_cases() {
+    let dev = device();
+    let mut r = seeded("plain_attention_and_edge_cases");
+    let dims = AttentionDims::new(8, 8, 64).unwrap();
+    // Only causal keys (sequential prefill of a whole prompt): rows at 0..n see keys 0..=row.
+    for n_rows in [1, 63, 200] {
+        let mut case = make_case(
+            &mut r,
+            dims,
+            DType::F16,
+            0,
+            &[],
+            n_rows,
+            ApeParams::plain(),
+            None,
+        );
+        case.segments.retain(|s| s.len > 0);
+        assert_ok(&case, check(&dev, &mut r, &case, 64));
+    }
+    // No keys at all: every row -inf, output 0.
+    let mut case = make_case(
+        &mut r,
+        dims,
+        DType::BF16,
+        0,
+        &[],
+        3,
+        ApeParams::default(),
+        None,
+    );
+    case.segments.clear();
+    check(&dev, &mut r, &case, 8);
+    // Only contexts (no causal keys: the question's own keys not yet appended).
+    let mut case = make_case(
+        &mut r,
+        dims,
+        DType::BF16,
+        0,
+        &[100, 50],
+        4,
+        ApeParams::default(),
+        Some(1),
+    );
+    case.segments.retain(|s| s.role == SegmentRole::Context);
+    assert_ok(&case, check(&dev, &mut r, &case, 8));
+    // A question placed before its causal keys: fully masked rows.
+    let mut case = make_case(
+        &mut r,
+        dims,
+        DType::BF16,
+        0,
+        &[],
+        4,
+        ApeParams::default(),
+        None,
+    );
+    case.q_pos = 0;
+    for s in &mut case.segments {
+        s.pos_offset += 10;
+    }
+    check(&dev, &mut r, &case, 8);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bad_inputs_are_errors() {
+    let dev = device();
+    let z = |shape: &[usize], dtype| Tensor::zeros(&dev, shape, dtype).unwrap();
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    let q = z(&[4, 8, 128], DType::BF16);
+    let k = z(&[10, 2, 128], DType::BF16);
+    let k_f16 = z(&[10, 2, 128], DType::F16);
+    let k_bad = z(&[10, 4, 128], DType::BF16);
+    let query = cuda::Query {
+        data: &q,
+        pos_offset: 0,
+    };
+    fn seg(k: &Tensor) -> cuda::Segment<'_> {
+        cuda::Segment {
+            k,
+            v: k,
+            pos_offset: 0,
+            role: SegmentRole::Context,
+        }
+    }
+    let ape = ApeParams::default();
+    assert!(cuda::segmented_attention(&dev, &query, &[seg(&k)], &dims, &ape).is_ok());
+    assert!(matches!(
+        cuda::segmented_attention(&dev, &query, &[seg(&k_f16)], &dims, &ape),
+        Err(Error::DType(_))
+    ));
+    assert!(matches!(
+        cuda::segmented_attention(&dev, &query, &[seg(&k_bad)], &dims, &ape),
+        Err(Error::Shape(_))
+    ));
+    let d96 = AttentionDims::new(8, 2, 96).unwrap();
+    let q96 = z(&[4, 8, 96], DType::BF16);
+    let query96 = cuda::Query {
+        data: &q96,
+        pos_offset: 0,
+    };
+    assert!(matches!(
+        cuda::segmented_attention(&dev, &query96, &[], &d96, &ape),
+        Err(Error::UnsupportedHeadDim { .. })
+    ));
+    let far = cuda::Query {
+        data: &q,
+        pos_offset: i32::MAX as usize,
+    };
+    assert!(matches!(
+        cuda::segmented_attention(&dev, &far, &[], &dims, &ape),
+        Err(Error::OutOfRange(_))
+    ));
+}
