@@ -6,7 +6,7 @@ mod common;
 use ape_attn::cuda::{self, DType, Device, SegmentedAttentionOptions, Tensor};
 use ape_attn::reference::{self, rel_l2};
 use ape_attn::{ApeParams, ApeVariant, AttentionDims, Error, SegmentRole};
-use common::{seeded, Seeded};
+use common::{hash_fill, seeded, Seeded};
 
 fn device() -> Device {
     Device::new(0).expect("a CUDA device with the kernels built")
@@ -466,4 +466,57 @@ fn bad_inputs_are_errors() {
         cuda::segmented_attention(&dev, &far, &[], &dims, &ape),
         Err(Error::OutOfRange(_))
     ));
+}
+
+/// Our error on the inputs scripts/gpu/peer.py gives PyTorch SDPA (same hash fill): heads 8,
+/// KV heads 2, d 128, q = 8 * fill(11), k = 4 * fill(21), v = fill(22), T = S = 1. Prints
+/// `SDPA-CASE name rel_l2=...` for scripts/gpu/summarize.py, which puts SDPA's error beside it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn sdpa_comparison_cases() {
+    let dev = device();
+    let mut r = seeded("sdpa_comparison_cases");
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    for (name, rows, keys, causal) in [
+        ("ctx_256x4096", 256, 4096, false),
+        ("causal_1024", 1024, 1024, true),
+        ("decode_1x8192", 1, 8192, false),
+    ] {
+        let dtype = DType::BF16;
+        let row = dims.n_kv_heads * dims.head_dim;
+        let k = round(hash_fill(keys * row, 21, 4.0), dtype);
+        let v = round(hash_fill(keys * row, 22, 1.0), dtype);
+        // Contexts: 4 segments over the keys; causal: one segment at the query's positions.
+        let n_segs = if causal { 1 } else { 4 };
+        let per = keys / n_segs;
+        let segments = (0..n_segs)
+            .map(|i| HostSegment {
+                k: k[i * per * row..(i + 1) * per * row].to_vec(),
+                v: v[i * per * row..(i + 1) * per * row].to_vec(),
+                len: per,
+                pos_offset: 0,
+                role: if causal {
+                    SegmentRole::Causal
+                } else {
+                    SegmentRole::Context
+                },
+            })
+            .collect();
+        let case = Case {
+            dims,
+            dtype,
+            n_rows: rows,
+            q_pos: 0,
+            q: round(
+                hash_fill(rows * dims.n_heads * dims.head_dim, 11, 8.0),
+                dtype,
+            ),
+            segments,
+            ape: ApeParams::plain(),
+            splits: None,
+        };
+        let err = check(&dev, &mut r, &case, usize::MAX);
+        println!("SDPA-CASE {name} rel_l2={:.6e}", err.0);
+        assert_ok(&case, err);
+    }
 }

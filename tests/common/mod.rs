@@ -71,3 +71,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(&x, &y)| if x == y { 0.0 } else { (x - y).abs() })
         .fold(0.0, f32::max)
 }
+
+/// A deterministic fill that scripts/gpu/peer.py reproduces bit for bit (so our kernel and
+/// PyTorch SDPA can be compared on identical inputs): element i of a row-major tensor is
+/// `scale * (((i * 2654435761 + seed * 40503) mod 2^32 >> 8) / 2^24 - 0.5)`.
+pub fn hash_fill(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            scale * ((x >> 8) as f32 / 16_777_216.0 - 0.5)
+        })
+        .collect()
+}

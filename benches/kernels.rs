@@ -1,0 +1,231 @@
+//! GPU kernel benchmarks (criterion, GPU time from CUDA events). Without a CUDA device they print
+//! a line and do nothing; the CPU-side benchmarks are in `benches/reference.rs`.
+//!
+//! Throughput is reported as criterion "elements" = FLOPs (attention) or "bytes" = bytes moved
+//! (decode K+V reads, merge, RoPE, copy), so `estimates.json` + `benchmark.json` give TFLOP/s and
+//! GB/s; `scripts/gpu/summarize.py` turns them into the BENCHMARKS.md tables next to the PyTorch
+//! peer measured in the same run (`scripts/gpu/peer.py`).
+
+use std::time::Duration;
+
+use ape_attn::cuda::{
+    self, merge_states_into, rope_shift, DType, Device, SegmentedAttentionOptions, Tensor,
+};
+use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, SegmentRole};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cudarc::driver::sys::CUevent_flags;
+
+/// Runs `f` `iters` times on the device's stream and returns the GPU time between two events.
+fn gpu_time(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = dev.stream().record_event(flags).expect("event");
+    for _ in 0..iters {
+        f();
+    }
+    let end = dev.stream().record_event(flags).expect("event");
+    end.synchronize().expect("sync");
+    let ms = start.elapsed_ms(&end).expect("elapsed");
+    Duration::from_secs_f64(ms as f64 / 1e3)
+}
+
+fn filled(dev: &Device, shape: &[usize], dtype: DType, seed: u32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (x >> 8) as f32 / 16_777_216.0 - 0.5
+        })
+        .collect();
+    Tensor::from_f32(dev, shape, &data, dtype).expect("upload")
+}
+
+struct Problem {
+    q: Tensor,
+    kv: Vec<(Tensor, Tensor)>,
+    dims: AttentionDims,
+    q_pos: usize,
+}
+
+/// `n_rows` question rows over `keys` cached keys in `n_segments` equal Context segments.
+fn problem(dev: &Device, n_rows: usize, keys: usize, n_segments: usize) -> Problem {
+    let dims = AttentionDims::new(32, 8, 128).expect("dims");
+    let per = keys / n_segments;
+    let kv = (0..n_segments)
+        .map(|i| {
+            let shape = [per, dims.n_kv_heads, dims.head_dim];
+            (
+                filled(dev, &shape, DType::BF16, 2 * i as u32 + 1),
+                filled(dev, &shape, DType::BF16, 2 * i as u32 + 2),
+            )
+        })
+        .collect();
+    Problem {
+        q: filled(
+            dev,
+            &[n_rows, dims.n_heads, dims.head_dim],
+            DType::BF16,
+            999,
+        ),
+        kv,
+        dims,
+        q_pos: per,
+    }
+}
+
+fn run(dev: &Device, p: &Problem, ape: &ApeParams, out: &mut Tensor, lse: &mut Tensor) {
+    let segs: Vec<cuda::Segment> =
+        p.kv.iter()
+            .map(|(k, v)| cuda::Segment {
+                k,
+                v,
+                pos_offset: 0,
+                role: SegmentRole::Context,
+            })
+            .collect();
+    let query = cuda::Query {
+        data: &p.q,
+        pos_offset: p.q_pos,
+    };
+    cuda::segmented_attention_into(
+        dev,
+        &query,
+        &segs,
+        &p.dims,
+        ape,
+        out,
+        lse,
+        &SegmentedAttentionOptions::default(),
+    )
+    .expect("launch");
+}
+
+fn outputs(dev: &Device, p: &Problem) -> (Tensor, Tensor) {
+    let shape = p.q.shape().to_vec();
+    (
+        Tensor::zeros(dev, &shape, DType::BF16).expect("alloc"),
+        Tensor::zeros(dev, &shape[..2], DType::F32).expect("alloc"),
+    )
+}
+
+fn configure<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g
+}
+
+/// Prefill: head dim 128, bf16, GQA 4 (32 heads, 8 KV heads); non-causal over the cached keys,
+/// 4 * rows * keys * heads * d FLOPs. Plain (T = S = 1, the peer's computation) and APE.
+fn bench_prefill(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "prefill");
+    for (rows, keys) in [(1024, 8192), (1024, 32768), (4096, 32768), (8192, 65536)] {
+        let p = problem(dev, rows, keys, 16);
+        let (mut out, mut lse) = outputs(dev, &p);
+        let flops = 4 * rows as u64 * keys as u64 * 32 * 128;
+        g.throughput(Throughput::Elements(flops));
+        for (label, ape) in [("plain", ApeParams::plain()), ("ape", ApeParams::default())] {
+            g.bench_with_input(
+                BenchmarkId::new(label, format!("q{rows}_k{keys}")),
+                &(),
+                |b, _| {
+                    b.iter_custom(|iters| {
+                        gpu_time(dev, iters, || run(dev, &p, &ape, &mut out, &mut lse))
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+/// A short question (64 rows) and decode (1 row) over 32K-128K cached keys in 16-256 segments:
+/// throughput is the K+V bytes read.
+fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "short_question_and_decode");
+    for keys in [32768, 131072] {
+        for n_segments in [16, 256] {
+            for rows in [64, 1] {
+                let p = problem(dev, rows, keys, n_segments);
+                let (mut out, mut lse) = outputs(dev, &p);
+                let bytes = 2 * keys as u64 * 8 * 128 * 2;
+                g.throughput(Throughput::Bytes(bytes));
+                let ape = ApeParams::default();
+                let id = BenchmarkId::new(format!("rows{rows}"), format!("k{keys}_s{n_segments}"));
+                g.bench_with_input(id, &(), |b, _| {
+                    b.iter_custom(|iters| {
+                        gpu_time(dev, iters, || run(dev, &p, &ape, &mut out, &mut lse))
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+/// Merge of 8 states of [4096, 32, 128] bf16 (bytes = read + written), RoPE shift of 32K keys
+/// x 8 heads x 128 (read + write), and a device-to-device copy of 1 GiB (read + write), the
+/// bandwidth peer measured in the same run.
+fn bench_memory_bound(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "memory_bound");
+    let (n_states, rows, heads, d) = (8, 4096, 32, 128);
+    let v = filled(dev, &[n_states, rows, heads, d], DType::BF16, 1);
+    let s = filled(dev, &[n_states, rows, heads], DType::F32, 2);
+    let mut vo = Tensor::zeros(dev, &[rows, heads, d], DType::BF16).expect("alloc");
+    let mut so = Tensor::zeros(dev, &[rows, heads], DType::F32).expect("alloc");
+    let bytes = ((n_states + 1) * rows * heads * (d * 2 + 4)) as u64;
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function("merge_states_8x4096x32x128_bf16", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                merge_states_into(dev, &v, &s, &mut vo, &mut so).expect("merge")
+            })
+        })
+    });
+
+    let cfg = RopeConfig::new(128, 500_000.0, RopeLayout::Neox).expect("rope");
+    let mut k = filled(dev, &[32768, 8, 128], DType::BF16, 3);
+    g.throughput(Throughput::Bytes(2 * k.len() as u64 * 2));
+    g.bench_function("rope_shift_32768x8x128_bf16", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                rope_shift(dev, &mut k, &cfg, 4096).expect("rope")
+            })
+        })
+    });
+
+    let n = 1usize << 30;
+    let src = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    let mut dst = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    g.throughput(Throughput::Bytes(2 * n as u64));
+    g.bench_function("copy_d2d_1GiB", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                dev.stream().memcpy_dtod(&src, &mut dst).expect("copy")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let dev = match Device::new(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            println!("GPU kernel benchmarks skipped: {e}");
+            return;
+        }
+    };
+    println!("device: {}", dev.name().unwrap_or_default());
+    bench_memory_bound(c, &dev);
+    bench_short_and_decode(c, &dev);
+    bench_prefill(c, &dev);
+}
+
+criterion_group!(kernel_benches, benches);
+criterion_main!(kernel_benches);

@@ -1,0 +1,125 @@
+"""The peer measured in the same GPU run as our kernels: PyTorch scaled_dot_product_attention
+(flash and cuDNN backends) on the shapes of benches/kernels.rs, a device-to-device copy, and
+SDPA's accuracy on the inputs of the `sdpa_comparison_cases` GPU test (same integer-hash fill).
+Prints one JSON object."""
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DEV = "cuda"
+HEADS, KV_HEADS, D = 32, 8, 128
+
+
+def fill(shape, seed, scale=1.0, dtype=torch.bfloat16):
+    """The hash fill of benches/kernels.rs and tests/gpu_segmented_attention.rs (row-major)."""
+    n = 1
+    for s in shape:
+        n *= s
+    i = torch.arange(n, dtype=torch.int64, device=DEV)
+    x = (i * 2654435761 + seed * 40503) & 0xFFFFFFFF
+    x = (x >> 8).to(torch.float64) / 16777216.0 - 0.5
+    return (x * scale).reshape(shape).to(dtype)
+
+
+def to_bhld(x):
+    """[L, H, D] -> [1, H, L, D]."""
+    return x.permute(1, 0, 2).unsqueeze(0).contiguous()
+
+
+def time_ms(fn, iters=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sdpa_timed(q, k, v, backend, causal=False):
+    """Median ms of SDPA with the given backend; GQA natively when supported, else K/V expanded
+    before timing. Returns (ms, how) or (None, reason)."""
+    group = q.shape[1] // k.shape[1]
+    for how in ("enable_gqa", "expanded"):
+        try:
+            if how == "enable_gqa":
+                kk, vv, kw = k, v, {"enable_gqa": True}
+            else:
+                kk, vv, kw = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), {}
+            with sdpa_kernel(backend):
+                fn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, **kw)
+                return time_ms(fn), how
+        except RuntimeError as e:  # backend refuses this shape or option
+            last = str(e).splitlines()[0][:160]
+    return None, last
+
+
+def main():
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+    for rows, keys in [(1024, 8192), (1024, 32768), (4096, 32768), (8192, 65536)]:
+        q = to_bhld(fill((rows, HEADS, D), 999))
+        k, v = to_bhld(fill((keys, KV_HEADS, D), 1)), to_bhld(fill((keys, KV_HEADS, D), 2))
+        flops = 4 * rows * keys * HEADS * D
+        for name, be in backends.items():
+            ms, how = sdpa_timed(q, k, v, be)
+            res["cases"][f"prefill/q{rows}_k{keys}/{name}"] = {
+                "ms": ms, "how": how, "tflops": flops / (ms * 1e9) if ms else None}
+        del q, k, v
+
+    for keys in (32768, 131072):
+        k, v = to_bhld(fill((keys, KV_HEADS, D), 1)), to_bhld(fill((keys, KV_HEADS, D), 2))
+        byts = 2 * keys * KV_HEADS * D * 2
+        for rows in (64, 1):
+            q = to_bhld(fill((rows, HEADS, D), 999))
+            for name, be in backends.items():
+                ms, how = sdpa_timed(q, k, v, be)
+                res["cases"][f"short_question_and_decode/rows{rows}/k{keys}/{name}"] = {
+                    "ms": ms, "how": how, "gbps": byts / (ms * 1e6) if ms else None}
+        del k, v
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    res["cases"]["copy_d2d_1GiB/torch"] = {"ms": ms, "gbps": 2 * n / (ms * 1e6)}
+    del src, dst
+
+    # Accuracy on the inputs of tests/gpu_segmented_attention.rs::sdpa_comparison_cases:
+    # heads 8, KV heads 2, d 128, q = fill(seed 11) * 8, k = fill(21) * 4, v = fill(22).
+    acc = {}
+    for name, rows, keys, causal in [("ctx_256x4096", 256, 4096, False),
+                                     ("causal_1024", 1024, 1024, True),
+                                     ("decode_1x8192", 1, 8192, False)]:
+        q = to_bhld(fill((rows, 8, D), 11, 8.0))
+        k = to_bhld(fill((keys, 2, D), 21, 4.0))
+        v = to_bhld(fill((keys, 2, D), 22))
+        kx, vx = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        s = (q.double() @ kx.double().transpose(-1, -2)) / D ** 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(rows, keys, device=DEV).triu(1).bool(), float("-inf"))
+        ref = torch.softmax(s, -1) @ vx.double()
+        for bname, be in backends.items():
+            try:
+                with sdpa_kernel(be):
+                    out = F.scaled_dot_product_attention(q, kx, vx, is_causal=causal)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+            except RuntimeError as e:
+                err = str(e).splitlines()[0][:160]
+            acc[f"{name}/{bname}"] = err
+    res["accuracy_rel_l2"] = acc
+    json.dump(res, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()
