@@ -65,6 +65,13 @@ constexpr int kThreads = kWarps * 32;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 
+// 2^x with flush-to-zero (one MUFU op; max relative error 2^-22); 2^-inf = 0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -181,7 +188,8 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
     row_ok[i] = pr < packed_rows;
     row_idx[i] = int(pr / p.group);
     row_head[i] = kvh * group + int(pr % p.group);
-    row_pos[i] = int(p.q_pos_offset) + row_idx[i];
+    // Padding rows take the last valid row's position, so that no position passes n_rows.
+    row_pos[i] = row_ok[i] ? int(p.q_pos_offset) + row_idx[i] : q_pos_max;
   }
 
   // Load the Q tile: packed row r -> query row r / group, head kvh * group + r % group.
@@ -228,6 +236,9 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
     const int r = warp * 16 + (mi % 2) * 8 + lane % 8;
     ldmatrix_x4(qf[ks], sQ + swizzle<D>(r, ks * 2 + mi / 2));
   }
+
+  // Warps whose 16 rows are all padding (short questions, decode) only help load tiles.
+  const bool warp_active = m0 + warp * 16 < packed_rows;
 
   float acc[kNBlocksO][4];
 #pragma unroll
@@ -276,6 +287,7 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
 
     const T* k_tile = sK + buf * kBlockN * D;
     const T* v_tile = sV + buf * kBlockN * D;
+    if (warp_active) {
 
     // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
     float s[kNBlocksS][4];
@@ -298,8 +310,9 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
 
     // Scale into the log2 domain and mask.
     const float scale_log2 = tile.role == 0 ? p.ctx_scale_log2 : p.causal_scale_log2;
+    // (tile.n < kBlockN already masks, so pos0 + n - 1 cannot overflow when it is evaluated.)
     const bool need_mask =
-        tile.n < kBlockN || (tile.role == 1 && tile.pos0 + kBlockN - 1 > q_pos_min);
+        tile.n < kBlockN || (tile.role == 1 && tile.pos0 + tile.n - 1 > q_pos_min);
 #pragma unroll
     for (int j = 0; j < kNBlocksS; ++j) {
 #pragma unroll
@@ -324,7 +337,7 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
       const float m_new = fmaxf(m[i], mt);
       // With nothing visible yet, m_new is -inf: use 0 so that no (-inf) - (-inf) appears.
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m[i] - m_use);
+      const float alpha = exp2_ftz(m[i] - m_use);
       l[i] *= alpha;
 #pragma unroll
       for (int j = 0; j < kNBlocksO; ++j) {
@@ -334,8 +347,8 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
       float rs = 0.f;
 #pragma unroll
       for (int j = 0; j < kNBlocksS; ++j) {
-        s[j][2 * i] = exp2f(s[j][2 * i] - m_use);
-        s[j][2 * i + 1] = exp2f(s[j][2 * i + 1] - m_use);
+        s[j][2 * i] = exp2_ftz(s[j][2 * i] - m_use);
+        s[j][2 * i + 1] = exp2_ftz(s[j][2 * i + 1] - m_use);
         rs += s[j][2 * i] + s[j][2 * i + 1];
       }
       l[i] += rs;
@@ -360,6 +373,7 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
         mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
       }
     }
+    }  // warp_active
 
     __syncthreads();  // every warp is done with this buffer before it is refilled
     buf ^= 1;

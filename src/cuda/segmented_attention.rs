@@ -132,11 +132,17 @@ fn u32_of(x: usize, what: &str) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} = {x} does not fit in 32 bits")))
 }
 
+/// Resident thread blocks per SM of the attention kernel (80 KiB of shared memory and up to 255
+/// registers at head dim 128; `__launch_bounds__(128, 2)`).
+pub const BLOCKS_PER_SM: usize = 2;
+
 /// Plans a launch from the segments' lengths and roles. Pure: no device needed.
 ///
-/// Whole mode when the query tiles times KV heads already give `2 * sm_count` thread blocks
-/// (or when asked with `num_splits = Some(1)`); otherwise the keys are split so that there are
-/// about four thread blocks per SM, each split covering at least two tiles and only one group.
+/// Whole mode when the query tiles times KV heads already fill one wave
+/// (`BLOCKS_PER_SM * sm_count` thread blocks), or when asked with `num_splits = Some(1)`.
+/// Otherwise the keys are split so that all splits together fill one wave, shared between the
+/// groups in proportion to their tiles: each split covers tiles of one group only, and a context
+/// split covers at least two tiles where there are enough.
 pub fn plan(
     n_rows: usize,
     dims: &AttentionDims,
@@ -177,6 +183,7 @@ pub fn plan(
     let q_tiles = u32_of(packed.div_ceil(BLOCK_M), "query tiles")?;
     let base = q_tiles as usize * dims.n_kv_heads;
 
+    let wave = BLOCKS_PER_SM * sm_count.max(1);
     let wanted = match num_splits {
         Some(0) => {
             return Err(Error::InvalidParameter {
@@ -186,11 +193,8 @@ pub fn plan(
             })
         }
         Some(n) => n.min(total_tiles.max(1)),
-        None if base >= 2 * sm_count => 1,
-        None => (4 * sm_count)
-            .div_ceil(base.max(1))
-            .min(total_tiles / 2)
-            .max(1),
+        None if base >= wave => 1,
+        None => (wave / base.max(1)).min(total_tiles.div_ceil(2)).max(1),
     };
     let mut p = Plan {
         order,
@@ -205,20 +209,18 @@ pub fn plan(
     if wanted <= 1 || total_tiles <= 1 {
         return Ok(p);
     }
-    // Share the splits between the groups in proportion to their tiles, at least one each for a
-    // non-empty group and never more splits than tiles.
-    let share = |tiles: u32, n: usize| -> usize {
-        if tiles == 0 {
-            0
-        } else {
-            ((n * tiles as usize + total_tiles / 2) / total_tiles).clamp(1, tiles as usize)
+    // Share the splits between the groups in proportion to their tiles: at least one each for a
+    // non-empty group, never more splits than tiles, and (wanted >= 2 here) never more than wanted.
+    let (tc, to) = (n_ctx_tiles as usize, n_causal_tiles as usize);
+    let (ctx, causal) = match (tc, to) {
+        (0, to) => (0, wanted.min(to)),
+        (tc, 0) => (wanted.min(tc), 0),
+        (tc, to) => {
+            let causal = ((wanted * to + total_tiles / 2) / total_tiles)
+                .clamp(1, wanted - 1)
+                .min(to);
+            ((wanted - causal).min(tc), causal)
         }
-    };
-    let ctx = share(n_ctx_tiles, wanted);
-    let causal = if n_causal_tiles == 0 {
-        0
-    } else {
-        wanted.saturating_sub(ctx).clamp(1, n_causal_tiles as usize)
     };
     p.n_ctx_splits = u32_of(ctx, "splits")?;
     p.n_causal_splits = u32_of(causal, "splits")?;
@@ -286,6 +288,12 @@ fn validate(
     }
     let n_rows = qs[0];
     q.check_device(device, "query")?;
+    if dims.n_kv_heads > 65_535 {
+        return Err(Error::OutOfRange(format!(
+            "{} KV heads exceed the grid limit of 65535",
+            dims.n_kv_heads
+        )));
+    }
     out.check_shape(qs, "out")?;
     out.check_dtype(dtype, "out")?;
     out.check_device(device, "out")?;
@@ -301,11 +309,18 @@ fn validate(
             Ok(())
         }
     };
+    // The kernel also forms positions of padding rows up to one tile past the last row.
     fits(
-        query.pos_offset.saturating_add(n_rows),
+        query.pos_offset.saturating_add(n_rows + BLOCK_M),
         "query rows".to_string(),
     )?;
     u32_of(n_rows.saturating_mul(dims.n_heads), "n_rows * n_heads")?;
+    u32_of(
+        n_rows
+            .saturating_mul(dims.group_size())
+            .saturating_add(BLOCK_M),
+        "n_rows * group",
+    )?;
     for (i, s) in segments.iter().enumerate() {
         let len = s.k.shape().first().copied().unwrap_or(0);
         let want = [len, dims.n_kv_heads, dims.head_dim];
@@ -372,10 +387,15 @@ pub fn segmented_attention_into(
 
     let stream = device.stream();
     let mut descs = Vec::with_capacity(plan.order.len().max(1));
+    // The guards record the segments' reads on the stream when dropped: keep them until the
+    // launch is queued.
+    let mut read_guards = Vec::with_capacity(2 * plan.order.len());
     for (&i, &first_tile) in plan.order.iter().zip(&plan.first_tile) {
         let s = &segments[i];
-        let (k, _k_sync) = s.k.buf().device_ptr(stream);
-        let (v, _v_sync) = s.v.buf().device_ptr(stream);
+        let (k, k_sync) = s.k.buf().device_ptr(stream);
+        let (v, v_sync) = s.v.buf().device_ptr(stream);
+        read_guards.push(k_sync);
+        read_guards.push(v_sync);
         descs.push(SegmentDesc {
             k,
             v,
@@ -464,6 +484,7 @@ pub fn segmented_attention_into(
         // valid row), and out/lse were checked in validate().
         unsafe { launch.launch(cfg) }?;
     }
+    drop(read_guards);
     Ok(())
 }
 
@@ -507,7 +528,62 @@ mod tests {
         assert!(!p.whole);
         assert!(p.n_ctx_splits >= 1 && p.n_causal_splits == 1);
         assert!(p.n_ctx_splits <= p.n_ctx_tiles);
-        assert!(8 * p.n_splits() as usize >= 2 * 132);
+        // One wave at BLOCKS_PER_SM blocks per SM, not more.
+        assert_eq!(8 * p.n_splits() as usize, BLOCKS_PER_SM * 132);
+    }
+
+    /// Invariants on many shapes: every non-empty group gets a split, no group gets more splits
+    /// than tiles, automatic plans never exceed one wave (unless both groups need one each), and
+    /// the tile numbering is the running sum of the lengths.
+    #[test]
+    fn plan_invariants_hold_on_many_shapes() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n) as usize
+        };
+        for _ in 0..2000 {
+            let n_kv = 1 + next(8);
+            let dims = AttentionDims::new(n_kv * (1 + next(8)), n_kv, 64).expect("valid");
+            let segs: Vec<(usize, SegmentRole)> = (0..next(20))
+                .map(|_| {
+                    let role = if next(2) == 0 {
+                        SegmentRole::Context
+                    } else {
+                        SegmentRole::Causal
+                    };
+                    (next(3000), role)
+                })
+                .collect();
+            let rows = 1 + next(3000);
+            let sms = 1 + next(150);
+            let forced = if next(3) == 0 {
+                Some(1 + next(100))
+            } else {
+                None
+            };
+            let p = plan(rows, &dims, &segs, sms, forced).expect("valid");
+            let mut tile = 0u32;
+            for (&i, &first) in p.order.iter().zip(&p.first_tile) {
+                assert_eq!(first, tile);
+                tile += segs[i].0.div_ceil(BLOCK_N) as u32;
+            }
+            assert_eq!(tile, p.n_ctx_tiles + p.n_causal_tiles);
+            if p.whole {
+                continue;
+            }
+            assert!(p.n_ctx_splits <= p.n_ctx_tiles && p.n_causal_splits <= p.n_causal_tiles);
+            assert_eq!(p.n_ctx_splits > 0, p.n_ctx_tiles > 0);
+            assert_eq!(p.n_causal_splits > 0, p.n_causal_tiles > 0);
+            if forced.is_none() {
+                let ctas = p.q_tiles as usize * dims.n_kv_heads * p.n_splits() as usize;
+                assert!(
+                    ctas <= (BLOCKS_PER_SM * sms).max(2 * p.q_tiles as usize * dims.n_kv_heads)
+                );
+            }
+        }
     }
 
     #[test]
