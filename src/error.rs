@@ -68,6 +68,19 @@ pub enum Error {
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
 
+    /// A model file is corrupt, truncated, or of a kind this crate does not support.
+    #[error("model file: {0}")]
+    Model(String),
+
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Cuda(cudarc::driver::DriverError),

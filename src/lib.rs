@@ -41,6 +41,7 @@
 
 pub mod cuda;
 mod error;
+pub mod llama;
 mod params;
 pub mod reference;
 

@@ -22,6 +22,12 @@ enum Command {
     Info,
     /// End-to-end demo on a real model in the four encoding modes (not built yet: issue #4).
     Demo,
+    /// Print a GGUF model file's metadata and tensor directory.
+    Inspect {
+        /// The GGUF file.
+        #[arg(long)]
+        model: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,6 +45,13 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Inspect { model } => match inspect(&model) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ape inspect: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo => {
             eprintln!(
                 "ape demo: the end-to-end demo (Llama forward pass in sequential, parallel, APE and \
@@ -47,4 +60,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn inspect(path: &std::path::Path) -> ape_attn::Result<()> {
+    use ape_attn::llama::gguf::{Gguf, Value};
+    let g = Gguf::open(path)?;
+    println!(
+        "GGUF v{}: {} metadata keys, {} tensors",
+        g.version,
+        g.metadata.len(),
+        g.tensors.len()
+    );
+    for (k, v) in &g.metadata {
+        match v {
+            Value::Array(a) => println!("  {k} = [{} values]", a.len()),
+            Value::Str(s) if s.chars().count() > 80 => {
+                println!("  {k} = {:?}...", s.chars().take(80).collect::<String>())
+            }
+            v => println!("  {k} = {v:?}"),
+        }
+    }
+    for t in g.tensors.values() {
+        println!("  {} {:?} {:?} ({} bytes)", t.name, t.ty, t.dims, t.len);
+    }
+    Ok(())
 }

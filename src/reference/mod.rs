@@ -9,6 +9,7 @@
 //! compare with [`rel_l2`] and the largest LSE difference.
 
 pub mod ape;
+pub mod llama_ops;
 pub mod merge_states;
 pub mod rope;
 pub mod segmented_attention;

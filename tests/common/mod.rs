@@ -85,3 +85,26 @@ pub fn hash_fill(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The default real model (fetched by scripts/fetch-model.sh, which the test command runs), or
+/// `$APE_MODEL`. A missing model fails the test: it must not pass silently.
+pub fn default_model() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("APE_MODEL") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// The llama.cpp fixture (scripts/fixtures/llamacpp.sh).
+pub fn llamacpp_fixture() -> serde_json::Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smollm2_llamacpp.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
+}

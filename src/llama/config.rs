@@ -1,0 +1,115 @@
+//! Llama hyper-parameters, read and validated from a model file's metadata.
+
+use super::gguf::Gguf;
+use crate::error::{Error, Result};
+use crate::params::{AttentionDims, RopeConfig, RopeLayout};
+
+/// The shape of a Llama model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Hidden size.
+    pub dim: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of one head (`dim / n_heads`).
+    pub head_dim: usize,
+    /// Feed-forward hidden size.
+    pub hidden_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Rotary embedding.
+    pub rope: RopeConfig,
+    /// The longest context the model was trained for.
+    pub context_length: usize,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Model(msg.into())
+}
+
+impl LlamaConfig {
+    /// Reads the `llama.*` metadata of a GGUF file. GGUF `llama` files store Q and K permuted for
+    /// llama.cpp's interleaved RoPE, so the layout is [`RopeLayout::Interleaved`].
+    pub fn from_gguf(g: &Gguf) -> Result<Self> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(bad(format!(
+                "unsupported architecture {arch:?} (only \"llama\" is supported)"
+            )));
+        }
+        let get = |key: &str| -> Result<usize> {
+            let v = g.get_u64(&format!("llama.{key}"))?;
+            usize::try_from(v).map_err(|_| bad(format!("llama.{key} = {v} is too large")))
+        };
+        let dim = get("embedding_length")?;
+        let n_heads = get("attention.head_count")?;
+        let n_kv_heads = match g.metadata.get("llama.attention.head_count_kv") {
+            Some(_) => get("attention.head_count_kv")?,
+            None => n_heads,
+        };
+        if n_heads == 0 || dim % n_heads != 0 {
+            return Err(bad(format!(
+                "embedding_length {dim} is not a multiple of head_count {n_heads}"
+            )));
+        }
+        let head_dim = dim / n_heads;
+        if let Some(v) = g.metadata.get("llama.rope.dimension_count") {
+            if v.as_u64() != Some(head_dim as u64) {
+                return Err(bad(format!(
+                    "rope.dimension_count {v:?} differs from the head dim {head_dim} (partial RoPE is not supported)"
+                )));
+            }
+        }
+        let vocab_size = match g.metadata.get("llama.vocab_size") {
+            Some(_) => get("vocab_size")?,
+            None => g
+                .get("tokenizer.ggml.tokens")?
+                .as_array()
+                .map(|a| a.len())
+                .ok_or_else(|| bad("tokenizer.ggml.tokens is not an array"))?,
+        };
+        let base = match g.metadata.get("llama.rope.freq_base") {
+            Some(_) => g.get_f64("llama.rope.freq_base")?,
+            None => 10_000.0,
+        };
+        let rms_eps = g.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32;
+        if !(rms_eps.is_finite() && rms_eps > 0.0) {
+            return Err(bad(format!(
+                "layer_norm_rms_epsilon {rms_eps} must be finite and > 0"
+            )));
+        }
+        let cfg = Self {
+            dim,
+            n_layers: get("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            hidden_dim: get("feed_forward_length")?,
+            vocab_size,
+            rms_eps,
+            rope: RopeConfig::new(head_dim, base, RopeLayout::Interleaved)?,
+            context_length: get("context_length")?,
+        };
+        cfg.attention_dims()?;
+        if cfg.n_layers == 0 || cfg.hidden_dim == 0 || cfg.vocab_size == 0 {
+            return Err(bad(format!("degenerate model shape {cfg:?}")));
+        }
+        Ok(cfg)
+    }
+
+    /// The attention head layout.
+    pub fn attention_dims(&self) -> Result<AttentionDims> {
+        AttentionDims::new(self.n_heads, self.n_kv_heads, self.head_dim)
+    }
+
+    /// Width of the K (and V) projection: `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}

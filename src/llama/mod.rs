@@ -1,0 +1,8 @@
+//! A minimal Llama: model files (GGUF), configuration, tokenizer and forward pass.
+
+pub mod config;
+pub mod cpu;
+pub mod gguf;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;

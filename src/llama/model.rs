@@ -1,0 +1,81 @@
+//! The model API shared by the CPU and (later) GPU forward passes, so that the encoding modes,
+//! generation and tests are written once.
+
+use super::config::LlamaConfig;
+use crate::error::Result;
+use crate::params::{ApeParams, SegmentRole};
+
+/// Which rows of a forward pass get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (context encoding only fills the cache).
+    None,
+    /// The last token's row.
+    Last,
+    /// Every row.
+    All,
+}
+
+/// A cached block's K/V used by a forward pass, with where its keys sit and how they are masked.
+#[derive(Debug)]
+pub struct Past<'a, B> {
+    /// The block.
+    pub kv: &'a B,
+    /// Absolute position of the block's first token.
+    pub pos_offset: usize,
+    /// `Context` (every row sees every key) or `Causal` (masked by position).
+    pub role: SegmentRole,
+}
+
+impl<B> Clone for Past<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Past<'_, B> {}
+
+/// What a forward pass returns.
+#[derive(Debug)]
+pub struct ForwardOutput<B> {
+    /// Logits of the requested rows, `[rows, vocab]`.
+    pub logits: Vec<f32>,
+    /// K and V of the new tokens, every layer (keys already rotated to their positions).
+    pub kv: B,
+}
+
+/// A Llama forward pass over new tokens that attend to cached blocks in place.
+pub trait LlamaModel {
+    /// The K/V of a run of tokens across all layers: what the block cache stores.
+    type Block: KvBlock;
+
+    /// The model's shape.
+    fn config(&self) -> &LlamaConfig;
+
+    /// Runs `tokens` at positions `pos..pos + tokens.len()`. Every layer's attention sees the
+    /// `past` blocks (read in place) and the new tokens' own keys (causal), with the APE correction
+    /// `ape` (`ApeParams::plain()` for plain attention).
+    fn forward(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        past: &[Past<'_, Self::Block>],
+        ape: &ApeParams,
+        logits: LogitRows,
+    ) -> Result<ForwardOutput<Self::Block>>;
+
+    /// The block with its keys re-rotated by `delta` positions (Block-Attention: a block prefilled
+    /// at position 0 moved to its real offset). Values are unchanged.
+    fn shift_block(&self, block: &Self::Block, delta: i64) -> Result<Self::Block>;
+}
+
+/// What the cache needs to know about a block.
+pub trait KvBlock {
+    /// Tokens in the block.
+    fn len(&self) -> usize;
+    /// True for a block of no tokens.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes the block holds.
+    fn bytes(&self) -> usize;
+}

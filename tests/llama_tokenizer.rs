@@ -1,0 +1,65 @@
+//! The GGUF tokenizer against llama.cpp's token ids (tests/fixtures, made by
+//! scripts/fixtures/llamacpp.sh) on tricky strings, and round trips.
+
+mod common;
+
+use ape_attn::llama::gguf::Gguf;
+use ape_attn::llama::tokenizer::Tokenizer;
+
+fn tokenizer() -> Tokenizer {
+    let g = Gguf::open(common::default_model()).expect("model parses");
+    Tokenizer::from_gguf(&g).expect("tokenizer")
+}
+
+#[test]
+fn token_ids_match_llama_cpp() {
+    let tok = tokenizer();
+    let fixture = common::llamacpp_fixture();
+    let cases = fixture["tokens"].as_array().expect("tokens");
+    assert!(cases.len() >= 10);
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        let got = tok.encode(text).expect("encode");
+        if got != want {
+            failures.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The prompts of the logits fixture too.
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let want: Vec<u32> = p["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        assert_eq!(
+            tok.encode(p["text"].as_str().expect("text"))
+                .expect("encode"),
+            want
+        );
+    }
+}
+
+#[test]
+fn decode_inverts_encode() {
+    let tok = tokenizer();
+    for text in [
+        "Hello world",
+        "emoji 🦙 ünïcödé 日本語",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "  a\tb\n",
+    ] {
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!(tok.decode(&ids).expect("decode"), text);
+    }
+    assert_eq!(tok.vocab_size(), 49152);
+    assert!(tok.stop_tokens.contains(&tok.eos));
+}
