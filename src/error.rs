@@ -68,6 +68,10 @@ pub enum Error {
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
 
+    /// The block cache cannot hold a block within its budget.
+    #[error("block cache full: {0}")]
+    CacheFull(String),
+
     /// A model file is corrupt, truncated, or of a kind this crate does not support.
     #[error("model file: {0}")]
     Model(String),

@@ -39,6 +39,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod cuda;
 mod error;
 pub mod llama;

@@ -282,6 +282,22 @@ impl LlamaModel for CpuModel {
         Ok(ForwardOutput { logits, kv: block })
     }
 
+    fn append_block(&self, block: &mut CpuBlock, more: CpuBlock) -> Result<()> {
+        if block.k.len() != more.k.len() {
+            return Err(Error::Shape("blocks of different depths".into()));
+        }
+        for (a, b) in block
+            .k
+            .iter_mut()
+            .zip(more.k)
+            .chain(block.v.iter_mut().zip(more.v))
+        {
+            a.extend(b);
+        }
+        block.len += more.len;
+        Ok(())
+    }
+
     fn shift_block(&self, block: &CpuBlock, delta: i64) -> Result<CpuBlock> {
         let c = &self.config;
         let mut shifted = block.clone();

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod quant;

@@ -66,6 +66,9 @@ pub trait LlamaModel {
     /// The block with its keys re-rotated by `delta` positions (Block-Attention: a block prefilled
     /// at position 0 moved to its real offset). Values are unchanged.
     fn shift_block(&self, block: &Self::Block, delta: i64) -> Result<Self::Block>;
+
+    /// Appends `more`'s tokens to `block` (the question's keys growing during generation).
+    fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()>;
 }
 
 /// What the cache needs to know about a block.

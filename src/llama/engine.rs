@@ -1,0 +1,393 @@
+//! The four encoding modes, for prefill and generation, over the block cache (DESIGN §2):
+//!
+//! - **Sequential**: one causal prefill of `[prefix, C_1..C_N, question]` at contiguous positions,
+//!   nothing cached (the baseline).
+//! - **Parallel**: APE's positions with `T = S = 1`.
+//! - **APE**: the prefix at `0..P`; each context encoded after the prefix at `P..P+L_i` (cached,
+//!   independent of `T` and `S`); the question at `P + max L_i` attends to the prefix and its own
+//!   tokens (causal) and to all contexts with the temperature and scaling correction, at the
+//!   question's prefill and at every decode step.
+//! - **Block-Attention**: every block (the prefix, each context) encoded alone from position 0
+//!   (cached); at use, block `b`'s keys are re-rotated to `o_b = sum_{j<b} L_j`; the question starts
+//!   at `sum_j L_j` and attends to everything with plain softmax.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::model::{LlamaModel, LogitRows, Past};
+use crate::cache::{BlockCache, BlockKey, Scheme};
+use crate::error::{Error, Result};
+use crate::params::{ApeParams, SegmentRole};
+
+/// How the contexts are encoded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Everything prefilled as one sequence on every request.
+    Sequential,
+    /// Contexts cached after the shared prefix, plain attention (`T = S = 1`).
+    Parallel,
+    /// Contexts cached after the shared prefix, APE's temperature and scaling.
+    Ape(ApeParams),
+    /// Blocks cached alone from position 0 and re-rotated to their offsets.
+    BlockAttention,
+}
+
+impl Mode {
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Sequential => "sequential",
+            Mode::Parallel => "parallel",
+            Mode::Ape(_) => "ape",
+            Mode::BlockAttention => "block-attention",
+        }
+    }
+
+    fn ape(&self) -> ApeParams {
+        match self {
+            Mode::Ape(p) => *p,
+            _ => ApeParams::plain(),
+        }
+    }
+}
+
+/// A prompt in parts: the shared prefix, the contexts (passages, in order) and the question.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// Shared prefix (system prompt, chat header).
+    pub prefix: Vec<u32>,
+    /// Contexts.
+    pub contexts: Vec<Vec<u32>>,
+    /// The question (and the assistant header that follows it).
+    pub question: Vec<u32>,
+}
+
+/// A prefilled request, ready to decode: the blocks it reads (pinned while this lives), the
+/// question's growing block, and the last logits.
+pub struct Prefilled<B> {
+    blocks: Vec<(Arc<B>, usize, SegmentRole)>,
+    tail: B,
+    tail_pos: usize,
+    next_pos: usize,
+    ape: ApeParams,
+    /// Logits of the last position.
+    pub logits: Vec<f32>,
+    /// Tokens encoded by this request (cache misses and the question), for reporting.
+    pub tokens_encoded: usize,
+}
+
+impl<B> Prefilled<B> {
+    /// The position the next token goes to.
+    pub fn next_pos(&self) -> usize {
+        self.next_pos
+    }
+}
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token.
+    Greedy,
+    /// Sample from `softmax(logits / temperature)` with a seeded generator.
+    Temperature {
+        /// Finite and > 0.
+        temperature: f32,
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// What a generation produced and how long it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Time to first token: from the request to the first token's logits (context encoding on
+    /// cache misses included).
+    pub ttft: Duration,
+    /// Time of the decode steps after the first token.
+    pub decode_time: Duration,
+    /// Tokens encoded by the prefill (cache misses and the question).
+    pub tokens_encoded: usize,
+}
+
+/// A model with its block cache.
+pub struct Engine<M: LlamaModel> {
+    /// The model.
+    pub model: M,
+    /// Cached blocks.
+    pub cache: BlockCache<M::Block>,
+    model_id: String,
+}
+
+impl<M: LlamaModel> std::fmt::Debug for Engine<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model_id", &self.model_id)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: LlamaModel> Engine<M> {
+    /// An engine whose cache holds at most `cache_bytes`; `model_id` names the weights (it is part
+    /// of every cache key).
+    pub fn new(model: M, model_id: impl Into<String>, cache_bytes: usize) -> Self {
+        Self {
+            model,
+            cache: BlockCache::new(cache_bytes),
+            model_id: model_id.into(),
+        }
+    }
+
+    fn cached(
+        &mut self,
+        scheme: Scheme,
+        prefix: &[u32],
+        tokens: &[u32],
+        pos: usize,
+        encoded: &mut usize,
+    ) -> Result<Arc<M::Block>> {
+        let key = BlockKey {
+            model: self.model_id.clone(),
+            scheme,
+            prefix: prefix.to_vec(),
+            tokens: tokens.to_vec(),
+        };
+        // The prefix block, needed to encode a context after it, is itself cached.
+        let prefix_block = match scheme {
+            Scheme::AfterPrefix if !prefix.is_empty() => {
+                Some(self.cached(Scheme::Prefix, &[], prefix, 0, encoded)?)
+            }
+            _ => None,
+        };
+        let model = &self.model;
+        let mut misses = 0;
+        let block = self.cache.get_or_encode(key, || {
+            misses = tokens.len();
+            let past: Vec<Past<'_, M::Block>> = prefix_block
+                .iter()
+                .map(|b| Past {
+                    kv: b.as_ref(),
+                    pos_offset: 0,
+                    role: SegmentRole::Causal,
+                })
+                .collect();
+            Ok(model
+                .forward(tokens, pos, &past, &ApeParams::plain(), LogitRows::None)?
+                .kv)
+        })?;
+        *encoded += misses;
+        Ok(block)
+    }
+
+    /// Prefills `prompt` in `mode`: contexts come from the cache (encoded on a miss), the question
+    /// is run over them; returns the state to decode from, with the last position's logits.
+    pub fn prefill(&mut self, mode: Mode, prompt: &Prompt) -> Result<Prefilled<M::Block>> {
+        if prompt.question.is_empty() {
+            return Err(Error::Shape("the question has no tokens".into()));
+        }
+        // Reject a request that does not fit the window before encoding anything.
+        let lens = prompt.contexts.iter().map(Vec::len);
+        let needed = prompt.question.len()
+            + match mode {
+                Mode::Parallel | Mode::Ape(_) => prompt.prefix.len() + lens.max().unwrap_or(0),
+                Mode::Sequential | Mode::BlockAttention => {
+                    prompt.prefix.len() + lens.sum::<usize>()
+                }
+            };
+        let window = self.model.config().context_length;
+        if needed > window {
+            return Err(Error::OutOfRange(format!(
+                "the {} request needs {needed} positions, more than the model's window of {window}",
+                mode.name()
+            )));
+        }
+        let ape = mode.ape();
+        let mut encoded = 0;
+        let mut blocks: Vec<(Arc<M::Block>, usize, SegmentRole)> = Vec::new();
+        let q_pos = match mode {
+            Mode::Sequential => {
+                let mut all = prompt.prefix.clone();
+                prompt.contexts.iter().for_each(|c| all.extend(c));
+                all.extend(&prompt.question);
+                let out = self.model.forward(&all, 0, &[], &ape, LogitRows::Last)?;
+                return Ok(Prefilled {
+                    blocks,
+                    tail: out.kv,
+                    tail_pos: 0,
+                    next_pos: all.len(),
+                    ape,
+                    logits: out.logits,
+                    tokens_encoded: all.len(),
+                });
+            }
+            Mode::Parallel | Mode::Ape(_) => {
+                let p = prompt.prefix.len();
+                if p > 0 {
+                    let b = self.cached(Scheme::Prefix, &[], &prompt.prefix, 0, &mut encoded)?;
+                    blocks.push((b, 0, SegmentRole::Causal));
+                }
+                let mut longest = 0;
+                for c in prompt.contexts.iter().filter(|c| !c.is_empty()) {
+                    let b = self.cached(Scheme::AfterPrefix, &prompt.prefix, c, p, &mut encoded)?;
+                    blocks.push((b, p, SegmentRole::Context));
+                    longest = longest.max(c.len());
+                }
+                p + longest
+            }
+            Mode::BlockAttention => {
+                let mut offset = 0;
+                let parts = std::iter::once(&prompt.prefix).chain(&prompt.contexts);
+                for (i, c) in parts.enumerate().filter(|(_, c)| !c.is_empty()) {
+                    let b = self.cached(Scheme::Alone, &[], c, 0, &mut encoded)?;
+                    let shifted = if offset == 0 {
+                        b
+                    } else {
+                        Arc::new(self.model.shift_block(&b, offset as i64)?)
+                    };
+                    let role = if i == 0 {
+                        SegmentRole::Causal
+                    } else {
+                        SegmentRole::Context
+                    };
+                    blocks.push((shifted, offset, role));
+                    offset += c.len();
+                }
+                offset
+            }
+        };
+        let past: Vec<Past<'_, M::Block>> = blocks
+            .iter()
+            .map(|(b, pos, role)| Past {
+                kv: b.as_ref(),
+                pos_offset: *pos,
+                role: *role,
+            })
+            .collect();
+        let out = self
+            .model
+            .forward(&prompt.question, q_pos, &past, &ape, LogitRows::Last)?;
+        drop(past);
+        Ok(Prefilled {
+            blocks,
+            tail: out.kv,
+            tail_pos: q_pos,
+            next_pos: q_pos + prompt.question.len(),
+            ape,
+            logits: out.logits,
+            tokens_encoded: encoded + prompt.question.len(),
+        })
+    }
+
+    /// Feeds one token and returns the next logits.
+    pub fn decode_step(&self, state: &mut Prefilled<M::Block>, token: u32) -> Result<Vec<f32>> {
+        let mut past: Vec<Past<'_, M::Block>> = state
+            .blocks
+            .iter()
+            .map(|(b, pos, role)| Past {
+                kv: b.as_ref(),
+                pos_offset: *pos,
+                role: *role,
+            })
+            .collect();
+        past.push(Past {
+            kv: &state.tail,
+            pos_offset: state.tail_pos,
+            role: SegmentRole::Causal,
+        });
+        let out =
+            self.model
+                .forward(&[token], state.next_pos, &past, &state.ape, LogitRows::Last)?;
+        drop(past);
+        self.model.append_block(&mut state.tail, out.kv)?;
+        state.next_pos += 1;
+        Ok(out.logits)
+    }
+
+    /// Prefills, then generates up to `max_tokens` tokens, stopping at any of `stop`.
+    pub fn generate(
+        &mut self,
+        mode: Mode,
+        prompt: &Prompt,
+        sampling: Sampling,
+        max_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Generation> {
+        let mut sampler = Sampler::new(sampling)?;
+        let start = Instant::now();
+        let mut state = self.prefill(mode, prompt)?;
+        let mut next = sampler.sample(&state.logits)?;
+        let ttft = start.elapsed();
+        let mut tokens = Vec::new();
+        let decode_start = Instant::now();
+        while tokens.len() < max_tokens && !stop.contains(&next) {
+            tokens.push(next);
+            if tokens.len() == max_tokens {
+                break;
+            }
+            let logits = self.decode_step(&mut state, next)?;
+            next = sampler.sample(&logits)?;
+        }
+        Ok(Generation {
+            tokens,
+            ttft,
+            decode_time: decode_start.elapsed(),
+            tokens_encoded: state.tokens_encoded,
+        })
+    }
+}
+
+/// Chooses tokens from logits.
+#[derive(Debug)]
+pub struct Sampler {
+    sampling: Sampling,
+    state: u64,
+}
+
+impl Sampler {
+    /// A sampler; errors on a temperature that is not finite and > 0.
+    pub fn new(sampling: Sampling) -> Result<Self> {
+        let state = match sampling {
+            Sampling::Greedy => 0,
+            Sampling::Temperature { temperature, seed } => {
+                crate::params::check_positive("sampling temperature", temperature as f64)?;
+                seed ^ 0x9e37_79b9_7f4a_7c15
+            }
+        };
+        Ok(Self { sampling, state })
+    }
+
+    /// The next token.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if logits.is_empty() || logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::Shape("no logits to sample from (or NaN)".into()));
+        }
+        let argmax = (0..logits.len())
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap_or(0);
+        let temperature = match self.sampling {
+            Sampling::Greedy => return Ok(argmax as u32),
+            Sampling::Temperature { temperature, .. } => temperature as f64,
+        };
+        let m = logits[argmax] as f64;
+        let weights: Vec<f64> = logits
+            .iter()
+            .map(|&x| ((x as f64 - m) / temperature).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        // xorshift64*: enough for sampling, reproducible from the seed.
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        let u = (self.state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+        let mut acc = 0.0;
+        for (i, w) in weights.iter().enumerate() {
+            acc += w / total;
+            if u < acc {
+                return Ok(i as u32);
+            }
+        }
+        Ok(argmax as u32)
+    }
+}
