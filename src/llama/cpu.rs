@@ -72,12 +72,43 @@ impl CpuBlock {
     }
 }
 
+/// Dot product with eight independent accumulators (vectorises; f32).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `y[n, out] = x[n, in] W^T` with `W` `[out, in]` row-major.
 fn matmul(x: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), n * din);
     debug_assert_eq!(w.len(), dout * din);
     let mut y = vec![0.0f32; n * dout];
     if n == 0 || dout == 0 {
+        return y;
+    }
+    if n <= 4 {
+        // A few rows (decode): the GEMM's packing of W would cost more than the product. Each
+        // output is a dot product with a contiguous row of W; rows are split across threads.
+        let chunk = 64;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            for (o, yj) in out.iter_mut().enumerate() {
+                let idx = c * chunk + o;
+                let (i, j) = (idx / dout, idx % dout);
+                *yj = dot(&x[i * din..(i + 1) * din], &w[j * din..(j + 1) * din]);
+            }
+        });
         return y;
     }
     // SAFETY: x holds n * din, w holds dout * din and y holds n * dout f32 (checked by the
@@ -107,6 +138,11 @@ fn matmul(x: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
 impl CpuModel {
     /// Loads a GGUF `llama` model, dequantising every weight to f32.
     pub fn load(g: &Gguf) -> Result<Self> {
+        Self::load_with_progress(g, |_, _| {})
+    }
+
+    /// [`CpuModel::load`], calling `progress(layers_done, n_layers)` as layers load.
+    pub fn load_with_progress(g: &Gguf, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
         let c = LlamaConfig::from_gguf(g)?;
         let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
         let embed = g.tensor_f32("token_embd.weight", &[d, c.vocab_size])?;
@@ -117,6 +153,7 @@ impl CpuModel {
         let layers = (0..c.n_layers)
             .map(|i| {
                 let t = |name: &str, dims: &[usize]| g.tensor_f32(&format!("blk.{i}.{name}"), dims);
+                progress(i, c.n_layers);
                 Ok(Layer {
                     attn_norm: t("attn_norm.weight", &[d])?,
                     wq: t("attn_q.weight", &[d, d])?,

@@ -118,6 +118,7 @@ pub struct Engine<M: LlamaModel> {
     /// Cached blocks.
     pub cache: BlockCache<M::Block>,
     model_id: String,
+    on_encode: Option<Box<dyn FnMut(usize)>>,
 }
 
 impl<M: LlamaModel> std::fmt::Debug for Engine<M> {
@@ -137,36 +138,38 @@ impl<M: LlamaModel> Engine<M> {
             model,
             cache: BlockCache::new(cache_bytes),
             model_id: model_id.into(),
+            on_encode: None,
         }
     }
 
+    /// Calls `f(tokens)` after each block is encoded on a cache miss (for progress bars).
+    pub fn on_encode(&mut self, f: impl FnMut(usize) + 'static) {
+        self.on_encode = Some(Box::new(f));
+    }
+
+    /// The block for `tokens` encoded by `scheme`, from the cache or encoded now at `pos` after
+    /// `prefix` (whose block, for [`Scheme::AfterPrefix`], is `prefix_block`).
     fn cached(
         &mut self,
         scheme: Scheme,
-        prefix: &[u32],
+        prefix: (&[u32], Option<&Arc<M::Block>>),
         tokens: &[u32],
         pos: usize,
         encoded: &mut usize,
     ) -> Result<Arc<M::Block>> {
+        let (prefix, prefix_block) = prefix;
         let key = BlockKey {
             model: self.model_id.clone(),
             scheme,
             prefix: prefix.to_vec(),
             tokens: tokens.to_vec(),
         };
-        // The prefix block, needed to encode a context after it, is itself cached.
-        let prefix_block = match scheme {
-            Scheme::AfterPrefix if !prefix.is_empty() => {
-                Some(self.cached(Scheme::Prefix, &[], prefix, 0, encoded)?)
-            }
-            _ => None,
-        };
         let model = &self.model;
         let mut misses = 0;
         let block = self.cache.get_or_encode(key, || {
             misses = tokens.len();
             let past: Vec<Past<'_, M::Block>> = prefix_block
-                .iter()
+                .into_iter()
                 .map(|b| Past {
                     kv: b.as_ref(),
                     pos_offset: 0,
@@ -178,6 +181,9 @@ impl<M: LlamaModel> Engine<M> {
                 .kv)
         })?;
         *encoded += misses;
+        if let (Some(f), true) = (self.on_encode.as_mut(), misses > 0) {
+            f(misses);
+        }
         Ok(block)
     }
 
@@ -224,13 +230,18 @@ impl<M: LlamaModel> Engine<M> {
             }
             Mode::Parallel | Mode::Ape(_) => {
                 let p = prompt.prefix.len();
-                if p > 0 {
-                    let b = self.cached(Scheme::Prefix, &[], &prompt.prefix, 0, &mut encoded)?;
-                    blocks.push((b, 0, SegmentRole::Causal));
-                }
+                let prefix_block = if p > 0 {
+                    let b =
+                        self.cached(Scheme::Prefix, (&[], None), &prompt.prefix, 0, &mut encoded)?;
+                    blocks.push((b.clone(), 0, SegmentRole::Causal));
+                    Some(b)
+                } else {
+                    None
+                };
                 let mut longest = 0;
                 for c in prompt.contexts.iter().filter(|c| !c.is_empty()) {
-                    let b = self.cached(Scheme::AfterPrefix, &prompt.prefix, c, p, &mut encoded)?;
+                    let after = (prompt.prefix.as_slice(), prefix_block.as_ref());
+                    let b = self.cached(Scheme::AfterPrefix, after, c, p, &mut encoded)?;
                     blocks.push((b, p, SegmentRole::Context));
                     longest = longest.max(c.len());
                 }
@@ -240,7 +251,7 @@ impl<M: LlamaModel> Engine<M> {
                 let mut offset = 0;
                 let parts = std::iter::once(&prompt.prefix).chain(&prompt.contexts);
                 for (i, c) in parts.enumerate().filter(|(_, c)| !c.is_empty()) {
-                    let b = self.cached(Scheme::Alone, &[], c, 0, &mut encoded)?;
+                    let b = self.cached(Scheme::Alone, (&[], None), c, 0, &mut encoded)?;
                     let shifted = if offset == 0 {
                         b
                     } else {
