@@ -69,10 +69,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ModeArg::Ape)]
         mode: ModeArg,
         /// APE attention temperature T (finite, > 0).
-        #[arg(long, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
         temperature: f32,
         /// APE scaling factor S (finite, > 0).
-        #[arg(long, default_value_t = ApeParams::DEFAULT_SCALE)]
+        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_SCALE)]
         scale: f32,
         /// Use the older form of S that multiplies the context mass (a = T*L_C + ln S).
         #[arg(long)]
@@ -81,7 +81,7 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
         /// Sample with this temperature instead of greedy decoding.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         sampling_temperature: Option<f32>,
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]

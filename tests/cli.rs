@@ -1,0 +1,166 @@
+//! The `ape` command's bad-input paths: one clear line on stderr and a non-zero exit.
+
+mod common;
+
+use std::process::Command;
+
+fn ape(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ape"))
+        .args(args)
+        .env("APE_MODEL", common::default_model())
+        .output()
+        .expect("ape runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn passage() -> tempfile_path::Path {
+    tempfile_path::write("The Lantern Bakery was founded by Mira Kovac.\n")
+}
+
+/// A file under the target dir (no extra dependency).
+mod tempfile_path {
+    pub struct Path(pub std::path::PathBuf);
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    pub fn write(text: &str) -> Path {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ape-cli-test-{}-{}.txt",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&p, text).expect("write temp file");
+        Path(p)
+    }
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, needle: &str) {
+    assert_ne!(code, 0, "must fail: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got {stderr:?}");
+    assert!(
+        lines[0].contains(needle),
+        "{:?} should mention {needle:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn missing_file_empty_question_and_bad_parameters_are_one_line_errors() {
+    let p = passage();
+    let file = p.0.to_str().expect("utf-8 path");
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        "/nonexistent/passage.txt",
+        "--question",
+        "Who?",
+    ]);
+    assert_one_line_error(c, &e, "/nonexistent/passage.txt");
+    let (c, _, e) = ape(&["run", "--context", file, "--question", "  "]);
+    assert_one_line_error(c, &e, "question is empty");
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        file,
+        "--question",
+        "Who?",
+        "--temperature",
+        "0",
+    ]);
+    assert_one_line_error(c, &e, "temperature T");
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        file,
+        "--question",
+        "Who?",
+        "--scale",
+        "NaN",
+    ]);
+    assert_one_line_error(c, &e, "scaling factor S");
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        file,
+        "--question",
+        "Who?",
+        "--sampling-temperature",
+        "-1",
+    ]);
+    assert_one_line_error(c, &e, "sampling temperature");
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        file,
+        "--question",
+        "Who?",
+        "--model",
+        "/nonexistent.gguf",
+    ]);
+    assert_one_line_error(c, &e, "/nonexistent.gguf");
+}
+
+#[test]
+fn cuda_without_a_usable_gpu_is_a_one_line_error() {
+    let p = passage();
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        p.0.to_str().expect("utf-8"),
+        "--question",
+        "Who?",
+        "--device",
+        "cuda",
+    ]);
+    assert_one_line_error(c, &e, "device");
+}
+
+#[test]
+fn a_context_longer_than_the_window_is_refused_before_encoding() {
+    let long = tempfile_path::write(&"word ".repeat(9000));
+    let start = std::time::Instant::now();
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        long.0.to_str().expect("utf-8"),
+        "--question",
+        "Who?",
+        "--mode",
+        "sequential",
+    ]);
+    assert_one_line_error(c, &e, "window");
+    // Refused up front, not after running 9000 tokens through the model.
+    assert!(start.elapsed().as_secs() < 60);
+}
+
+#[test]
+fn run_answers_and_help_explains_the_modes() {
+    let p = passage();
+    let (c, out, _) = ape(&[
+        "run",
+        "--context",
+        p.0.to_str().expect("utf-8"),
+        "--question",
+        "Who founded the Lantern Bakery?",
+        "--max-tokens",
+        "12",
+        "--mode",
+        "sequential",
+    ]);
+    assert_eq!(c, 0);
+    assert!(out.contains("Mira"), "answer: {out}");
+    let (c, out, _) = ape(&["run", "--help"]);
+    assert_eq!(c, 0);
+    for mode in ["sequential", "parallel", "ape", "block-attention"] {
+        assert!(out.contains(mode), "--help should explain {mode}");
+    }
+}
