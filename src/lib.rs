@@ -42,6 +42,7 @@
 pub mod cache;
 pub mod cuda;
 mod error;
+pub mod eval;
 pub mod llama;
 mod params;
 pub mod reference;

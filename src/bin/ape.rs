@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ape_attn::cuda::{kernel_build_info, Device};
+use ape_attn::eval::{self, dataset, metrics, Objective};
 use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Generation, Mode, Prompt, Sampling};
 use ape_attn::llama::gguf::{Gguf, Value};
@@ -96,6 +97,67 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SYSTEM)]
         system: String,
     },
+    /// Measure how much of sequential encoding's accuracy each mode keeps, on a generated
+    /// multi-document QA set about fictional entities (seeded).
+    Eval {
+        /// GGUF model (default: SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Document counts to evaluate.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3, 5, 10])]
+        docs: Vec<usize>,
+        /// Examples per position of the relevant document.
+        #[arg(long, default_value_t = 2)]
+        per_position: usize,
+        /// Candidate answers per question (gold included).
+        #[arg(long, default_value_t = 4)]
+        candidates: usize,
+        /// Dataset seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// APE temperature T.
+        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
+        temperature: f32,
+        /// APE scaling factor S.
+        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_SCALE)]
+        scale: f32,
+        /// Tokens of each greedy answer.
+        #[arg(long, default_value_t = 24)]
+        max_answer_tokens: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Search APE's T and S on a calibration split, then report held-out results.
+    Calibrate {
+        /// GGUF model (default: SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Document counts of both splits.
+        #[arg(long, value_delimiter = ',', default_values_t = [2usize, 3, 5])]
+        docs: Vec<usize>,
+        /// Examples per position of the relevant document, per split.
+        #[arg(long, default_value_t = 1)]
+        per_position: usize,
+        /// Candidate answers per question.
+        #[arg(long, default_value_t = 4)]
+        candidates: usize,
+        /// Temperatures to try.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.5f32, 0.6, 0.7, 0.8, 0.9, 1.0])]
+        temperatures: Vec<f32>,
+        /// Scaling factors to try.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.5f32, 0.7, 0.9, 1.0, 1.2])]
+        scales: Vec<f32>,
+        /// What to optimise.
+        #[arg(long, value_enum, default_value_t = ObjectiveArg::Kl)]
+        objective: ObjectiveArg,
+        /// Seed of the calibration split (the held-out split uses seed + 1000).
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// How the CUDA kernels in this build were compiled, and which GPU (if any) is usable.
     Info,
     /// Print a GGUF model file's metadata and tensor directory.
@@ -115,6 +177,14 @@ enum ModeArg {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ObjectiveArg {
+    /// Lowest mean KL divergence from sequential.
+    Kl,
+    /// Highest candidate-likelihood accuracy.
+    Accuracy,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
     Cpu,
     Cuda,
@@ -126,6 +196,51 @@ const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Info => info(),
+        Command::Eval {
+            model,
+            docs,
+            per_position,
+            candidates,
+            seed,
+            temperature,
+            scale,
+            max_answer_tokens,
+            json,
+        } => (|| {
+            let ape = ApeParams::new(temperature, scale)?;
+            let examples = dataset::generate(seed, &docs, per_position, candidates);
+            let modes = [
+                Mode::Sequential,
+                Mode::Parallel,
+                Mode::Ape(ape),
+                Mode::BlockAttention,
+            ];
+            eval_command(model, &examples, &modes, max_answer_tokens, json)
+        })(),
+        Command::Calibrate {
+            model,
+            docs,
+            per_position,
+            candidates,
+            temperatures,
+            scales,
+            objective,
+            seed,
+            json,
+        } => calibrate_command(CalibrateArgs {
+            model,
+            docs,
+            per_position,
+            candidates,
+            temperatures,
+            scales,
+            objective: match objective {
+                ObjectiveArg::Kl => Objective::Kl,
+                ObjectiveArg::Accuracy => Objective::Accuracy,
+            },
+            seed,
+            json,
+        }),
         Command::Inspect { model } => inspect(&model),
         Command::Demo { model, max_tokens } => demo(model, max_tokens),
         Command::Run {
@@ -292,7 +407,7 @@ fn build_prompt(
         return Err(Error::Shape("the question is empty".into()));
     }
     Ok(Prompt {
-        prefix: tok.encode(&format!(
+        prefix: tok.encode_start(&format!(
             "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
         ))?,
         contexts: passages
@@ -482,4 +597,205 @@ fn run(a: RunArgs) -> ape_attn::Result<()> {
         engine.model.config().context_length
     );
     Ok(())
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{pos}}/{{len}} elapsed {{elapsed}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
+}
+
+fn mode_label(mode: &Mode) -> String {
+    match mode {
+        Mode::Ape(p) => format!("ape T={} S={}", p.temperature(), p.scale()),
+        m => m.name().to_string(),
+    }
+}
+
+/// Prints a table per document count (and over all), returns the JSON.
+fn report(modes: &[Mode], results: &eval::Results) -> serde_json::Value {
+    let mut counts: Vec<usize> = results[0].keys().copied().collect();
+    counts.push(0); // 0: all document counts together
+    let mut json = Vec::new();
+    for &n in &counts {
+        let tally = |m: usize| -> metrics::Tally {
+            if n == 0 {
+                results[m]
+                    .values()
+                    .fold(metrics::Tally::default(), |mut a, t| {
+                        a.n += t.n;
+                        a.correct += t.correct;
+                        a.exact += t.exact;
+                        a.contains += t.contains;
+                        a.loglik += t.loglik;
+                        a.kl += t.kl;
+                        a
+                    })
+            } else {
+                results[m].get(&n).copied().unwrap_or_default()
+            }
+        };
+        let seq = tally(0);
+        let label = if n == 0 {
+            "all".to_string()
+        } else {
+            n.to_string()
+        };
+        println!("\ndocuments: {label} ({} examples)", seq.n);
+        println!(
+            "{:<20} {:>8} {:>9} {:>7} {:>9} {:>9} {:>8}",
+            "mode", "accuracy", "retention", "exact", "contains", "loglik", "KL"
+        );
+        for (m, mode) in modes.iter().enumerate() {
+            let t = tally(m);
+            let retention = metrics::retention(t.accuracy(), seq.accuracy());
+            println!(
+                "{:<20} {:>8.3} {:>9.3} {:>7.3} {:>9.3} {:>9.3} {:>8.4}",
+                mode_label(mode),
+                t.accuracy(),
+                retention,
+                t.exact_rate(),
+                t.contains_rate(),
+                t.mean_loglik(),
+                t.mean_kl()
+            );
+            json.push(serde_json::json!({
+                "documents": label, "mode": mode_label(mode), "examples": t.n,
+                "accuracy": t.accuracy(), "retention": retention, "exact_match": t.exact_rate(),
+                "contains": t.contains_rate(), "mean_loglik": t.mean_loglik(), "mean_kl": t.mean_kl(),
+            }));
+        }
+    }
+    serde_json::Value::Array(json)
+}
+
+fn write_json(path: Option<PathBuf>, value: &serde_json::Value) -> ape_attn::Result<()> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Shape(e.to_string()))?;
+        std::fs::write(&p, text).map_err(|source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn eval_command(
+    model: Option<PathBuf>,
+    examples: &[dataset::Example],
+    modes: &[Mode],
+    max_answer_tokens: usize,
+    json: Option<PathBuf>,
+) -> ape_attn::Result<()> {
+    let path = model_path(model)?;
+    let Loaded {
+        mut engine,
+        tokenizer,
+    } = load(&path)?;
+    println!(
+        "{} examples x {} modes on {} (CPU)",
+        examples.len(),
+        modes.len(),
+        path.display()
+    );
+    let progress = bar(examples.len(), "evaluating");
+    let results = eval::evaluate(
+        &mut engine,
+        &tokenizer,
+        examples,
+        modes,
+        max_answer_tokens,
+        |i| progress.set_position(i as u64),
+    )?;
+    progress.finish_and_clear();
+    let table = report(modes, &results);
+    write_json(json, &table)
+}
+
+struct CalibrateArgs {
+    model: Option<PathBuf>,
+    docs: Vec<usize>,
+    per_position: usize,
+    candidates: usize,
+    temperatures: Vec<f32>,
+    scales: Vec<f32>,
+    objective: Objective,
+    seed: u64,
+    json: Option<PathBuf>,
+}
+
+fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
+    for &t in a.temperatures.iter().chain(&a.scales) {
+        ApeParams::new(t, 1.0)?;
+    }
+    let path = model_path(a.model)?;
+    let Loaded {
+        mut engine,
+        tokenizer,
+    } = load(&path)?;
+    let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates);
+    let held = dataset::generate(a.seed + 1000, &a.docs, a.per_position, a.candidates);
+    let points = a.temperatures.len() * a.scales.len();
+    println!(
+        "calibration: {} examples x {points} (T, S) points; held-out: {} examples",
+        cal.len(),
+        held.len()
+    );
+    let progress = bar(cal.len() * points, "calibrating");
+    let grid = eval::calibrate(
+        &mut engine,
+        &tokenizer,
+        &cal,
+        &a.temperatures,
+        &a.scales,
+        a.objective,
+        |i| progress.set_position(i as u64),
+    )?;
+    progress.finish_and_clear();
+    println!("\n{:>5} {:>5} {:>9} {:>9}", "T", "S", "accuracy", "KL");
+    for g in grid.iter().take(8) {
+        println!(
+            "{:>5} {:>5} {:>9.3} {:>9.4}",
+            g.ape.temperature(),
+            g.ape.scale(),
+            g.accuracy,
+            g.kl
+        );
+    }
+    let best = grid
+        .first()
+        .ok_or_else(|| Error::Shape("empty calibration grid".into()))?
+        .ape;
+    println!(
+        "\nchosen: T = {}, S = {} ({:?} objective); held-out results:",
+        best.temperature(),
+        best.scale(),
+        a.objective
+    );
+    let modes = [
+        Mode::Sequential,
+        Mode::Parallel,
+        Mode::Ape(ApeParams::default()),
+        Mode::Ape(best),
+    ];
+    let progress = bar(held.len(), "held-out");
+    let results = eval::evaluate(&mut engine, &tokenizer, &held, &modes, 24, |i| {
+        progress.set_position(i as u64)
+    })?;
+    progress.finish_and_clear();
+    let table = report(&modes, &results);
+    let grid_json: Vec<serde_json::Value> = grid
+        .iter()
+        .map(|g| {
+            serde_json::json!({"T": g.ape.temperature(), "S": g.ape.scale(), "accuracy": g.accuracy, "mean_kl": g.kl})
+        })
+        .collect();
+    write_json(
+        a.json,
+        &serde_json::json!({"chosen": {"T": best.temperature(), "S": best.scale()}, "grid": grid_json, "held_out": table}),
+    )
 }

@@ -291,6 +291,40 @@ impl<M: LlamaModel> Engine<M> {
         })
     }
 
+    /// `log p(tokens | prompt)` after `state`'s prompt (teacher forcing; the state is unchanged):
+    /// the first token from the prefill logits, the rest from one forward pass over `tokens`.
+    pub fn continuation_logprob(&self, state: &Prefilled<M::Block>, tokens: &[u32]) -> Result<f64> {
+        let Some((&first, _)) = tokens.split_first() else {
+            return Ok(0.0);
+        };
+        let mut total = log_softmax_at(&state.logits, first)?;
+        if tokens.len() > 1 {
+            let mut past: Vec<Past<'_, M::Block>> = state
+                .blocks
+                .iter()
+                .map(|(b, pos, role)| Past {
+                    kv: b.as_ref(),
+                    pos_offset: *pos,
+                    role: *role,
+                })
+                .collect();
+            past.push(Past {
+                kv: &state.tail,
+                pos_offset: state.tail_pos,
+                role: SegmentRole::Causal,
+            });
+            let feed = &tokens[..tokens.len() - 1];
+            let out =
+                self.model
+                    .forward(feed, state.next_pos, &past, &state.ape, LogitRows::All)?;
+            let vocab = self.model.config().vocab_size;
+            for (row, &next) in out.logits.chunks_exact(vocab).zip(&tokens[1..]) {
+                total += log_softmax_at(row, next)?;
+            }
+        }
+        Ok(total)
+    }
+
     /// Feeds one token and returns the next logits.
     pub fn decode_step(&self, state: &mut Prefilled<M::Block>, token: u32) -> Result<Vec<f32>> {
         let mut past: Vec<Past<'_, M::Block>> = state
@@ -328,24 +362,50 @@ impl<M: LlamaModel> Engine<M> {
         let mut sampler = Sampler::new(sampling)?;
         let start = Instant::now();
         let mut state = self.prefill(mode, prompt)?;
-        let mut next = sampler.sample(&state.logits)?;
+        let first = sampler.sample(&state.logits)?;
         let ttft = start.elapsed();
-        let mut tokens = Vec::new();
         let decode_start = Instant::now();
-        while tokens.len() < max_tokens && !stop.contains(&next) {
-            tokens.push(next);
-            if tokens.len() == max_tokens {
-                break;
-            }
-            let logits = self.decode_step(&mut state, next)?;
-            next = sampler.sample(&logits)?;
-        }
+        let tokens = self.decode_from(&mut state, first, &mut sampler, max_tokens, stop)?;
         Ok(Generation {
             tokens,
             ttft,
             decode_time: decode_start.elapsed(),
             tokens_encoded: state.tokens_encoded,
         })
+    }
+
+    /// Generates up to `max_tokens` tokens from a prefilled state (its logits give the first),
+    /// stopping at any of `stop`.
+    pub fn decode(
+        &self,
+        state: &mut Prefilled<M::Block>,
+        sampling: Sampling,
+        max_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut sampler = Sampler::new(sampling)?;
+        let first = sampler.sample(&state.logits)?;
+        self.decode_from(state, first, &mut sampler, max_tokens, stop)
+    }
+
+    fn decode_from(
+        &self,
+        state: &mut Prefilled<M::Block>,
+        mut next: u32,
+        sampler: &mut Sampler,
+        max_tokens: usize,
+        stop: &[u32],
+    ) -> Result<Vec<u32>> {
+        let mut tokens = Vec::new();
+        while tokens.len() < max_tokens && !stop.contains(&next) {
+            tokens.push(next);
+            if tokens.len() == max_tokens {
+                break;
+            }
+            let logits = self.decode_step(state, next)?;
+            next = sampler.sample(&logits)?;
+        }
+        Ok(tokens)
     }
 }
 
@@ -401,4 +461,18 @@ impl Sampler {
         }
         Ok(argmax as u32)
     }
+}
+
+/// `log softmax(logits)[token]`, computed in f64.
+pub fn log_softmax_at(logits: &[f32], token: u32) -> Result<f64> {
+    let x = *logits.get(token as usize).ok_or_else(|| {
+        Error::OutOfRange(format!("token {token} outside {} logits", logits.len()))
+    })?;
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = m + logits
+        .iter()
+        .map(|&v| (v as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
+    Ok(x as f64 - lse)
 }

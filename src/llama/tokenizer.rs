@@ -153,18 +153,20 @@ impl Tokenizer {
         })
     }
 
-    /// Token ids of `text`; special tokens written in the text are recognised. BOS is prepended
-    /// when the model asks for it.
+    /// Token ids of `text`; special tokens written in the text are recognised. No BOS: prompts
+    /// are encoded in parts (see [`Tokenizer::encode_start`] for the first part).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| bad(format!("tokenize: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if self.add_bos {
-            ids.extend(self.bos);
-        }
-        ids.extend_from_slice(enc.get_ids());
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// [`Tokenizer::encode`] with BOS in front when the model asks for it: the start of a prompt.
+    pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
+        ids.extend(self.encode(text)?);
         Ok(ids)
     }
 
