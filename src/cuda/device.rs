@@ -26,7 +26,10 @@ fn kernel_image() -> Result<&'static [u8]> {
 
 #[cfg(not(ape_kernels))]
 fn kernel_image() -> Result<&'static [u8]> {
-    Err(Error::KernelsNotBuilt(kernel_build_info()))
+    let info = kernel_build_info();
+    Err(Error::KernelsNotBuilt(
+        info.strip_prefix("not built: ").unwrap_or(info),
+    ))
 }
 
 /// One CUDA device with the crate's kernels loaded. All launches through one `Device` are
