@@ -19,7 +19,7 @@ log() { echo "== $*" | tee -a "$out/session.log"; }
 cat "$out/device.txt"
 
 status=0
-for t in cuda_device gpu_merge_states gpu_rope gpu_segmented_attention; do
+for t in cuda_device gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention; do
   log "test $t"
   if ! "$bin/$t" --include-ignored --test-threads=1 --nocapture > "$out/test_$t.log" 2>&1; then
     status=1
@@ -29,7 +29,7 @@ for t in cuda_device gpu_merge_states gpu_rope gpu_segmented_attention; do
 done
 
 for tool in memcheck racecheck; do
-  for t in gpu_merge_states gpu_rope gpu_segmented_attention; do
+  for t in gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention; do
     log "compute-sanitizer --tool $tool $t (APE_GPU_QUICK=1)"
     APE_GPU_QUICK=1 timeout 900 compute-sanitizer --tool "$tool" --error-exitcode 99 \
       "$bin/$t" --include-ignored --test-threads=1 > "$out/sanitizer_${tool}_$t.log" 2>&1

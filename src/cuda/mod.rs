@@ -5,12 +5,14 @@
 //! in [`crate::reference`]; the GPU tests (`tests/gpu_*.rs`, ignored without a device) compare them.
 
 mod device;
+pub mod llama_ops;
 pub mod merge_states;
 pub mod rope;
 pub mod segmented_attention;
 mod tensor;
 
 pub use device::{kernel_build_info, kernels_built, Device};
+pub use llama_ops::{embedding, rms_norm, rms_norm_into, silu_mul, silu_mul_into};
 pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::{

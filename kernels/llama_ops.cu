@@ -1,0 +1,83 @@
+// The element-wise Llama operations of the forward pass; mirrors src/reference/llama_ops.rs.
+//
+// rms_norm:  y[r, i] = x[r, i] / sqrt(mean_j x[r, j]^2 + eps) * w[i]   (one block per row, f32 sums)
+// silu_mul:  y[i] = silu(g[i]) * u[i], silu(z) = z / (1 + e^-z)
+// embedding: y[r, :] = table[ids[r], :]  (ids checked on the host)
+#include "common.cuh"
+
+namespace ape {
+
+// Mirrored by LlamaOpsParams in src/cuda/llama_ops.rs.
+struct LlamaOpsParams {
+  uint64_t n;      // rows (rms_norm, embedding) or elements (silu_mul)
+  uint32_t width;  // row width
+  float eps;       // RMSNorm epsilon
+};
+static_assert(sizeof(LlamaOpsParams) == 16, "LlamaOpsParams layout");
+
+template <typename T>
+__device__ __forceinline__ void rms_norm_body(const T* x, const T* w, T* y, const LlamaOpsParams p) {
+  __shared__ float partial[32];
+  const uint32_t d = p.width;
+  for (uint64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
+    const T* xr = x + row * d;
+    float s = 0.f;
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const float v = to_float(xr[i]);
+      s += v * v;
+    }
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      float t = threadIdx.x < blockDim.x / 32 ? partial[threadIdx.x] : 0.f;
+      for (int o = 16; o > 0; o /= 2) t += __shfl_xor_sync(0xffffffffu, t, o);
+      if (threadIdx.x == 0) partial[0] = t;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(partial[0] / float(d) + p.eps);
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
+      y[row * d + i] = from_float<T>(to_float(xr[i]) * inv * to_float(w[i]));
+    }
+    __syncthreads();  // partial[] is reused by the next row
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void silu_mul_body(const T* g, const T* u, T* y, const LlamaOpsParams p) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n;
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const float z = to_float(g[i]);
+    y[i] = from_float<T>(z / (1.f + expf(-z)) * to_float(u[i]));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void embedding_body(const uint32_t* ids, const T* table, T* y,
+                                               const LlamaOpsParams p) {
+  const uint32_t d = p.width;
+  for (uint64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
+    const T* src = table + uint64_t(ids[row]) * d;
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) y[row * d + i] = src[i];
+  }
+}
+
+}  // namespace ape
+
+#define APE_LLAMA_OPS(NAME, T)                                                                  \
+  extern "C" __global__ void rms_norm_##NAME(const T* x, const T* w, T* y,                     \
+                                             const ape::LlamaOpsParams p) {                    \
+    ape::rms_norm_body<T>(x, w, y, p);                                                         \
+  }                                                                                            \
+  extern "C" __global__ void silu_mul_##NAME(const T* g, const T* u, T* y,                     \
+                                             const ape::LlamaOpsParams p) {                    \
+    ape::silu_mul_body<T>(g, u, y, p);                                                         \
+  }                                                                                            \
+  extern "C" __global__ void embedding_##NAME(const uint32_t* ids, const T* table, T* y,       \
+                                              const ape::LlamaOpsParams p) {                   \
+    ape::embedding_body<T>(ids, table, y, p);                                                  \
+  }
+
+APE_LLAMA_OPS(f32, float)
+APE_LLAMA_OPS(f16, __half)
+APE_LLAMA_OPS(bf16, __nv_bfloat16)
