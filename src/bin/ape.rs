@@ -9,6 +9,7 @@ use ape_attn::eval::{self, dataset, metrics, Objective};
 use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Generation, Mode, Prompt, Sampling};
 use ape_attn::llama::gguf::{Gguf, Value};
+use ape_attn::llama::hf::HfModel;
 use ape_attn::llama::model::LlamaModel;
 use ape_attn::llama::tokenizer::Tokenizer;
 use ape_attn::{ApeParams, ApeVariant, Error};
@@ -47,7 +48,8 @@ enum Command {
     /// time to first token, tokens per second, and cache hits on a second identical request.
     #[command(after_help = MODES_HELP)]
     Demo {
-        /// GGUF model (default: SmolLM2-135M-Instruct, fetched by scripts/fetch-model.sh).
+        /// GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct, fetched by
+        /// scripts/fetch-model.sh).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Tokens to generate per answer.
@@ -57,7 +59,8 @@ enum Command {
     /// Answer a question over your passages (one file each).
     #[command(after_help = MODES_HELP)]
     Run {
-        /// GGUF model (default: SmolLM2-135M-Instruct, fetched by scripts/fetch-model.sh).
+        /// GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct, fetched by
+        /// scripts/fetch-model.sh).
         #[arg(long)]
         model: Option<PathBuf>,
         /// A passage file; repeat for several.
@@ -335,7 +338,7 @@ fn inspect(path: &Path) -> ape_attn::Result<()> {
 /// project's script when run from the repository).
 fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
     if let Some(p) = given.or_else(|| std::env::var_os("APE_MODEL").map(PathBuf::from)) {
-        if !p.is_file() {
+        if !p.exists() {
             return Err(Error::Model(format!("{} does not exist", p.display())));
         }
         return Ok(p);
@@ -369,10 +372,7 @@ struct Loaded {
 }
 
 fn load(path: &Path) -> ape_attn::Result<Loaded> {
-    let g = Gguf::open(path)?;
-    let tokenizer = Tokenizer::from_gguf(&g)?;
-    let cfg = ape_attn::llama::config::LlamaConfig::from_gguf(&g)?;
-    let bar = ProgressBar::new(cfg.n_layers as u64).with_style(
+    let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -381,15 +381,33 @@ fn load(path: &Path) -> ape_attn::Result<Loaded> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let model = CpuModel::load_with_progress(&g, |i, _| bar.set_position(i as u64 + 1))?;
+    let progress = |i: usize, n: usize| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64 + 1);
+    };
+    // A directory is a Hugging Face checkpoint; a file is GGUF.
+    let (model, tokenizer, tensors) = if path.is_dir() {
+        let hf = HfModel::open(path)?;
+        let json_path = path.join("tokenizer.json");
+        let json = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
+            path: json_path.display().to_string(),
+            source,
+        })?;
+        let tokenizer = Tokenizer::from_hf_json(&json, &hf.eos, hf.bos)?;
+        let model = CpuModel::from_source(hf.config.clone(), &hf, progress)?;
+        (model, tokenizer, 0)
+    } else {
+        let g = Gguf::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        let model = CpuModel::load_with_progress(&g, progress)?;
+        (model, tokenizer, g.tensors.len())
+    };
     bar.finish_and_clear();
     let id = format!(
         "{}:{}:{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        path.display(),
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-        g.tensors.len()
+        tensors
     );
     Ok(Loaded {
         engine: Engine::new(model, id, 2 << 30),

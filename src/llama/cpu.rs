@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
 use super::model::{ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::weights::{Weight, WeightSource};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, SegmentRole};
 use crate::reference::{self, llama_ops, rope};
@@ -142,33 +143,40 @@ impl CpuModel {
     }
 
     /// [`CpuModel::load`], calling `progress(layers_done, n_layers)` as layers load.
-    pub fn load_with_progress(g: &Gguf, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
-        let c = LlamaConfig::from_gguf(g)?;
+    pub fn load_with_progress(g: &Gguf, progress: impl FnMut(usize, usize)) -> Result<Self> {
+        Self::from_source(LlamaConfig::from_gguf(g)?, g, progress)
+    }
+
+    /// Loads the weights of a model of shape `c` from any file format.
+    pub fn from_source(
+        c: LlamaConfig,
+        src: &dyn WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
         let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
-        let embed = g.tensor_f32("token_embd.weight", &[d, c.vocab_size])?;
-        let output = match g.tensors.contains_key("output.weight") {
-            true => Some(g.tensor_f32("output.weight", &[d, c.vocab_size])?),
+        let embed = src.load(Weight::Embedding, &[c.vocab_size, d])?;
+        let output = match src.has(Weight::Output) {
+            true => Some(src.load(Weight::Output, &[c.vocab_size, d])?),
             false => None,
         };
         let layers = (0..c.n_layers)
-            .map(|i| {
-                let t = |name: &str, dims: &[usize]| g.tensor_f32(&format!("blk.{i}.{name}"), dims);
-                progress(i, c.n_layers);
+            .map(|l| {
+                progress(l, c.n_layers);
                 Ok(Layer {
-                    attn_norm: t("attn_norm.weight", &[d])?,
-                    wq: t("attn_q.weight", &[d, d])?,
-                    wk: t("attn_k.weight", &[d, kv])?,
-                    wv: t("attn_v.weight", &[d, kv])?,
-                    wo: t("attn_output.weight", &[d, d])?,
-                    ffn_norm: t("ffn_norm.weight", &[d])?,
-                    w_gate: t("ffn_gate.weight", &[d, h])?,
-                    w_up: t("ffn_up.weight", &[d, h])?,
-                    w_down: t("ffn_down.weight", &[h, d])?,
+                    attn_norm: src.load(Weight::AttnNorm(l), &[d])?,
+                    wq: src.load(Weight::Q(l), &[d, d])?,
+                    wk: src.load(Weight::K(l), &[kv, d])?,
+                    wv: src.load(Weight::V(l), &[kv, d])?,
+                    wo: src.load(Weight::O(l), &[d, d])?,
+                    ffn_norm: src.load(Weight::FfnNorm(l), &[d])?,
+                    w_gate: src.load(Weight::Gate(l), &[h, d])?,
+                    w_up: src.load(Weight::Up(l), &[h, d])?,
+                    w_down: src.load(Weight::Down(l), &[d, h])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            output_norm: g.tensor_f32("output_norm.weight", &[d])?,
+            output_norm: src.load(Weight::OutputNorm, &[d])?,
             config: c,
             embed,
             layers,

@@ -4,6 +4,8 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod gguf;
+pub mod hf;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod weights;

@@ -153,6 +153,38 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from a Hugging Face `tokenizer.json` (its own pre-tokenizer, special tokens and
+    /// post-processor), with the end-of-sequence ids and BOS from the model's `config.json`.
+    pub fn from_hf_json(json: &str, eos: &[u32], bos: Option<u32>) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| bad(format!("tokenizer.json: {e}")))?;
+        let eos_first = *eos
+            .first()
+            .ok_or_else(|| bad("config.json names no eos_token_id"))?;
+        let mut stop_tokens = eos.to_vec();
+        if let Some(im_end) = inner.token_to_id("<|im_end|>") {
+            if !stop_tokens.contains(&im_end) {
+                stop_tokens.push(im_end);
+            }
+        }
+        Ok(Self {
+            inner,
+            bos,
+            eos: eos_first,
+            // The tokenizer's post-processor decides about BOS (see encode_start).
+            add_bos: false,
+            stop_tokens,
+        })
+    }
+
+    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn to_hf_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| bad(format!("tokenizer.json: {e}")))
+    }
+
     /// Token ids of `text`; special tokens written in the text are recognised. No BOS: prompts
     /// are encoded in parts (see [`Tokenizer::encode_start`] for the first part).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -165,8 +197,13 @@ impl Tokenizer {
 
     /// [`Tokenizer::encode`] with BOS in front when the model asks for it: the start of a prompt.
     pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
+        // With the tokenizer's own post-processor (tokenizer.json), special tokens are its choice.
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| bad(format!("tokenize: {e}")))?;
         let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
-        ids.extend(self.encode(text)?);
+        ids.extend_from_slice(enc.get_ids());
         Ok(ids)
     }
 

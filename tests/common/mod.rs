@@ -1,6 +1,8 @@
 //! Test helpers: seeded randomness whose seed is printed when a test fails.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

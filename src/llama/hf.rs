@@ -1,0 +1,224 @@
+//! Hugging Face Llama directories: `config.json`, `*.safetensors` (f32, f16, bf16; one file or
+//! shards) and `tokenizer.json`. Hugging Face checkpoints keep Q and K in their original row order,
+//! so they run with NeoX (rotate-half) RoPE, and `rope_scaling.rope_type = "llama3"` enables
+//! Llama 3 frequency scaling.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::config::LlamaConfig;
+use super::quant::{dequantize, GgmlType};
+use super::weights::{hf_name, Weight, WeightSource};
+use crate::error::{Error, Result};
+use crate::params::{Llama3RopeScaling, RopeConfig, RopeLayout};
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Model(msg.into())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    max_position_embeddings: usize,
+    vocab_size: usize,
+    rope_scaling: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+    bos_token_id: Option<serde_json::Value>,
+}
+
+/// Token ids named in `config.json` (`eos_token_id` may be one id or a list).
+fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A Hugging Face Llama directory, read into memory.
+pub struct HfModel {
+    /// The model's shape.
+    pub config: LlamaConfig,
+    /// End-of-sequence ids from `config.json`.
+    pub eos: Vec<u32>,
+    /// Beginning-of-sequence id from `config.json`.
+    pub bos: Option<u32>,
+    dir: PathBuf,
+    files: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HfModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfModel")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a Llama `config.json`.
+pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
+    let c: HfConfig = serde_json::from_str(text).map_err(|e| bad(format!("config.json: {e}")))?;
+    if let Some(t) = &c.model_type {
+        if t != "llama" {
+            return Err(bad(format!(
+                "config.json: model_type {t:?} is not supported (only \"llama\")"
+            )));
+        }
+    }
+    if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        return Err(bad(
+            "config.json: hidden_size is not a multiple of num_attention_heads",
+        ));
+    }
+    let head_dim = c.hidden_size / c.num_attention_heads;
+    if c.head_dim.is_some_and(|h| h != head_dim) {
+        return Err(bad(
+            "config.json: head_dim * num_attention_heads != hidden_size is not supported",
+        ));
+    }
+    let mut rope = RopeConfig::new(head_dim, c.rope_theta.unwrap_or(10_000.0), RopeLayout::Neox)?;
+    match &c.rope_scaling {
+        None | Some(serde_json::Value::Null) => {}
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|v| v.as_str());
+            if kind != Some("llama3") {
+                return Err(bad(format!(
+                    "config.json: rope_scaling {s} is not supported (only llama3)"
+                )));
+            }
+            let num = |k: &str| {
+                s.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| bad(format!("config.json: rope_scaling.{k} missing")))
+            };
+            rope = rope.with_llama3_scaling(Llama3RopeScaling {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position: num("original_max_position_embeddings")?,
+            })?;
+        }
+    }
+    let rms_eps = c.rms_norm_eps as f32;
+    if !(rms_eps.is_finite() && rms_eps > 0.0) {
+        return Err(bad("config.json: rms_norm_eps must be finite and > 0"));
+    }
+    let cfg = LlamaConfig {
+        dim: c.hidden_size,
+        n_layers: c.num_hidden_layers,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+        head_dim,
+        hidden_dim: c.intermediate_size,
+        vocab_size: c.vocab_size,
+        rms_eps,
+        rope,
+        context_length: c.max_position_embeddings,
+    };
+    cfg.attention_dims()?;
+    Ok(cfg)
+}
+
+impl HfModel {
+    /// Reads `config.json` and every `*.safetensors` file of `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let text = String::from_utf8(read(&dir.join("config.json"))?)
+            .map_err(|_| bad("config.json is not UTF-8"))?;
+        let config = config_from_json(&text)?;
+        let raw: HfConfig =
+            serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|source| Error::Io {
+                path: dir.display().to_string(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(bad(format!("no .safetensors files in {}", dir.display())));
+        }
+        let files = paths.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
+        for (p, f) in paths.iter().zip(&files) {
+            safetensors::SafeTensors::deserialize(f)
+                .map_err(|e| bad(format!("{}: {e}", p.display())))?;
+        }
+        Ok(Self {
+            config,
+            eos: ids(&raw.eos_token_id),
+            bos: ids(&raw.bos_token_id).first().copied(),
+            dir,
+            files,
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn find(&self, name: &str) -> Option<safetensors::tensor::TensorView<'_>> {
+        self.files.iter().find_map(|f| {
+            safetensors::SafeTensors::deserialize(f)
+                .ok()
+                .and_then(|t| t.tensor(name).ok())
+        })
+    }
+}
+
+impl WeightSource for HfModel {
+    fn load(&self, w: Weight, shape: &[usize]) -> Result<Vec<f32>> {
+        let name = hf_name(w);
+        let t = self
+            .find(&name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        if t.shape() != shape {
+            return Err(bad(format!(
+                "{name} has shape {:?}, expected {shape:?}",
+                t.shape()
+            )));
+        }
+        let ty = match t.dtype() {
+            safetensors::Dtype::F32 => GgmlType::F32,
+            safetensors::Dtype::F16 => GgmlType::F16,
+            safetensors::Dtype::BF16 => GgmlType::BF16,
+            d => {
+                return Err(bad(format!(
+                    "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
+                )))
+            }
+        };
+        let n = shape.iter().product();
+        dequantize(ty, t.data(), n).map_err(|e| bad(format!("{name}: {e}")))
+    }
+
+    fn has(&self, w: Weight) -> bool {
+        self.find(&hf_name(w)).is_some()
+    }
+}

@@ -1,0 +1,290 @@
+//! Hugging Face directories: a checkpoint and its GGUF conversion (Q/K rows permuted for
+//! interleaved RoPE) give the same logits; config.json parsing (Llama 3 RoPE scaling, refusals);
+//! bf16 weights; tokenizer.json.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ape_attn::llama::config::LlamaConfig;
+use ape_attn::llama::cpu::CpuModel;
+use ape_attn::llama::gguf::Gguf;
+use ape_attn::llama::hf::{config_from_json, HfModel};
+use ape_attn::llama::model::{LlamaModel, LogitRows};
+use ape_attn::llama::tokenizer::Tokenizer;
+use ape_attn::llama::weights::{hf_name, Weight};
+use ape_attn::{ApeParams, RopeLayout};
+use common::gguf_writer::Writer;
+use common::seeded;
+
+const DIM: usize = 16;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HD: usize = DIM / HEADS;
+const LAYERS: usize = 2;
+const HIDDEN: usize = 24;
+const VOCAB: usize = 11;
+
+fn config_json(extra: &str) -> String {
+    format!(
+        r#"{{"model_type": "llama", "hidden_size": {DIM}, "intermediate_size": {HIDDEN},
+        "num_attention_heads": {HEADS}, "num_key_value_heads": {KV_HEADS}, "num_hidden_layers": {LAYERS},
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "vocab_size": {VOCAB}, "eos_token_id": 2, "bos_token_id": 1{extra}}}"#
+    )
+}
+
+/// Every tensor of the synthetic model in Hugging Face order, with its [out, in] shape.
+fn weights(r: &mut common::Seeded) -> Vec<(Weight, Vec<usize>, Vec<f32>)> {
+    let kv = KV_HEADS * HD;
+    let mut w = vec![
+        (Weight::Embedding, vec![VOCAB, DIM]),
+        (Weight::OutputNorm, vec![DIM]),
+        (Weight::Output, vec![VOCAB, DIM]),
+    ];
+    for l in 0..LAYERS {
+        w.extend([
+            (Weight::AttnNorm(l), vec![DIM]),
+            (Weight::Q(l), vec![DIM, DIM]),
+            (Weight::K(l), vec![kv, DIM]),
+            (Weight::V(l), vec![kv, DIM]),
+            (Weight::O(l), vec![DIM, DIM]),
+            (Weight::FfnNorm(l), vec![DIM]),
+            (Weight::Gate(l), vec![HIDDEN, DIM]),
+            (Weight::Up(l), vec![HIDDEN, DIM]),
+            (Weight::Down(l), vec![DIM, HIDDEN]),
+        ]);
+    }
+    w.into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let v = if shape.len() == 1 {
+                r.uniform(n, 0.2).iter().map(|x| 1.0 + x).collect()
+            } else {
+                r.uniform(n, 0.6)
+            };
+            (name, shape, v)
+        })
+        .collect()
+}
+
+/// HF row order -> llama.cpp's: within each head, row 2i + j is HF row j * (hd/2) + i.
+fn permute_rows(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; w.len()];
+    for h in 0..rows / HD {
+        for i in 0..HD / 2 {
+            for j in 0..2 {
+                let (dst, src) = (h * HD + 2 * i + j, h * HD + j * (HD / 2) + i);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ape-hf-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn write_hf(dir: &std::path::Path, w: &[(Weight, Vec<usize>, Vec<f32>)], bf16: bool) {
+    std::fs::write(dir.join("config.json"), config_json("")).expect("write config");
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
+        .iter()
+        .map(|(name, shape, v)| {
+            let b: Vec<u8> = if bf16 {
+                v.iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect()
+            } else {
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            };
+            (hf_name(*name), shape.clone(), b)
+        })
+        .collect();
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("view"),
+            )
+        })
+        .collect();
+    let data = safetensors::serialize(views, None::<HashMap<String, String>>).expect("serialize");
+    std::fs::write(dir.join("model.safetensors"), data).expect("write weights");
+}
+
+fn gguf_of(w: &[(Weight, Vec<usize>, Vec<f32>)], permute: bool) -> Vec<u8> {
+    let mut g = Writer::default();
+    g.str("general.architecture", "llama")
+        .u32("llama.embedding_length", DIM as u32)
+        .u32("llama.attention.head_count", HEADS as u32)
+        .u32("llama.attention.head_count_kv", KV_HEADS as u32)
+        .u32("llama.block_count", LAYERS as u32)
+        .u32("llama.feed_forward_length", HIDDEN as u32)
+        .u32("llama.context_length", 128)
+        .u32("llama.vocab_size", VOCAB as u32)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .f32("llama.rope.freq_base", 10000.0);
+    for (name, shape, v) in w {
+        let gguf_name = match name {
+            Weight::Embedding => "token_embd.weight".to_string(),
+            Weight::OutputNorm => "output_norm.weight".into(),
+            Weight::Output => "output.weight".into(),
+            Weight::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Weight::Q(l) => format!("blk.{l}.attn_q.weight"),
+            Weight::K(l) => format!("blk.{l}.attn_k.weight"),
+            Weight::V(l) => format!("blk.{l}.attn_v.weight"),
+            Weight::O(l) => format!("blk.{l}.attn_output.weight"),
+            Weight::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Weight::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
+            Weight::Up(l) => format!("blk.{l}.ffn_up.weight"),
+            Weight::Down(l) => format!("blk.{l}.ffn_down.weight"),
+        };
+        let data = match name {
+            Weight::Q(_) | Weight::K(_) if permute => permute_rows(v, shape[0], shape[1]),
+            _ => v.clone(),
+        };
+        let dims: Vec<usize> = shape.iter().rev().copied().collect();
+        g.f32_tensor(&gguf_name, &dims, &data);
+    }
+    g.bytes()
+}
+
+fn logits(m: &CpuModel) -> Vec<f32> {
+    m.forward(
+        &[1, 5, 3, 7, 2, 9],
+        0,
+        &[],
+        &ApeParams::plain(),
+        LogitRows::All,
+    )
+    .expect("forward")
+    .logits
+}
+
+#[test]
+fn a_checkpoint_and_its_gguf_conversion_agree() {
+    let mut r = seeded("a_checkpoint_and_its_gguf_conversion_agree");
+    let w = weights(&mut r);
+    let dir = temp_dir("f32");
+    write_hf(&dir, &w, false);
+    let hf = HfModel::open(&dir).expect("opens");
+    assert_eq!(hf.config.rope.layout, RopeLayout::Neox);
+    assert_eq!((hf.eos.clone(), hf.bos), (vec![2], Some(1)));
+    let from_hf = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads");
+    let g = Gguf::parse(gguf_of(&w, true)).expect("parses");
+    let from_gguf = CpuModel::load(&g).expect("loads");
+    let (a, b) = (logits(&from_hf), logits(&from_gguf));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        diff < 1e-4,
+        "HF (NeoX) and GGUF (permuted, interleaved) differ by {diff}"
+    );
+    // Control: without the permutation the GGUF model computes something else.
+    let unpermuted =
+        CpuModel::load(&Gguf::parse(gguf_of(&w, false)).expect("parses")).expect("loads");
+    let c = logits(&unpermuted);
+    let diff = a
+        .iter()
+        .zip(&c)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff > 1e-3, "the test cannot tell the layouts apart");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bf16_checkpoints_load() {
+    let mut r = seeded("bf16_checkpoints_load");
+    let w = weights(&mut r);
+    let dir = temp_dir("bf16");
+    write_hf(&dir, &w, true);
+    let hf = HfModel::open(&dir).expect("opens");
+    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads");
+    let rounded: Vec<(Weight, Vec<usize>, Vec<f32>)> = w
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                *n,
+                s.clone(),
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect(),
+            )
+        })
+        .collect();
+    let g = Gguf::parse(gguf_of(&rounded, true)).expect("parses");
+    let (a, b) = (logits(&m), logits(&CpuModel::load(&g).expect("loads")));
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn config_json_parsing() {
+    let c: LlamaConfig = config_from_json(&config_json(
+        r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+    ))
+    .expect("llama3 scaling");
+    let s = c.rope.llama3_scaling.expect("scaling kept");
+    assert_eq!((s.factor, s.original_max_position), (8.0, 8192.0));
+    assert_eq!(
+        (c.dim, c.n_heads, c.n_kv_heads, c.head_dim),
+        (DIM, HEADS, KV_HEADS, HD)
+    );
+    for bad in [
+        config_json(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#),
+        config_json(r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#),
+        config_json("").replace(r#""model_type": "llama""#, r#""model_type": "mistral""#),
+        config_json("").replace(r#""hidden_size": 16"#, r#""hidden_size": 15"#),
+        "{}".to_string(),
+        "not json".to_string(),
+    ] {
+        assert!(config_from_json(&bad).is_err(), "accepted: {bad}");
+    }
+    let dir = temp_dir("empty");
+    std::fs::write(dir.join("config.json"), config_json("")).expect("write");
+    assert!(HfModel::open(&dir).is_err(), "no safetensors: an error");
+    std::fs::write(dir.join("model.safetensors"), b"garbage").expect("write");
+    assert!(
+        HfModel::open(&dir).is_err(),
+        "corrupt safetensors: an error"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tokenizer_json_round_trip_keeps_llama_cpp_ids() {
+    let g = Gguf::open(common::default_model()).expect("model");
+    let from_gguf = Tokenizer::from_gguf(&g).expect("tokenizer");
+    let json = from_gguf.to_hf_json().expect("serialise");
+    let from_json = Tokenizer::from_hf_json(&json, &[2], Some(1)).expect("tokenizer.json");
+    let fixture = common::llamacpp_fixture();
+    for case in fixture["tokens"].as_array().expect("tokens") {
+        let text = case["text"].as_str().expect("text");
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_u64().expect("id") as u32)
+            .collect();
+        assert_eq!(from_json.encode(text).expect("encode"), want, "{text:?}");
+    }
+    assert!(from_json.stop_tokens.contains(&2));
+    assert!(Tokenizer::from_hf_json("{", &[2], None).is_err());
+    assert!(Tokenizer::from_hf_json(&json, &[], None).is_err());
+}
