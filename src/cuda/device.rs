@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::error::{Error, Result};
 
@@ -40,6 +40,7 @@ pub struct Device {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: usize,
+    workspace: Mutex<Option<CudaSlice<f32>>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -79,6 +80,7 @@ impl Device {
             module,
             functions: Mutex::new(HashMap::new()),
             sm_count: sm_count.max(1) as usize,
+            workspace: Mutex::new(None),
         })
     }
 
@@ -114,6 +116,28 @@ impl Device {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// Runs `f` with a scratch buffer of at least `len` f32, kept between calls (grown when too
+    /// small, zero-filled when allocated). Reuse is safe because every launch goes to this
+    /// device's one stream, in order.
+    pub(crate) fn with_workspace<R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::NoDevice("workspace poisoned by a panic".into()))?;
+        if guard.as_ref().is_none_or(|w| w.len() < len) {
+            *guard = None;
+            *guard = Some(self.stream.alloc_zeros::<f32>(len.max(1))?);
+        }
+        match guard.as_mut() {
+            Some(w) => f(w),
+            None => Err(Error::NoDevice("workspace allocation vanished".into())),
+        }
     }
 
     /// A kernel of the embedded module, by its `extern "C"` name.

@@ -436,54 +436,69 @@ pub fn segmented_attention_into(
 
     let n = n_rows * dims.n_heads;
     let splits = plan.n_splits() as usize;
-    let ws_len = if plan.whole { 1 } else { splits * n };
-    let mut o_part = stream.alloc_zeros::<f32>(ws_len * dims.head_dim)?;
-    let mut lse_part = stream.alloc_zeros::<f32>(ws_len)?;
+    // Split mode's partial states: O [splits, n, head_dim] then LSE [splits, n], in the device's
+    // reusable workspace (whole mode reads neither, but the kernel takes valid pointers).
+    let o_len = if plan.whole {
+        1
+    } else {
+        splits * n * dims.head_dim
+    };
+    let lse_len = if plan.whole { 1 } else { splits * n };
 
     let (main, combine) = kernel_names(query.data.dtype(), dims.head_dim);
     let smem = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
     let f = device.function_with_smem(main, smem as u32)?;
-    let cfg = LaunchConfig {
-        grid_dim: (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits()),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
+    let combine_fn = if plan.whole {
+        None
+    } else {
+        Some(device.function(combine)?)
     };
-    let mut launch = stream.launch_builder(&f);
-    launch
-        .arg(query.data.buf())
-        .arg(&descs)
-        .arg(out.buf_mut())
-        .arg(lse.buf_mut())
-        .arg(&mut o_part)
-        .arg(&mut lse_part)
-        .arg(&params);
-    // SAFETY: the arguments match segmented_attention_* (q, segs, out, lse, o_part, lse_part,
-    // params). validate() checked every tensor's shape, dtype and device against `dims` and
-    // `n_rows`; the descriptors point at the segments' K/V buffers, which hold len * n_kv_heads *
-    // head_dim elements each; the workspace holds n_splits * n_rows * n_heads (* head_dim) f32. The
-    // segment buffers are freed stream-ordered, so they outlive the launch even if dropped now.
-    unsafe { launch.launch(cfg) }?;
-
-    if !plan.whole {
-        let f = device.function(combine)?;
-        let blocks = (n * 32).div_ceil(256);
+    device.with_workspace(o_len + lse_len, |ws| {
+        let (o_part, lse_part) = ws.split_at_mut(o_len);
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(blocks, "combine blocks")?, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits()),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
+        let (mut o_part, mut lse_part) = (o_part, lse_part);
         let mut launch = stream.launch_builder(&f);
         launch
-            .arg(&o_part)
-            .arg(&lse_part)
+            .arg(query.data.buf())
+            .arg(&descs)
             .arg(out.buf_mut())
             .arg(lse.buf_mut())
+            .arg(&mut o_part)
+            .arg(&mut lse_part)
             .arg(&params);
-        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
-        // params); the workspace was fully written by the launch above (every split writes every
-        // valid row), and out/lse were checked in validate().
+        // SAFETY: the arguments match segmented_attention_* (q, segs, out, lse, o_part,
+        // lse_part, params). validate() checked every tensor's shape, dtype and device against
+        // `dims` and `n_rows`; the descriptors point at the segments' K/V buffers, which hold
+        // len * n_kv_heads * head_dim elements each; the workspace views hold n_splits * n_rows
+        // * n_heads (* head_dim) f32 in split mode. The segment buffers are freed stream-ordered,
+        // so they outlive the launch even if dropped now.
         unsafe { launch.launch(cfg) }?;
-    }
+
+        if let Some(cf) = &combine_fn {
+            let blocks = (n * 32).div_ceil(256);
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(blocks, "combine blocks")?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(cf);
+            launch
+                .arg(&mut o_part)
+                .arg(&mut lse_part)
+                .arg(out.buf_mut())
+                .arg(lse.buf_mut())
+                .arg(&params);
+            // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out,
+            // lse, params); the workspace was fully written by the launch above (every split
+            // writes every valid row), and out/lse were checked in validate().
+            unsafe { launch.launch(cfg) }?;
+        }
+        Ok(())
+    })?;
     drop(read_guards);
     Ok(())
 }
