@@ -13,7 +13,7 @@ use ape_attn::llama::gguf::Gguf;
 use ape_attn::llama::hf::{config_from_json, HfModel};
 use ape_attn::llama::model::{LlamaModel, LogitRows};
 use ape_attn::llama::tokenizer::Tokenizer;
-use ape_attn::llama::weights::{hf_name, Weight};
+use ape_attn::llama::weights::{gguf_name, hf_name, Weight};
 use ape_attn::{ApeParams, RopeLayout};
 use common::gguf_writer::Writer;
 use common::seeded;
@@ -136,20 +136,7 @@ fn gguf_of(w: &[(Weight, Vec<usize>, Vec<f32>)], permute: bool) -> Vec<u8> {
         .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         .f32("llama.rope.freq_base", 10000.0);
     for (name, shape, v) in w {
-        let gguf_name = match name {
-            Weight::Embedding => "token_embd.weight".to_string(),
-            Weight::OutputNorm => "output_norm.weight".into(),
-            Weight::Output => "output.weight".into(),
-            Weight::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
-            Weight::Q(l) => format!("blk.{l}.attn_q.weight"),
-            Weight::K(l) => format!("blk.{l}.attn_k.weight"),
-            Weight::V(l) => format!("blk.{l}.attn_v.weight"),
-            Weight::O(l) => format!("blk.{l}.attn_output.weight"),
-            Weight::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
-            Weight::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
-            Weight::Up(l) => format!("blk.{l}.ffn_up.weight"),
-            Weight::Down(l) => format!("blk.{l}.ffn_down.weight"),
-        };
+        let gguf_name = gguf_name(*name);
         let data = match name {
             Weight::Q(_) | Weight::K(_) if permute => permute_rows(v, shape[0], shape[1]),
             _ => v.clone(),

@@ -81,6 +81,25 @@ impl<B> Prefilled<B> {
     pub fn next_pos(&self) -> usize {
         self.next_pos
     }
+
+    /// What the next tokens attend to: the cached blocks and the question's own block.
+    fn past(&self) -> Vec<Past<'_, B>> {
+        let mut past: Vec<Past<'_, B>> = self
+            .blocks
+            .iter()
+            .map(|(b, pos, role)| Past {
+                kv: b.as_ref(),
+                pos_offset: *pos,
+                role: *role,
+            })
+            .collect();
+        past.push(Past {
+            kv: &self.tail,
+            pos_offset: self.tail_pos,
+            role: SegmentRole::Causal,
+        });
+        past
+    }
 }
 
 /// How the next token is chosen.
@@ -299,20 +318,7 @@ impl<M: LlamaModel> Engine<M> {
         };
         let mut total = log_softmax_at(&state.logits, first)?;
         if tokens.len() > 1 {
-            let mut past: Vec<Past<'_, M::Block>> = state
-                .blocks
-                .iter()
-                .map(|(b, pos, role)| Past {
-                    kv: b.as_ref(),
-                    pos_offset: *pos,
-                    role: *role,
-                })
-                .collect();
-            past.push(Past {
-                kv: &state.tail,
-                pos_offset: state.tail_pos,
-                role: SegmentRole::Causal,
-            });
+            let past = state.past();
             let feed = &tokens[..tokens.len() - 1];
             let out =
                 self.model
@@ -327,20 +333,7 @@ impl<M: LlamaModel> Engine<M> {
 
     /// Feeds one token and returns the next logits.
     pub fn decode_step(&self, state: &mut Prefilled<M::Block>, token: u32) -> Result<Vec<f32>> {
-        let mut past: Vec<Past<'_, M::Block>> = state
-            .blocks
-            .iter()
-            .map(|(b, pos, role)| Past {
-                kv: b.as_ref(),
-                pos_offset: *pos,
-                role: *role,
-            })
-            .collect();
-        past.push(Past {
-            kv: &state.tail,
-            pos_offset: state.tail_pos,
-            role: SegmentRole::Causal,
-        });
+        let past = state.past();
         let out =
             self.model
                 .forward(&[token], state.next_pos, &past, &state.ape, LogitRows::Last)?;

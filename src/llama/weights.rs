@@ -52,7 +52,8 @@ impl WeightSource for super::gguf::Gguf {
     }
 }
 
-fn gguf_name(w: Weight) -> String {
+/// GGUF `llama` names.
+pub fn gguf_name(w: Weight) -> String {
     match w {
         Weight::Embedding => "token_embd.weight".into(),
         Weight::OutputNorm => "output_norm.weight".into(),
