@@ -110,6 +110,18 @@ fn missing_file_empty_question_and_bad_parameters_are_one_line_errors() {
 }
 
 #[test]
+fn eval_and_calibrate_refuse_empty_sets() {
+    let (c, _, e) = ape(&["eval", "--docs", "0"]);
+    assert_one_line_error(c, &e, "no examples");
+    let (c, _, e) = ape(&["calibrate", "--per-position", "0"]);
+    assert_one_line_error(c, &e, "nothing to calibrate");
+    let (c, _, e) = ape(&["calibrate", "--temperatures", "0.5,-1"]);
+    assert_one_line_error(c, &e, "temperature T");
+    let (c, _, e) = ape(&["calibrate", "--scales", "0.9,0"]);
+    assert_one_line_error(c, &e, "scaling factor S");
+}
+
+#[test]
 fn cuda_without_a_usable_gpu_is_a_one_line_error() {
     let p = passage();
     let (c, _, e) = ape(&[

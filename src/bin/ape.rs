@@ -709,6 +709,11 @@ fn eval_command(
     max_answer_tokens: usize,
     json: Option<PathBuf>,
 ) -> ape_attn::Result<()> {
+    if examples.is_empty() {
+        return Err(Error::Shape(
+            "no examples: --docs and --per-position must be positive".into(),
+        ));
+    }
     let path = model_path(model)?;
     let Loaded {
         mut engine,
@@ -747,8 +752,11 @@ struct CalibrateArgs {
 }
 
 fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
-    for &t in a.temperatures.iter().chain(&a.scales) {
+    for &t in &a.temperatures {
         ApeParams::new(t, 1.0)?;
+    }
+    for &s in &a.scales {
+        ApeParams::new(1.0, s)?;
     }
     let path = model_path(a.model)?;
     let Loaded {
@@ -757,6 +765,11 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
     } = load(&path)?;
     let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates);
     let held = dataset::generate(a.seed + 1000, &a.docs, a.per_position, a.candidates);
+    if cal.is_empty() || a.temperatures.is_empty() || a.scales.is_empty() {
+        return Err(Error::Shape(
+            "nothing to calibrate: --docs, --per-position, --temperatures and --scales must be non-empty".into(),
+        ));
+    }
     let points = a.temperatures.len() * a.scales.len();
     println!(
         "calibration: {} examples x {points} (T, S) points; held-out: {} examples",
