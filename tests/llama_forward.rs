@@ -28,12 +28,7 @@ fn cpu_logits_match_llama_cpp() {
     let mut worst = f64::INFINITY;
     let mut checked_top1 = 0;
     for p in fixture["prompts"].as_array().expect("prompts") {
-        let ids: Vec<u32> = p["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let ids = common::fixture_ids(&p["ids"]);
         let out = model
             .forward(&ids, 0, &[], &ApeParams::plain(), LogitRows::All)
             .expect("forward");

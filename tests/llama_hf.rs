@@ -263,12 +263,7 @@ fn tokenizer_json_round_trip_keeps_llama_cpp_ids() {
     let fixture = common::llamacpp_fixture();
     for case in fixture["tokens"].as_array().expect("tokens") {
         let text = case["text"].as_str().expect("text");
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let want = common::fixture_ids(&case["ids"]);
         assert_eq!(from_json.encode(text).expect("encode"), want, "{text:?}");
     }
     assert!(from_json.stop_tokens.contains(&2));

@@ -20,12 +20,7 @@ fn token_ids_match_llama_cpp() {
     let mut failures = Vec::new();
     for case in cases {
         let text = case["text"].as_str().expect("text");
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let want = common::fixture_ids(&case["ids"]);
         let got = tok.encode(text).expect("encode");
         if got != want {
             failures.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
@@ -34,12 +29,7 @@ fn token_ids_match_llama_cpp() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The prompts of the logits fixture too.
     for p in fixture["prompts"].as_array().expect("prompts") {
-        let want: Vec<u32> = p["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .map(|v| v.as_u64().expect("id") as u32)
-            .collect();
+        let want = common::fixture_ids(&p["ids"]);
         assert_eq!(
             tok.encode(p["text"].as_str().expect("text"))
                 .expect("encode"),

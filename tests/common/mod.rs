@@ -110,3 +110,12 @@ pub fn llamacpp_fixture() -> serde_json::Value {
         .join("tests/fixtures/smollm2_llamacpp.json");
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
 }
+
+/// A JSON array of token ids from the fixture.
+pub fn fixture_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
+}
