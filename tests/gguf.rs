@@ -147,7 +147,7 @@ fn corrupt_headers_say_what_is_wrong() {
     w.tensor("x", &[32], 99, &[0; 64]);
     assert!(msg(w.bytes()).contains("unknown ggml type 99"));
     let mut w = Writer::default();
-    w.tensor("x", &[256], 12, &[0; 144]);
+    w.tensor("x", &[256], 13, &[0; 176]);
     assert!(msg(w.bytes()).contains("not supported"));
 }
 
@@ -182,4 +182,37 @@ fn hand_computed_blocks() {
     // Wrong sizes are errors.
     assert!(dequantize(GgmlType::Q8_0, &[0; 33], 32).is_err());
     assert!(dequantize(GgmlType::Q4_1, &[0; 20], 31).is_err());
+}
+
+/// Q4_K and Q6_K against llama.cpp's own Python implementation (the gguf package) on random
+/// blocks: tests/fixtures/kquants.json, made by scripts/fixtures/kquants.py.
+#[test]
+fn k_quants_match_the_gguf_package() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kquants.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json");
+    for (name, ty) in [("Q4_K", GgmlType::Q4K), ("Q6_K", GgmlType::Q6K)] {
+        let hex = fixture[name]["bytes"].as_str().expect("bytes");
+        let raw: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let want: Vec<f32> = fixture[name]["values"]
+            .as_array()
+            .expect("values")
+            .iter()
+            .map(|v| v.as_f64().expect("f") as f32)
+            .collect();
+        let got = dequantize(ty, &raw, want.len()).expect("dequantize");
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-6 * scale,
+            "{name}: worst difference {worst} (scale {scale})"
+        );
+    }
 }
