@@ -62,6 +62,24 @@ __device__ __forceinline__ void embedding_body(const uint32_t* ids, const T* tab
   }
 }
 
+// Synthetic weights: y[i] = offset + scale * u(i), u uniform in [-1, 1) from an integer hash of
+// (i, seed), so any Llama shape can be filled on the device without host data.
+template <typename T>
+__device__ __forceinline__ void fill_uniform_body(T* y, uint32_t seed, float scale, float offset,
+                                                  const LlamaOpsParams p) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n;
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    uint64_t x = i * 0x9e3779b97f4a7c15ull + seed;
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    const float u = float(x >> 40) * (2.f / 16777216.f) - 1.f;
+    y[i] = from_float<T>(offset + scale * u);
+  }
+}
+
 }  // namespace ape
 
 #define APE_LLAMA_OPS(NAME, T)                                                                  \
@@ -72,6 +90,10 @@ __device__ __forceinline__ void embedding_body(const uint32_t* ids, const T* tab
   extern "C" __global__ void silu_mul_##NAME(const T* g, const T* u, T* y,                     \
                                              const ape::LlamaOpsParams p) {                    \
     ape::silu_mul_body<T>(g, u, y, p);                                                         \
+  }                                                                                            \
+  extern "C" __global__ void fill_uniform_##NAME(T* y, uint32_t seed, float scale, float offset,  \
+                                                 const ape::LlamaOpsParams p) {                \
+    ape::fill_uniform_body<T>(y, seed, scale, offset, p);                                      \
   }                                                                                            \
   extern "C" __global__ void embedding_##NAME(const uint32_t* ids, const T* table, T* y,       \
                                               const ape::LlamaOpsParams p) {                   \

@@ -85,6 +85,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error: {0}")]
+    Cublas(String),
+
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Cuda(cudarc::driver::DriverError),
@@ -98,5 +102,11 @@ impl From<cudarc::driver::DriverError> for Error {
         } else {
             Error::Cuda(e)
         }
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for Error {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        Error::Cublas(format!("{e:?}"))
     }
 }

@@ -26,7 +26,7 @@ for line in sys.stdin:
 
 {
   cargo test --release --no-run --message-format=json --test gpu_merge_states \
-    --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test cuda_device
+    --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device
   cargo bench --no-run --message-format=json --bench kernels
 } | executables | while read -r name exe; do
   cp "$exe" "$out/bin/$name"

@@ -19,9 +19,12 @@ log() { echo "== $*" | tee -a "$out/session.log"; }
 cat "$out/device.txt"
 
 status=0
-for t in cuda_device gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention; do
+for t in cuda_device gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention gpu_llama; do
   log "test $t"
-  if ! "$bin/$t" --include-ignored --test-threads=1 --nocapture > "$out/test_$t.log" 2>&1; then
+  extra=()
+  # The real-model comparison needs the model carried (APE_MODEL=path to the GGUF).
+  [ "$t" = gpu_llama ] && [ -z "${APE_MODEL:-}" ] && extra=(--skip real_model)
+  if ! "$bin/$t" --include-ignored --test-threads=1 --nocapture "${extra[@]}" > "$out/test_$t.log" 2>&1; then
     status=1
     log "FAILED: $t (see test_$t.log)"
   fi

@@ -28,6 +28,9 @@ fn name(op: &str, dtype: DType) -> &'static str {
         ("silu_mul", DType::F32) => "silu_mul_f32",
         ("silu_mul", DType::F16) => "silu_mul_f16",
         ("silu_mul", DType::BF16) => "silu_mul_bf16",
+        ("fill", DType::F32) => "fill_uniform_f32",
+        ("fill", DType::F16) => "fill_uniform_f16",
+        ("fill", DType::BF16) => "fill_uniform_bf16",
         (_, DType::F32) => "embedding_f32",
         (_, DType::F16) => "embedding_f16",
         (_, DType::BF16) => "embedding_bf16",
@@ -166,4 +169,47 @@ pub fn embedding(device: &Device, ids: &[u32], table: &Tensor) -> Result<Tensor>
     // the table holds vocab * d elements and y holds ids.len() * d, in the table's dtype.
     unsafe { l.launch(rows(ids.len() as u64)) }?;
     Ok(y)
+}
+
+/// Fills `y` with `offset + scale * u`, `u` uniform in `[-1, 1)` from a hash of the element index
+/// and `seed` (synthetic weights of any shape, generated on the device).
+pub fn fill_uniform(
+    device: &Device,
+    y: &mut Tensor,
+    seed: u32,
+    scale: f32,
+    offset: f32,
+) -> Result<()> {
+    if !scale.is_finite() || !offset.is_finite() {
+        return Err(Error::InvalidParameter {
+            name: "fill scale/offset",
+            value: scale as f64,
+            requirement: "must be finite",
+        });
+    }
+    y.check_device(device, "y")?;
+    let n = y.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = LlamaOpsParams {
+        n,
+        width: 0,
+        eps: 0.0,
+    };
+    let f = device.function(name("fill", y.dtype()))?;
+    let mut l = device.stream().launch_builder(&f);
+    l.arg(y.buf_mut())
+        .arg(&seed)
+        .arg(&scale)
+        .arg(&offset)
+        .arg(&p);
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match fill_uniform_* (y, seed, scale, offset, params); y holds n elements.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
 }

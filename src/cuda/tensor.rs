@@ -160,6 +160,54 @@ impl Tensor {
         Ok(decode(&bytes, self.dtype))
     }
 
+    /// The same data under another shape with as many elements (no copy).
+    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+        if element_count(shape)? != self.len() {
+            return Err(Error::Shape(format!(
+                "cannot reshape {:?} to {shape:?}",
+                self.shape
+            )));
+        }
+        Ok(Self {
+            shape: shape.to_vec(),
+            ..self
+        })
+    }
+
+    /// Rows `start..start + count` of the first dim, copied into a new tensor.
+    pub fn copy_rows(&self, device: &Device, start: usize, count: usize) -> Result<Self> {
+        self.check_device(device, "tensor")?;
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if start.checked_add(count).is_none_or(|end| end > rows) {
+            return Err(Error::Shape(format!(
+                "rows {start}..{} of a tensor with {rows}",
+                start.saturating_add(count)
+            )));
+        }
+        let row_bytes = self.len() / rows.max(1) * self.dtype.size();
+        let mut shape = self.shape.clone();
+        shape[0] = count;
+        let mut out = Tensor::zeros(device, &shape, self.dtype)?;
+        if count > 0 {
+            let src = self
+                .buf
+                .slice(start * row_bytes..(start + count) * row_bytes);
+            device.stream().memcpy_dtod(&src, &mut out.buf)?;
+        }
+        Ok(out)
+    }
+
+    /// A copy on the device.
+    pub fn try_clone(&self, device: &Device) -> Result<Self> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        if self.shape.is_empty() {
+            let mut out = Tensor::zeros(device, &[], self.dtype)?;
+            device.stream().memcpy_dtod(&self.buf, &mut out.buf)?;
+            return Ok(out);
+        }
+        self.copy_rows(device, 0, rows)
+    }
+
     /// Shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

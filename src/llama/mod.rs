@@ -4,6 +4,7 @@ pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod gguf;
+pub mod gpu;
 pub mod hf;
 pub mod model;
 pub mod quant;
