@@ -19,7 +19,8 @@ import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
     exe = msg.get("executable")
-    if msg.get("reason") == "compiler-artifact" and exe:
+    # Test and bench targets only (the ape binary is not needed on the device).
+    if msg.get("reason") == "compiler-artifact" and exe and "bin" not in msg["target"]["kind"]:
         print(msg["target"]["name"], exe)
 '
 }
