@@ -6,15 +6,19 @@ use std::time::{Duration, Instant};
 
 use ape_attn::cuda::{kernel_build_info, Device};
 use ape_attn::eval::{self, dataset, metrics, Objective};
+use ape_attn::llama::config::LlamaConfig;
 use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Generation, Mode, Prompt, Sampling};
 use ape_attn::llama::gguf::{Gguf, Value};
+use ape_attn::llama::gpu::GpuModel;
 use ape_attn::llama::hf::HfModel;
 use ape_attn::llama::model::LlamaModel;
 use ape_attn::llama::tokenizer::Tokenizer;
+use ape_attn::llama::weights::WeightSource;
 use ape_attn::{ApeParams, ApeVariant, Error};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
 
 const MODES_HELP: &str = "\
 Encoding modes (how the passages are encoded before the question attends to them):
@@ -55,6 +59,9 @@ enum Command {
         /// Tokens to generate per answer.
         #[arg(long, default_value_t = 40)]
         max_tokens: usize,
+        /// Where to run (cuda: the GPU forward pass, not yet validated on a GPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
     },
     /// Answer a question over your passages (one file each).
     #[command(after_help = MODES_HELP)]
@@ -245,7 +252,11 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Inspect { model } => inspect(&model),
-        Command::Demo { model, max_tokens } => demo(model, max_tokens),
+        Command::Demo {
+            model,
+            max_tokens,
+            device,
+        } => demo(model, max_tokens, device),
         Command::Run {
             model,
             contexts,
@@ -366,12 +377,36 @@ fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
     Ok(p)
 }
 
-struct Loaded {
-    engine: Engine<CpuModel>,
-    tokenizer: Tokenizer,
+/// The engine on the chosen device.
+enum Backend {
+    Cpu(Box<Engine<CpuModel>>),
+    Gpu(Box<Engine<GpuModel>>),
 }
 
-fn load(path: &Path) -> ape_attn::Result<Loaded> {
+/// Runs `$body` with `$e` bound to the backend's engine, whatever the device.
+macro_rules! with_engine {
+    ($backend:expr, $e:ident => $body:expr) => {
+        match $backend {
+            Backend::Cpu(boxed) => {
+                let $e = *boxed;
+                $body
+            }
+            Backend::Gpu(boxed) => {
+                let $e = *boxed;
+                $body
+            }
+        }
+    };
+}
+
+struct Loaded {
+    backend: Backend,
+    tokenizer: Tokenizer,
+    /// Where it runs, for the user.
+    device: String,
+}
+
+fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -386,7 +421,12 @@ fn load(path: &Path) -> ape_attn::Result<Loaded> {
         bar.set_position(i as u64 + 1);
     };
     // A directory is a Hugging Face checkpoint; a file is GGUF.
-    let (model, tokenizer, tensors) = if path.is_dir() {
+    let (config, tokenizer, tensors, source): (
+        LlamaConfig,
+        Tokenizer,
+        usize,
+        Box<dyn WeightSource>,
+    ) = if path.is_dir() {
         let hf = HfModel::open(path)?;
         let json_path = path.join("tokenizer.json");
         let json = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
@@ -394,24 +434,46 @@ fn load(path: &Path) -> ape_attn::Result<Loaded> {
             source,
         })?;
         let tokenizer = Tokenizer::from_hf_json(&json, &hf.eos, hf.bos)?;
-        let model = CpuModel::from_source(hf.config.clone(), &hf, progress)?;
-        (model, tokenizer, 0)
+        (hf.config.clone(), tokenizer, 0, Box::new(hf))
     } else {
         let g = Gguf::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
-        let model = CpuModel::load_with_progress(&g, progress)?;
-        (model, tokenizer, g.tensors.len())
+        let n = g.tensors.len();
+        (LlamaConfig::from_gguf(&g)?, tokenizer, n, Box::new(g))
     };
-    bar.finish_and_clear();
     let id = format!(
         "{}:{}:{}",
         path.display(),
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
         tensors
     );
+    let (backend, device) = match device {
+        DeviceArg::Cpu => (
+            Backend::Cpu(Box::new(Engine::new(
+                CpuModel::from_source(config, source.as_ref(), progress)?,
+                id,
+                2 << 30,
+            ))),
+            format!("CPU ({} threads)", rayon::current_num_threads()),
+        ),
+        DeviceArg::Cuda => {
+            let dev = Arc::new(Device::new(0)?);
+            let name = dev.name()?;
+            (
+                Backend::Gpu(Box::new(Engine::new(
+                    GpuModel::from_source(dev, config, source.as_ref(), progress)?,
+                    id,
+                    16 << 30,
+                ))),
+                format!("GPU 0, {name} (the GPU forward pass has not been validated on a GPU yet)"),
+            )
+        }
+    };
+    bar.finish_and_clear();
     Ok(Loaded {
-        engine: Engine::new(model, id, 2 << 30),
+        backend,
         tokenizer,
+        device,
     })
 }
 
@@ -439,7 +501,7 @@ fn build_prompt(
 }
 
 /// Shows a bar over the context tokens the engine encodes on cache misses.
-fn encoding_bar(engine: &mut Engine<CpuModel>, total_tokens: usize) -> ProgressBar {
+fn encoding_bar<M: LlamaModel>(engine: &mut Engine<M>, total_tokens: usize) -> ProgressBar {
     let bar = ProgressBar::new(total_tokens as u64).with_style(
         ProgressStyle::with_template("encoding contexts [{bar:30}] {pos}/{len} tokens")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -467,16 +529,22 @@ const DEMO_PASSAGES: [&str; 5] = [
 ];
 const DEMO_QUESTION: &str = "Who founded the Lantern Bakery, and in which town?";
 
-fn demo(model: Option<PathBuf>, max_tokens: usize) -> ape_attn::Result<()> {
+fn demo(model: Option<PathBuf>, max_tokens: usize, device: DeviceArg) -> ape_attn::Result<()> {
     let path = model_path(model)?;
-    println!("device: CPU ({} threads); the GPU forward pass is not built yet, see `ape info` for the kernels", rayon::current_num_threads());
-    let Loaded {
-        mut engine,
-        tokenizer,
-    } = load(&path)?;
+    let loaded = load(&path, device)?;
+    println!("device: {}", loaded.device);
     println!("model: {}", path.display());
+    let tokenizer = loaded.tokenizer;
+    with_engine!(loaded.backend, engine => demo_with(engine, &tokenizer, max_tokens))
+}
+
+fn demo_with<M: LlamaModel>(
+    mut engine: Engine<M>,
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+) -> ape_attn::Result<()> {
     let passages: Vec<String> = DEMO_PASSAGES.iter().map(|s| s.to_string()).collect();
-    let prompt = build_prompt(&tokenizer, DEFAULT_SYSTEM, &passages, DEMO_QUESTION)?;
+    let prompt = build_prompt(tokenizer, DEFAULT_SYSTEM, &passages, DEMO_QUESTION)?;
     println!(
         "passages: {}, question: {DEMO_QUESTION:?}\n",
         passages.len()
@@ -556,12 +624,6 @@ struct RunArgs {
 }
 
 fn run(a: RunArgs) -> ape_attn::Result<()> {
-    if a.device == DeviceArg::Cuda {
-        Device::new(0)?;
-        return Err(Error::NoDevice(
-            "the GPU forward pass is not built yet (issue #4); run with --device cpu".into(),
-        ));
-    }
     if a.question.trim().is_empty() {
         return Err(Error::Shape("the question is empty".into()));
     }
@@ -575,12 +637,21 @@ fn run(a: RunArgs) -> ape_attn::Result<()> {
             })
         })
         .collect::<ape_attn::Result<Vec<String>>>()?;
-    let path = model_path(a.model)?;
-    let Loaded {
-        mut engine,
-        tokenizer,
-    } = load(&path)?;
-    let prompt = build_prompt(&tokenizer, &a.system, &passages, &a.question)?;
+    let path = model_path(a.model.clone())?;
+    let loaded = load(&path, a.device)?;
+    let tokenizer = loaded.tokenizer;
+    let device = loaded.device;
+    with_engine!(loaded.backend, engine => run_with(engine, &tokenizer, &a, &passages, &device))
+}
+
+fn run_with<M: LlamaModel>(
+    mut engine: Engine<M>,
+    tokenizer: &Tokenizer,
+    a: &RunArgs,
+    passages: &[String],
+    device: &str,
+) -> ape_attn::Result<()> {
+    let prompt = build_prompt(tokenizer, &a.system, passages, &a.question)?;
     let total: usize = prompt.prefix.len() + prompt.contexts.iter().map(Vec::len).sum::<usize>();
     let bar = encoding_bar(&mut engine, total);
     if a.print_logits > 0 {
@@ -606,7 +677,7 @@ fn run(a: RunArgs) -> ape_attn::Result<()> {
     bar.finish_and_clear();
     println!("{}", tokenizer.decode(&g.tokens)?.trim());
     eprintln!(
-        "[{}] TTFT {:.1} ms ({} tokens encoded), {} tokens at {:.1} tok/s, window {}",
+        "[{}] TTFT {:.1} ms ({} tokens encoded), {} tokens at {:.1} tok/s, window {}, on {device}",
         a.mode.name(),
         g.ttft.as_secs_f64() * 1e3,
         g.tokens_encoded,
@@ -716,9 +787,12 @@ fn eval_command(
     }
     let path = model_path(model)?;
     let Loaded {
-        mut engine,
-        tokenizer,
-    } = load(&path)?;
+        backend, tokenizer, ..
+    } = load(&path, DeviceArg::Cpu)?;
+    let Backend::Cpu(engine) = backend else {
+        return Err(Error::NoDevice("evaluation runs on the CPU".into()));
+    };
+    let mut engine = *engine;
     println!(
         "{} examples x {} modes on {} (CPU)",
         examples.len(),
@@ -760,9 +834,12 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
     }
     let path = model_path(a.model)?;
     let Loaded {
-        mut engine,
-        tokenizer,
-    } = load(&path)?;
+        backend, tokenizer, ..
+    } = load(&path, DeviceArg::Cpu)?;
+    let Backend::Cpu(engine) = backend else {
+        return Err(Error::NoDevice("evaluation runs on the CPU".into()));
+    };
+    let mut engine = *engine;
     let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates);
     let held = dataset::generate(a.seed + 1000, &a.docs, a.per_position, a.candidates);
     if cal.is_empty() || a.temperatures.is_empty() || a.scales.is_empty() {
