@@ -28,7 +28,7 @@ for line in sys.stdin:
 {
   cargo test --release --no-run --message-format=json --test gpu_merge_states \
     --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device
-  cargo bench --no-run --message-format=json --bench kernels
+  cargo bench --no-run --message-format=json --bench kernels --bench e2e
 } | executables | while read -r name exe; do
   cp "$exe" "$out/bin/$name"
   strip "$out/bin/$name"

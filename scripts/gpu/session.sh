@@ -47,6 +47,9 @@ done
 log "benchmarks"
 CRITERION_HOME="$out/criterion" "$bin/kernels" --bench > "$out/bench.log" 2>&1 || status=1
 tail -n 5 "$out/bench.log"
+log "end to end (synthetic Llama-3-8B, TTFT 4K-128K; APE_E2E_MAX caps the context)"
+timeout 420 "$bin/e2e" > "$out/e2e.jsonl" 2> "$out/e2e.log" || { status=1; log "e2e stopped early (see e2e.log)"; }
+cat "$out/e2e.jsonl"
 log "peer (PyTorch)"
 python3 "$here/peer.py" > "$out/peer.json" 2> "$out/peer.log" || status=1
 log "summary"

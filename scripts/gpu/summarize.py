@@ -70,3 +70,18 @@ for name in ["ctx_256x4096", "causal_1024", "decode_1x8192"]:
     f, c = acc.get(f"{name}/flash"), acc.get(f"{name}/cudnn")
     show = lambda x: fmt(x, ".2e") if isinstance(x, float) else str(x)
     print(f"| {name} | {show(ourerr.get(name))} | {show(f)} | {show(c)} |")
+
+e2e = os.path.join(out, "e2e.jsonl")
+if os.path.exists(e2e):
+    rows = [json.loads(l) for l in open(e2e) if l.startswith("{")]
+    ttft = {(r["mode"], r["context"]): r["ttft_ms"] for r in rows if r["bench"] == "ttft"}
+    contexts = sorted({c for _, c in ttft})
+    print("\n### Time to first token, 64-token question, synthetic Llama-3-8B (ms)\n")
+    print("| context | sequential | APE | Block-Attention | sequential / APE |")
+    print("|---|---|---|---|---|")
+    for c in contexts:
+        s_, a_, b_ = (ttft.get((m, c)) for m in ("sequential", "ape", "block-attention"))
+        print(f"| {c} | {fmt(s_, '.1f')} | {fmt(a_, '.1f')} | {fmt(b_, '.1f')} | {fmt(s_ / a_ if s_ and a_ else None, '.1f')} |")
+    for r in rows:
+        if r["bench"] == "end_to_end_256":
+            print(f"- prefill + {r['generated']} tokens at {r['context']}, {r['mode']}: {r['total_ms']:.0f} ms (TTFT {r['ttft_ms']:.1f} ms)")
