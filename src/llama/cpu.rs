@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
-use super::model::{ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
 use super::weights::{Weight, WeightSource};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, SegmentRole};
@@ -253,24 +253,7 @@ impl LlamaModel for CpuModel {
     ) -> Result<ForwardOutput<CpuBlock>> {
         let c = &self.config;
         let (n, d, kvd) = (tokens.len(), c.dim, c.kv_dim());
-        let end = past
-            .iter()
-            .map(|p| p.pos_offset + p.kv.len)
-            .chain([pos + n])
-            .max()
-            .unwrap_or(0);
-        if end > c.context_length {
-            return Err(Error::OutOfRange(format!(
-                "context of {end} positions exceeds the model's window of {}",
-                c.context_length
-            )));
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::OutOfRange(format!(
-                "token id {t} is outside the vocabulary of {}",
-                c.vocab_size
-            )));
-        }
+        check_inputs(c, tokens, pos, past)?;
         for p in past {
             if p.kv.k.len() != c.n_layers {
                 return Err(Error::Shape(

@@ -18,7 +18,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use half::bf16;
 
 use super::config::LlamaConfig;
-use super::model::{ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
 use super::weights::{Weight, WeightSource};
 use crate::cuda::{self, llama_ops, DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -318,18 +318,7 @@ impl LlamaModel for GpuModel {
                 "a forward pass needs at least one token".into(),
             ));
         }
-        let end = past
-            .iter()
-            .map(|p| p.pos_offset + p.kv.len)
-            .chain([pos + n])
-            .max()
-            .unwrap_or(0);
-        if end > c.context_length {
-            return Err(Error::OutOfRange(format!(
-                "context of {end} positions exceeds the model's window of {}",
-                c.context_length
-            )));
-        }
+        check_inputs(c, tokens, pos, past)?;
         let dev = &*self.dev;
         let mut x = llama_ops::embedding(dev, tokens, &self.embed)?;
         let mut chunk = Chunk {

@@ -2,7 +2,7 @@
 //! generation and tests are written once.
 
 use super::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::params::{ApeParams, SegmentRole};
 
 /// Which rows of a forward pass get logits.
@@ -81,4 +81,33 @@ pub trait KvBlock {
     }
     /// Bytes the block holds.
     fn bytes(&self) -> usize;
+}
+
+/// The checks every forward pass makes before any work: the new tokens and every past block fit
+/// the model's window, and every token id is in the vocabulary.
+pub fn check_inputs<B: KvBlock>(
+    c: &LlamaConfig,
+    tokens: &[u32],
+    pos: usize,
+    past: &[Past<'_, B>],
+) -> Result<()> {
+    let end = past
+        .iter()
+        .map(|p| p.pos_offset + p.kv.len())
+        .chain([pos + tokens.len()])
+        .max()
+        .unwrap_or(0);
+    if end > c.context_length {
+        return Err(Error::OutOfRange(format!(
+            "context of {end} positions exceeds the model's window of {}",
+            c.context_length
+        )));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::OutOfRange(format!(
+            "token id {t} is outside the vocabulary of {}",
+            c.vocab_size
+        )));
+    }
+    Ok(())
 }
