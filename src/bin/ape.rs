@@ -477,6 +477,17 @@ fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
     })
 }
 
+/// The model on the CPU (evaluation and calibration run there).
+fn load_cpu(path: &Path) -> ape_attn::Result<(Engine<CpuModel>, Tokenizer)> {
+    let Loaded {
+        backend, tokenizer, ..
+    } = load(path, DeviceArg::Cpu)?;
+    match backend {
+        Backend::Cpu(engine) => Ok((*engine, tokenizer)),
+        Backend::Gpu(_) => Err(Error::NoDevice("evaluation runs on the CPU".into())),
+    }
+}
+
 fn build_prompt(
     tok: &Tokenizer,
     system: &str,
@@ -786,13 +797,7 @@ fn eval_command(
         ));
     }
     let path = model_path(model)?;
-    let Loaded {
-        backend, tokenizer, ..
-    } = load(&path, DeviceArg::Cpu)?;
-    let Backend::Cpu(engine) = backend else {
-        return Err(Error::NoDevice("evaluation runs on the CPU".into()));
-    };
-    let mut engine = *engine;
+    let (mut engine, tokenizer) = load_cpu(&path)?;
     println!(
         "{} examples x {} modes on {} (CPU)",
         examples.len(),
@@ -833,13 +838,7 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
         ApeParams::new(1.0, s)?;
     }
     let path = model_path(a.model)?;
-    let Loaded {
-        backend, tokenizer, ..
-    } = load(&path, DeviceArg::Cpu)?;
-    let Backend::Cpu(engine) = backend else {
-        return Err(Error::NoDevice("evaluation runs on the CPU".into()));
-    };
-    let mut engine = *engine;
+    let (mut engine, tokenizer) = load_cpu(&path)?;
     let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates);
     let held = dataset::generate(a.seed + 1000, &a.docs, a.per_position, a.candidates);
     if cal.is_empty() || a.temperatures.is_empty() || a.scales.is_empty() {
