@@ -118,11 +118,7 @@ pub fn silu_mul_into(device: &Device, gate: &Tensor, up: &Tensor, y: &mut Tensor
     let f = device.function(name("silu_mul", gate.dtype()))?;
     let mut l = device.stream().launch_builder(&f);
     l.arg(gate.buf()).arg(up.buf()).arg(y.buf_mut()).arg(&p);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_stride(n);
     // SAFETY: arguments match silu_mul_* (g, u, y, params); all three hold n elements of one dtype.
     unsafe { l.launch(cfg) }?;
     Ok(())
@@ -204,11 +200,7 @@ pub fn fill_uniform(
         .arg(&scale)
         .arg(&offset)
         .arg(&p);
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_stride(n);
     // SAFETY: arguments match fill_uniform_* (y, seed, scale, offset, params); y holds n elements.
     unsafe { l.launch(cfg) }?;
     Ok(())

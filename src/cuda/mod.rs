@@ -19,3 +19,13 @@ pub use segmented_attention::{
     segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
 };
 pub use tensor::{DType, Tensor};
+
+/// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16
+/// blocks (the kernels loop over the rest).
+pub(crate) fn grid_stride(items: u64) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (items.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

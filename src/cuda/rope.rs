@@ -6,7 +6,7 @@
 //! offset `o` equals the block computed at `o`). Angles are formed in f64.
 
 use bytemuck::{Pod, Zeroable};
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
 
 use super::{DType, Device, Tensor};
 use crate::error::{Error, Result};
@@ -91,11 +91,7 @@ fn launch(
         DType::BF16 => "rope_bf16",
     };
     let f = device.function(name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (pairs.div_ceil(256).min(1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::grid_stride(pairs);
     let mut launch = device.stream().launch_builder(&f);
     launch.arg(x.buf_mut()).arg(&inv_freq).arg(&params);
     // SAFETY: arguments match rope_* (x, inv_freq, params); x holds n_tokens * n_heads * head_dim
