@@ -3,6 +3,7 @@
 //! so they run with NeoX (rotate-half) RoPE, and `rope_scaling.rope_type = "llama3"` enables
 //! Llama 3 frequency scaling.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -65,6 +66,8 @@ pub struct HfModel {
     pub bos: Option<u32>,
     dir: PathBuf,
     files: Vec<Vec<u8>>,
+    /// Which file holds each tensor.
+    index: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for HfModel {
@@ -165,9 +168,11 @@ impl HfModel {
             return Err(bad(format!("no .safetensors files in {}", dir.display())));
         }
         let files = paths.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
-        for (p, f) in paths.iter().zip(&files) {
-            safetensors::SafeTensors::deserialize(f)
+        let mut index = HashMap::new();
+        for (i, (p, f)) in paths.iter().zip(&files).enumerate() {
+            let t = safetensors::SafeTensors::deserialize(f)
                 .map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            index.extend(t.names().into_iter().map(|n| (n.to_string(), i)));
         }
         Ok(Self {
             config,
@@ -175,6 +180,7 @@ impl HfModel {
             bos: ids(&raw.bos_token_id).first().copied(),
             dir,
             files,
+            index,
         })
     }
 
@@ -184,11 +190,10 @@ impl HfModel {
     }
 
     fn find(&self, name: &str) -> Option<safetensors::tensor::TensorView<'_>> {
-        self.files.iter().find_map(|f| {
-            safetensors::SafeTensors::deserialize(f)
-                .ok()
-                .and_then(|t| t.tensor(name).ok())
-        })
+        let f = &self.files[*self.index.get(name)?];
+        safetensors::SafeTensors::deserialize(f)
+            .ok()
+            .and_then(|t| t.tensor(name).ok())
     }
 }
 
@@ -219,6 +224,6 @@ impl WeightSource for HfModel {
     }
 
     fn has(&self, w: Weight) -> bool {
-        self.find(&hf_name(w)).is_some()
+        self.index.contains_key(&hf_name(w))
     }
 }
