@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ape_attn::cuda::{kernel_build_info, Device};
 use ape_attn::eval::{self, dataset, metrics, Objective};
@@ -581,9 +581,7 @@ fn demo_with<M: LlamaModel>(
         )?;
         bar.finish_and_clear();
         let mid = engine.cache.stats();
-        let started = Instant::now();
         let second = engine.generate(mode, &prompt, Sampling::Greedy, 1, &tokenizer.stop_tokens)?;
-        let _ = started;
         let after = engine.cache.stats();
         let answer = tokenizer.decode(&first.tokens)?;
         println!("[{}] {}", mode.name(), answer.trim());
