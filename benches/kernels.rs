@@ -82,6 +82,7 @@ fn run(dev: &Device, p: &Problem, ape: &ApeParams, out: &mut Tensor, lse: &mut T
                 v,
                 pos_offset: 0,
                 role: SegmentRole::Context,
+                rope_shift: None,
             })
             .collect();
     let query = cuda::Query {

@@ -33,6 +33,7 @@ fn bench_segmented_attention(c: &mut Criterion) {
             len: seg_len,
             pos_offset: 0,
             role: SegmentRole::Context,
+            rope_shift: None,
         })
         .collect();
     let query = Query {

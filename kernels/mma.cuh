@@ -79,6 +79,17 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The two 16-bit values of a packed register, as floats (the inverse of pack2).
+template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t v);
+
+template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+
+template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<__half2*>(&v));
+}
+
 // Element offset of (row, 16-byte chunk) in a [rows][D] tile of 2-byte elements whose chunks are
 // XOR-swizzled by the row (D >= 64), so that ldmatrix's 8 row addresses hit 8 different banks.
 template <int D> __device__ __forceinline__ int swizzle(int row, int chunk) {

@@ -2,9 +2,10 @@
 // for decode; mirrors src/reference/segmented_attention.rs.
 //
 // The keys are a list of segments read in place through descriptors {k, v, len, pos_offset, role,
-// first_tile}, K and V of a segment being [len, n_kv_heads, D]. The launcher orders the descriptors
-// Context first, then Causal, and numbers their 64-key tiles consecutively (first_tile), so that
-// tiles [0, n_ctx_tiles) are the context group C and the rest the causal group O.
+// first_tile, rope_row, rope_layout}, K and V of a segment being [len, n_kv_heads, D]. The
+// launcher orders the descriptors Context first, then Causal, and numbers their 64-key tiles
+// consecutively (first_tile), so that tiles [0, n_ctx_tiles) are the context group C and the rest
+// the causal group O.
 //
 // Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
 // the `group` query heads that share the KV head, so K/V are read once for all of them and never
@@ -21,6 +22,26 @@
 // Split mode (short questions and decode, to fill the GPU): each split covers tiles of one group
 // only and writes its normalised partial state (f32) to a workspace; the combine kernel merges the
 // splits of each group, applies the APE correction to L_C and merges the two groups.
+//
+// RoPE shift (Block-Attention, RopeShift in src/params.rs): a segment whose cached keys must be
+// read rotated by delta positions names a row of (cos, sin) of delta * theta_i. RoPE is a rotation,
+// so q . R(delta) k = R(-delta) q . k: instead of rotating every K tile (in every CTA that reads
+// it), the CTA rotates its query fragments when the walk enters a segment with another shift. Both
+// lanes of a RoPE pair sit in the same thread's A fragments (NeoX: columns c and c + D/2 are the
+// same slot of k-steps ks and ks + D/32; interleaved: one 32-bit register), so the rotation needs
+// no shuffles; the K bytes read are those of the cache.
+//
+// The rotated rows are f32; rounding them to T once would put a logit error of ~2e-3 (bf16) into
+// every key of the segment alike, which no averaging over keys removes (LSE errors up to 8e-3 at
+// head dim 128, above the 1e-3 bar; rotating K in a separate pass does no better on short
+// segments). So they are split as hi + lo, both in T, and shifted tiles take two MMAs per Q K^T
+// step: the logits are then good to ~2^-17. hi stays in the Q fragments; lo goes to a fourth shared
+// tile, sQlo, which the launcher allocates only for launches with shifts, and which each warp
+// writes and reads for its own 16 rows only.
+//
+// Launches without shifts pay one compare per tile; the branch's values are kept opaque (see
+// opaque()) so that it costs no registers in the walk: at head dim 128 the kernel sits near the
+// 255-register limit.
 #include "attention_state.cuh"
 #include "mma.cuh"
 
@@ -34,8 +55,10 @@ struct SegmentDesc {
   uint32_t pos_offset;  // absolute position of token 0
   uint32_t role;        // 0 = Context, 1 = Causal (SegmentRole)
   uint32_t first_tile;  // index of this segment's first tile in the launch's tile order
+  int32_t rope_row;     // row of the RoPE shift table (D/2 (cos, sin) pairs); -1: keys as stored
+  uint32_t rope_layout; // 0 = NeoX (i, i + D/2), 1 = interleaved (2i, 2i + 1) (RopeLayout)
 };
-static_assert(sizeof(SegmentDesc) == 32, "SegmentDesc layout");
+static_assert(sizeof(SegmentDesc) == 40, "SegmentDesc layout");
 
 // Mirrored by SegmentedAttentionParams in src/cuda/segmented_attention.rs.
 struct SegmentedAttentionParams {
@@ -96,6 +119,8 @@ template <typename T> struct Tile {
   int n;       // valid keys in the tile (1..kBlockN)
   int pos0;    // position of the tile's first key
   int role;    // 0 = Context, 1 = Causal
+  int rope_row;          // RoPE shift table row, -1 for none
+  uint32_t rope_layout;  // RopeLayout
 };
 
 template <typename T>
@@ -112,7 +137,93 @@ __device__ __forceinline__ Tile<T> tile_at(const SegmentDesc* segs, int n_segmen
   tile.n = min(kBlockN, int(s.len) - tile.start);
   tile.pos0 = int(s.pos_offset) + tile.start;
   tile.role = int(s.role);
+  tile.rope_row = s.rope_row;
+  tile.rope_layout = s.rope_layout;
   return tile;
+}
+
+// x, hidden from the optimiser. The compiler would otherwise hoist everything the rare RoPE shift
+// branch derives from these values (16 table offsets, 8 Q fragment addresses) out of the key loop
+// and hold it in registers for the whole walk, which spills at head dim 128.
+template <typename U> __device__ __forceinline__ U opaque(U x) {
+  static_assert(sizeof(U) == 4 || sizeof(U) == 8, "a 32- or 64-bit value");
+  if constexpr (sizeof(U) == 8) {
+    uint64_t v = reinterpret_cast<uint64_t>(x);
+    asm volatile("mov.b64 %0, %0;" : "+l"(v));
+    return reinterpret_cast<U>(v);
+  } else {
+    uint32_t v = static_cast<uint32_t>(x);
+    asm volatile("mov.b32 %0, %0;" : "+r"(v));
+    return static_cast<U>(v);
+  }
+}
+
+// This warp's Q fragments (16 rows, every k16 step of the head dim) from the shared Q tile.
+template <typename T, int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], const T* sQ, int warp,
+                                                 int lane) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int mi = lane / 8;
+    const int r = warp * 16 + (mi % 2) * 8 + lane % 8;
+    ldmatrix_x4(qf[ks], sQ + swizzle<D>(r, ks * 2 + mi / 2));
+  }
+}
+
+// A rotated fragment register's two values, split: hi (rounded to T) back into the fragment, the
+// rest (rounded to T) into the same place of this warp's rows of sQlo.
+template <typename T, int D>
+__device__ __forceinline__ void store_split(uint32_t& frag, T* sQlo, int ks, int r, int lane,
+                                            int warp, float x0, float x1) {
+  frag = pack2<T>(x0, x1);
+  const float2 hi = unpack2<T>(frag);
+  const int row = warp * 16 + lane / 4 + 8 * (r % 2);
+  *reinterpret_cast<uint32_t*>(sQlo + swizzle<D>(row, ks * 2 + r / 2) + 2 * (lane % 4)) =
+      pack2<T>(x0 - hi.x, x1 - hi.y);
+}
+
+// Rotates the Q fragments by -delta, (x, y) -> (x cos + y sin, -x sin + y cos), so that their dot
+// products with stored keys equal those with keys rotated by +delta, and splits the result
+// (store_split). cs holds the D/2 pairs (cos, sin) of delta * theta_i. Fragment register r of
+// k-step ks holds row (lane / 4 + 8 (r % 2)), columns ks * 16 + 8 (r / 2) + 2 (lane % 4) + {0, 1}
+// (see mma.cuh).
+template <typename T, int D>
+__device__ __forceinline__ void rotate_q_fragments(uint32_t (&qf)[D / 16][4], T* sQlo,
+                                                   const float2* __restrict__ cs,
+                                                   uint32_t layout, int lane, int warp) {
+  constexpr int kKSteps = D / 16;
+  const int tig = lane % 4;
+  if (layout == 0) {
+    // NeoX: pair i = column c < D/2 with column c + D/2, the same slot kKSteps / 2 steps later.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps / 2; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int c = ks * 16 + (r / 2) * 8 + 2 * tig;
+        const float2 x = unpack2<T>(qf[ks][r]);
+        const float2 y = unpack2<T>(qf[ks + kKSteps / 2][r]);
+        const float2 cs0 = __ldg(cs + c);
+        const float2 cs1 = __ldg(cs + c + 1);
+        store_split<T, D>(qf[ks][r], sQlo, ks, r, lane, warp, x.x * cs0.x + y.x * cs0.y,
+                          x.y * cs1.x + y.y * cs1.y);
+        store_split<T, D>(qf[ks + kKSteps / 2][r], sQlo, ks + kKSteps / 2, r, lane, warp,
+                          y.x * cs0.x - x.x * cs0.y, y.y * cs1.x - x.y * cs1.y);
+      }
+    }
+  } else {
+    // Interleaved: pair i = columns (2i, 2i + 1), the two halves of one register.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int c = ks * 16 + (r / 2) * 8 + 2 * tig;
+        const float2 xy = unpack2<T>(qf[ks][r]);
+        const float2 cs0 = __ldg(cs + c / 2);
+        store_split<T, D>(qf[ks][r], sQlo, ks, r, lane, warp, xy.x * cs0.x + xy.y * cs0.y,
+                          xy.y * cs0.x - xy.x * cs0.y);
+      }
+    }
+  }
 }
 
 // Copies a [kBlockN, D] slice of K or V (one KV head) into a swizzled shared tile; rows past the
@@ -135,7 +246,7 @@ __device__ __forceinline__ void load_kv_tile(T* dst, const T* base, const Tile<T
 
 template <typename T, int D>
 __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
-                               T* __restrict__ out, float* __restrict__ lse,
+                               const float2* __restrict__ rope_cs, T* __restrict__ out, float* __restrict__ lse,
                                float* __restrict__ o_part, float* __restrict__ lse_part,
                                const SegmentedAttentionParams p) {
   static_assert(D == 64 || D == 128, "head dim");
@@ -148,6 +259,7 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlockM * D;       // [2][kBlockN][D]
   T* sV = sK + 2 * kBlockN * D;   // [2][kBlockN][D]
+  T* sQlo = sV + 2 * kBlockN * D; // [kBlockM][D], launches with RoPE shifts only
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -228,14 +340,11 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
   cp_async_wait<0>();
   __syncthreads();
 
-  // Q fragments stay in registers for the whole walk.
+  // Q fragments stay in registers for the whole walk; sQ keeps the unrotated rows, from which they
+  // are reloaded when the walk enters a segment with another RoPE shift.
   uint32_t qf[kKSteps][4];
-#pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks) {
-    const int mi = lane / 8;
-    const int r = warp * 16 + (mi % 2) * 8 + lane % 8;
-    ldmatrix_x4(qf[ks], sQ + swizzle<D>(r, ks * 2 + mi / 2));
-  }
+  load_q_fragments<T, D>(qf, sQ, warp, lane);
+  int q_rope_row = -1;  // the RoPE shift the fragments carry
 
   // Warps whose 16 rows are all padding (short questions, decode) only help load tiles.
   const bool warp_active = m0 + warp * 16 < packed_rows;
@@ -289,6 +398,20 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
     const T* v_tile = sV + buf * kBlockN * D;
     if (warp_active) {
 
+    if (tile.rope_row != q_rope_row) {  // uniform over the CTA: the tile is
+      const int lane_o = opaque(lane);
+      load_q_fragments<T, D>(qf, opaque(sQ), warp, lane_o);
+      if (tile.rope_row >= 0) {
+        __syncwarp();  // every lane is done reading the previous lo rows
+        rotate_q_fragments<T, D>(qf, opaque(sQlo),
+                                 opaque(rope_cs) + size_t(tile.rope_row) * (D / 2),
+                                 tile.rope_layout, lane_o, warp);
+        __syncwarp();  // the lo rows are written before any lane loads them
+      }
+      q_rope_row = tile.rope_row;
+    }
+    const bool split_q = tile.rope_row >= 0;  // uniform
+
     // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
     float s[kNBlocksS][4];
 #pragma unroll
@@ -305,6 +428,26 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
         ldmatrix_x4(b, k_tile + swizzle<D>(key, ks * 2 + mi % 2));
         mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
         mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
+      }
+    }
+    if (split_q) {
+      // The lo part of the rotated rows: a second pass over the tile's K fragments.
+      const T* lo = opaque(sQlo);
+      const T* kt = opaque(k_tile);
+      const int ln = opaque(lane);
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const int mi = ln / 8;
+        uint32_t qlo[4];
+        ldmatrix_x4(qlo, lo + swizzle<D>(warp * 16 + (mi % 2) * 8 + ln % 8, ks * 2 + mi / 2));
+#pragma unroll
+        for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
+          const int key = nb * 16 + (mi / 2) * 8 + ln % 8;
+          uint32_t b[4];
+          ldmatrix_x4(b, kt + swizzle<D>(key, ks * 2 + mi % 2));
+          mma_16816<T>(s[2 * nb], qlo, b[0], b[1]);
+          mma_16816<T>(s[2 * nb + 1], qlo, b[2], b[3]);
+        }
       }
     }
 
@@ -465,9 +608,9 @@ __device__ __forceinline__ void segmented_attention_combine_body(const float* __
 
 #define APE_SEGMENTED_ATTENTION(NAME, T, D)                                                      \
   extern "C" __global__ void __launch_bounds__(ape::kThreads, 2) segmented_attention_##NAME(   \
-      const T* q, const ape::SegmentDesc* segs, T* out, float* lse, float* o_part,             \
-      float* lse_part, const ape::SegmentedAttentionParams p) {                                 \
-    ape::segmented_attention_body<T, D>(q, segs, out, lse, o_part, lse_part, p);              \
+      const T* q, const ape::SegmentDesc* segs, const float2* rope_cs, T* out, float* lse,      \
+      float* o_part, float* lse_part, const ape::SegmentedAttentionParams p) {                  \
+    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part, p);     \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256) segmented_attention_combine_##NAME(        \
       const float* o_part, const float* lse_part, T* out, float* lse,                           \

@@ -22,8 +22,8 @@
 //! let (ctx_k, ctx_v) = ([0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [1.0; 8]);
 //! let (own_k, own_v) = ([0.5, 0.0, 0.0, 0.0], [3.0; 4]);
 //! let segments = [
-//!     Segment { k: &ctx_k, v: &ctx_v, len: 2, pos_offset: 0, role: SegmentRole::Context },
-//!     Segment { k: &own_k, v: &own_v, len: 1, pos_offset: 2, role: SegmentRole::Causal },
+//!     Segment { k: &ctx_k, v: &ctx_v, len: 2, pos_offset: 0, role: SegmentRole::Context, rope_shift: None },
+//!     Segment { k: &own_k, v: &own_v, len: 1, pos_offset: 2, role: SegmentRole::Causal, rope_shift: None },
 //! ];
 //! let q = [2.0, 0.0, 0.0, 0.0];
 //! let query = Query { data: &q, n_rows: 1, pos_offset: 2 };
@@ -49,5 +49,6 @@ pub mod reference;
 
 pub use error::{Error, Result};
 pub use params::{
-    ApeParams, ApeVariant, AttentionDims, Llama3RopeScaling, RopeConfig, RopeLayout, SegmentRole,
+    ApeParams, ApeVariant, AttentionDims, Llama3RopeScaling, RopeConfig, RopeLayout, RopeShift,
+    SegmentRole,
 };

@@ -309,3 +309,31 @@ impl RopeConfig {
         }
     }
 }
+
+/// A RoPE re-rotation of a segment's cached keys as they are read: every key is rotated by
+/// `delta` positions, `k -> R(delta) k` (Block-Attention: a block prefilled from position 0 used
+/// at offset `delta`). `R(a) R(b) = R(a + b)`, so this equals the key computed at its real
+/// position; values are untouched. The segmented attention kernel never writes the rotated keys:
+/// since `q . R(delta) k = R(-delta) q . k`, it rotates the query rows instead, once per segment.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeShift {
+    /// The model's RoPE (layout, frequencies); its `head_dim` must be the attention's.
+    pub rope: RopeConfig,
+    /// Positions to rotate by.
+    pub delta: i64,
+}
+
+impl RopeShift {
+    /// The `d/2` pairs `(cos, sin)` of `delta * theta_i`, angles formed in f64.
+    pub fn cos_sin(&self) -> Vec<(f64, f64)> {
+        let delta = self.delta as f64;
+        self.rope
+            .inv_freqs()
+            .iter()
+            .map(|theta| {
+                let (s, c) = (delta * theta).sin_cos();
+                (c, s)
+            })
+            .collect()
+    }
+}

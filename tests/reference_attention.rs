@@ -4,10 +4,13 @@
 mod common;
 
 use ape_attn::reference::{
-    ape, merge_states, rel_l2, segmented_attention, segmented_attention::group_state,
+    ape, merge_states, rel_l2, rope, segmented_attention, segmented_attention::group_state,
     AttentionState, Query, Segment,
 };
-use ape_attn::{ApeParams, ApeVariant, AttentionDims, Error, SegmentRole};
+use ape_attn::{
+    ApeParams, ApeVariant, AttentionDims, Error, Llama3RopeScaling, RopeConfig, RopeLayout,
+    RopeShift, SegmentRole,
+};
 use common::{max_abs_diff, seeded, Seeded};
 
 /// Owned KV for one segment.
@@ -17,6 +20,7 @@ struct Owned {
     len: usize,
     pos_offset: usize,
     role: SegmentRole,
+    rope_shift: Option<RopeShift>,
 }
 
 impl Owned {
@@ -27,6 +31,7 @@ impl Owned {
             len: self.len,
             pos_offset: self.pos_offset,
             role: self.role,
+            rope_shift: self.rope_shift,
         }
     }
 }
@@ -52,6 +57,7 @@ fn random_segment(
         len,
         pos_offset: pos,
         role,
+        rope_shift: None,
     }
 }
 
@@ -238,6 +244,7 @@ fn splitting_a_segment_changes_nothing() {
             len: at,
             pos_offset: s.pos_offset,
             role: s.role,
+            rope_shift: s.rope_shift,
         };
         let tail = Owned {
             k: s.k[at * row..].to_vec(),
@@ -245,6 +252,7 @@ fn splitting_a_segment_changes_nothing() {
             len: s.len - at,
             pos_offset: s.pos_offset + at,
             role: s.role,
+            rope_shift: s.rope_shift,
         };
         let mut split: Vec<Owned> = Vec::new();
         for (i, seg) in segs.into_iter().enumerate() {
@@ -292,6 +300,7 @@ fn empty_segments_change_nothing_and_all_empty_gives_minus_inf() {
                     len: 0,
                     pos_offset: r.range(0, 50),
                     role,
+                    rope_shift: None,
                 },
             );
         }
@@ -308,6 +317,7 @@ fn empty_segments_change_nothing_and_all_empty_gives_minus_inf() {
             len: 0,
             pos_offset: 0,
             role,
+            rope_shift: None,
         })
         .collect();
     for segs in [&empty[..], &[]] {
@@ -512,6 +522,7 @@ fn gqa_equals_repeated_kv() {
                 len: s.len,
                 pos_offset: s.pos_offset,
                 role: s.role,
+                rope_shift: s.rope_shift,
             })
             .collect();
         let params = ApeParams::default();
@@ -536,6 +547,7 @@ fn hand_computed_attention() {
         len: 2,
         pos_offset: 0,
         role: SegmentRole::Context,
+        rope_shift: None,
     };
     let q = [2.0, 0.0, 0.0, 0.0];
     let got = segmented_attention(
@@ -575,6 +587,7 @@ fn hand_computed_ape() {
             len: 2,
             pos_offset: 0,
             role: SegmentRole::Context,
+            rope_shift: None,
         },
         Segment {
             k: &ko,
@@ -582,6 +595,7 @@ fn hand_computed_ape() {
             len: 1,
             pos_offset: 2,
             role: SegmentRole::Causal,
+            rope_shift: None,
         },
     ];
     let q = [2.0, 0.0, 0.0, 0.0];
@@ -691,6 +705,7 @@ fn invalid_parameters_are_errors() {
         len: 2,
         pos_offset: 0,
         role: SegmentRole::Context,
+        rope_shift: None,
     };
     let bad_v = Segment { v: &short, ..ok };
     assert!(segmented_attention(&query, &[ok], &dims, &ApeParams::default()).is_ok());
@@ -723,4 +738,146 @@ fn relative_l2_is_what_it_says() {
     assert_eq!(rel_l2(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
     // ||(0.3, 0.4)|| / ||(3, 4)|| = 0.5 / 5.
     assert!((rel_l2(&[3.3, 4.4], &[3.0, 4.0]) - 0.1).abs() < 1e-6);
+}
+
+// ---- RoPE shifts (Block-Attention: keys cached at position 0, read at their offset) ----
+
+fn random_rope(r: &mut Seeded, head_dim: usize) -> RopeConfig {
+    let layout = if r.coin() {
+        RopeLayout::Neox
+    } else {
+        RopeLayout::Interleaved
+    };
+    let rope = RopeConfig::new(head_dim, r.pick(&[100.0, 10_000.0, 500_000.0]), layout)
+        .expect("valid rope");
+    if r.coin() {
+        rope.with_llama3_scaling(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 64.0,
+        })
+        .expect("valid scaling")
+    } else {
+        rope
+    }
+}
+
+/// A block whose keys were rotated at positions `0..len` and are read with a shift by `o` gives the
+/// same attention as the same block with its keys rotated at `o..o + len` (`R(o) R(t) = R(o + t)`).
+#[test]
+fn rope_shift_equals_keys_computed_at_the_real_offset() {
+    let mut r = seeded("rope_shift_equals_keys_computed_at_the_real_offset");
+    for _ in 0..200 {
+        let n_kv = r.range(1, 2);
+        let dims = AttentionDims::new(n_kv * r.pick(&[1, 3]), n_kv, r.pick(&[2, 4, 8, 16]))
+            .expect("valid dims");
+        let rope = random_rope(&mut r, dims.head_dim);
+        let (q, rows, q_pos, segs) = random_problem(&mut r, &dims);
+        let (mut cached, mut real) = (Vec::new(), Vec::new());
+        for s in segs {
+            let offset = r.range(0, 5000);
+            let (mut at_zero, mut at_offset) = (s.k.clone(), s.k.clone());
+            rope::apply(&mut at_zero, s.len, n_kv, &rope, 0).expect("rope");
+            rope::apply(&mut at_offset, s.len, n_kv, &rope, offset as i64).expect("rope");
+            cached.push(Owned {
+                k: at_zero,
+                rope_shift: Some(RopeShift {
+                    rope,
+                    delta: offset as i64,
+                }),
+                v: s.v.clone(),
+                ..s
+            });
+            real.push(Owned {
+                k: at_offset,
+                v: cached.last().expect("pushed").v.clone(),
+                rope_shift: None,
+                ..*cached.last().expect("pushed")
+            });
+        }
+        let ape = ApeParams::new(r.f32_in(0.5, 1.5), r.f32_in(0.5, 1.5)).expect("valid");
+        let a = run(&q, rows, q_pos, &cached, &dims, &ape);
+        let b = run(&q, rows, q_pos, &real, &dims, &ape);
+        assert!(max_abs_diff(&a.out, &b.out) < 1e-4, "out differs");
+        assert!(max_abs_diff(&a.lse, &b.lse) < 1e-4, "lse differs");
+    }
+}
+
+/// The identity the kernel relies on: keys rotated by `delta` give the same logits as the query
+/// rotated by `-delta` (`q . R(d) k = R(-d) q . k`), so attention over segments that all carry the
+/// same shift equals attention of the counter-rotated query over the keys as stored.
+#[test]
+fn rope_shift_of_the_keys_equals_the_opposite_rotation_of_the_query() {
+    let mut r = seeded("rope_shift_of_the_keys_equals_the_opposite_rotation_of_the_query");
+    let mut changed = 0;
+    for _ in 0..200 {
+        let n_kv = r.range(1, 2);
+        let dims = AttentionDims::new(n_kv * r.pick(&[1, 4]), n_kv, r.pick(&[2, 4, 8, 16]))
+            .expect("valid dims");
+        let rope = random_rope(&mut r, dims.head_dim);
+        let delta = r.range(1, 200_000) as i64 - 100_000;
+        let (mut q, rows, q_pos, mut segs) = random_problem(&mut r, &dims);
+        let ape = ApeParams::new(r.f32_in(0.5, 1.5), r.f32_in(0.5, 1.5)).expect("valid");
+        let stored = run(&q, rows, q_pos, &segs, &dims, &ape);
+        for s in &mut segs {
+            s.rope_shift = Some(RopeShift { rope, delta });
+        }
+        let shifted = run(&q, rows, q_pos, &segs, &dims, &ape);
+        rope::shift(&mut q, rows, dims.n_heads, &rope, -delta).expect("rope");
+        for s in &mut segs {
+            s.rope_shift = None;
+        }
+        let counter_rotated = run(&q, rows, q_pos, &segs, &dims, &ape);
+        assert!(
+            max_abs_diff(&shifted.out, &counter_rotated.out) < 1e-5,
+            "out differs"
+        );
+        assert!(
+            max_abs_diff(&shifted.lse, &counter_rotated.lse) < 1e-5,
+            "lse differs"
+        );
+        if max_abs_diff(&shifted.out, &stored.out) > 1e-3 {
+            changed += 1;
+        }
+    }
+    // The shift is not a no-op (a problem may have no visible key, so not every time).
+    assert!(
+        changed > 100,
+        "the shift changed the output in only {changed} of 200 problems"
+    );
+}
+
+#[test]
+fn rope_shift_errors() {
+    let dims = AttentionDims::new(2, 1, 4).expect("valid");
+    let (q, k) = ([0.5f32; 8], [0.25f32; 8]);
+    let query = Query {
+        data: &q,
+        n_rows: 1,
+        pos_offset: 0,
+    };
+    let rope8 = RopeConfig::new(8, 10_000.0, RopeLayout::Neox).expect("valid");
+    let seg = |rope: RopeConfig| Segment {
+        k: &k,
+        v: &k,
+        len: 2,
+        pos_offset: 0,
+        role: SegmentRole::Context,
+        rope_shift: Some(RopeShift { rope, delta: 3 }),
+    };
+    assert!(matches!(
+        segmented_attention(&query, &[seg(rope8)], &dims, &ApeParams::plain()),
+        Err(Error::Shape(_))
+    ));
+    let nan_base = RopeConfig {
+        base: f64::NAN,
+        ..RopeConfig::new(4, 10_000.0, RopeLayout::Neox).expect("valid")
+    };
+    assert!(matches!(
+        segmented_attention(&query, &[seg(nan_base)], &dims, &ApeParams::plain()),
+        Err(Error::InvalidParameter { .. })
+    ));
+    let rope4 = RopeConfig::new(4, 10_000.0, RopeLayout::Neox).expect("valid");
+    assert!(segmented_attention(&query, &[seg(rope4)], &dims, &ApeParams::plain()).is_ok());
 }

@@ -11,13 +11,17 @@
 //! One launcher serves prefill (many rows) and decode (one row): when the question alone does not
 //! fill the GPU, the keys are split across thread blocks (split-KV) and a second kernel merges the
 //! partial states, group by group, before applying the APE correction.
+//!
+//! A segment with a [`RopeShift`] is read as if its keys were rotated by `delta` positions
+//! (Block-Attention), without writing rotated keys anywhere: the kernel rotates its query rows by
+//! `-delta` in registers instead (`q . R(delta) k = R(-delta) q . k`), once per segment.
 
 use bytemuck::{Pod, Zeroable};
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::params::{ApeParams, ApeVariant, AttentionDims, SegmentRole};
+use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeLayout, RopeShift, SegmentRole};
 
 /// Keys per tile and packed query rows per thread block (kernels/segmented_attention.cu).
 pub const BLOCK_N: usize = 64;
@@ -38,6 +42,9 @@ pub struct Segment<'a> {
     pub pos_offset: usize,
     /// Masking and APE group.
     pub role: SegmentRole,
+    /// Read the keys rotated by this many RoPE positions (Block-Attention: a block cached at
+    /// position 0 used at its offset); `None` reads them as stored. The cache is not modified.
+    pub rope_shift: Option<RopeShift>,
 }
 
 /// Query rows on the device: `data` is `[n_rows, n_heads, head_dim]`, row `r` at position
@@ -68,8 +75,10 @@ struct SegmentDesc {
     pos_offset: u32,
     role: u32,
     first_tile: u32,
+    rope_row: i32,
+    rope_layout: u32,
 }
-const _: () = assert!(std::mem::size_of::<SegmentDesc>() == 32);
+const _: () = assert!(std::mem::size_of::<SegmentDesc>() == 40);
 
 /// Mirrors `ape::SegmentedAttentionParams`.
 #[repr(C)]
@@ -132,8 +141,8 @@ fn u32_of(x: usize, what: &str) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} = {x} does not fit in 32 bits")))
 }
 
-/// Resident thread blocks per SM of the attention kernel (80 KiB of shared memory and up to 255
-/// registers at head dim 128; `__launch_bounds__(128, 2)`).
+/// Resident thread blocks per SM of the attention kernel (80 KiB of shared memory, 96 KiB with
+/// RoPE shifts, and up to 255 registers at head dim 128; `__launch_bounds__(128, 2)`).
 pub const BLOCKS_PER_SM: usize = 2;
 
 /// Plans a launch from the segments' lengths and roles. Pure: no device needed.
@@ -331,8 +340,44 @@ fn validate(
         s.k.check_device(device, &format!("segment {i} k"))?;
         s.v.check_device(device, &format!("segment {i} v"))?;
         fits(s.pos_offset.saturating_add(len), format!("segment {i}"))?;
+        if let Some(shift) = &s.rope_shift {
+            shift.rope.validate()?;
+            if shift.rope.head_dim != dims.head_dim {
+                return Err(Error::Shape(format!(
+                    "segment {i}: RoPE shift has head_dim {}, the attention has {}",
+                    shift.rope.head_dim, dims.head_dim
+                )));
+            }
+        }
     }
     Ok(n_rows)
+}
+
+/// The RoPE shift table: one row of `head_dim / 2` `(cos, sin)` f32 pairs per distinct shift
+/// (angles in f64), and each segment's row (`-1`: read as stored; so is a shift by 0).
+fn rope_table(segments: &[&Segment]) -> (Vec<f32>, Vec<i32>) {
+    let mut shifts: Vec<RopeShift> = Vec::new();
+    let mut table = Vec::new();
+    let rows = segments
+        .iter()
+        .map(|s| match s.rope_shift {
+            Some(shift) if shift.delta != 0 => {
+                let row = shifts.iter().position(|x| *x == shift).unwrap_or_else(|| {
+                    shifts.push(shift);
+                    table.extend(
+                        shift
+                            .cos_sin()
+                            .into_iter()
+                            .flat_map(|(c, s)| [c as f32, s as f32]),
+                    );
+                    shifts.len() - 1
+                });
+                row as i32
+            }
+            _ => -1,
+        })
+        .collect();
+    (table, rows)
 }
 
 /// Attention of the query over all segments with the APE correction; returns new
@@ -386,12 +431,13 @@ pub fn segmented_attention_into(
     let plan = plan(n_rows, dims, &lens, device.sm_count(), options.num_splits)?;
 
     let stream = device.stream();
+    let ordered: Vec<&Segment> = plan.order.iter().map(|&i| &segments[i]).collect();
+    let (table, rope_rows) = rope_table(&ordered);
     let mut descs = Vec::with_capacity(plan.order.len().max(1));
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
     let mut read_guards = Vec::with_capacity(2 * plan.order.len());
-    for (&i, &first_tile) in plan.order.iter().zip(&plan.first_tile) {
-        let s = &segments[i];
+    for ((s, &first_tile), &rope_row) in ordered.iter().zip(&plan.first_tile).zip(&rope_rows) {
         let (k, k_sync) = s.k.buf().device_ptr(stream);
         let (v, v_sync) = s.v.buf().device_ptr(stream);
         read_guards.push(k_sync);
@@ -403,12 +449,28 @@ pub fn segmented_attention_into(
             pos_offset: s.pos_offset as u32,
             role: s.role as u32,
             first_tile,
+            rope_row,
+            rope_layout: match s.rope_shift.map(|r| r.rope.layout) {
+                Some(RopeLayout::Interleaved) => 1,
+                _ => 0,
+            },
         });
     }
     if descs.is_empty() {
         descs.push(SegmentDesc::zeroed());
     }
-    let descs = stream.clone_htod(bytemuck::cast_slice::<SegmentDesc, u8>(&descs))?;
+    // One upload: the descriptors, then the RoPE shift table (40-byte descriptors keep the f32
+    // pairs 8-byte aligned). Without shifts the kernel gets a valid pointer it never reads.
+    let mut upload = bytemuck::cast_slice::<SegmentDesc, u8>(&descs).to_vec();
+    let desc_bytes = upload.len();
+    upload.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&table));
+    let upload = stream.clone_htod(&upload)?;
+    let descs = upload.slice(..desc_bytes);
+    let rope_cs = if table.is_empty() {
+        upload.slice(..desc_bytes)
+    } else {
+        upload.slice(desc_bytes..)
+    };
 
     let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
     let log2e = std::f64::consts::LOG2_E;
@@ -446,8 +508,16 @@ pub fn segmented_attention_into(
     let lse_len = if plan.whole { 1 } else { splits * n };
 
     let (main, combine) = kernel_names(query.data.dtype(), dims.head_dim);
-    let smem = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
-    let f = device.function_with_smem(main, smem as u32)?;
+    // Q, two K and two V tiles; launches with RoPE shifts add the tile of the rotated rows' lo
+    // parts. The function's limit is set once, to the larger size.
+    let smem_plain = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
+    let smem_shifted = smem_plain + BLOCK_M * dims.head_dim * 2;
+    let smem = if table.is_empty() {
+        smem_plain
+    } else {
+        smem_shifted
+    };
+    let f = device.function_with_smem(main, smem_shifted as u32)?;
     let combine_fn = if plan.whole {
         None
     } else {
@@ -465,15 +535,18 @@ pub fn segmented_attention_into(
         launch
             .arg(query.data.buf())
             .arg(&descs)
+            .arg(&rope_cs)
             .arg(out.buf_mut())
             .arg(lse.buf_mut())
             .arg(&mut o_part)
             .arg(&mut lse_part)
             .arg(&params);
-        // SAFETY: the arguments match segmented_attention_* (q, segs, out, lse, o_part,
+        // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
         // lse_part, params). validate() checked every tensor's shape, dtype and device against
         // `dims` and `n_rows`; the descriptors point at the segments' K/V buffers, which hold
-        // len * n_kv_heads * head_dim elements each; the workspace views hold n_splits * n_rows
+        // len * n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of
+        // rope_cs, which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the
+        // shifts' head_dim); the workspace views hold n_splits * n_rows
         // * n_heads (* head_dim) f32 in split mode. The segment buffers are freed stream-ordered,
         // so they outlive the launch even if dropped now.
         unsafe { launch.launch(cfg) }?;

@@ -204,6 +204,7 @@ impl CpuModel {
                 len: p.kv.len,
                 pos_offset: p.pos_offset,
                 role: p.role,
+                rope_shift: None,
             })
             .collect();
         segments.push(reference::Segment {
@@ -212,6 +213,7 @@ impl CpuModel {
             len: n,
             pos_offset: pos,
             role: SegmentRole::Causal,
+            rope_shift: None,
         });
         // Rows are independent: split them across threads.
         let row = c.n_heads * c.head_dim;

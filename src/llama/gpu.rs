@@ -348,6 +348,7 @@ impl LlamaModel for GpuModel {
                         v: &ch.v[l],
                         pos_offset: offset,
                         role: p.role,
+                        rope_shift: None,
                     });
                     offset += ch.len;
                 }
@@ -357,6 +358,7 @@ impl LlamaModel for GpuModel {
                 v: &v,
                 pos_offset: pos,
                 role: SegmentRole::Causal,
+                rope_shift: None,
             });
             let query = cuda::Query {
                 data: &q,

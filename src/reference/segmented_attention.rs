@@ -9,12 +9,16 @@
 //! - causal group `O` (visible Causal keys): `L_O = LSE_O(s)`, `O_O = softmax(s) V`;
 //! - output and LSE: [`super::ape::combine`] of the two.
 //!
+//! A segment with a [`RopeShift`] is read as if its keys had been rotated by `delta` positions
+//! first ([`super::rope::shift`] on a copy): that is the definition the kernel's in-register
+//! rotation of the query rows must match.
+//!
 //! Everything is computed in f64 from f32 inputs; outputs are rounded to f32.
 
-use super::ape;
 use super::merge_states::AttentionState;
+use super::{ape, rope};
 use crate::error::{Error, Result};
-use crate::params::{ApeParams, AttentionDims, SegmentRole};
+use crate::params::{ApeParams, AttentionDims, RopeShift, SegmentRole};
 
 /// One independently stored KV block, read in place.
 ///
@@ -31,6 +35,9 @@ pub struct Segment<'a> {
     pub pos_offset: usize,
     /// Masking and APE group.
     pub role: SegmentRole,
+    /// Rotate the keys by this many RoPE positions as they are read (Block-Attention); `None`
+    /// reads them as stored.
+    pub rope_shift: Option<RopeShift>,
 }
 
 /// Query rows: `[n_rows, n_heads, head_dim]`, row `r` at position `pos_offset + r`.
@@ -80,12 +87,38 @@ pub fn validate(query: &Query, segments: &[Segment], dims: &AttentionDims) -> Re
                 )));
             }
         }
+        if let Some(shift) = &seg.rope_shift {
+            shift.rope.validate()?;
+            if shift.rope.head_dim != dims.head_dim {
+                return Err(Error::Shape(format!(
+                    "segment {i}: RoPE shift has head_dim {}, the attention has {}",
+                    shift.rope.head_dim, dims.head_dim
+                )));
+            }
+        }
     }
     Ok(())
 }
 
+/// The keys of every shifted segment, rotated (`None` for the others).
+fn shifted_keys(segments: &[Segment], dims: &AttentionDims) -> Result<Vec<Option<Vec<f32>>>> {
+    segments
+        .iter()
+        .map(|seg| {
+            seg.rope_shift
+                .map(|shift| {
+                    let mut k = seg.k.to_vec();
+                    rope::shift(&mut k, seg.len, dims.n_kv_heads, &shift.rope, shift.delta)?;
+                    Ok(k)
+                })
+                .transpose()
+        })
+        .collect()
+}
+
 /// The state of one query row and head over the visible keys of the segments whose role is
-/// `role`, logits scaled by `logit_scale`: `L = LSE_j(logit_scale * q.k_j)`,
+/// `role` (keys read as stored: `rope_shift` is resolved by [`segmented_attention`]), logits
+/// scaled by `logit_scale`: `L = LSE_j(logit_scale * q.k_j)`,
 /// `O = sum_j softmax_j(logit_scale * q.k) v_j`.
 pub fn group_state(
     query: &Query,
@@ -152,6 +185,17 @@ pub fn segmented_attention(
     ape: &ApeParams,
 ) -> Result<AttentionOutput> {
     validate(query, segments, dims)?;
+    let rotated = shifted_keys(segments, dims)?;
+    let segments: Vec<Segment> = segments
+        .iter()
+        .zip(&rotated)
+        .map(|(seg, k)| Segment {
+            k: k.as_deref().unwrap_or(seg.k),
+            rope_shift: None,
+            ..*seg
+        })
+        .collect();
+    let segments = &segments[..];
     let d = dims.head_dim;
     let inv_sqrt_d = 1.0 / (d as f64).sqrt();
     let context_scale = inv_sqrt_d / ape.temperature() as f64;
