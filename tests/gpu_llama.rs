@@ -12,8 +12,8 @@ use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Mode, Prompt, Sampling};
 use ape_attn::llama::gguf::Gguf;
 use ape_attn::llama::gpu::GpuModel;
-use ape_attn::llama::model::{LlamaModel, LogitRows};
-use ape_attn::{ApeParams, RopeConfig, RopeLayout};
+use ape_attn::llama::model::{KvBlock, LlamaModel, LogitRows, Past};
+use ape_attn::{ApeParams, RopeConfig, RopeLayout, SegmentRole};
 use common::gguf_writer::Writer;
 use common::seeded;
 
@@ -169,6 +169,72 @@ fn the_four_modes_and_decode_match_on_the_gpu() {
         )
         .expect("generate");
     assert_eq!(out.tokens.len(), 8);
+}
+
+/// A block grown by decode steps, shifted (Block-Attention), then grown past MAX_CHUNKS so that its
+/// shifted chunks are rotated and merged, then read by a question: the same logits on both models.
+fn shifted_block_then_appended<M: LlamaModel>(m: &M) -> Vec<f32> {
+    let plain = ApeParams::plain();
+    fn past<B>(b: &B, pos: usize) -> [Past<'_, B>; 1] {
+        [Past {
+            kv: b,
+            pos_offset: pos,
+            role: SegmentRole::Causal,
+        }]
+    }
+    let mut block = m
+        .forward(&[1, 2, 3, 4, 5], 0, &[], &plain, LogitRows::None)
+        .expect("prompt")
+        .kv;
+    for t in 0..6u32 {
+        let step = m
+            .forward(
+                &[t + 7],
+                block.len(),
+                &past(&block, 0),
+                &plain,
+                LogitRows::None,
+            )
+            .expect("step");
+        m.append_block(&mut block, step.kv).expect("append");
+    }
+    let delta = 300;
+    let mut block = m.shift_block(&block, delta as i64).expect("shift");
+    for t in 0..20u32 {
+        let pos = delta + block.len();
+        let step = m
+            .forward(
+                &[t + 20],
+                pos,
+                &past(&block, delta),
+                &plain,
+                LogitRows::None,
+            )
+            .expect("step");
+        m.append_block(&mut block, step.kv).expect("append");
+    }
+    let q_pos = delta + block.len();
+    m.forward(
+        &[50, 51, 52],
+        q_pos,
+        &past(&block, delta),
+        &plain,
+        LogitRows::All,
+    )
+    .expect("question")
+    .logits
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn shifted_blocks_match_when_grown_and_merged() {
+    let g = small_model();
+    let cfg = LlamaConfig::from_gguf(&g).expect("config");
+    let cpu = CpuModel::load(&g).expect("cpu");
+    let gpu = GpuModel::from_source(device(), cfg.clone(), &g, |_, _| {}).expect("gpu");
+    let a = shifted_block_then_appended(&gpu);
+    let b = shifted_block_then_appended(&cpu);
+    assert_close(&a, &b, cfg.vocab_size, "shifted block, grown and merged");
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! A block's K/V are a list of chunks in position order, each `[len, n_kv_heads, head_dim]` per
 //! layer; every chunk is one segment for the attention kernel. Appending a decode step adds a
 //! chunk instead of copying the block (small chunks are merged once there are many), and a
-//! Block-Attention shift makes new K tensors but shares the V tensors.
+//! Block-Attention shift copies nothing: it records the shift on the block's chunks, and the
+//! attention kernel reads their keys rotated ([`RopeShift`]) from the cached tensors.
 //!
 //! Status: written against the CPU path's API and tested on a GPU only by the ignored tests in
 //! `tests/gpu_llama.rs`; see issue #4.
@@ -22,7 +23,7 @@ use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, 
 use super::weights::{Weight, WeightSource};
 use crate::cuda::{self, llama_ops, DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::params::{ApeParams, AttentionDims, SegmentRole};
+use crate::params::{ApeParams, AttentionDims, RopeShift, SegmentRole};
 
 struct GpuLayer {
     attn_norm: Tensor,
@@ -61,6 +62,9 @@ struct Chunk {
     len: usize,
     k: Vec<Arc<Tensor>>,
     v: Vec<Arc<Tensor>>,
+    /// RoPE positions the keys are read rotated by (Block-Attention); the tensors hold them as
+    /// computed.
+    rope_shift: i64,
 }
 
 /// K and V of a run of tokens on the GPU (see the module docs).
@@ -325,6 +329,7 @@ impl LlamaModel for GpuModel {
             len: n,
             k: Vec::with_capacity(c.n_layers),
             v: Vec::with_capacity(c.n_layers),
+            rope_shift: 0,
         };
         for (l, w) in self.layers.iter().enumerate() {
             let h = llama_ops::rms_norm(dev, &x, &w.attn_norm, c.rms_eps)?;
@@ -348,7 +353,10 @@ impl LlamaModel for GpuModel {
                         v: &ch.v[l],
                         pos_offset: offset,
                         role: p.role,
-                        rope_shift: None,
+                        rope_shift: (ch.rope_shift != 0).then_some(RopeShift {
+                            rope: c.rope,
+                            delta: ch.rope_shift,
+                        }),
                     });
                     offset += ch.len;
                 }
@@ -397,21 +405,22 @@ impl LlamaModel for GpuModel {
         })
     }
 
+    /// O(1): the chunks share the block's tensors and carry the shift (`R(a) R(b) = R(a + b)`).
     fn shift_block(&self, block: &GpuBlock, delta: i64) -> Result<GpuBlock> {
-        let mut chunks = Vec::with_capacity(block.chunks.len());
-        for ch in &block.chunks {
-            let mut k = Vec::with_capacity(ch.k.len());
-            for t in &ch.k {
-                let mut shifted = t.try_clone(&self.dev)?;
-                cuda::rope_shift(&self.dev, &mut shifted, &self.config.rope, delta)?;
-                k.push(Arc::new(shifted));
-            }
-            chunks.push(Chunk {
-                len: ch.len,
-                k,
-                v: ch.v.clone(),
-            });
-        }
+        let chunks = block
+            .chunks
+            .iter()
+            .map(|ch| {
+                Ok(Chunk {
+                    len: ch.len,
+                    k: ch.k.clone(),
+                    v: ch.v.clone(),
+                    rope_shift: ch.rope_shift.checked_add(delta).ok_or_else(|| {
+                        Error::OutOfRange(format!("RoPE shift {} + {delta}", ch.rope_shift))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(GpuBlock {
             len: block.len,
             chunks,
@@ -429,9 +438,32 @@ impl LlamaModel for GpuModel {
                 len: tail.iter().map(|c| c.len).sum(),
                 k: Vec::with_capacity(layers),
                 v: Vec::with_capacity(layers),
+                rope_shift: 0,
             };
             for l in 0..layers {
-                let ks: Vec<&Tensor> = tail.iter().map(|c| c.k[l].as_ref()).collect();
+                // The merged chunk holds its keys as read: shifted chunks are rotated first.
+                let rotated: Vec<Option<Tensor>> = tail
+                    .iter()
+                    .map(|c| {
+                        (c.rope_shift != 0)
+                            .then(|| {
+                                let mut k = c.k[l].try_clone(&self.dev)?;
+                                cuda::rope_shift(
+                                    &self.dev,
+                                    &mut k,
+                                    &self.config.rope,
+                                    c.rope_shift,
+                                )?;
+                                Ok(k)
+                            })
+                            .transpose()
+                    })
+                    .collect::<Result<_>>()?;
+                let ks: Vec<&Tensor> = tail
+                    .iter()
+                    .zip(&rotated)
+                    .map(|(c, r)| r.as_ref().unwrap_or(c.k[l].as_ref()))
+                    .collect();
                 let vs: Vec<&Tensor> = tail.iter().map(|c| c.v[l].as_ref()).collect();
                 merged.k.push(Arc::new(self.concat(&ks)?));
                 merged.v.push(Arc::new(self.concat(&vs)?));
