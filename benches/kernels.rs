@@ -11,7 +11,7 @@ use std::time::Duration;
 use ape_attn::cuda::{
     self, merge_states_into, rope_shift, DType, Device, SegmentedAttentionOptions, Tensor,
 };
-use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, SegmentRole};
+use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
 
@@ -75,16 +75,34 @@ fn problem(dev: &Device, n_rows: usize, keys: usize, n_segments: usize) -> Probl
 }
 
 fn run(dev: &Device, p: &Problem, ape: &ApeParams, out: &mut Tensor, lse: &mut Tensor) {
-    let segs: Vec<cuda::Segment> =
-        p.kv.iter()
-            .map(|(k, v)| cuda::Segment {
-                k,
-                v,
-                pos_offset: 0,
-                role: SegmentRole::Context,
-                rope_shift: None,
-            })
-            .collect();
+    run_shifted(dev, p, &p.kv, None, ape, out, lse)
+}
+
+/// [`run`] over the keys `kv` (those of `p` or copies), each segment read with the RoPE shift of
+/// Block-Attention (block `i` at offset `i * len`) when `rope` is given.
+fn run_shifted(
+    dev: &Device,
+    p: &Problem,
+    kv: &[(Tensor, Tensor)],
+    rope: Option<&RopeConfig>,
+    ape: &ApeParams,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) {
+    let segs: Vec<cuda::Segment> = kv
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| cuda::Segment {
+            k,
+            v,
+            pos_offset: 0,
+            role: SegmentRole::Context,
+            rope_shift: rope.map(|&rope| RopeShift {
+                rope,
+                delta: (i * k.shape()[0]) as i64,
+            }),
+        })
+        .collect();
     let query = cuda::Query {
         data: &p.q,
         pos_offset: p.q_pos,
@@ -169,6 +187,54 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
     g.finish();
 }
 
+/// Block-Attention's read of 16 blocks cached at position 0 (32K keys), each at its offset, for a
+/// 64-row question (split-KV, memory-bound) and a 4096-row prefill (one pass, compute-bound):
+/// `fused` reads the keys in place through RoPE shifts; `separate` copies and shifts every
+/// block's K first (cuda::rope_shift), then attends as stored, as the GPU model did before;
+/// `unshifted` is the same attention with no shift, the cost floor of both. Throughput: the
+/// cached K+V bytes, for all three.
+fn bench_block_attention_shift(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "block_attention_shift");
+    let rope = RopeConfig::new(128, 500_000.0, RopeLayout::Neox).expect("rope");
+    let (keys, n_segments) = (32768, 16);
+    for rows in [64, 4096] {
+        let p = problem(dev, rows, keys, n_segments);
+        let (mut out, mut lse) = outputs(dev, &p);
+        let mut scratch: Vec<(Tensor, Tensor)> =
+            p.kv.iter()
+                .map(|(k, v)| {
+                    let v = v.try_clone(dev).expect("alloc");
+                    (k.try_clone(dev).expect("alloc"), v)
+                })
+                .collect();
+        g.throughput(Throughput::Bytes(2 * keys as u64 * 8 * 128 * 2));
+        let shape = format!("rows{rows}_k{keys}_s{n_segments}");
+        let plain = ApeParams::plain();
+        g.bench_with_input(BenchmarkId::new("fused", &shape), &(), |b, _| {
+            b.iter_custom(|iters| {
+                gpu_time(dev, iters, || {
+                    run_shifted(dev, &p, &p.kv, Some(&rope), &plain, &mut out, &mut lse)
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("separate", &shape), &(), |b, _| {
+            b.iter_custom(|iters| {
+                gpu_time(dev, iters, || {
+                    for (i, ((k, _), (copy, _))) in p.kv.iter().zip(&mut scratch).enumerate() {
+                        copy.copy_from(dev, k).expect("copy");
+                        rope_shift(dev, copy, &rope, (i * k.shape()[0]) as i64).expect("rope");
+                    }
+                    run_shifted(dev, &p, &scratch, None, &plain, &mut out, &mut lse)
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("unshifted", &shape), &(), |b, _| {
+            b.iter_custom(|iters| gpu_time(dev, iters, || run(dev, &p, &plain, &mut out, &mut lse)))
+        });
+    }
+    g.finish();
+}
+
 /// Merge of 8 states of [4096, 32, 128] bf16 (bytes = read + written), RoPE shift of 32K keys
 /// x 8 heads x 128 (read + write), and a device-to-device copy of 1 GiB (read + write), the
 /// bandwidth peer measured in the same run.
@@ -225,6 +291,7 @@ fn benches(c: &mut Criterion) {
     println!("device: {}", dev.name().unwrap_or_default());
     bench_memory_bound(c, &dev);
     bench_short_and_decode(c, &dev);
+    bench_block_attention_shift(c, &dev);
     bench_prefill(c, &dev);
 }
 

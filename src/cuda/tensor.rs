@@ -197,6 +197,18 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Copies `src` into this tensor on the device (same shape and dtype), reusing its memory.
+    pub fn copy_from(&mut self, device: &Device, src: &Tensor) -> Result<()> {
+        self.check_device(device, "destination")?;
+        src.check_device(device, "source")?;
+        self.check_shape(src.shape(), "destination")?;
+        self.check_dtype(src.dtype, "destination")?;
+        if !self.is_empty() {
+            device.stream().memcpy_dtod(&src.buf, &mut self.buf)?;
+        }
+        Ok(())
+    }
+
     /// A copy on the device.
     pub fn try_clone(&self, device: &Device) -> Result<Self> {
         let rows = self.shape.first().copied().unwrap_or(1);
