@@ -1,7 +1,7 @@
 """The peer measured in the same GPU run as our kernels: PyTorch scaled_dot_product_attention
-(flash and cuDNN backends) on the shapes of benches/kernels.rs, a device-to-device copy, and
-SDPA's accuracy on the inputs of the `sdpa_comparison_cases` GPU test (same integer-hash fill).
-Prints one JSON object."""
+(flash and cuDNN backends) on the shapes of benches/kernels.rs, a device-to-device copy, a dense
+bf16 GEMM (the compute rate of summarize.py's floors), and SDPA's accuracy on the inputs of the
+`sdpa_comparison_cases` GPU test (same integer-hash fill). Prints one JSON object."""
 import json
 import sys
 
@@ -63,8 +63,18 @@ def sdpa_timed(q, k, v, backend, causal=False):
     return None, last
 
 
+def gemm_tflops(n=8192):
+    """Dense bf16 matrix product rate (n x n x n), the compute ceiling of summarize.py's floors.
+    Hash-filled inputs, not zeros: a product of zeros can run faster than real data."""
+    a, b = fill((n, n), 3), fill((n, n), 4)
+    c = torch.empty_like(a)
+    ms = time_ms(lambda: torch.matmul(a, b, out=c), iters=10)
+    return 2 * n ** 3 / (ms * 1e9)
+
+
 def main():
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    res["gemm_bf16_tflops"] = gemm_tflops()
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
     for rows, keys in [(1024, 8192), (1024, 32768), (4096, 32768), (8192, 65536)]:
