@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Builds the GPU test and benchmark binaries here (the GPU machine has no Rust) and collects them,
-# stripped, with the GPU scripts in gpu-bundle/ (git-ignored). Carry gpu-bundle to the device and
-# run `bash gpu-bundle/session.sh` there.
+# Builds the GPU test and benchmark binaries here (the GPU machine has no Rust) and collects, in
+# gpu-bundle/ (git-ignored), everything a GPU session needs beside the repository:
+#   bin.tar.xz    the binaries, stripped and xz-compressed (they share most of their bytes:
+#                 about 41 MB -> 2.3 MB); session.sh unpacks them into /tmp there
+#   model/        the real model cut to its first APE_CUT_LAYERS blocks (default 8) by
+#                 scripts/gpu/cut-model.py, checked here with `ape inspect` and a CPU forward pass
+#   fixtures/     the llama.cpp fixture the real-model test reads (APE_FIXTURES)
+#   session.sh, peer.py, summarize.py, BUILD_INFO
+# Carry gpu-bundle to the device and run `bash gpu-bundle/session.sh PHASE` there, one phase a
+# call (see session.sh and README.md, "On a GPU").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=gpu-bundle
-rm -rf "$out" && mkdir -p "$out/bin"
+layers=${APE_CUT_LAYERS:-8}
+limit_mib=60 # what travels must stay under 64 MiB; the rest is margin for the checkout
+rm -rf "$out" && mkdir -p "$out/model" "$out/fixtures"
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir "$stage/bin"
 
-if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
+if [ -z "${NVCC:-}" ] && ! command -v nvcc > /dev/null 2>&1; then
   NVCC=$(bash scripts/install-nvcc.sh | tail -n 1)
   export NVCC
 fi
@@ -30,11 +42,47 @@ for line in sys.stdin:
     --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device
   cargo bench --no-run --message-format=json --bench kernels --bench e2e
 } | executables | while read -r name exe; do
-  cp "$exe" "$out/bin/$name"
-  strip "$out/bin/$name"
+  cp "$exe" "$stage/bin/$name"
+  strip "$stage/bin/$name"
 done
+for t in gpu_merge_states gpu_segmented_attention gpu_rope gpu_llama_ops gpu_llama cuda_device kernels e2e; do
+  [ -x "$stage/bin/$t" ] || { echo "bundle.sh: $t was not built" >&2; exit 1; }
+done
+# xz's large window finds what the binaries share (gzip's 32 KiB one does not); the device
+# unpacks it with Python's lzma, which is always there.
+python3 - "$stage" "$out/bin.tar.xz" << 'PY'
+import lzma, sys, tarfile
+stage, dest = sys.argv[1:]
+with tarfile.open(dest, "w:xz", preset=9 | lzma.PRESET_EXTREME) as t:
+    t.add(f"{stage}/bin", arcname="bin")
+PY
+
+cargo build --release --quiet --bin ape
+ape=target/release/ape
+model=$(bash scripts/fetch-model.sh | tail -n 1)
+cut="$out/model/$(basename "$model" .gguf).first$layers.gguf"
+python3 scripts/gpu/cut-model.py "$model" "$cut" "$layers"
+# The cut model must load and run here, or the real-model test there would only fail.
+$ape inspect --model "$cut" > "$stage/inspect.txt"
+grep -q "llama.block_count = U64($layers)" "$stage/inspect.txt" \
+  || { echo "bundle.sh: $cut does not report $layers blocks" >&2; exit 1; }
+echo "The capital of France is Paris." > "$stage/context.txt"
+$ape run --model "$cut" --context "$stage/context.txt" --question "What is the capital of France?" \
+  --mode sequential --print-logits 3 > "$stage/logits.txt" \
+  || { echo "bundle.sh: the CPU forward pass fails on $cut" >&2; exit 1; }
+echo "cut model, top logits at the first answer position:" && cat "$stage/logits.txt"
+
+cp tests/fixtures/smollm2_llamacpp.json "$out/fixtures/"
 cp scripts/gpu/session.sh scripts/gpu/peer.py scripts/gpu/summarize.py "$out/"
-cargo run --release --quiet --bin ape -- info > "$out/BUILD_INFO"
-git rev-parse HEAD >> "$out/BUILD_INFO"
-du -sh "$out"
-ls -la "$out/bin"
+$ape info > "$out/BUILD_INFO"
+echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')" >> "$out/BUILD_INFO"
+echo "model $(basename "$cut"): the first $layers blocks of $(basename "$model")" >> "$out/BUILD_INFO"
+
+ls -l "$out" "$out/model"
+bundle=$(du -sb "$out" | cut -f1)
+repo=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+echo "gpu-bundle $((bundle / 1048576)) MiB + tracked files $((repo / 1048576)) MiB travel (limit 64 MiB)"
+if [ $((bundle + repo)) -gt $((limit_mib * 1048576)) ]; then
+  echo "bundle.sh: over ${limit_mib} MiB; cut fewer layers (APE_CUT_LAYERS)" >&2
+  exit 1
+fi

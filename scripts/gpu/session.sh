@@ -1,58 +1,276 @@
 #!/usr/bin/env bash
-# One GPU session's work, run on the device machine from the repository root:
-#   bash gpu-bundle/session.sh
-# GPU tests (ignored ones included), compute-sanitizer memcheck and racecheck on a reduced sweep,
-# the criterion kernel benchmarks, the PyTorch peer on identical shapes, and the summary tables.
-# Everything lands in $OUT (or gpu-out/ when OUT is unset).
+# One GPU session's work on the device machine, run from the repository root, in phases that each
+# fit one device-tool call (a call is killed at 600 s, and at most 8 files come back from $OUT):
+#   bash gpu-bundle/session.sh test       GPU tests, ignored ones too, and the real model (cut)
+#   bash gpu-bundle/session.sh sanitize   compute-sanitizer memcheck and racecheck, reduced sweep
+#   bash gpu-bundle/session.sh bench      kernel benchmarks, SDPA accuracy, TTFT to 32K, peer, summary
+#   bash gpu-bundle/session.sh e2e        TTFT of the synthetic Llama-3-8B up to 128K
+#   bash gpu-bundle/session.sh all        the four in sequence, with no phase deadline
+# A phase leaves in $OUT (gpu-out/ when OUT is unset) PHASE.md (the summary), PHASE.log (the step
+# log), PHASE-results.tar.gz (every log, criterion's JSON, e2e.jsonl, peer.json, device.txt) and,
+# from bench, summarize.py's plot_*.png (3 at most): 6 files at most, 7 while a tarball is being
+# replaced. The tarball is rewritten after every step, so a call killed at its limit still brings
+# back what the finished steps wrote.
 set -uo pipefail
+
+# Budgets, in seconds. Each step runs under `timeout` with its budget, cut to what is left of the
+# phase's: no step runs past PHASE_BUDGET - RESERVE, so a hung kernel costs its own step only.
+PHASE_BUDGET=${APE_PHASE_BUDGET:-540} # a device call is killed at 600 s
+RESERVE=15                            # kept at the end of a phase for packing
+KILL_AFTER=5                          # SIGKILL this long after a step's SIGTERM
+# test (510)
+T_CUDA_DEVICE=30
+T_MERGE_STATES=60
+T_ROPE=60
+T_LLAMA_OPS=90
+T_SEGMENTED=150
+T_LLAMA=120 # includes the real model (cut to its first layers) on the CPU and the GPU
+# sanitize, APE_GPU_QUICK=1, per test binary (4 x 50 + 4 x 75 = 500)
+T_MEMCHECK=50
+T_RACECHECK=75
+# bench (525)
+# criterion, 19 benchmarks, each saving its JSON when done. Its --warm-up-time, --measurement-time
+# and --sample-size would not shorten them: benches/kernels.rs sets those per group, which wins.
+T_KERNELS=240
+T_SDPA_CASES=45
+T_E2E=120      # with APE_E2E_MAX (default E2E_MAX_BENCH)
+T_PEER=90
+T_SUMMARY=30
+E2E_MAX_BENCH=32768
+# e2e (500)
+T_E2E_FULL=500 # with APE_E2E_MAX (default E2E_MAX_FULL)
+E2E_MAX_FULL=131072
+
+usage() {
+  echo "usage: bash gpu-bundle/session.sh test|sanitize|bench|e2e|all" >&2
+  exit 2
+}
+[ $# -eq 1 ] || usage
+tag=$1
+case $tag in
+  test | sanitize | bench | e2e) phases=("$tag") ;;
+  all) phases=(test sanitize bench e2e) && PHASE_BUDGET=1000000000 ;;
+  *) usage ;;
+esac
+
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-bin="$here/bin"
-log() { echo "== $*" | tee -a "$out/session.log"; }
+out=$(cd "$out" && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/ape-gpu-$tag.XXXXXX")
+status=0
+deadline=$(($(date +%s) + PHASE_BUDGET))
+dir=$work # the current phase's folder
+log() { echo "== $*" | tee -a "$work/session.log"; }
 
+# The summary: each step's result, the failures' last lines, then what the phase measured.
+report() {
+  local p f name result
+  echo "# GPU session: $tag"
+  echo
+  sed -n '1,3p' "$work/device.txt"
+  echo
+  echo "| phase | step | result | seconds | budget |"
+  echo "|---|---|---|---|---|"
+  sed 's/\t/ | /g; s/^/| /; s/$/ |/' "$work/steps.tsv"
+  for p in "${phases[@]}"; do
+    [ -d "$work/$p" ] || continue
+    case $p in
+      test)
+        echo -e "\n## test\n"
+        for f in "$work/test"/test_*.log; do
+          [ -f "$f" ] || continue
+          echo "- $(basename "$f" .log): $(grep -E '^test result' "$f" | tail -n 1)"
+          # The names in libtest's last "failures:" list.
+          awk '/^failures:$/ { k = 0; next } /^    [^ ]/ { a[++k] = $1 } END { for (i = 1; i <= k; i++) print "  - FAILED " a[i] }' "$f"
+        done
+        ;;
+      sanitize)
+        echo -e "\n## sanitize (APE_GPU_QUICK=1)\n"
+        for f in "$work/sanitize"/sanitizer_*.log; do
+          [ -f "$f" ] || continue
+          echo "- $(basename "$f" .log):$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$f" | tail -n 1 | tr -d '=');" \
+            "$(grep -E '^test result' "$f" | tail -n 1)"
+        done
+        ;;
+      bench)
+        echo -e "\n## bench\n"
+        [ -s "$work/bench/summary.md" ] && cat "$work/bench/summary.md"
+        ;;
+      e2e)
+        echo -e "\n## e2e (ttft_ms; summarize.py puts these in a table when given a folder with e2e.jsonl)\n"
+        echo '```'
+        cat "$work/e2e/e2e.jsonl" 2>/dev/null
+        echo '```'
+        ;;
+    esac
+  done
+  # Each failed or stopped step's first panics, or else the end of its log.
+  while IFS=$'\t' read -r p name result _; do
+    f=$work/$p/$name.log
+    case $result in ok | skipped* | *"not found") continue ;; esac
+    [ -f "$f" ] || continue
+    echo -e "\n### $p/$name: $result\n"
+    echo '```'
+    if grep -q 'panicked at' "$f"; then
+      grep -m 4 -A 1 'panicked at' "$f"
+    else
+      tail -n 15 "$f"
+    fi
+    echo '```'
+  done < "$work/steps.tsv"
+}
+
+# Packs everything into $out/$tag-results.tar.gz and refreshes the top-level files.
+pack() {
+  report > "$out/$tag.md" 2>&1
+  cp "$work/session.log" "$out/$tag.log"
+  if tar czf "$out/$tag-results.tmp" -C "$work" . 2>> "$work/session.log"; then
+    mv -f "$out/$tag-results.tmp" "$out/$tag-results.tar.gz"
+  else
+    rm -f "$out/$tag-results.tmp"
+  fi
+}
+
+# step NAME BUDGET [--stdout FILE] CMD...: runs CMD in the phase folder under timeout; its output
+# goes to NAME.log (stdout to FILE instead, when given). Records the result, then packs.
+step() {
+  local name=$1 budget=$2 stdout=""
+  shift 2
+  if [ "${1:-}" = --stdout ]; then
+    stdout=$2
+    shift 2
+  fi
+  local now left t rc took result
+  now=$(date +%s)
+  left=$((deadline - RESERVE - now))
+  t=$((budget < left ? budget : left))
+  if [ "$t" -lt 5 ]; then
+    result="skipped: ${left}s left of the phase"
+    took=0
+    status=1
+  else
+    log "$p/$name (budget ${t}s)"
+    if [ -n "$stdout" ]; then
+      (cd "$dir" && timeout -k "$KILL_AFTER" "$t" "$@" > "$stdout" 2> "$name.log")
+    else
+      (cd "$dir" && timeout -k "$KILL_AFTER" "$t" "$@" > "$name.log" 2>&1)
+    fi
+    rc=$?
+    took=$(($(date +%s) - now))
+    if [ "$rc" -eq 0 ]; then
+      result=ok
+    elif [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$took" -ge "$t" ]; }; then
+      result="TIMEOUT after ${t}s"
+      status=1
+    else
+      result="FAILED rc=$rc"
+      status=1
+    fi
+  fi
+  log "$p/$name: $result (${took}s)"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$p" "$name" "$result" "$took" "$budget" >> "$work/steps.tsv"
+  pack
+}
+
+# Records a step that could not run (a missing tool): counts as a failure, not a pass.
+missing() {
+  log "$p/$1: $2"
+  printf '%s\t%s\t%s\t0\t0\n' "$p" "$1" "FAILED: $2" >> "$work/steps.tsv"
+  status=1
+}
+
+touch "$work/steps.tsv"
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  cat "$here/BUILD_INFO"
-} > "$out/device.txt" 2>&1
-cat "$out/device.txt"
-
-status=0
-for t in cuda_device gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention gpu_llama; do
-  log "test $t"
-  extra=()
-  # The real-model comparison needs the model carried (APE_MODEL=path to the GGUF).
-  [ "$t" = gpu_llama ] && [ -z "${APE_MODEL:-}" ] && extra=(--skip real_model)
-  if ! "$bin/$t" --include-ignored --test-threads=1 --nocapture "${extra[@]}" > "$out/test_$t.log" 2>&1; then
-    status=1
-    log "FAILED: $t (see test_$t.log)"
+  if command -v nvidia-smi > /dev/null; then
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  else
+    echo "nvidia-smi: not found"
   fi
-  tail -n 3 "$out/test_$t.log" | tee -a "$out/session.log"
+  cat "$here/BUILD_INFO"
+} > "$work/device.txt" 2>&1
+cat "$work/device.txt"
+
+# The binaries travel compressed (bin.tar.xz); unpack them once per machine into /tmp.
+archive="$here/bin.tar.xz"
+if [ ! -f "$archive" ]; then
+  echo "session.sh: $archive is missing: run scripts/gpu/bundle.sh on the build machine" >&2
+  exit 2
+fi
+bin="${TMPDIR:-/tmp}/ape-gpu-bin-$(cksum < "$archive" | cut -d' ' -f1)"
+if [ ! -x "$bin/kernels" ]; then
+  log "unpacking $(basename "$archive") into $bin"
+  rm -rf "$bin.tmp" && mkdir -p "$bin.tmp"
+  python3 - "$archive" "$bin.tmp" << 'PY' || { echo "session.sh: cannot unpack $archive" >&2; exit 2; }
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    try:
+        t.extractall(sys.argv[2], filter="data")
+    except TypeError:  # Python before 3.12
+        t.extractall(sys.argv[2])
+PY
+  rm -rf "$bin" && mv "$bin.tmp/bin" "$bin" && rm -rf "$bin.tmp"
+fi
+
+# The cut real model and the llama.cpp fixture travel in the bundle.
+export APE_FIXTURES=${APE_FIXTURES:-$here/fixtures}
+if [ -z "${APE_MODEL:-}" ]; then
+  for m in "$here"/model/*.gguf; do [ -f "$m" ] && export APE_MODEL=$m; done
+fi
+echo "APE_MODEL=${APE_MODEL:-} APE_FIXTURES=$APE_FIXTURES" | tee -a "$work/device.txt"
+
+for p in "${phases[@]}"; do
+  dir=$work/$p
+  mkdir -p "$dir"
+  [ "$tag" = all ] || log "phase $p: at most ${PHASE_BUDGET}s"
+  case $p in
+    test)
+      for spec in cuda_device:$T_CUDA_DEVICE gpu_merge_states:$T_MERGE_STATES gpu_rope:$T_ROPE \
+        gpu_llama_ops:$T_LLAMA_OPS gpu_segmented_attention:$T_SEGMENTED gpu_llama:$T_LLAMA; do
+        t=${spec%%:*}
+        extra=()
+        # Without a model the real-model comparison cannot run: skip it rather than fail.
+        [ "$t" = gpu_llama ] && [ -z "${APE_MODEL:-}" ] && extra=(--skip real_model)
+        step "test_$t" "${spec#*:}" "$bin/$t" --include-ignored --test-threads=1 --nocapture "${extra[@]}"
+      done
+      ;;
+    sanitize)
+      cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
+      for tool in memcheck racecheck; do
+        budget=$T_MEMCHECK
+        [ "$tool" = racecheck ] && budget=$T_RACECHECK
+        for t in gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention; do
+          if [ -z "$cs" ]; then
+            missing "sanitizer_${tool}_$t" "compute-sanitizer not found"
+            continue
+          fi
+          step "sanitizer_${tool}_$t" "$budget" env APE_GPU_QUICK=1 "$cs" --tool "$tool" \
+            --error-exitcode 99 "$bin/$t" --include-ignored --test-threads=1
+        done
+      done
+      pack
+      ;;
+    bench)
+      step kernels "$T_KERNELS" env CRITERION_HOME="$dir/criterion" "$bin/kernels" --bench
+      # summarize.py reads our accuracy on the peer's inputs from this log.
+      step test_gpu_segmented_attention "$T_SDPA_CASES" \
+        "$bin/gpu_segmented_attention" sdpa_comparison_cases --include-ignored --nocapture
+      step e2e "$T_E2E" --stdout e2e.jsonl env APE_E2E_MAX="${APE_E2E_MAX:-$E2E_MAX_BENCH}" "$bin/e2e"
+      step peer "$T_PEER" --stdout peer.json env PYTHONUNBUFFERED=1 python3 "$here/peer.py"
+      step summary "$T_SUMMARY" --stdout summary.md python3 "$here/summarize.py" "$dir"
+      for png in "$dir"/plot_*.png; do [ -f "$png" ] && cp "$png" "$out/"; done
+      pack
+      ;;
+    e2e)
+      step e2e "$T_E2E_FULL" --stdout e2e.jsonl env APE_E2E_MAX="${APE_E2E_MAX:-$E2E_MAX_FULL}" "$bin/e2e"
+      ;;
+  esac
 done
 
-for tool in memcheck racecheck; do
-  for t in gpu_merge_states gpu_rope gpu_llama_ops gpu_segmented_attention; do
-    log "compute-sanitizer --tool $tool $t (APE_GPU_QUICK=1)"
-    APE_GPU_QUICK=1 timeout 900 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      "$bin/$t" --include-ignored --test-threads=1 > "$out/sanitizer_${tool}_$t.log" 2>&1
-    rc=$?
-    [ $rc -ne 0 ] && status=1
-    echo "rc=$rc" | tee -a "$out/session.log"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$out/sanitizer_${tool}_$t.log" \
-      | tail -n 3 | tee -a "$out/session.log"
-  done
-done
-
-log "benchmarks"
-CRITERION_HOME="$out/criterion" "$bin/kernels" --bench > "$out/bench.log" 2>&1 || status=1
-tail -n 5 "$out/bench.log"
-log "end to end (synthetic Llama-3-8B, TTFT 4K-128K; APE_E2E_MAX caps the context)"
-timeout 420 "$bin/e2e" > "$out/e2e.jsonl" 2> "$out/e2e.log" || { status=1; log "e2e stopped early (see e2e.log)"; }
-cat "$out/e2e.jsonl"
-log "peer (PyTorch)"
-python3 "$here/peer.py" > "$out/peer.json" 2> "$out/peer.log" || status=1
-log "summary"
-python3 "$here/summarize.py" "$out" > "$out/summary.md" 2>> "$out/session.log" || status=1
-cat "$out/summary.md"
+pack
+cat "$out/$tag.md"
+echo -e "\n== steps (phase, step, result, seconds, budget)"
+column -t -s $'\t' "$work/steps.tsv" 2> /dev/null || cat "$work/steps.tsv"
+echo "== $out: $(find "$out" -type f | wc -l) files (at most 8 come back): $(find "$out" -type f -printf '%P ')"
 exit $status

@@ -104,10 +104,22 @@ pub fn default_model() -> std::path::PathBuf {
     p
 }
 
-/// The llama.cpp fixture (scripts/fixtures/llamacpp.sh).
+/// The llama.cpp fixture (scripts/fixtures/llamacpp.sh), from the folder `$APE_FIXTURES` when
+/// set, else from the source tree the test was built in or `tests/fixtures` under the current
+/// directory (a GPU machine runs binaries built elsewhere, from its copy of the repository root).
 pub fn llamacpp_fixture() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/smollm2_llamacpp.json");
+    let name = "smollm2_llamacpp.json";
+    let dirs: Vec<std::path::PathBuf> = match std::env::var_os("APE_FIXTURES") {
+        Some(dir) => vec![dir.into()],
+        None => vec![
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+            "tests/fixtures".into(),
+        ],
+    };
+    let p = dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
+    let p = p.unwrap_or_else(|| {
+        panic!("{name} is in none of {dirs:?}: set APE_FIXTURES to the repository's tests/fixtures")
+    });
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture")).expect("fixture JSON")
 }
 
