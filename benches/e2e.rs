@@ -5,16 +5,24 @@
 //! tokens. Prints one JSON object per measurement (to stdout), for scripts/gpu/summarize.py.
 //!
 //! A plain harness, not criterion: a sequential prefill at 128K takes seconds, so each point is
-//! the median of a few runs. `APE_E2E_MAX` caps the context (default 131072). Without a GPU it
-//! prints one line and exits.
+//! the median of a few runs. `APE_E2E_MAX` caps the context (default 131072).
+//!
+//! Without a GPU the same measurements run on the CPU forward pass and the default model
+//! (SmolLM2-135M, `scripts/fetch-model.sh`; `APE_MODEL` names another GGUF) at small sizes: 256 and
+//! 512 context tokens, and prefill + 16 generated tokens at 512. Those lines say `"device":"cpu"`:
+//! they show the shape of the result here, not a figure to report (BENCHMARKS.md).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ape_attn::cuda::Device;
 use ape_attn::llama::config::LlamaConfig;
+use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Mode, Prompt, Sampling};
+use ape_attn::llama::gguf::Gguf;
 use ape_attn::llama::gpu::GpuModel;
+use ape_attn::llama::model::LlamaModel;
 use ape_attn::{ApeParams, RopeConfig, RopeLayout};
 
 const QUESTION: usize = 64;
@@ -35,12 +43,13 @@ fn llama3_8b() -> LlamaConfig {
     }
 }
 
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
+/// `n` token ids below `vocab`, reproducible from `seed`.
+fn tokens(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| {
             i.wrapping_mul(2_654_435_761)
                 .wrapping_add(seed.wrapping_mul(40_503))
-                % 128_000
+                % vocab
         })
         .collect()
 }
@@ -50,45 +59,43 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
-fn main() {
-    let dev = match Device::new(0) {
-        Ok(d) => Arc::new(d),
-        Err(e) => {
-            println!("end-to-end benchmarks skipped: {e}");
-            return;
-        }
-    };
-    let name = dev.name().unwrap_or_default();
-    let max: usize = std::env::var("APE_E2E_MAX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(131_072);
-    let model = GpuModel::synthetic(dev, llama3_8b(), 1).expect("synthetic 8B weights");
-    // 24 GiB of cache: one mode's 128K blocks (17 GiB) plus room; with 16 GiB of weights this
-    // leaves about 29 GiB for a sequential 128K prefill on an 80 GiB H100.
-    let mut engine = Engine::new(model, "synthetic-llama3-8b", 24 << 30);
+/// What one run measures: the total context lengths, the generation point, and repetitions.
+struct Sweep {
+    device: String,
+    totals: Vec<usize>,
+    /// Context length and tokens generated for the prefill + generation measurement.
+    generate_at: (usize, usize),
+    /// Repetitions per point (1 for slow sequential prefills above `slow_from` tokens).
+    reps: usize,
+    slow_from: usize,
+}
+
+/// TTFT of sequential, APE and Block-Attention over `CONTEXTS` contexts and a `QUESTION`-token
+/// question for every total context length, then prefill + generation; one JSON line each.
+fn run<M: LlamaModel>(engine: &mut Engine<M>, sweep: &Sweep) {
+    let vocab = (engine.model.config().vocab_size as u32).min(128_000);
+    let name = &sweep.device;
     let modes = [
         Mode::Sequential,
         Mode::Ape(ApeParams::default()),
         Mode::BlockAttention,
     ];
-    for total in [4096usize, 8192, 16_384, 32_768, 65_536, 131_072] {
-        if total > max {
-            break;
-        }
+    for &total in &sweep.totals {
         let per = total / CONTEXTS;
         let prompt = Prompt {
-            prefix: tokens(32, 1),
-            contexts: (0..CONTEXTS).map(|i| tokens(per, 100 + i as u32)).collect(),
-            question: tokens(QUESTION, 7),
+            prefix: tokens(32, 1, vocab),
+            contexts: (0..CONTEXTS)
+                .map(|i| tokens(per, 100 + i as u32, vocab))
+                .collect(),
+            question: tokens(QUESTION, 7, vocab),
         };
         for mode in modes {
             // Warm up (and fill the cache for the cached modes).
             engine.prefill(mode, &prompt).expect("prefill");
-            let reps = if total >= 65_536 && mode == Mode::Sequential {
+            let reps = if total >= sweep.slow_from && mode == Mode::Sequential {
                 1
             } else {
-                3
+                sweep.reps
             };
             let times: Vec<Duration> = (0..reps)
                 .map(|_| {
@@ -103,15 +110,15 @@ fn main() {
                 median(times).as_secs_f64() * 1e3
             );
         }
-        // Prefill + 256 generated tokens, at 32K.
-        if total == 32_768 {
+        let (at, n) = sweep.generate_at;
+        if total == at {
             for mode in modes {
                 let t = Instant::now();
                 let g = engine
-                    .generate(mode, &prompt, Sampling::Greedy, 256, &[])
+                    .generate(mode, &prompt, Sampling::Greedy, n, &[])
                     .expect("generate");
                 println!(
-                    "{{\"bench\":\"end_to_end_256\",\"device\":{name:?},\"mode\":\"{}\",\"context\":{total},\"total_ms\":{:.3},\"ttft_ms\":{:.3},\"generated\":{}}}",
+                    "{{\"bench\":\"end_to_end_{n}\",\"device\":{name:?},\"mode\":\"{}\",\"context\":{total},\"total_ms\":{:.3},\"ttft_ms\":{:.3},\"generated\":{}}}",
                     mode.name(),
                     t.elapsed().as_secs_f64() * 1e3,
                     g.ttft.as_secs_f64() * 1e3,
@@ -120,4 +127,64 @@ fn main() {
             }
         }
     }
+}
+
+/// The default model for the CPU run: `APE_MODEL`, else the one scripts/fetch-model.sh fetches.
+fn cpu_model_path() -> PathBuf {
+    std::env::var_os("APE_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
+}
+
+fn main() {
+    let max: usize = std::env::var("APE_E2E_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(131_072);
+    let dev = match Device::new(0) {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            println!("no GPU ({e}): the CPU forward pass at small sizes");
+            let path = cpu_model_path();
+            let model = match Gguf::open(&path).and_then(|g| CpuModel::load(&g)) {
+                Ok(m) => m,
+                Err(e) => {
+                    println!(
+                        "end-to-end benchmarks skipped: {}: {e} (run scripts/fetch-model.sh)",
+                        path.display()
+                    );
+                    return;
+                }
+            };
+            let mut engine = Engine::new(model, "cpu-e2e", 1 << 30);
+            let sweep = Sweep {
+                device: "cpu".into(),
+                totals: [256, 512].into_iter().filter(|&t| t <= max).collect(),
+                generate_at: (512, 16),
+                reps: 3,
+                slow_from: 512,
+            };
+            run(&mut engine, &sweep);
+            return;
+        }
+    };
+    let device = dev.name().unwrap_or_default();
+    let model = GpuModel::synthetic(dev, llama3_8b(), 1).expect("synthetic 8B weights");
+    // 24 GiB of cache: one mode's 128K blocks (17 GiB) plus room; with 16 GiB of weights this
+    // leaves about 29 GiB for a sequential 128K prefill on an 80 GiB H100.
+    let mut engine = Engine::new(model, "synthetic-llama3-8b", 24 << 30);
+    let sweep = Sweep {
+        device,
+        totals: [4096usize, 8192, 16_384, 32_768, 65_536, 131_072]
+            .into_iter()
+            .filter(|&t| t <= max)
+            .collect(),
+        generate_at: (32_768, 256),
+        reps: 3,
+        slow_from: 65_536,
+    };
+    run(&mut engine, &sweep);
 }
