@@ -355,12 +355,12 @@ fn validate(
 
 /// The RoPE shift table: one row of `head_dim / 2` `(cos, sin)` f32 pairs per distinct shift
 /// (angles in f64), and each segment's row (`-1`: read as stored; so is a shift by 0).
-fn rope_table(segments: &[&Segment]) -> (Vec<f32>, Vec<i32>) {
+fn rope_table(segment_shifts: &[Option<RopeShift>]) -> (Vec<f32>, Vec<i32>) {
     let mut shifts: Vec<RopeShift> = Vec::new();
     let mut table = Vec::new();
-    let rows = segments
+    let rows = segment_shifts
         .iter()
-        .map(|s| match s.rope_shift {
+        .map(|s| match *s {
             Some(shift) if shift.delta != 0 => {
                 let row = shifts.iter().position(|x| *x == shift).unwrap_or_else(|| {
                     shifts.push(shift);
@@ -432,7 +432,8 @@ pub fn segmented_attention_into(
 
     let stream = device.stream();
     let ordered: Vec<&Segment> = plan.order.iter().map(|&i| &segments[i]).collect();
-    let (table, rope_rows) = rope_table(&ordered);
+    let shifts: Vec<Option<RopeShift>> = ordered.iter().map(|s| s.rope_shift).collect();
+    let (table, rope_rows) = rope_table(&shifts);
     let mut descs = Vec::with_capacity(plan.order.len().max(1));
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
@@ -579,6 +580,7 @@ pub fn segmented_attention_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::RopeConfig;
 
     fn dims(h: usize, kv: usize) -> AttentionDims {
         AttentionDims::new(h, kv, 128).expect("valid")
@@ -672,6 +674,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn rope_table_has_one_row_per_distinct_nonzero_shift() {
+        let a = RopeConfig::new(8, 10_000.0, RopeLayout::Neox).expect("valid");
+        let b = RopeConfig::new(8, 10_000.0, RopeLayout::Interleaved).expect("valid");
+        let shift = |rope, delta| Some(RopeShift { rope, delta });
+        let (table, rows) = rope_table(&[
+            None,
+            shift(a, 5),
+            shift(a, 0),
+            shift(a, 5),
+            shift(b, 5),
+            shift(a, -7),
+        ]);
+        assert_eq!(rows, vec![-1, 0, -1, 0, 1, 2]);
+        assert_eq!(table.len(), 3 * 4 * 2);
+        let row = |i: usize| &table[i * 8..(i + 1) * 8];
+        for (i, delta) in [(0, 5.0f64), (2, -7.0)] {
+            for (p, theta) in a.inv_freqs().iter().enumerate() {
+                let (sin, cos) = (delta * theta).sin_cos();
+                assert_eq!(row(i)[2 * p], cos as f32);
+                assert_eq!(row(i)[2 * p + 1], sin as f32);
+            }
+        }
+        // The same frequencies, another layout: its own row (the layout travels in the
+        // descriptor), with the same values.
+        assert_eq!(row(1), row(0));
+        assert!(rope_table(&[None, shift(a, 0)]).0.is_empty());
     }
 
     #[test]
