@@ -99,13 +99,32 @@ fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
     }
 }
 
+fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    element_count(shape)?
+        .checked_mul(dtype.size())
+        .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} is too large")))
+}
+
 impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
-        let bytes = element_count(shape)?
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} is too large")))?;
-        let buf = device.stream().alloc_zeros::<u8>(bytes.max(1))?;
+        let buf = device
+            .stream()
+            .alloc_zeros::<u8>(byte_len(shape, dtype)?.max(1))?;
+        Ok(Self {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// A tensor whose contents are left as the allocator found them: for outputs that a kernel
+    /// overwrites whole before anything reads them (no memset launch).
+    pub(crate) fn uninit(device: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
+        // SAFETY: device memory of a plain byte type; callers write every element before reading
+        // (see the call sites), and reading stale bytes would give wrong numbers, not undefined
+        // behaviour on the host.
+        let buf = unsafe { device.stream().alloc::<u8>(byte_len(shape, dtype)?.max(1)) }?;
         Ok(Self {
             buf,
             shape: shape.to_vec(),

@@ -276,7 +276,8 @@ impl GpuModel {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let mut y = Tensor::zeros(&self.dev, &[x.shape()[0], w.shape()[0]], DType::BF16)?;
+        // cuBLAS with beta = 0 writes all of y and never reads it: no zero fill needed.
+        let mut y = Tensor::uninit(&self.dev, &[x.shape()[0], w.shape()[0]], DType::BF16)?;
         self.linear_into(x, w, &mut y, false)?;
         Ok(y)
     }
