@@ -324,6 +324,19 @@ pub struct RopeShift {
 }
 
 impl RopeShift {
+    /// Checks the RoPE configuration and that it is for heads of width `head_dim`; `what` names
+    /// the segment in the error.
+    pub fn validate_for(&self, head_dim: usize, what: &str) -> Result<()> {
+        self.rope.validate()?;
+        if self.rope.head_dim != head_dim {
+            return Err(Error::Shape(format!(
+                "{what}: RoPE shift has head_dim {}, the attention has {head_dim}",
+                self.rope.head_dim
+            )));
+        }
+        Ok(())
+    }
+
     /// The `d/2` pairs `(cos, sin)` of `delta * theta_i`, angles formed in f64.
     pub fn cos_sin(&self) -> Vec<(f64, f64)> {
         let delta = self.delta as f64;

@@ -7,10 +7,9 @@ mod common;
 use ape_attn::cuda::{self, DType, Device, SegmentedAttentionOptions, Tensor};
 use ape_attn::reference::{self, rel_l2};
 use ape_attn::{
-    ApeParams, ApeVariant, AttentionDims, Error, Llama3RopeScaling, RopeConfig, RopeLayout,
-    RopeShift, SegmentRole,
+    ApeParams, ApeVariant, AttentionDims, Error, RopeConfig, RopeLayout, RopeShift, SegmentRole,
 };
-use common::{hash_fill, seeded, Seeded};
+use common::{hash_fill, seeded, Seeded, LLAMA31};
 
 fn device() -> Device {
     Device::new(0).expect("a CUDA device with the kernels built")
@@ -545,14 +544,7 @@ fn sdpa_comparison_cases() {
 
 fn rope_configs(head_dim: usize) -> [RopeConfig; 3] {
     let neox = RopeConfig::new(head_dim, 500_000.0, RopeLayout::Neox).unwrap();
-    let llama3 = neox
-        .with_llama3_scaling(Llama3RopeScaling {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position: 8192.0,
-        })
-        .unwrap();
+    let llama3 = neox.with_llama3_scaling(LLAMA31).unwrap();
     let interleaved = RopeConfig::new(head_dim, 10_000.0, RopeLayout::Interleaved).unwrap();
     [neox, llama3, interleaved]
 }

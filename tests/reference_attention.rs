@@ -8,10 +8,9 @@ use ape_attn::reference::{
     AttentionState, Query, Segment,
 };
 use ape_attn::{
-    ApeParams, ApeVariant, AttentionDims, Error, Llama3RopeScaling, RopeConfig, RopeLayout,
-    RopeShift, SegmentRole,
+    ApeParams, ApeVariant, AttentionDims, Error, RopeConfig, RopeLayout, RopeShift, SegmentRole,
 };
-use common::{max_abs_diff, seeded, Seeded};
+use common::{max_abs_diff, random_rope, seeded, Seeded};
 
 /// Owned KV for one segment.
 struct Owned {
@@ -741,27 +740,6 @@ fn relative_l2_is_what_it_says() {
 }
 
 // ---- RoPE shifts (Block-Attention: keys cached at position 0, read at their offset) ----
-
-fn random_rope(r: &mut Seeded, head_dim: usize) -> RopeConfig {
-    let layout = if r.coin() {
-        RopeLayout::Neox
-    } else {
-        RopeLayout::Interleaved
-    };
-    let rope = RopeConfig::new(head_dim, r.pick(&[100.0, 10_000.0, 500_000.0]), layout)
-        .expect("valid rope");
-    if r.coin() {
-        rope.with_llama3_scaling(Llama3RopeScaling {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position: 64.0,
-        })
-        .expect("valid scaling")
-    } else {
-        rope
-    }
-}
 
 /// A block whose keys were rotated at positions `0..len` and are read with a shift by `o` gives the
 /// same attention as the same block with its keys rotated at `o..o + len` (`R(o) R(t) = R(o + t)`).

@@ -4,25 +4,11 @@ mod common;
 
 use ape_attn::reference::rope::{apply, shift};
 use ape_attn::{Error, Llama3RopeScaling, RopeConfig, RopeLayout};
-use common::{max_abs_diff, seeded, Seeded};
-
-const LLAMA31: Llama3RopeScaling = Llama3RopeScaling {
-    factor: 8.0,
-    low_freq_factor: 1.0,
-    high_freq_factor: 4.0,
-    original_max_position: 8192.0,
-};
+use common::{max_abs_diff, random_rope, seeded, Seeded, LLAMA31};
 
 fn random_config(r: &mut Seeded) -> RopeConfig {
     let head_dim = r.pick(&[2, 8, 64, 128]);
-    let base = r.pick(&[10_000.0, 100_000.0, 500_000.0]);
-    let layout = r.pick(&[RopeLayout::Neox, RopeLayout::Interleaved]);
-    let cfg = RopeConfig::new(head_dim, base, layout).expect("valid");
-    if r.coin() {
-        cfg.with_llama3_scaling(LLAMA31).expect("valid")
-    } else {
-        cfg
-    }
+    random_rope(r, head_dim)
 }
 
 /// R(a) R(b) = R(a + b): applying at positions `a + t` then shifting by `b` equals applying at

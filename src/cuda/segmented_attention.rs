@@ -341,13 +341,7 @@ fn validate(
         s.v.check_device(device, &format!("segment {i} v"))?;
         fits(s.pos_offset.saturating_add(len), format!("segment {i}"))?;
         if let Some(shift) = &s.rope_shift {
-            shift.rope.validate()?;
-            if shift.rope.head_dim != dims.head_dim {
-                return Err(Error::Shape(format!(
-                    "segment {i}: RoPE shift has head_dim {}, the attention has {}",
-                    shift.rope.head_dim, dims.head_dim
-                )));
-            }
+            shift.validate_for(dims.head_dim, &format!("segment {i}"))?;
         }
     }
     Ok(n_rows)

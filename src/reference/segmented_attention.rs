@@ -88,13 +88,7 @@ pub fn validate(query: &Query, segments: &[Segment], dims: &AttentionDims) -> Re
             }
         }
         if let Some(shift) = &seg.rope_shift {
-            shift.rope.validate()?;
-            if shift.rope.head_dim != dims.head_dim {
-                return Err(Error::Shape(format!(
-                    "segment {i}: RoPE shift has head_dim {}, the attention has {}",
-                    shift.rope.head_dim, dims.head_dim
-                )));
-            }
+            shift.validate_for(dims.head_dim, &format!("segment {i}"))?;
         }
     }
     Ok(())

@@ -131,3 +131,25 @@ pub fn fixture_ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("a token id") as u32)
         .collect()
 }
+
+/// Llama 3.1's RoPE frequency scaling.
+pub const LLAMA31: ape_attn::Llama3RopeScaling = ape_attn::Llama3RopeScaling {
+    factor: 8.0,
+    low_freq_factor: 1.0,
+    high_freq_factor: 4.0,
+    original_max_position: 8192.0,
+};
+
+/// A RoPE configuration for heads of width `head_dim`: a random base and layout, with Llama 3.1
+/// scaling half the time.
+pub fn random_rope(r: &mut Seeded, head_dim: usize) -> ape_attn::RopeConfig {
+    use ape_attn::{RopeConfig, RopeLayout};
+    let base = r.pick(&[100.0, 10_000.0, 100_000.0, 500_000.0]);
+    let layout = r.pick(&[RopeLayout::Neox, RopeLayout::Interleaved]);
+    let cfg = RopeConfig::new(head_dim, base, layout).expect("valid");
+    if r.coin() {
+        cfg.with_llama3_scaling(LLAMA31).expect("valid")
+    } else {
+        cfg
+    }
+}
