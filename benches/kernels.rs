@@ -75,24 +75,27 @@ fn problem(dev: &Device, n_rows: usize, keys: usize, n_segments: usize) -> Probl
 }
 
 fn run(dev: &Device, p: &Problem, ape: &ApeParams, out: &mut Tensor, lse: &mut Tensor) {
-    run_shifted(dev, p, &p.kv, None, ape, out, lse)
+    let keys: Vec<&Tensor> = p.kv.iter().map(|(k, _)| k).collect();
+    run_shifted(dev, p, &keys, None, ape, out, lse)
 }
 
-/// [`run`] over the keys `kv` (those of `p` or copies), each segment read with the RoPE shift of
-/// Block-Attention (block `i` at offset `i * len`) when `rope` is given.
+/// [`run`] with segment `i`'s keys taken from `keys[i]` (those of `p`, or shifted copies) and its
+/// values from `p`, each segment read with the RoPE shift of Block-Attention (block `i` at offset
+/// `i * len`) when `rope` is given.
 fn run_shifted(
     dev: &Device,
     p: &Problem,
-    kv: &[(Tensor, Tensor)],
+    keys: &[&Tensor],
     rope: Option<&RopeConfig>,
     ape: &ApeParams,
     out: &mut Tensor,
     lse: &mut Tensor,
 ) {
-    let segs: Vec<cuda::Segment> = kv
+    let segs: Vec<cuda::Segment> = keys
         .iter()
+        .zip(&p.kv)
         .enumerate()
-        .map(|(i, (k, v))| cuda::Segment {
+        .map(|(i, (&k, (_, v)))| cuda::Segment {
             k,
             v,
             pos_offset: 0,
@@ -200,31 +203,31 @@ fn bench_block_attention_shift(c: &mut Criterion, dev: &Device) {
     for rows in [64, 4096] {
         let p = problem(dev, rows, keys, n_segments);
         let (mut out, mut lse) = outputs(dev, &p);
-        let mut scratch: Vec<(Tensor, Tensor)> =
-            p.kv.iter()
-                .map(|(k, v)| {
-                    let v = v.try_clone(dev).expect("alloc");
-                    (k.try_clone(dev).expect("alloc"), v)
-                })
-                .collect();
+        let cached: Vec<&Tensor> = p.kv.iter().map(|(k, _)| k).collect();
+        // The separate path's shifted keys; the values are read as cached.
+        let mut shifted: Vec<Tensor> = cached
+            .iter()
+            .map(|k| k.try_clone(dev).expect("alloc"))
+            .collect();
         g.throughput(Throughput::Bytes(2 * keys as u64 * 8 * 128 * 2));
         let shape = format!("rows{rows}_k{keys}_s{n_segments}");
         let plain = ApeParams::plain();
         g.bench_with_input(BenchmarkId::new("fused", &shape), &(), |b, _| {
             b.iter_custom(|iters| {
                 gpu_time(dev, iters, || {
-                    run_shifted(dev, &p, &p.kv, Some(&rope), &plain, &mut out, &mut lse)
+                    run_shifted(dev, &p, &cached, Some(&rope), &plain, &mut out, &mut lse)
                 })
             })
         });
         g.bench_with_input(BenchmarkId::new("separate", &shape), &(), |b, _| {
             b.iter_custom(|iters| {
                 gpu_time(dev, iters, || {
-                    for (i, ((k, _), (copy, _))) in p.kv.iter().zip(&mut scratch).enumerate() {
+                    for (i, (k, copy)) in cached.iter().zip(&mut shifted).enumerate() {
                         copy.copy_from(dev, k).expect("copy");
                         rope_shift(dev, copy, &rope, (i * k.shape()[0]) as i64).expect("rope");
                     }
-                    run_shifted(dev, &p, &scratch, None, &plain, &mut out, &mut lse)
+                    let keys: Vec<&Tensor> = shifted.iter().collect();
+                    run_shifted(dev, &p, &keys, None, &plain, &mut out, &mut lse)
                 })
             })
         });

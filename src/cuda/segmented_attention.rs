@@ -21,7 +21,7 @@ use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{DType, Device, Tensor};
 use crate::error::{Error, Result};
-use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeLayout, RopeShift, SegmentRole};
+use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole};
 
 /// Keys per tile and packed query rows per thread block (kernels/segmented_attention.cu).
 pub const BLOCK_N: usize = 64;
@@ -445,10 +445,7 @@ pub fn segmented_attention_into(
             role: s.role as u32,
             first_tile,
             rope_row,
-            rope_layout: match s.rope_shift.map(|r| r.rope.layout) {
-                Some(RopeLayout::Interleaved) => 1,
-                _ => 0,
-            },
+            rope_layout: s.rope_shift.map_or(0, |r| r.rope.layout as u32),
         });
     }
     if descs.is_empty() {
@@ -541,9 +538,9 @@ pub fn segmented_attention_into(
         // `dims` and `n_rows`; the descriptors point at the segments' K/V buffers, which hold
         // len * n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of
         // rope_cs, which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the
-        // shifts' head_dim); the workspace views hold n_splits * n_rows
-        // * n_heads (* head_dim) f32 in split mode. The segment buffers are freed stream-ordered,
-        // so they outlive the launch even if dropped now.
+        // shifts' head_dim); the workspace views hold n_splits * n_rows * n_heads (* head_dim)
+        // f32 in split mode. The segment buffers are freed stream-ordered, so they outlive the
+        // launch even if dropped now.
         unsafe { launch.launch(cfg) }?;
 
         if let Some(cf) = &combine_fn {
@@ -574,7 +571,7 @@ pub fn segmented_attention_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::params::RopeConfig;
+    use crate::params::{RopeConfig, RopeLayout};
 
     fn dims(h: usize, kv: usize) -> AttentionDims {
         AttentionDims::new(h, kv, 128).expect("valid")
