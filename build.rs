@@ -38,6 +38,9 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let kernel_dir = manifest_dir.join("kernels");
 
+    #[cfg(feature = "emulator")]
+    build_emulator(&kernel_dir);
+
     if env::var("APE_ATTN_CPU_ONLY").is_ok_and(|v| !v.is_empty() && v != "0") {
         cpu_only("APE_ATTN_CPU_ONLY is set");
         return;
@@ -108,6 +111,33 @@ fn main() {
         nvcc.display(),
         sources.len()
     );
+}
+
+/// The kernel emulator (feature `emulator`): the same kernel sources compiled for the CPU by the
+/// host C++ compiler, linked in as `ape_emu_launch` (kernels/emulator/runtime.cpp). Independent of
+/// nvcc: it builds on machines with no CUDA at all.
+#[cfg(feature = "emulator")]
+fn build_emulator(kernel_dir: &Path) {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if arch != "x86_64" || os != "linux" {
+        fail(&format!(
+            "the kernel emulator (feature `emulator`) runs on x86_64 Linux only, not {arch} {os}"
+        ));
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file(kernel_dir.join("emulator/runtime.cpp"))
+        .include(kernel_dir)
+        .define("APE_EMULATE", None)
+        .flag("-std=c++17")
+        // The kernels pun 16-bit pairs through uint32_t as CUDA code does.
+        .flag("-fno-strict-aliasing")
+        .flag("-Wno-unknown-pragmas")
+        // Fast enough to test with at every profile.
+        .opt_level(2)
+        .debug(false)
+        .compile("ape_attn_emulator");
 }
 
 fn cpu_only(reason: &str) {

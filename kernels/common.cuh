@@ -1,9 +1,16 @@
 // Shared helpers for every ape-attn kernel: dtype conversion and 16-byte vector access.
 #pragma once
 
+#ifdef APE_EMULATE
+#include "emulator/cuda.h"  // the kernel emulator: the same source, run on the CPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+// The CTA's dynamic shared memory as a byte array named NAME.
+#define APE_DYNAMIC_SMEM(NAME) extern __shared__ __align__(128) unsigned char NAME[]
+#endif
 
 namespace ape {
 

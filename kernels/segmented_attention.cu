@@ -40,8 +40,8 @@
 // writes and reads for its own 16 rows only.
 //
 // Launches without shifts pay one compare per tile; the branch's values are kept opaque (see
-// opaque()) so that it costs no registers in the walk: at head dim 128 the kernel sits near the
-// 255-register limit.
+// opaque() in ptx.cuh) so that it costs no registers in the walk: at head dim 128 the kernel sits
+// near the 255-register limit.
 #include "attention_state.cuh"
 #include "mma.cuh"
 
@@ -88,13 +88,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
 
-// 2^x with flush-to-zero (one MUFU op; max relative error 2^-22); 2^-inf = 0.
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -140,22 +133,6 @@ __device__ __forceinline__ Tile<T> tile_at(const SegmentDesc* segs, int n_segmen
   tile.rope_row = s.rope_row;
   tile.rope_layout = s.rope_layout;
   return tile;
-}
-
-// x, hidden from the optimiser. The compiler would otherwise hoist everything the rare RoPE shift
-// branch derives from these values (16 table offsets, 8 Q fragment addresses) out of the key loop
-// and hold it in registers for the whole walk, which spills at head dim 128.
-template <typename U> __device__ __forceinline__ U opaque(U x) {
-  static_assert(sizeof(U) == 4 || sizeof(U) == 8, "a 32- or 64-bit value");
-  if constexpr (sizeof(U) == 8) {
-    uint64_t v = reinterpret_cast<uint64_t>(x);
-    asm volatile("mov.b64 %0, %0;" : "+l"(v));
-    return reinterpret_cast<U>(v);
-  } else {
-    uint32_t v = static_cast<uint32_t>(x);
-    asm volatile("mov.b32 %0, %0;" : "+r"(v));
-    return static_cast<U>(v);
-  }
 }
 
 // This warp's Q fragments (16 rows, every k16 step of the head dim) from the shared Q tile.
@@ -255,7 +232,7 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
   constexpr int kNBlocksO = D / 8;        // n8 blocks of O
   constexpr int kKSteps = D / 16;         // k16 steps over the head dim
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  APE_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBlockM * D;       // [2][kBlockN][D]
   T* sV = sK + 2 * kBlockN * D;   // [2][kBlockN][D]

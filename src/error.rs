@@ -64,6 +64,12 @@ pub enum Error {
     #[error("no CUDA device: {0}")]
     NoDevice(String),
 
+    /// The kernel emulator stopped a launch (an invalid shared-memory address, a barrier that
+    /// can never complete, a misused warp primitive).
+    #[cfg(feature = "emulator")]
+    #[error("kernel emulator: {0}")]
+    Emulator(String),
+
     /// The device ran out of memory.
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),

@@ -41,6 +41,8 @@
 
 pub mod cache;
 pub mod cuda;
+#[cfg(feature = "emulator")]
+pub mod emulator;
 mod error;
 pub mod eval;
 pub mod llama;

@@ -27,7 +27,7 @@ use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole
 pub const BLOCK_N: usize = 64;
 /// See [`BLOCK_N`].
 pub const BLOCK_M: usize = 64;
-const THREADS: u32 = 128;
+pub(crate) const THREADS: u32 = 128;
 /// Head dims the kernel is compiled for.
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
 
@@ -68,7 +68,7 @@ pub struct SegmentedAttentionOptions {
 /// Mirrors `ape::SegmentDesc`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
-struct SegmentDesc {
+pub(crate) struct SegmentDesc {
     k: u64,
     v: u64,
     len: u32,
@@ -83,7 +83,7 @@ const _: () = assert!(std::mem::size_of::<SegmentDesc>() == 40);
 /// Mirrors `ape::SegmentedAttentionParams`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct SegmentedAttentionParams {
+pub(crate) struct SegmentedAttentionParams {
     n_rows: u32,
     n_heads: u32,
     n_kv_heads: u32,
@@ -264,7 +264,8 @@ fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
     }
 }
 
-/// Checks everything a launch needs; returns `n_rows`.
+/// Checks the tensors (shapes, dtypes, devices) and then the problem ([`check_problem`]);
+/// returns `n_rows`.
 fn validate(
     device: &Device,
     query: &Query,
@@ -274,20 +275,10 @@ fn validate(
     lse: &Tensor,
 ) -> Result<usize> {
     dims.validate()?;
-    if !SUPPORTED_HEAD_DIMS.contains(&dims.head_dim) {
-        return Err(Error::UnsupportedHeadDim {
-            op: "segmented_attention",
-            head_dim: dims.head_dim,
-            supported: SUPPORTED_HEAD_DIMS,
-        });
-    }
+    check_head_dim(dims.head_dim)?;
     let q = query.data;
     let dtype = q.dtype();
-    if dtype == DType::F32 {
-        return Err(Error::DType(
-            "segmented_attention takes bf16 or f16 inputs, got f32".into(),
-        ));
-    }
+    check_dtype(dtype)?;
     let qs = q.shape();
     if qs.len() != 3 || qs[1] != dims.n_heads || qs[2] != dims.head_dim {
         return Err(Error::Shape(format!(
@@ -297,18 +288,77 @@ fn validate(
     }
     let n_rows = qs[0];
     q.check_device(device, "query")?;
-    if dims.n_kv_heads > 65_535 {
-        return Err(Error::OutOfRange(format!(
-            "{} KV heads exceed the grid limit of 65535",
-            dims.n_kv_heads
-        )));
-    }
     out.check_shape(qs, "out")?;
     out.check_dtype(dtype, "out")?;
     out.check_device(device, "out")?;
     lse.check_shape(&qs[..2], "lse")?;
     lse.check_dtype(DType::F32, "lse")?;
     lse.check_device(device, "lse")?;
+    for (i, s) in segments.iter().enumerate() {
+        let len = s.k.shape().first().copied().unwrap_or(0);
+        let want = [len, dims.n_kv_heads, dims.head_dim];
+        s.k.check_shape(&want, &format!("segment {i} k"))?;
+        s.v.check_shape(&want, &format!("segment {i} v"))?;
+        s.k.check_dtype(dtype, &format!("segment {i} k"))?;
+        s.v.check_dtype(dtype, &format!("segment {i} v"))?;
+        s.k.check_device(device, &format!("segment {i} k"))?;
+        s.v.check_device(device, &format!("segment {i} v"))?;
+    }
+    let extents: Vec<SegmentExtent> = segments
+        .iter()
+        .map(|s| SegmentExtent {
+            len: s.k.shape()[0],
+            pos_offset: s.pos_offset,
+            rope_shift: s.rope_shift,
+        })
+        .collect();
+    check_problem(n_rows, query.pos_offset, dims, &extents)?;
+    Ok(n_rows)
+}
+
+pub(crate) fn check_head_dim(head_dim: usize) -> Result<()> {
+    if SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedHeadDim {
+            op: "segmented_attention",
+            head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        })
+    }
+}
+
+pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        Err(Error::DType(
+            "segmented_attention takes bf16 or f16 inputs, got f32".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A segment's extent in positions and its shift: what the limits below are about.
+pub(crate) struct SegmentExtent {
+    pub len: usize,
+    pub pos_offset: usize,
+    pub rope_shift: Option<RopeShift>,
+}
+
+/// The kernel's limits on a problem whose shapes are already consistent: 31-bit positions,
+/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim.
+pub(crate) fn check_problem(
+    n_rows: usize,
+    q_pos_offset: usize,
+    dims: &AttentionDims,
+    segments: &[SegmentExtent],
+) -> Result<()> {
+    if dims.n_kv_heads > 65_535 {
+        return Err(Error::OutOfRange(format!(
+            "{} KV heads exceed the grid limit of 65535",
+            dims.n_kv_heads
+        )));
+    }
     let fits = |end: usize, what: String| -> Result<()> {
         if end > i32::MAX as usize {
             Err(Error::OutOfRange(format!(
@@ -320,7 +370,7 @@ fn validate(
     };
     // The kernel also forms positions of padding rows up to one tile past the last row.
     fits(
-        query.pos_offset.saturating_add(n_rows + BLOCK_M),
+        q_pos_offset.saturating_add(n_rows + BLOCK_M),
         "query rows".to_string(),
     )?;
     u32_of(n_rows.saturating_mul(dims.n_heads), "n_rows * n_heads")?;
@@ -331,20 +381,12 @@ fn validate(
         "n_rows * group",
     )?;
     for (i, s) in segments.iter().enumerate() {
-        let len = s.k.shape().first().copied().unwrap_or(0);
-        let want = [len, dims.n_kv_heads, dims.head_dim];
-        s.k.check_shape(&want, &format!("segment {i} k"))?;
-        s.v.check_shape(&want, &format!("segment {i} v"))?;
-        s.k.check_dtype(dtype, &format!("segment {i} k"))?;
-        s.v.check_dtype(dtype, &format!("segment {i} v"))?;
-        s.k.check_device(device, &format!("segment {i} k"))?;
-        s.v.check_device(device, &format!("segment {i} v"))?;
-        fits(s.pos_offset.saturating_add(len), format!("segment {i}"))?;
+        fits(s.pos_offset.saturating_add(s.len), format!("segment {i}"))?;
         if let Some(shift) = &s.rope_shift {
             shift.validate_for(dims.head_dim, &format!("segment {i}"))?;
         }
     }
-    Ok(n_rows)
+    Ok(())
 }
 
 /// The RoPE shift table: one row of `head_dim / 2` `(cos, sin)` f32 pairs per distinct shift
@@ -372,6 +414,146 @@ fn rope_table(segment_shifts: &[Option<RopeShift>]) -> (Vec<f32>, Vec<i32>) {
         })
         .collect();
     (table, rows)
+}
+
+/// A segment as a launch sees it: the addresses of its K and V (device pointers, or host
+/// addresses for the kernel emulator) and how to read them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegmentRef {
+    pub k: u64,
+    pub v: u64,
+    pub len: usize,
+    pub pos_offset: usize,
+    pub role: SegmentRole,
+    pub rope_shift: Option<RopeShift>,
+}
+
+/// Threads per block of the combine kernel (one warp per (row, head)).
+pub(crate) const COMBINE_THREADS: u32 = 256;
+
+/// Everything a launch takes besides the buffers: what the CUDA launcher and the kernel emulator
+/// both hand the kernels.
+#[derive(Clone, Debug)]
+pub(crate) struct LaunchLayout {
+    pub plan: Plan,
+    /// Descriptors in tile order (one zeroed descriptor when every segment is empty).
+    pub descs: Vec<SegmentDesc>,
+    /// RoPE shift table, `head_dim / 2` (cos, sin) pairs per row; empty without shifts.
+    pub rope_table: Vec<f32>,
+    pub params: SegmentedAttentionParams,
+    pub main: &'static str,
+    pub combine: &'static str,
+    pub grid: (u32, u32, u32),
+    /// Dynamic shared memory of this launch, and the most any launch of `main` takes.
+    pub smem: usize,
+    pub smem_limit: usize,
+    /// Split mode's workspace: partial outputs, then partial LSEs (f32 elements).
+    pub o_len: usize,
+    pub lse_len: usize,
+    pub combine_blocks: u32,
+}
+
+/// Plans a launch and lays out its descriptors, RoPE table and parameters. Pure: the inputs are
+/// already validated ([`check_problem`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_layout(
+    n_rows: usize,
+    q_pos_offset: usize,
+    dims: &AttentionDims,
+    ape: &ApeParams,
+    dtype: DType,
+    segments: &[SegmentRef],
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<LaunchLayout> {
+    let lens: Vec<(usize, SegmentRole)> = segments.iter().map(|s| (s.len, s.role)).collect();
+    let plan = plan(n_rows, dims, &lens, sm_count, num_splits)?;
+    let ordered: Vec<&SegmentRef> = plan.order.iter().map(|&i| &segments[i]).collect();
+    let shifts: Vec<Option<RopeShift>> = ordered.iter().map(|s| s.rope_shift).collect();
+    let (table, rope_rows) = rope_table(&shifts);
+    let mut descs: Vec<SegmentDesc> = ordered
+        .iter()
+        .zip(&plan.first_tile)
+        .zip(&rope_rows)
+        .map(|((s, &first_tile), &rope_row)| SegmentDesc {
+            k: s.k,
+            v: s.v,
+            len: s.len as u32,
+            pos_offset: s.pos_offset as u32,
+            role: s.role as u32,
+            first_tile,
+            rope_row,
+            rope_layout: s.rope_shift.map_or(0, |r| r.rope.layout as u32),
+        })
+        .collect();
+    if descs.is_empty() {
+        descs.push(SegmentDesc::zeroed());
+    }
+
+    let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
+    let log2e = std::f64::consts::LOG2_E;
+    let params = SegmentedAttentionParams {
+        n_rows: n_rows as u32,
+        n_heads: dims.n_heads as u32,
+        n_kv_heads: dims.n_kv_heads as u32,
+        group: dims.group_size() as u32,
+        q_pos_offset: q_pos_offset as u32,
+        n_segments: plan.order.len() as u32,
+        n_ctx_tiles: plan.n_ctx_tiles,
+        n_causal_tiles: plan.n_causal_tiles,
+        n_ctx_splits: plan.n_ctx_splits,
+        n_causal_splits: plan.n_causal_splits,
+        whole: plan.whole as u32,
+        variant: match ape.variant() {
+            ApeVariant::Released => 0,
+            ApeVariant::ScaledMass => 1,
+        },
+        ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
+        causal_scale_log2: (log2e * inv_sqrt_d) as f32,
+        temperature: ape.temperature(),
+        scale: ape.scale(),
+    };
+
+    let n = n_rows * dims.n_heads;
+    let splits = plan.n_splits() as usize;
+    // Split mode's partial states: O [splits, n, head_dim] then LSE [splits, n] (whole mode reads
+    // neither, but the kernel takes valid pointers).
+    let o_len = if plan.whole {
+        1
+    } else {
+        splits * n * dims.head_dim
+    };
+    let lse_len = if plan.whole { 1 } else { splits * n };
+
+    let (main, combine) = kernel_names(dtype, dims.head_dim);
+    // Q, two K and two V tiles; launches with RoPE shifts add the tile of the rotated rows' lo
+    // parts. The function's limit is set once, to the larger size.
+    let smem_plain = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
+    let smem_limit = smem_plain + BLOCK_M * dims.head_dim * 2;
+    let smem = if table.is_empty() {
+        smem_plain
+    } else {
+        smem_limit
+    };
+    let grid = (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits());
+    let combine_blocks = u32_of(
+        (n * 32).div_ceil(COMBINE_THREADS as usize),
+        "combine blocks",
+    )?;
+    Ok(LaunchLayout {
+        plan,
+        descs,
+        rope_table: table,
+        params,
+        main,
+        combine,
+        grid,
+        smem,
+        smem_limit,
+        o_len,
+        lse_len,
+        combine_blocks,
+    })
 }
 
 /// Attention of the query over all segments with the APE correction; returns new
@@ -420,37 +602,50 @@ pub fn segmented_attention_into(
     if n_rows == 0 {
         return Ok(());
     }
-    let lens: Vec<(usize, SegmentRole)> =
-        segments.iter().map(|s| (s.k.shape()[0], s.role)).collect();
-    let plan = plan(n_rows, dims, &lens, device.sm_count(), options.num_splits)?;
-
     let stream = device.stream();
-    let ordered: Vec<&Segment> = plan.order.iter().map(|&i| &segments[i]).collect();
-    let shifts: Vec<Option<RopeShift>> = ordered.iter().map(|s| s.rope_shift).collect();
-    let (table, rope_rows) = rope_table(&shifts);
-    let mut descs = Vec::with_capacity(plan.order.len().max(1));
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
-    let mut read_guards = Vec::with_capacity(2 * plan.order.len());
-    for ((s, &first_tile), &rope_row) in ordered.iter().zip(&plan.first_tile).zip(&rope_rows) {
+    let mut read_guards = Vec::with_capacity(2 * segments.len());
+    let mut refs = Vec::with_capacity(segments.len());
+    for s in segments {
         let (k, k_sync) = s.k.buf().device_ptr(stream);
         let (v, v_sync) = s.v.buf().device_ptr(stream);
         read_guards.push(k_sync);
         read_guards.push(v_sync);
-        descs.push(SegmentDesc {
+        refs.push(SegmentRef {
             k,
             v,
-            len: s.k.shape()[0] as u32,
-            pos_offset: s.pos_offset as u32,
-            role: s.role as u32,
-            first_tile,
-            rope_row,
-            rope_layout: s.rope_shift.map_or(0, |r| r.rope.layout as u32),
+            len: s.k.shape()[0],
+            pos_offset: s.pos_offset,
+            role: s.role,
+            rope_shift: s.rope_shift,
         });
     }
-    if descs.is_empty() {
-        descs.push(SegmentDesc::zeroed());
-    }
+    let layout = launch_layout(
+        n_rows,
+        query.pos_offset,
+        dims,
+        ape,
+        query.data.dtype(),
+        &refs,
+        device.sm_count(),
+        options.num_splits,
+    )?;
+    let LaunchLayout {
+        plan,
+        descs,
+        rope_table: table,
+        params,
+        main,
+        combine,
+        grid,
+        smem,
+        smem_limit,
+        o_len,
+        lse_len,
+        combine_blocks,
+    } = layout;
+
     // One upload: the descriptors, then the RoPE shift table (40-byte descriptors keep the f32
     // pairs 8-byte aligned). Without shifts the kernel gets a valid pointer it never reads.
     let mut upload = bytemuck::cast_slice::<SegmentDesc, u8>(&descs).to_vec();
@@ -464,52 +659,7 @@ pub fn segmented_attention_into(
         upload.slice(desc_bytes..)
     };
 
-    let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
-    let log2e = std::f64::consts::LOG2_E;
-    let params = SegmentedAttentionParams {
-        n_rows: n_rows as u32,
-        n_heads: dims.n_heads as u32,
-        n_kv_heads: dims.n_kv_heads as u32,
-        group: dims.group_size() as u32,
-        q_pos_offset: query.pos_offset as u32,
-        n_segments: plan.order.len() as u32,
-        n_ctx_tiles: plan.n_ctx_tiles,
-        n_causal_tiles: plan.n_causal_tiles,
-        n_ctx_splits: plan.n_ctx_splits,
-        n_causal_splits: plan.n_causal_splits,
-        whole: plan.whole as u32,
-        variant: match ape.variant() {
-            ApeVariant::Released => 0,
-            ApeVariant::ScaledMass => 1,
-        },
-        ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
-        causal_scale_log2: (log2e * inv_sqrt_d) as f32,
-        temperature: ape.temperature(),
-        scale: ape.scale(),
-    };
-
-    let n = n_rows * dims.n_heads;
-    let splits = plan.n_splits() as usize;
-    // Split mode's partial states: O [splits, n, head_dim] then LSE [splits, n], in the device's
-    // reusable workspace (whole mode reads neither, but the kernel takes valid pointers).
-    let o_len = if plan.whole {
-        1
-    } else {
-        splits * n * dims.head_dim
-    };
-    let lse_len = if plan.whole { 1 } else { splits * n };
-
-    let (main, combine) = kernel_names(query.data.dtype(), dims.head_dim);
-    // Q, two K and two V tiles; launches with RoPE shifts add the tile of the rotated rows' lo
-    // parts. The function's limit is set once, to the larger size.
-    let smem_plain = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
-    let smem_shifted = smem_plain + BLOCK_M * dims.head_dim * 2;
-    let smem = if table.is_empty() {
-        smem_plain
-    } else {
-        smem_shifted
-    };
-    let f = device.function_with_smem(main, smem_shifted as u32)?;
+    let f = device.function_with_smem(main, smem_limit as u32)?;
     let combine_fn = if plan.whole {
         None
     } else {
@@ -518,7 +668,7 @@ pub fn segmented_attention_into(
     device.with_workspace(o_len + lse_len, |ws| {
         let (o_part, lse_part) = ws.split_at_mut(o_len);
         let cfg = LaunchConfig {
-            grid_dim: (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits()),
+            grid_dim: grid,
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -544,10 +694,9 @@ pub fn segmented_attention_into(
         unsafe { launch.launch(cfg) }?;
 
         if let Some(cf) = &combine_fn {
-            let blocks = (n * 32).div_ceil(256);
             let cfg = LaunchConfig {
-                grid_dim: (u32_of(blocks, "combine blocks")?, 1, 1),
-                block_dim: (256, 1, 1),
+                grid_dim: (combine_blocks, 1, 1),
+                block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut launch = stream.launch_builder(cf);

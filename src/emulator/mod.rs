@@ -1,0 +1,159 @@
+//! The kernel emulator (feature `emulator`): the crate's CUDA kernels, compiled from the same
+//! `kernels/*.cu` source by the host C++ compiler and run on the CPU, so that they are tested
+//! against the [`crate::reference`] oracle on machines without a GPU.
+//!
+//! `kernels/emulator/` holds the two pieces: `cuda.h`, the CUDA language the kernels use
+//! (qualifiers, thread coordinates, barriers, shuffles, bf16/f16), and `ptx.cuh`, the inline PTX
+//! of `kernels/ptx.cuh` (cp.async, ldmatrix, mma.sync m16n8k16, ex2.approx) implemented from the
+//! PTX ISA's definitions. A CTA runs as one fiber per CUDA thread; warp instructions exchange
+//! their operands between the warp's 32 fibers. `runtime.cpp` documents the model.
+//!
+//! What a passing emulated test shows: the kernel's index math, fragment layouts, masking, tile
+//! walk, split/combine logic and APE correction compute what the oracle computes, and its
+//! barriers and cp.async waits are where a correct schedule needs them ([`EmulatorOptions`] runs
+//! the same launch under different legal schedules). What it does not show: speed, register
+//! pressure, or anything that depends on one GPU's rounding of tensor-core sums (the emulator sums
+//! exact products in f32 in k order). The GPU tests remain the judge of the hardware path.
+//!
+//! Each launcher here takes host data, lays the launch out with the same code as the CUDA
+//! launcher in [`crate::cuda`] (the plan, the descriptors, the RoPE table, the parameters), and
+//! runs the emulated kernels on it. The mirrored paths: `src/reference/X.rs` (oracle),
+//! `src/cuda/X.rs` (GPU launcher), `src/emulator/X.rs` (emulated launcher).
+
+mod segmented_attention;
+
+pub use segmented_attention::segmented_attention;
+
+use std::ffi::{c_char, c_void, CString};
+
+use crate::error::{Error, Result};
+
+/// How the emulator runs a launch. Every combination is a schedule a GPU may legally produce; a
+/// correct kernel computes the same bits under all of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmulatorOptions {
+    /// Run each CTA's threads in reverse order between barriers (default: thread order).
+    pub reverse: bool,
+    /// `cp.async` copies land only at the `cp.async.wait_group` that guarantees them (default:
+    /// when issued).
+    pub late_copies: bool,
+    /// OS threads running CTAs in parallel (0: one per core).
+    pub threads: u32,
+    /// SMs the launch is planned for (the split-KV decision): 132, an H100 SXM, by default.
+    pub sm_count: usize,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        Self {
+            reverse: false,
+            late_copies: false,
+            threads: 0,
+            sm_count: 132,
+        }
+    }
+}
+
+impl EmulatorOptions {
+    /// The four schedules (thread order x copy timing) with the other options as in `self`.
+    pub fn schedules(self) -> [Self; 4] {
+        [(false, false), (true, false), (false, true), (true, true)].map(
+            |(reverse, late_copies)| Self {
+                reverse,
+                late_copies,
+                ..self
+            },
+        )
+    }
+}
+
+extern "C" {
+    fn ape_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        smem: usize,
+        params: *mut *mut c_void,
+        flags: u32,
+        threads: u32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> i32;
+}
+
+/// Runs kernel `name` on the emulator.
+///
+/// # Safety
+/// `args` must point at values of exactly the kernel's parameter types, in order, and every
+/// pointer among them must be valid for what the kernel reads and writes through it.
+pub(crate) unsafe fn launch(
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: usize,
+    args: &mut [*mut c_void],
+    options: &EmulatorOptions,
+) -> Result<()> {
+    let c_name =
+        CString::new(name).map_err(|_| Error::Emulator(format!("kernel name {name:?}")))?;
+    let grid = [grid.0, grid.1, grid.2];
+    let block = [block.0, block.1, block.2];
+    let flags = u32::from(options.reverse) | (u32::from(options.late_copies) << 1);
+    let mut err = vec![0u8; 1024];
+    // SAFETY: the strings and arrays outlive the call; the caller vouches for `args`.
+    let rc = unsafe {
+        ape_emu_launch(
+            c_name.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            smem,
+            args.as_mut_ptr(),
+            flags,
+            options.threads,
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Err(Error::Emulator(
+        String::from_utf8_lossy(&err[..end]).into_owned(),
+    ))
+}
+
+/// A zero-initialised host buffer aligned to 16 bytes, as device allocations are (the kernels'
+/// 16-byte vector and cp.async accesses need it).
+pub(crate) struct Aligned {
+    words: Vec<u128>,
+}
+
+impl Aligned {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            words: vec![0; bytes.div_ceil(16).max(1)],
+        }
+    }
+
+    /// A buffer holding `values`.
+    pub fn from_slice<T: bytemuck::Pod>(values: &[T]) -> Self {
+        let mut b = Self::new(std::mem::size_of_val(values));
+        b.as_mut_slice::<T>(values.len()).copy_from_slice(values);
+        b
+    }
+
+    pub fn as_mut_slice<T: bytemuck::Pod>(&mut self, len: usize) -> &mut [T] {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words);
+        bytemuck::cast_slice_mut(&mut bytes[..len * std::mem::size_of::<T>()])
+    }
+
+    pub fn as_slice<T: bytemuck::Pod>(&self, len: usize) -> &[T] {
+        let bytes: &[u8] = bytemuck::cast_slice(&self.words);
+        bytemuck::cast_slice(&bytes[..len * std::mem::size_of::<T>()])
+    }
+
+    pub fn addr(&mut self) -> u64 {
+        self.words.as_mut_ptr() as u64
+    }
+}
