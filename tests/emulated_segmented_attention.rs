@@ -1,76 +1,195 @@
-//! The segmented attention kernels on the kernel emulator, against the CPU oracle.
+//! The segmented attention kernels (`kernels/segmented_attention.cu`) on the kernel emulator,
+//! against the CPU oracle: the sweeps of `tests/common/attention.rs`, which the GPU runs in
+//! `tests/gpu_segmented_attention.rs`, here on any machine. Consecutive launches cycle through the
+//! emulator's four schedules (thread order x cp.async timing). `APE_EMU_FULL=1` runs the GPU's full
+//! sweep; by default the reduced one (`APE_GPU_QUICK`'s), to keep the test command fast.
 
+#[path = "common/attention.rs"]
+mod attention;
 mod common;
+
+use std::cell::Cell;
 
 use ape_attn::cuda::{DType, SegmentedAttentionOptions};
 use ape_attn::emulator::{self, EmulatorOptions};
-use ape_attn::reference::{self, rel_l2};
-use ape_attn::{ApeParams, AttentionDims, SegmentRole};
+use ape_attn::reference::rope;
+use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
+use attention::{make_case, Backend, Case};
 use common::seeded;
 
+/// The kernels on the emulator, each launch under the next of the four schedules.
+#[derive(Default)]
+struct Emulated {
+    launches: Cell<usize>,
+}
+
+impl Emulated {
+    fn options(&self) -> EmulatorOptions {
+        let i = self.launches.get();
+        self.launches.set(i + 1);
+        EmulatorOptions::default().schedules()[i % 4]
+    }
+}
+
+fn run_with(case: &Case, opts: &EmulatorOptions) -> ape_attn::Result<(Vec<f32>, Vec<f32>)> {
+    let out = emulator::segmented_attention(
+        case.dtype,
+        &case.reference_query(),
+        &case.reference_segments(),
+        &case.dims,
+        &case.ape,
+        &SegmentedAttentionOptions {
+            num_splits: case.splits,
+        },
+        opts,
+    )?;
+    Ok((out.out, out.lse))
+}
+
+impl Backend for Emulated {
+    fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>) {
+        let opts = self.options();
+        run_with(case, &opts).unwrap_or_else(|e| panic!("{e} ({opts:?}, {case:?})"))
+    }
+
+    /// The GPU's separate shift (kernels/rope.cu) rotates in f32 and rounds once; the oracle's
+    /// rotation rounded to `dtype` is that up to the f32 rounding of the rotation.
+    fn shift_keys(
+        &self,
+        k: &[f32],
+        shape: [usize; 3],
+        dtype: DType,
+        shift: &RopeShift,
+    ) -> Vec<f32> {
+        let mut k = k.to_vec();
+        rope::shift(&mut k, shape[0], shape[1], &shift.rope, shift.delta).unwrap();
+        k.into_iter().map(|x| dtype.round(x)).collect()
+    }
+
+    fn quick(&self) -> bool {
+        !std::env::var("APE_EMU_FULL").is_ok_and(|v| v == "1")
+    }
+}
+
 #[test]
-fn smoke() {
-    let mut r = seeded("smoke");
-    let dims = AttentionDims::new(8, 2, 128).unwrap();
-    let row = dims.n_kv_heads * dims.head_dim;
-    let dtype = DType::BF16;
-    let round = |x: Vec<f32>| x.into_iter().map(|v| dtype.round(v)).collect::<Vec<_>>();
-    let (lc, lo, n_rows) = (100, 20, 20);
-    let ck = round(r.uniform(lc * row, 2.0));
-    let cv = round(r.uniform(lc * row, 1.0));
-    let ok = round(r.uniform(lo * row, 2.0));
-    let ov = round(r.uniform(lo * row, 1.0));
-    let q = round(r.uniform(n_rows * dims.n_heads * dims.head_dim, 2.0));
-    let segs = [
-        reference::Segment {
-            k: &ck,
-            v: &cv,
-            len: lc,
-            pos_offset: 0,
-            role: SegmentRole::Context,
-            rope_shift: None,
-        },
-        reference::Segment {
-            k: &ok,
-            v: &ov,
-            len: lo,
-            pos_offset: 100,
-            role: SegmentRole::Causal,
-            rope_shift: None,
-        },
-    ];
-    let query = reference::Query {
-        data: &q,
-        n_rows,
-        pos_offset: 100,
-    };
-    let ape = ApeParams::default();
-    let want = reference::segmented_attention(&query, &segs, &dims, &ape).unwrap();
-    for splits in [Some(1), None] {
-        for opts in EmulatorOptions::default().schedules() {
-            let t = std::time::Instant::now();
-            let got = emulator::segmented_attention(
-                dtype,
-                &query,
-                &segs,
-                &dims,
-                &ape,
-                &SegmentedAttentionOptions { num_splits: splits },
-                &opts,
-            )
-            .unwrap();
-            let lse_err = got
-                .lse
-                .iter()
-                .zip(&want.lse)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            println!(
-                "{splits:?} {opts:?}: rel_l2 {:.2e} lse {:.2e} in {:?}",
-                rel_l2(&got.out, &want.out),
-                lse_err,
-                t.elapsed()
-            );
+fn lengths_and_split_modes() {
+    attention::lengths_and_split_modes(&Emulated::default());
+}
+
+#[test]
+fn question_lengths_prefill() {
+    attention::question_lengths_prefill(&Emulated::default());
+}
+
+#[test]
+fn gqa_head_dims_and_ape_parameters() {
+    attention::gqa_head_dims_and_ape_parameters(&Emulated::default());
+}
+
+#[test]
+fn many_segments_including_empty_ones() {
+    attention::many_segments_including_empty_ones(&Emulated::default());
+}
+
+#[test]
+fn plain_attention_and_edge_cases() {
+    attention::plain_attention_and_edge_cases(&Emulated::default());
+}
+
+#[test]
+fn rope_shifted_segments() {
+    attention::rope_shifted_segments(&Emulated::default());
+}
+
+#[test]
+fn fused_shift_against_separate_shift() {
+    attention::fused_shift_against_separate_shift(&Emulated::default());
+}
+
+/// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
+/// them: a kernel without races gives the same bits under the four.
+#[test]
+fn the_four_schedules_give_the_same_bits() {
+    let mut r = seeded("the_four_schedules_give_the_same_bits");
+    for (head_dim, splits) in [(64, Some(1)), (128, None), (128, Some(3))] {
+        let dims = AttentionDims::new(8, 2, head_dim).unwrap();
+        let case = make_case(
+            &mut r,
+            dims,
+            DType::BF16,
+            9,
+            &[150, 64],
+            33,
+            ApeParams::default(),
+            splits,
+        );
+        let runs: Vec<(Vec<u32>, Vec<u32>)> = EmulatorOptions::default()
+            .schedules()
+            .iter()
+            .map(|opts| {
+                let (out, lse) = run_with(&case, opts).unwrap();
+                let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect();
+                (bits(out), bits(lse))
+            })
+            .collect();
+        for run in &runs[1..] {
+            assert!(run == &runs[0], "schedules disagree: {case:?}");
         }
     }
+}
+
+/// The emulated launcher validates as the CUDA one does.
+#[test]
+fn bad_inputs_are_errors() {
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    let q = vec![0.0; 4 * 8 * 128];
+    let k = vec![0.0; 10 * 2 * 128];
+    let query = ape_attn::reference::Query {
+        data: &q,
+        n_rows: 4,
+        pos_offset: 0,
+    };
+    let seg = |k: &'static [f32], len| ape_attn::reference::Segment {
+        k,
+        v: k,
+        len,
+        pos_offset: 0,
+        role: SegmentRole::Context,
+        rope_shift: None,
+    };
+    let k: &'static [f32] = Box::leak(k.into_boxed_slice());
+    let ape = ApeParams::default();
+    let opts = SegmentedAttentionOptions::default();
+    let emu = EmulatorOptions::default();
+    let run = |dtype, query: &ape_attn::reference::Query, segs: &[_], dims: &AttentionDims| {
+        emulator::segmented_attention(dtype, query, segs, dims, &ape, &opts, &emu)
+    };
+    assert!(run(DType::BF16, &query, &[seg(k, 10)], &dims).is_ok());
+    assert!(matches!(
+        run(DType::F32, &query, &[seg(k, 10)], &dims),
+        Err(Error::DType(_))
+    ));
+    assert!(matches!(
+        run(DType::BF16, &query, &[seg(k, 9)], &dims),
+        Err(Error::Shape(_))
+    ));
+    let d96 = AttentionDims::new(8, 2, 96).unwrap();
+    let q96 = vec![0.0; 4 * 8 * 96];
+    let query96 = ape_attn::reference::Query {
+        data: &q96,
+        n_rows: 4,
+        pos_offset: 0,
+    };
+    assert!(matches!(
+        run(DType::BF16, &query96, &[], &d96),
+        Err(Error::UnsupportedHeadDim { .. })
+    ));
+    let far = ape_attn::reference::Query {
+        pos_offset: i32::MAX as usize,
+        ..query
+    };
+    assert!(matches!(
+        run(DType::BF16, &far, &[], &dims),
+        Err(Error::OutOfRange(_))
+    ));
 }

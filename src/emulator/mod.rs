@@ -157,3 +157,49 @@ impl Aligned {
         self.words.as_mut_ptr() as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), smem: usize) -> Result<()> {
+        // A fill_uniform_f32 launch over 64 floats: y, seed, scale, offset, params {n, width, eps}.
+        let mut y = Aligned::new(64 * 4);
+        let mut y_ptr = y.addr();
+        let (mut seed, mut scale, mut offset) = (7u32, 1.0f32, 0.0f32);
+        let mut params = [0u8; 16];
+        params[..8].copy_from_slice(&64u64.to_le_bytes());
+        let mut args = [
+            &mut y_ptr as *mut u64 as *mut c_void,
+            &mut seed as *mut u32 as *mut c_void,
+            &mut scale as *mut f32 as *mut c_void,
+            &mut offset as *mut f32 as *mut c_void,
+            params.as_mut_ptr() as *mut c_void,
+        ];
+        // SAFETY: fill_uniform_f32(T* y, uint32_t seed, float scale, float offset, LlamaOpsParams
+        // p) with y holding 64 floats (p.n = 64); the other names are refused before any launch.
+        unsafe {
+            launch(
+                name,
+                grid,
+                block,
+                smem,
+                &mut args,
+                &EmulatorOptions::default(),
+            )
+        }
+    }
+
+    #[test]
+    fn a_valid_launch_runs_and_bad_launches_are_errors() {
+        run("fill_uniform_f32", (2, 1, 1), (32, 1, 1), 0).unwrap();
+        let err = |r: Result<()>| match r {
+            Err(Error::Emulator(msg)) => msg,
+            other => panic!("expected an emulator error, got {other:?}"),
+        };
+        assert!(err(run("no_such_kernel", (1, 1, 1), (32, 1, 1), 0)).contains("no kernel named"));
+        assert!(err(run("fill_uniform_f32", (0, 1, 1), (32, 1, 1), 0)).contains("grid"));
+        assert!(err(run("fill_uniform_f32", (1, 1, 1), (2048, 1, 1), 0)).contains("block"));
+        assert!(err(run("fill_uniform_f32", (1, 1, 1), (32, 1, 1), 1 << 20)).contains("shared"));
+    }
+}
