@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// Mirrors `ape::MergeStatesParams` in kernels/merge_states.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct MergeStatesParams {
+pub(crate) struct MergeStatesParams {
     n: u64,
     n_states: u32,
     head_dim: u32,
@@ -118,15 +118,8 @@ pub fn merge_states_into(
     if n == 0 {
         return Ok(());
     }
-    let (dtype, access, group) = plan(v.dtype(), head_dim);
-    let params = MergeStatesParams {
-        n,
-        n_states: to_u32(n_states, "n_states")?,
-        head_dim: to_u32(head_dim, "head_dim")?,
-        group,
-        _pad: 0,
-    };
-    let f = device.function(kernel_name("merge", dtype, access))?;
+    let (name, params, cfg) = merge_launch(MergeOp::Stacked, v.dtype(), head_dim, n_states, n)?;
+    let f = device.function(name)?;
     let mut launch = device.stream().launch_builder(&f);
     launch
         .arg(v.buf())
@@ -137,7 +130,7 @@ pub fn merge_states_into(
     // SAFETY: the argument list matches merge_states_* (v, s, v_out, s_out, params); every buffer
     // was checked above to hold exactly the elements the kernel indexes (n_states * n * head_dim,
     // n_states * n, n * head_dim, n) in the dtype the kernel reads, on this device.
-    unsafe { launch.launch(launch_config(n, group)) }?;
+    unsafe { launch.launch(cfg) }?;
     Ok(())
 }
 
@@ -175,15 +168,8 @@ pub fn merge_state_in_place(
     if n == 0 {
         return Ok(());
     }
-    let (dtype, access, group) = plan(v.dtype(), head_dim);
-    let params = MergeStatesParams {
-        n,
-        n_states: 2,
-        head_dim: to_u32(head_dim, "head_dim")?,
-        group,
-        _pad: 0,
-    };
-    let f = device.function(kernel_name("in_place", dtype, access))?;
+    let (name, params, cfg) = merge_launch(MergeOp::InPlace, v.dtype(), head_dim, 2, n)?;
+    let f = device.function(name)?;
     let mut launch = device.stream().launch_builder(&f);
     launch
         .arg(v.buf_mut())
@@ -195,6 +181,43 @@ pub fn merge_state_in_place(
     // v and v_other hold n * head_dim elements of the same dtype, s and s_other n f32, all checked
     // above; each lane reads a chunk of v before writing that same chunk, and the LSE is written
     // after the whole row group has read it.
-    unsafe { launch.launch(launch_config(n, group)) }?;
+    unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+/// Which merge kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MergeOp {
+    /// `merge_states_*`: `[n_states, n, head_dim]` into `[n, head_dim]`.
+    Stacked,
+    /// `merge_state_in_place_*`: a second state into the first.
+    InPlace,
+}
+
+/// The kernel, parameters and launch shape of a merge of `n_states` states of `n` rows. Pure:
+/// shared with the kernel emulator.
+pub(crate) fn merge_launch(
+    op: MergeOp,
+    dtype: DType,
+    head_dim: usize,
+    n_states: usize,
+    n: u64,
+) -> Result<(&'static str, MergeStatesParams, LaunchConfig)> {
+    let (dtype, access, group) = plan(dtype, head_dim);
+    let params = MergeStatesParams {
+        n,
+        n_states: to_u32(n_states, "n_states")?,
+        head_dim: to_u32(head_dim, "head_dim")?,
+        group,
+        _pad: 0,
+    };
+    let op = match op {
+        MergeOp::Stacked => "merge",
+        MergeOp::InPlace => "in_place",
+    };
+    Ok((
+        kernel_name(op, dtype, access),
+        params,
+        launch_config(n, group),
+    ))
 }

@@ -15,7 +15,7 @@ use crate::params::{RopeConfig, RopeLayout};
 /// Mirrors `ape::RopeParams` in kernels/rope.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct RopeParams {
+pub(crate) struct RopeParams {
     pos_offset: i64,
     n_tokens: u32,
     n_heads: u32,
@@ -50,15 +50,45 @@ fn launch(
     pos: i64,
     per_token: bool,
 ) -> Result<()> {
+    x.check_device(device, "x")?;
+    let Some((params, pairs)) = rope_params(x.shape(), cfg, pos, per_token)? else {
+        return Ok(());
+    };
+    let inv_freq = device.stream().clone_htod(&cfg.inv_freqs())?;
+    let f = device.function(kernel_name(x.dtype()))?;
+    let cfg = super::grid_stride(pairs);
+    let mut launch = device.stream().launch_builder(&f);
+    launch.arg(x.buf_mut()).arg(&inv_freq).arg(&params);
+    // SAFETY: arguments match rope_* (x, inv_freq, params); x holds n_tokens * n_heads * head_dim
+    // elements of its dtype (checked above), inv_freq holds head_dim / 2 f64.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+pub(crate) fn kernel_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "rope_f32",
+        DType::F16 => "rope_f16",
+        DType::BF16 => "rope_bf16",
+    }
+}
+
+/// Checks a RoPE launch on `x` of shape `shape` and returns its parameters and the number of
+/// (token, pair) items, or `None` when there is nothing to rotate. Pure: shared with the kernel
+/// emulator.
+pub(crate) fn rope_params(
+    shape: &[usize],
+    cfg: &RopeConfig,
+    pos: i64,
+    per_token: bool,
+) -> Result<Option<(RopeParams, u64)>> {
     cfg.validate()?;
-    let shape = x.shape().to_vec();
     if shape.len() != 3 || shape[2] != cfg.head_dim {
         return Err(Error::Shape(format!(
             "RoPE input has shape {shape:?}, expected [n_tokens, n_heads, {}]",
             cfg.head_dim
         )));
     }
-    x.check_device(device, "x")?;
     let (n_tokens, n_heads) = (shape[0], shape[1]);
     if per_token && pos.checked_add(n_tokens as i64).is_none() {
         return Err(Error::OutOfRange(format!(
@@ -82,20 +112,7 @@ fn launch(
     };
     let pairs = (n_tokens * cfg.head_dim / 2) as u64;
     if pairs == 0 || n_heads == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    let inv_freq = device.stream().clone_htod(&cfg.inv_freqs())?;
-    let name = match x.dtype() {
-        DType::F32 => "rope_f32",
-        DType::F16 => "rope_f16",
-        DType::BF16 => "rope_bf16",
-    };
-    let f = device.function(name)?;
-    let cfg = super::grid_stride(pairs);
-    let mut launch = device.stream().launch_builder(&f);
-    launch.arg(x.buf_mut()).arg(&inv_freq).arg(&params);
-    // SAFETY: arguments match rope_* (x, inv_freq, params); x holds n_tokens * n_heads * head_dim
-    // elements of its dtype (checked above), inv_freq holds head_dim / 2 f64.
-    unsafe { launch.launch(cfg) }?;
-    Ok(())
+    Ok(Some((params, pairs)))
 }

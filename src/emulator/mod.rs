@@ -20,12 +20,17 @@
 //! runs the emulated kernels on it. The mirrored paths: `src/reference/X.rs` (oracle),
 //! `src/cuda/X.rs` (GPU launcher), `src/emulator/X.rs` (emulated launcher).
 
+mod merge_states;
+mod rope;
 mod segmented_attention;
 
+pub use merge_states::{merge_state_in_place, merge_states};
+pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::segmented_attention;
 
 use std::ffi::{c_char, c_void, CString};
 
+use crate::cuda::DType;
 use crate::error::{Error, Result};
 
 /// How the emulator runs a launch. Every combination is a schedule a GPU may legally produce; a
@@ -156,6 +161,47 @@ impl Aligned {
     pub fn addr(&mut self) -> u64 {
         self.words.as_mut_ptr() as u64
     }
+}
+
+/// `values` rounded to `dtype`, in a buffer laid out as a device tensor of that dtype.
+pub(crate) fn to_dtype(values: &[f32], dtype: DType) -> Aligned {
+    match dtype {
+        DType::F32 => Aligned::from_slice(values),
+        DType::F16 => Aligned::from_slice(
+            &values
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect::<Vec<u16>>(),
+        ),
+        DType::BF16 => Aligned::from_slice(
+            &values
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect::<Vec<u16>>(),
+        ),
+    }
+}
+
+/// The first `len` values of a buffer of `dtype`, as f32.
+pub(crate) fn from_dtype(buf: &Aligned, len: usize, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => buf.as_slice::<f32>(len).to_vec(),
+        DType::F16 => buf
+            .as_slice::<u16>(len)
+            .iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect(),
+        DType::BF16 => buf
+            .as_slice::<u16>(len)
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect(),
+    }
+}
+
+/// A pointer to `x`, as a kernel argument.
+pub(crate) fn arg<T>(x: &mut T) -> *mut c_void {
+    x as *mut T as *mut c_void
 }
 
 #[cfg(test)]

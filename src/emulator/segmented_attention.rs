@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::{launch, Aligned, EmulatorOptions};
+use super::{from_dtype, launch, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_problem, launch_layout, SegmentExtent, SegmentRef, SegmentedAttentionOptions,
     COMBINE_THREADS, THREADS,
@@ -13,33 +13,6 @@ use crate::cuda::DType;
 use crate::error::Result;
 use crate::params::{ApeParams, AttentionDims};
 use crate::reference::segmented_attention::{validate, AttentionOutput, Query, Segment};
-
-/// Rounds `values` to `dtype` (bf16 or f16) and returns their bits.
-fn to_bits(values: &[f32], dtype: DType) -> Vec<u16> {
-    match dtype {
-        DType::BF16 => values
-            .iter()
-            .map(|&x| half::bf16::from_f32(x).to_bits())
-            .collect(),
-        _ => values
-            .iter()
-            .map(|&x| half::f16::from_f32(x).to_bits())
-            .collect(),
-    }
-}
-
-fn from_bits(bits: &[u16], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::BF16 => bits
-            .iter()
-            .map(|&b| half::bf16::from_bits(b).to_f32())
-            .collect(),
-        _ => bits
-            .iter()
-            .map(|&b| half::f16::from_bits(b).to_f32())
-            .collect(),
-    }
-}
 
 /// The CUDA segmented-attention kernels run on the emulator: the query and the segments (f32, as
 /// the oracle takes them) are rounded to `dtype`, laid out and launched as the CUDA launcher does
@@ -77,15 +50,10 @@ pub fn segmented_attention(
         });
     }
 
-    let mut q = Aligned::from_slice(&to_bits(query.data, dtype));
+    let mut q = to_dtype(query.data, dtype);
     let mut kv: Vec<(Aligned, Aligned)> = segments
         .iter()
-        .map(|s| {
-            (
-                Aligned::from_slice(&to_bits(s.k, dtype)),
-                Aligned::from_slice(&to_bits(s.v, dtype)),
-            )
-        })
+        .map(|s| (to_dtype(s.k, dtype), to_dtype(s.v, dtype)))
         .collect();
     let refs: Vec<SegmentRef> = segments
         .iter()
@@ -112,7 +80,7 @@ pub fn segmented_attention(
 
     let mut descs = Aligned::from_slice(&layout.descs);
     let mut table = Aligned::from_slice(&layout.rope_table);
-    let mut out = Aligned::from_slice(&vec![u16::MAX; n * dims.head_dim]);
+    let mut out = to_dtype(&vec![f32::NAN; n * dims.head_dim], dtype);
     let mut lse = Aligned::from_slice(&vec![f32::NAN; n]);
     let mut o_part = Aligned::from_slice(&vec![f32::NAN; layout.o_len]);
     let mut lse_part = Aligned::from_slice(&vec![f32::NAN; layout.lse_len]);
@@ -177,7 +145,7 @@ pub fn segmented_attention(
         }
     }
     Ok(AttentionOutput {
-        out: from_bits(out.as_slice::<u16>(n * dims.head_dim), dtype),
+        out: from_dtype(&out, n * dims.head_dim, dtype),
         lse: lse.as_slice::<f32>(n).to_vec(),
     })
 }

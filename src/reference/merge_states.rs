@@ -87,24 +87,7 @@ pub fn merge_states(
     n_states: usize,
     head_dim: usize,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    if n_states == 0 || head_dim == 0 {
-        return Err(Error::Shape(format!(
-            "merge_states needs n_states > 0 and head_dim > 0, got {n_states} and {head_dim}"
-        )));
-    }
-    if s.len() % n_states != 0 {
-        return Err(Error::Shape(format!(
-            "s has {} values, not a multiple of n_states = {n_states}",
-            s.len()
-        )));
-    }
-    let n = s.len() / n_states;
-    if v.len() != n_states * n * head_dim {
-        return Err(Error::Shape(format!(
-            "v has {} values, expected n_states * n * head_dim = {n_states} * {n} * {head_dim}",
-            v.len()
-        )));
-    }
+    let n = check_shapes(v.len(), s.len(), n_states, head_dim)?;
     let mut v_out = Vec::with_capacity(n * head_dim);
     let mut s_out = Vec::with_capacity(n);
     for i in 0..n {
@@ -122,4 +105,31 @@ pub fn merge_states(
         s_out.push(merged.lse as f32);
     }
     Ok((v_out, s_out))
+}
+
+/// Checks `v` (`v_len` values) and `s` (`s_len`) as `[n_states, n, head_dim]` and `[n_states, n]`;
+/// returns `n`.
+pub(crate) fn check_shapes(
+    v_len: usize,
+    s_len: usize,
+    n_states: usize,
+    head_dim: usize,
+) -> Result<usize> {
+    if n_states == 0 || head_dim == 0 {
+        return Err(Error::Shape(format!(
+            "merge_states needs n_states > 0 and head_dim > 0, got {n_states} and {head_dim}"
+        )));
+    }
+    if s_len % n_states != 0 {
+        return Err(Error::Shape(format!(
+            "s has {s_len} values, not a multiple of n_states = {n_states}"
+        )));
+    }
+    let n = s_len / n_states;
+    if v_len != n_states * n * head_dim {
+        return Err(Error::Shape(format!(
+            "v has {v_len} values, expected n_states * n * head_dim = {n_states} * {n} * {head_dim}"
+        )));
+    }
+    Ok(n)
 }
