@@ -11,16 +11,16 @@ use crate::params::check_positive;
 /// Mirrors `ape::LlamaOpsParams`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
-struct LlamaOpsParams {
-    n: u64,
-    width: u32,
-    eps: f32,
+pub(crate) struct LlamaOpsParams {
+    pub n: u64,
+    pub width: u32,
+    pub eps: f32,
 }
 const _: () = assert!(std::mem::size_of::<LlamaOpsParams>() == 16);
 // SAFETY: a #[repr(C)] plain-data struct with the kernel's layout.
 unsafe impl DeviceRepr for LlamaOpsParams {}
 
-fn name(op: &str, dtype: DType) -> &'static str {
+pub(crate) fn name(op: &str, dtype: DType) -> &'static str {
     match (op, dtype) {
         ("rms_norm", DType::F32) => "rms_norm_f32",
         ("rms_norm", DType::F16) => "rms_norm_f16",
@@ -37,7 +37,7 @@ fn name(op: &str, dtype: DType) -> &'static str {
     }
 }
 
-fn rows(n: u64) -> LaunchConfig {
+pub(crate) fn rows(n: u64) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.clamp(1, 1 << 16) as u32, 1, 1),
         block_dim: (256, 1, 1),

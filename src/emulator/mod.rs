@@ -20,10 +20,12 @@
 //! runs the emulated kernels on it. The mirrored paths: `src/reference/X.rs` (oracle),
 //! `src/cuda/X.rs` (GPU launcher), `src/emulator/X.rs` (emulated launcher).
 
+mod llama_ops;
 mod merge_states;
 mod rope;
 mod segmented_attention;
 
+pub use llama_ops::{embedding, rms_norm, silu_mul};
 pub use merge_states::{merge_state_in_place, merge_states};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::segmented_attention;

@@ -1,0 +1,143 @@
+//! The element-wise Llama operations on the kernel emulator: `kernels/llama_ops.cu` run on the
+//! CPU, launched as [`crate::cuda::llama_ops`] launches them (oracle:
+//! [`crate::reference::llama_ops`]). Inputs are rounded to `dtype`; outputs are `dtype`'s, as f32.
+
+use super::{arg, from_dtype, launch, to_dtype, Aligned, EmulatorOptions};
+use crate::cuda::llama_ops::{name, rows, LlamaOpsParams};
+use crate::cuda::{grid_stride, DType};
+use crate::error::{Error, Result};
+use crate::params::check_positive;
+
+/// `rms_norm_*` on the emulator: `x` `[n, width]`, `w` `[width]`.
+pub fn rms_norm(
+    dtype: DType,
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    emulator: &EmulatorOptions,
+) -> Result<Vec<f32>> {
+    check_positive("RMSNorm epsilon", eps as f64)?;
+    let d = w.len();
+    if d == 0 || d > u32::MAX as usize || x.len() % d != 0 {
+        return Err(Error::Shape(format!(
+            "rms_norm: x has {} values, w {d}: expected [n, width] and [width]",
+            x.len()
+        )));
+    }
+    let n = (x.len() / d) as u64;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let (mut xb, mut wb) = (to_dtype(x, dtype), to_dtype(w, dtype));
+    let mut y = to_dtype(&vec![f32::NAN; x.len()], dtype);
+    let mut p = LlamaOpsParams {
+        n,
+        width: d as u32,
+        eps,
+    };
+    let (mut a, mut b, mut c) = (xb.addr(), wb.addr(), y.addr());
+    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let cfg = rows(n);
+    // SAFETY: rms_norm_*(x, w, y, params): x and y hold n * d values of dtype, w holds d.
+    unsafe {
+        launch(
+            name("rms_norm", dtype),
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            emulator,
+        )?
+    };
+    Ok(from_dtype(&y, x.len(), dtype))
+}
+
+/// `silu_mul_*` on the emulator: `silu(gate) * up`, element-wise.
+pub fn silu_mul(
+    dtype: DType,
+    gate: &[f32],
+    up: &[f32],
+    emulator: &EmulatorOptions,
+) -> Result<Vec<f32>> {
+    if gate.len() != up.len() {
+        return Err(Error::Shape(format!(
+            "silu_mul: gate has {} values, up {}",
+            gate.len(),
+            up.len()
+        )));
+    }
+    let n = gate.len() as u64;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let (mut g, mut u) = (to_dtype(gate, dtype), to_dtype(up, dtype));
+    let mut y = to_dtype(&vec![f32::NAN; gate.len()], dtype);
+    let mut p = LlamaOpsParams {
+        n,
+        width: 0,
+        eps: 0.0,
+    };
+    let (mut a, mut b, mut c) = (g.addr(), u.addr(), y.addr());
+    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let cfg = grid_stride(n);
+    // SAFETY: silu_mul_*(g, u, y, params): all three hold n values of dtype.
+    unsafe {
+        launch(
+            name("silu_mul", dtype),
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            emulator,
+        )?
+    };
+    Ok(from_dtype(&y, gate.len(), dtype))
+}
+
+/// `embedding_*` on the emulator: rows `ids` of `table` (`[vocab, width]`).
+pub fn embedding(
+    dtype: DType,
+    ids: &[u32],
+    table: &[f32],
+    width: usize,
+    emulator: &EmulatorOptions,
+) -> Result<Vec<f32>> {
+    if width == 0 || width > u32::MAX as usize || table.len() % width != 0 {
+        return Err(Error::Shape(format!(
+            "embedding: table has {} values, not [vocab, {width}]",
+            table.len()
+        )));
+    }
+    let vocab = table.len() / width;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(Error::OutOfRange(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut idb, mut tb) = (Aligned::from_slice(ids), to_dtype(table, dtype));
+    let mut y = to_dtype(&vec![f32::NAN; ids.len() * width], dtype);
+    let mut p = LlamaOpsParams {
+        n: ids.len() as u64,
+        width: width as u32,
+        eps: 0.0,
+    };
+    let (mut a, mut b, mut c) = (idb.addr(), tb.addr(), y.addr());
+    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let cfg = rows(ids.len() as u64);
+    // SAFETY: embedding_*(ids, table, y, params): every id < vocab (checked), the table holds
+    // vocab * width values of dtype and y ids.len() * width.
+    unsafe {
+        launch(
+            name("embedding", dtype),
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            emulator,
+        )?
+    };
+    Ok(from_dtype(&y, ids.len() * width, dtype))
+}
