@@ -631,46 +631,32 @@ pub fn segmented_attention_into(
         device.sm_count(),
         options.num_splits,
     )?;
-    let LaunchLayout {
-        plan,
-        descs,
-        rope_table: table,
-        params,
-        main,
-        combine,
-        grid,
-        smem,
-        smem_limit,
-        o_len,
-        lse_len,
-        combine_blocks,
-    } = layout;
 
     // One upload: the descriptors, then the RoPE shift table (40-byte descriptors keep the f32
     // pairs 8-byte aligned). Without shifts the kernel gets a valid pointer it never reads.
-    let mut upload = bytemuck::cast_slice::<SegmentDesc, u8>(&descs).to_vec();
+    let mut upload = bytemuck::cast_slice::<SegmentDesc, u8>(&layout.descs).to_vec();
     let desc_bytes = upload.len();
-    upload.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&table));
+    upload.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&layout.rope_table));
     let upload = stream.clone_htod(&upload)?;
     let descs = upload.slice(..desc_bytes);
-    let rope_cs = if table.is_empty() {
+    let rope_cs = if layout.rope_table.is_empty() {
         upload.slice(..desc_bytes)
     } else {
         upload.slice(desc_bytes..)
     };
 
-    let f = device.function_with_smem(main, smem_limit as u32)?;
-    let combine_fn = if plan.whole {
+    let f = device.function_with_smem(layout.main, layout.smem_limit as u32)?;
+    let combine_fn = if layout.plan.whole {
         None
     } else {
-        Some(device.function(combine)?)
+        Some(device.function(layout.combine)?)
     };
-    device.with_workspace(o_len + lse_len, |ws| {
-        let (o_part, lse_part) = ws.split_at_mut(o_len);
+    device.with_workspace(layout.o_len + layout.lse_len, |ws| {
+        let (o_part, lse_part) = ws.split_at_mut(layout.o_len);
         let cfg = LaunchConfig {
-            grid_dim: grid,
+            grid_dim: layout.grid,
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
+            shared_mem_bytes: layout.smem as u32,
         };
         let (mut o_part, mut lse_part) = (o_part, lse_part);
         let mut launch = stream.launch_builder(&f);
@@ -682,7 +668,7 @@ pub fn segmented_attention_into(
             .arg(lse.buf_mut())
             .arg(&mut o_part)
             .arg(&mut lse_part)
-            .arg(&params);
+            .arg(&layout.params);
         // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
         // lse_part, params). validate() checked every tensor's shape, dtype and device against
         // `dims` and `n_rows`; the descriptors point at the segments' K/V buffers, which hold
@@ -695,7 +681,7 @@ pub fn segmented_attention_into(
 
         if let Some(cf) = &combine_fn {
             let cfg = LaunchConfig {
-                grid_dim: (combine_blocks, 1, 1),
+                grid_dim: (layout.combine_blocks, 1, 1),
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -705,7 +691,7 @@ pub fn segmented_attention_into(
                 .arg(&mut lse_part)
                 .arg(out.buf_mut())
                 .arg(lse.buf_mut())
-                .arg(&params);
+                .arg(&layout.params);
             // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out,
             // lse, params); the workspace was fully written by the launch above (every split
             // writes every valid row), and out/lse were checked in validate().
