@@ -55,6 +55,9 @@ uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask);
 // Stops the launch with an error (an invalid address, a misused primitive).
 [[noreturn]] void fail(const char* fmt, ...);
 
+// Fails unless [p, p + bytes) lies in one of the launch's global buffers (when it names any).
+void check_global(const void* p, size_t bytes, const char* what);
+
 }  // namespace ape_emu
 
 #define threadIdx (::ape_emu::coords().thread_idx)
@@ -74,7 +77,10 @@ template <typename U> inline U __shfl_xor_sync(uint32_t mask, U value, int lane_
   return value;
 }
 
-template <typename U> inline U __ldg(const U* p) { return *p; }
+template <typename U> inline U __ldg(const U* p) {
+  ::ape_emu::check_global(p, sizeof(U), "__ldg");
+  return *p;
+}
 
 template <typename U> inline U min(U a, U b) { return a < b ? a : b; }
 template <typename U> inline U max(U a, U b) { return a < b ? b : a; }

@@ -19,6 +19,8 @@
 //   addresses are in it and aligned.
 // - A barrier that can never complete (some threads wait, the others have exited or wait
 //   elsewhere) is an error, not a hang. Independent CTAs run on several OS threads.
+// - Global reads the emulator sees (cp.async sources, __ldg) must lie in one of the buffers the
+//   launcher names, as compute-sanitizer's memcheck would require of every access.
 #include "../llama_ops.cu"
 #include "../merge_states.cu"
 #include "../rope.cu"
@@ -153,8 +155,14 @@ struct Warp {
   Slots slots[2];
 };
 
+struct Region {
+  uintptr_t begin, end;
+};
+
 struct Cta {
   std::vector<Fiber> fibers;
+  const Region* regions = nullptr;
+  size_t n_regions = 0;
   std::vector<Warp> warps;
   char* stacks = nullptr;
   size_t stacks_bytes = 0;
@@ -410,6 +418,16 @@ void sync_block() {
 
 void sync_warp() { warp_barrier(); }
 
+void check_global(const void* p, size_t bytes, const char* what) {
+  const Cta& c = cta();
+  if (c.n_regions == 0) return;
+  const auto b = reinterpret_cast<uintptr_t>(p);
+  for (size_t i = 0; i < c.n_regions; ++i) {
+    if (b >= c.regions[i].begin && b + bytes <= c.regions[i].end) return;
+  }
+  fail("%s: %zu bytes at %p are outside every buffer of the launch", what, bytes, p);
+}
+
 uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask) {
   if (mask != 0xffffffffu) fail("__shfl_xor_sync with mask %#x: only full warps are emulated", mask);
   if (lane_mask < 0 || lane_mask > 31) fail("__shfl_xor_sync with lane mask %d", lane_mask);
@@ -428,6 +446,7 @@ void cp_async_16(void* smem, const void* gmem, bool valid) {
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
     fail("cp.async source %p is not 16-byte aligned", gmem);
   }
+  if (valid) check_global(gmem, 16, "cp.async source");
   const Copy c{smem, gmem, valid};
   if (cta().flags & kLateCopies) {
     me().open.push_back(c);
@@ -525,10 +544,13 @@ void set_error(char* err, size_t err_len, const std::string& msg) {
 
 // Runs kernel `name` over grid x block with `smem` bytes of dynamic shared memory; params[i]
 // points at the i-th argument. flags: APE_EMU_REVERSE (1), APE_EMU_LATE_COPIES (2). threads: OS
-// threads running CTAs (0: one per core). Returns 0, or 1 with a message in err.
+// threads running CTAs (0: one per core). regions: n_regions (address, bytes) pairs, the global
+// buffers the kernel may read through cp.async and __ldg (none: unchecked). Returns 0, or 1 with
+// a message in err.
 extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint32_t* block,
                               size_t smem, void** params, uint32_t flags, uint32_t threads,
-                              char* err, size_t err_len) {
+                              const uint64_t* regions, size_t n_regions, char* err,
+                              size_t err_len) {
   using namespace ape_emu;
   const Kernel* kernel = nullptr;
   for (const Kernel& k : kKernels) {
@@ -563,6 +585,10 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
   std::string error;
+  std::vector<Region> buffers;
+  for (size_t i = 0; i < n_regions; ++i) {
+    buffers.push_back({uintptr_t(regions[2 * i]), uintptr_t(regions[2 * i] + regions[2 * i + 1])});
+  }
   const uint3 grid_dim{grid[0], grid[1], grid[2]};
   const uint3 block_dim{block[0], block[1], block[2]};
 
@@ -571,6 +597,8 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
     c.invoke = kernel->invoke;
     c.params = params;
     c.flags = flags;
+    c.regions = buffers.data();
+    c.n_regions = buffers.size();
     c.fibers.resize(n_threads);
     c.warps.resize((n_threads + 31) / 32);
     const size_t page = size_t(sysconf(_SC_PAGESIZE));

@@ -46,6 +46,7 @@ pub fn rms_norm(
             cfg.block_dim,
             0,
             &mut args,
+            &[],
             emulator,
         )?
     };
@@ -88,6 +89,7 @@ pub fn silu_mul(
             cfg.block_dim,
             0,
             &mut args,
+            &[],
             emulator,
         )?
     };
@@ -136,6 +138,7 @@ pub fn embedding(
             cfg.block_dim,
             0,
             &mut args,
+            &[],
             emulator,
         )?
     };

@@ -37,7 +37,17 @@ pub fn merge_states(
     ];
     // SAFETY: merge_states_*(v, s, v_out, s_out, params): v holds n_states * n * head_dim values
     // of dtype, s n_states * n f32, the outputs n * head_dim and n (check_shapes, above).
-    unsafe { launch(name, cfg.grid_dim, cfg.block_dim, 0, &mut args, emulator)? };
+    unsafe {
+        launch(
+            name,
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            &[],
+            emulator,
+        )?
+    };
     Ok((
         from_dtype(&v_out, n * head_dim, dtype),
         s_out.as_slice::<f32>(n).to_vec(),
@@ -84,7 +94,17 @@ pub fn merge_state_in_place(
     ];
     // SAFETY: merge_state_in_place_*(v, s, v_other, s_other, params): v and v_other hold
     // n * head_dim values of dtype, s and s_other n f32 (checked above).
-    unsafe { launch(name, cfg.grid_dim, cfg.block_dim, 0, &mut args, emulator)? };
+    unsafe {
+        launch(
+            name,
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            &[],
+            emulator,
+        )?
+    };
     v.copy_from_slice(&from_dtype(&v_buf, n * head_dim, dtype));
     s.copy_from_slice(s_buf.as_slice::<f32>(n));
     Ok(())

@@ -83,12 +83,16 @@ extern "C" {
         params: *mut *mut c_void,
         flags: u32,
         threads: u32,
+        regions: *const u64,
+        n_regions: usize,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
 }
 
-/// Runs kernel `name` on the emulator.
+/// Runs kernel `name` on the emulator. `reads` names the global buffers the kernel may read
+/// through `cp.async` and `__ldg` (the emulator fails a launch that reads outside them); empty:
+/// unchecked.
 ///
 /// # Safety
 /// `args` must point at values of exactly the kernel's parameter types, in order, and every
@@ -99,6 +103,7 @@ pub(crate) unsafe fn launch(
     block: (u32, u32, u32),
     smem: usize,
     args: &mut [*mut c_void],
+    reads: &[&Aligned],
     options: &EmulatorOptions,
 ) -> Result<()> {
     let c_name =
@@ -106,6 +111,10 @@ pub(crate) unsafe fn launch(
     let grid = [grid.0, grid.1, grid.2];
     let block = [block.0, block.1, block.2];
     let flags = u32::from(options.reverse) | (u32::from(options.late_copies) << 1);
+    let regions: Vec<u64> = reads
+        .iter()
+        .flat_map(|b| [b.words.as_ptr() as u64, b.bytes as u64])
+        .collect();
     let mut err = vec![0u8; 1024];
     // SAFETY: the strings and arrays outlive the call; the caller vouches for `args`.
     let rc = unsafe {
@@ -117,6 +126,8 @@ pub(crate) unsafe fn launch(
             args.as_mut_ptr(),
             flags,
             options.threads,
+            regions.as_ptr(),
+            reads.len(),
             err.as_mut_ptr().cast(),
             err.len(),
         )
@@ -134,12 +145,15 @@ pub(crate) unsafe fn launch(
 /// 16-byte vector and cp.async accesses need it).
 pub(crate) struct Aligned {
     words: Vec<u128>,
+    /// The bytes in use (the rest of the last word is padding).
+    bytes: usize,
 }
 
 impl Aligned {
     pub fn new(bytes: usize) -> Self {
         Self {
             words: vec![0; bytes.div_ceil(16).max(1)],
+            bytes,
         }
     }
 
@@ -233,6 +247,7 @@ mod tests {
                 block,
                 smem,
                 &mut args,
+                &[],
                 &EmulatorOptions::default(),
             )
         }

@@ -40,6 +40,7 @@ fn run(
             launch_cfg.block_dim,
             0,
             &mut args,
+            &[&inv_freq],
             emulator,
         )?
     };

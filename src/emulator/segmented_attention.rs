@@ -113,6 +113,11 @@ pub fn segmented_attention(
     // lse_part, params), each a pointer to a value of the parameter's type. The buffers are the
     // sizes the CUDA launcher's are (validate() and check_problem() checked the shapes and
     // limits; launch_layout() sized the workspace and the table), and all outlive the call.
+    let mut reads: Vec<&Aligned> = vec![&q, &descs, &table];
+    for (k, v) in &kv {
+        reads.push(k);
+        reads.push(v);
+    }
     unsafe {
         launch(
             layout.main,
@@ -120,6 +125,7 @@ pub fn segmented_attention(
             (THREADS, 1, 1),
             layout.smem,
             &mut args,
+            &reads,
             emulator,
         )?;
     }
@@ -140,6 +146,7 @@ pub fn segmented_attention(
                 (COMBINE_THREADS, 1, 1),
                 0,
                 &mut args,
+                &[],
                 emulator,
             )?;
         }
