@@ -1,8 +1,8 @@
 //! The segmented attention kernels (`kernels/segmented_attention.cu`) on the kernel emulator,
 //! against the CPU oracle: the sweeps of `tests/common/attention.rs`, which the GPU runs in
 //! `tests/gpu_segmented_attention.rs`, here on any machine. Consecutive launches cycle through the
-//! emulator's four schedules (thread order x cp.async timing). `APE_EMU_FULL=1` runs the GPU's full
-//! sweep; by default the reduced one (`APE_GPU_QUICK`'s), to keep the test command fast.
+//! emulator's four schedules (thread order x cp.async timing). The sweep is the GPU's full one;
+//! `APE_EMU_QUICK=1` runs the reduced one (`APE_GPU_QUICK`'s) instead.
 
 #[path = "common/attention.rs"]
 mod attention;
@@ -67,7 +67,7 @@ impl Backend for Emulated {
     }
 
     fn quick(&self) -> bool {
-        !std::env::var("APE_EMU_FULL").is_ok_and(|v| v == "1")
+        std::env::var("APE_EMU_QUICK").is_ok_and(|v| v == "1")
     }
 }
 
