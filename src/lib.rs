@@ -4,8 +4,11 @@
 //! cached KV blocks in place, with the APE temperature/scaling correction fused in, plus merge of
 //! attention states and RoPE apply/shift for Block-Attention re-encoding.
 //!
-//! - [`reference`]: the CPU oracle (f64), the definition of what every kernel computes.
+//! - [`reference`](mod@reference): the CPU oracle (f64), the definition of what every kernel
+//!   computes.
 //! - [`cuda`]: the device handle, device tensors and the safe kernel launchers.
+//! - `emulator` (feature `emulator`): the same kernels compiled for the CPU and launched the same
+//!   way, so that they are tested against the oracle on machines without a GPU.
 //! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by both,
 //!   validated on construction.
 //!

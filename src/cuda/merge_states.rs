@@ -1,5 +1,5 @@
 //! Merge of attention states on the GPU (kernels/merge_states.cu; oracle:
-//! [`crate::reference::merge_states`]).
+//! [`crate::reference::merge_states`](mod@crate::reference::merge_states)).
 //!
 //! `merge_states`: `v [n_states, ..., d]`, `s [n_states, ...]` (f32) into `v_out [..., d]`,
 //! `s_out [...]`: `L = m + ln sum_k exp(L_k - m)`, `O = sum_k exp(L_k - L) O_k`, with `-inf`

@@ -1,5 +1,5 @@
 //! Segmented attention with the APE correction on the GPU (kernels/segmented_attention.cu;
-//! oracle: [`crate::reference::segmented_attention`]).
+//! oracle: [`crate::reference::segmented_attention`](mod@crate::reference::segmented_attention)).
 //!
 //! Query rows `[n_rows, n_heads, d]` attend to a list of KV segments read in place (each
 //! `[len, n_kv_heads, d]`), Context segments with scale `1/(T*sqrt(d))`, Causal segments with
