@@ -30,6 +30,9 @@ echo "== cargo clippy -D warnings"
 cargo clippy --release --all-targets -- -D warnings
 cargo clippy --release --all-targets --features emulator -- -D warnings
 
+echo "== cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features emulator
+
 echo "== kernels in this build"
 cargo run --release --quiet --features emulator --bin ape -- info
 
