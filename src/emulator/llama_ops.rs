@@ -2,7 +2,7 @@
 //! CPU, launched as [`crate::cuda::llama_ops`] launches them (oracle:
 //! [`crate::reference::llama_ops`]). Inputs are rounded to `dtype`; outputs are `dtype`'s, as f32.
 
-use super::{arg, from_dtype, launch, to_dtype, Aligned, EmulatorOptions};
+use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::llama_ops::{name, rows, LlamaOpsParams};
 use crate::cuda::{grid_stride, DType};
 use crate::error::{Error, Result};
@@ -30,22 +30,22 @@ pub fn rms_norm(
     }
     let (mut xb, mut wb) = (to_dtype(x, dtype), to_dtype(w, dtype));
     let mut y = to_dtype(&vec![f32::NAN; x.len()], dtype);
-    let mut p = LlamaOpsParams {
+    let p = LlamaOpsParams {
         n,
         width: d as u32,
         eps,
     };
-    let (mut a, mut b, mut c) = (xb.addr(), wb.addr(), y.addr());
-    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let ptrs = [xb.addr(), wb.addr(), y.addr()];
     let cfg = rows(n);
     // SAFETY: rms_norm_*(x, w, y, params): x and y hold n * d values of dtype, w holds d.
     unsafe {
-        launch(
+        launch_ptrs(
             name("rms_norm", dtype),
             cfg.grid_dim,
             cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &p,
             &[],
             emulator,
         )?
@@ -73,22 +73,22 @@ pub fn silu_mul(
     }
     let (mut g, mut u) = (to_dtype(gate, dtype), to_dtype(up, dtype));
     let mut y = to_dtype(&vec![f32::NAN; gate.len()], dtype);
-    let mut p = LlamaOpsParams {
+    let p = LlamaOpsParams {
         n,
         width: 0,
         eps: 0.0,
     };
-    let (mut a, mut b, mut c) = (g.addr(), u.addr(), y.addr());
-    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let ptrs = [g.addr(), u.addr(), y.addr()];
     let cfg = grid_stride(n);
     // SAFETY: silu_mul_*(g, u, y, params): all three hold n values of dtype.
     unsafe {
-        launch(
+        launch_ptrs(
             name("silu_mul", dtype),
             cfg.grid_dim,
             cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &p,
             &[],
             emulator,
         )?
@@ -121,23 +121,23 @@ pub fn embedding(
     }
     let (mut idb, mut tb) = (Aligned::from_slice(ids), to_dtype(table, dtype));
     let mut y = to_dtype(&vec![f32::NAN; ids.len() * width], dtype);
-    let mut p = LlamaOpsParams {
+    let p = LlamaOpsParams {
         n: ids.len() as u64,
         width: width as u32,
         eps: 0.0,
     };
-    let (mut a, mut b, mut c) = (idb.addr(), tb.addr(), y.addr());
-    let mut args = [arg(&mut a), arg(&mut b), arg(&mut c), arg(&mut p)];
+    let ptrs = [idb.addr(), tb.addr(), y.addr()];
     let cfg = rows(ids.len() as u64);
     // SAFETY: embedding_*(ids, table, y, params): every id < vocab (checked), the table holds
     // vocab * width values of dtype and y ids.len() * width.
     unsafe {
-        launch(
+        launch_ptrs(
             name("embedding", dtype),
             cfg.grid_dim,
             cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &p,
             &[],
             emulator,
         )?

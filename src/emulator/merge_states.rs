@@ -2,7 +2,7 @@
 //! launched as [`crate::cuda::merge_states`] launches it (oracle:
 //! [`crate::reference::merge_states`]).
 
-use super::{arg, from_dtype, launch, to_dtype, EmulatorOptions};
+use super::{from_dtype, launch_ptrs, to_dtype, EmulatorOptions};
 use crate::cuda::merge_states::{merge_launch, MergeOp};
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -21,29 +21,22 @@ pub fn merge_states(
     if n == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
-    let (name, mut params, cfg) =
-        merge_launch(MergeOp::Stacked, dtype, head_dim, n_states, n as u64)?;
+    let (name, params, cfg) = merge_launch(MergeOp::Stacked, dtype, head_dim, n_states, n as u64)?;
     let mut v_in = to_dtype(v, dtype);
     let mut s_in = to_dtype(s, DType::F32);
     let mut v_out = to_dtype(&vec![f32::NAN; n * head_dim], dtype);
     let mut s_out = to_dtype(&vec![f32::NAN; n], DType::F32);
-    let (mut a, mut b, mut c, mut d) = (v_in.addr(), s_in.addr(), v_out.addr(), s_out.addr());
-    let mut args = [
-        arg(&mut a),
-        arg(&mut b),
-        arg(&mut c),
-        arg(&mut d),
-        arg(&mut params),
-    ];
+    let ptrs = [v_in.addr(), s_in.addr(), v_out.addr(), s_out.addr()];
     // SAFETY: merge_states_*(v, s, v_out, s_out, params): v holds n_states * n * head_dim values
     // of dtype, s n_states * n f32, the outputs n * head_dim and n (check_shapes, above).
     unsafe {
-        launch(
+        launch_ptrs(
             name,
             cfg.grid_dim,
             cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &params,
             &[],
             emulator,
         )?
@@ -79,28 +72,22 @@ pub fn merge_state_in_place(
     if n == 0 {
         return Ok(());
     }
-    let (name, mut params, cfg) = merge_launch(MergeOp::InPlace, dtype, head_dim, 2, n as u64)?;
+    let (name, params, cfg) = merge_launch(MergeOp::InPlace, dtype, head_dim, 2, n as u64)?;
     let mut v_buf = to_dtype(v, dtype);
     let mut s_buf = to_dtype(s, DType::F32);
     let mut vo = to_dtype(v_other, dtype);
     let mut so = to_dtype(s_other, DType::F32);
-    let (mut a, mut b, mut c, mut d) = (v_buf.addr(), s_buf.addr(), vo.addr(), so.addr());
-    let mut args = [
-        arg(&mut a),
-        arg(&mut b),
-        arg(&mut c),
-        arg(&mut d),
-        arg(&mut params),
-    ];
+    let ptrs = [v_buf.addr(), s_buf.addr(), vo.addr(), so.addr()];
     // SAFETY: merge_state_in_place_*(v, s, v_other, s_other, params): v and v_other hold
     // n * head_dim values of dtype, s and s_other n f32 (checked above).
     unsafe {
-        launch(
+        launch_ptrs(
             name,
             cfg.grid_dim,
             cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &params,
             &[],
             emulator,
         )?

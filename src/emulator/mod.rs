@@ -141,6 +141,35 @@ pub(crate) unsafe fn launch(
     ))
 }
 
+/// [`launch`] of a kernel whose parameters are pointers followed by one parameter struct, the
+/// shape of every kernel the emulated launchers run: `ptrs` holds the pointers' values.
+///
+/// # Safety
+/// As for [`launch`]: `ptrs` and `P` must be the kernel's parameters, in order, and every pointer
+/// valid for what the kernel reads and writes through it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_ptrs<P: bytemuck::Pod>(
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: usize,
+    ptrs: &[u64],
+    params: &P,
+    reads: &[&Aligned],
+    options: &EmulatorOptions,
+) -> Result<()> {
+    let mut ptrs = ptrs.to_vec();
+    let mut params = *params;
+    let mut args: Vec<*mut c_void> = ptrs
+        .iter_mut()
+        .map(|p| p as *mut u64 as *mut c_void)
+        .collect();
+    args.push(&mut params as *mut P as *mut c_void);
+    // SAFETY: the caller vouches for the pointers and the parameters; `args` points at copies
+    // that outlive the call.
+    unsafe { launch(name, grid, block, smem, &mut args, reads, options) }
+}
+
 /// A zero-initialised host buffer aligned to 16 bytes, as device allocations are (the kernels'
 /// 16-byte vector and cp.async accesses need it).
 pub(crate) struct Aligned {
@@ -213,11 +242,6 @@ pub(crate) fn from_dtype(buf: &Aligned, len: usize, dtype: DType) -> Vec<f32> {
             .map(|&b| half::bf16::from_bits(b).to_f32())
             .collect(),
     }
-}
-
-/// A pointer to `x`, as a kernel argument.
-pub(crate) fn arg<T>(x: &mut T) -> *mut c_void {
-    x as *mut T as *mut c_void
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! [`crate::cuda::rope_apply`] and [`crate::cuda::rope_shift`] launch it (oracle:
 //! [`crate::reference::rope`]).
 
-use super::{arg, from_dtype, launch, to_dtype, EmulatorOptions};
+use super::{from_dtype, launch_ptrs, to_dtype, EmulatorOptions};
 use crate::cuda::rope::{kernel_name, rope_params};
 use crate::cuda::{grid_stride, DType};
 use crate::error::Result;
@@ -23,23 +23,23 @@ fn run(
             x.len()
         )));
     }
-    let Some((mut params, pairs)) = rope_params(&shape, cfg, pos, per_token)? else {
+    let Some((params, pairs)) = rope_params(&shape, cfg, pos, per_token)? else {
         return Ok(());
     };
     let mut buf = to_dtype(x, dtype);
     let mut inv_freq = super::Aligned::from_slice(&cfg.inv_freqs());
-    let (mut a, mut b) = (buf.addr(), inv_freq.addr());
+    let ptrs = [buf.addr(), inv_freq.addr()];
     let launch_cfg = grid_stride(pairs);
-    let mut args = [arg(&mut a), arg(&mut b), arg(&mut params)];
     // SAFETY: rope_*(x, inv_freq, params): x holds n_tokens * n_heads * head_dim values of dtype
     // (checked above and by rope_params), inv_freq head_dim / 2 f64.
     unsafe {
-        launch(
+        launch_ptrs(
             kernel_name(dtype),
             launch_cfg.grid_dim,
             launch_cfg.block_dim,
             0,
-            &mut args,
+            &ptrs,
+            &params,
             &[&inv_freq],
             emulator,
         )?

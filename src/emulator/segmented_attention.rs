@@ -2,9 +2,7 @@
 //! launched exactly as [`crate::cuda::segmented_attention`] launches it (oracle:
 //! [`crate::reference::segmented_attention`]).
 
-use std::ffi::c_void;
-
-use super::{from_dtype, launch, to_dtype, Aligned, EmulatorOptions};
+use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_problem, launch_layout, SegmentExtent, SegmentRef, SegmentedAttentionOptions,
     COMBINE_THREADS, THREADS,
@@ -84,68 +82,55 @@ pub fn segmented_attention(
     let mut lse = Aligned::from_slice(&vec![f32::NAN; n]);
     let mut o_part = Aligned::from_slice(&vec![f32::NAN; layout.o_len]);
     let mut lse_part = Aligned::from_slice(&vec![f32::NAN; layout.lse_len]);
-    let mut params = layout.params;
-
-    let mut q_ptr = q.addr();
-    let mut descs_ptr = descs.addr();
     // Without shifts the kernel never reads the table; it gets a valid pointer all the same.
-    let mut table_ptr = if layout.rope_table.is_empty() {
-        descs_ptr
+    let table_ptr = if layout.rope_table.is_empty() {
+        descs.addr()
     } else {
         table.addr()
     };
-    let mut out_ptr = out.addr();
-    let mut lse_ptr = lse.addr();
-    let mut o_part_ptr = o_part.addr();
-    let mut lse_part_ptr = lse_part.addr();
-    let ptr = |x: &mut u64| x as *mut u64 as *mut c_void;
-    let mut args = [
-        ptr(&mut q_ptr),
-        ptr(&mut descs_ptr),
-        ptr(&mut table_ptr),
-        ptr(&mut out_ptr),
-        ptr(&mut lse_ptr),
-        ptr(&mut o_part_ptr),
-        ptr(&mut lse_part_ptr),
-        &mut params as *mut _ as *mut c_void,
+    let (out_ptr, lse_ptr) = (out.addr(), lse.addr());
+    let (o_part_ptr, lse_part_ptr) = (o_part.addr(), lse_part.addr());
+    let ptrs = [
+        q.addr(),
+        descs.addr(),
+        table_ptr,
+        out_ptr,
+        lse_ptr,
+        o_part_ptr,
+        lse_part_ptr,
     ];
-    // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse, o_part,
-    // lse_part, params), each a pointer to a value of the parameter's type. The buffers are the
-    // sizes the CUDA launcher's are (validate() and check_problem() checked the shapes and
-    // limits; launch_layout() sized the workspace and the table), and all outlive the call.
     let mut reads: Vec<&Aligned> = vec![&q, &descs, &table];
     for (k, v) in &kv {
         reads.push(k);
         reads.push(v);
     }
+    // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse, o_part,
+    // lse_part, params). The buffers are the sizes the CUDA launcher's are (validate() and
+    // check_problem() checked the shapes and limits; launch_layout() sized the workspace and the
+    // table), and all outlive the call.
     unsafe {
-        launch(
+        launch_ptrs(
             layout.main,
             layout.grid,
             (THREADS, 1, 1),
             layout.smem,
-            &mut args,
+            &ptrs,
+            &layout.params,
             &reads,
             emulator,
         )?;
     }
     if !layout.plan.whole {
-        let mut args = [
-            ptr(&mut o_part_ptr),
-            ptr(&mut lse_part_ptr),
-            ptr(&mut out_ptr),
-            ptr(&mut lse_ptr),
-            &mut params as *mut _ as *mut c_void,
-        ];
         // SAFETY: segmented_attention_combine_*'s arguments (o_part, lse_part, out, lse, params),
         // the same buffers as above.
         unsafe {
-            launch(
+            launch_ptrs(
                 layout.combine,
                 (layout.combine_blocks, 1, 1),
                 (COMBINE_THREADS, 1, 1),
                 0,
-                &mut args,
+                &[o_part_ptr, lse_part_ptr, out_ptr, lse_ptr],
+                &layout.params,
                 &[],
                 emulator,
             )?;
