@@ -6,7 +6,7 @@ mod common;
 #[path = "common/ops.rs"]
 mod ops;
 
-use ops::Emulated;
+use common::Emulated;
 
 #[test]
 fn llama_ops_match_the_oracle() {

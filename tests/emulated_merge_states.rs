@@ -8,7 +8,7 @@ mod ops;
 
 use ape_attn::cuda::DType;
 use ape_attn::emulator::{merge_state_in_place, merge_states, EmulatorOptions};
-use ops::Emulated;
+use common::Emulated;
 
 #[test]
 fn merge_states_matches_the_oracle() {

@@ -9,7 +9,7 @@ mod ops;
 use ape_attn::cuda::DType;
 use ape_attn::emulator::{rope_apply, rope_shift, EmulatorOptions};
 use ape_attn::{RopeConfig, RopeLayout};
-use ops::Emulated;
+use common::Emulated;
 
 #[test]
 fn rope_apply_and_shift_match_the_oracle() {

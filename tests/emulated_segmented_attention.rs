@@ -8,28 +8,12 @@
 mod attention;
 mod common;
 
-use std::cell::Cell;
-
 use ape_attn::cuda::{DType, SegmentedAttentionOptions};
 use ape_attn::emulator::{self, EmulatorOptions};
 use ape_attn::reference::rope;
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
 use attention::{make_case, Backend, Case};
-use common::seeded;
-
-/// The kernels on the emulator, each launch under the next of the four schedules.
-#[derive(Default)]
-struct Emulated {
-    launches: Cell<usize>,
-}
-
-impl Emulated {
-    fn options(&self) -> EmulatorOptions {
-        let i = self.launches.get();
-        self.launches.set(i + 1);
-        EmulatorOptions::default().schedules()[i % 4]
-    }
-}
+use common::{seeded, Emulated};
 
 fn run_with(case: &Case, opts: &EmulatorOptions) -> ape_attn::Result<(Vec<f32>, Vec<f32>)> {
     let out = emulator::segmented_attention(
@@ -48,7 +32,7 @@ fn run_with(case: &Case, opts: &EmulatorOptions) -> ape_attn::Result<(Vec<f32>, 
 
 impl Backend for Emulated {
     fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>) {
-        let opts = self.options();
+        let opts = self.next();
         run_with(case, &opts).unwrap_or_else(|e| panic!("{e} ({opts:?}, {case:?})"))
     }
 

@@ -6,7 +6,7 @@ mod common;
 #[path = "common/ops.rs"]
 mod ops;
 
-use ops::Gpu;
+use common::Gpu;
 
 #[test]
 #[ignore = "needs a CUDA device"]

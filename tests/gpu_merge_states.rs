@@ -7,7 +7,7 @@ mod common;
 mod ops;
 
 use ape_attn::cuda::{merge_states, merge_states_into, DType, Tensor};
-use ops::Gpu;
+use common::Gpu;
 
 #[test]
 #[ignore = "needs a CUDA device"]

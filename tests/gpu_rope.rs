@@ -8,7 +8,7 @@ mod ops;
 
 use ape_attn::cuda::{rope_apply, rope_shift, DType, Tensor};
 use ape_attn::{RopeConfig, RopeLayout};
-use ops::Gpu;
+use common::Gpu;
 
 #[test]
 #[ignore = "needs a CUDA device"]

@@ -7,31 +7,25 @@
 mod attention;
 mod common;
 
-use ape_attn::cuda::{self, DType, Device, SegmentedAttentionOptions, Tensor};
+use ape_attn::cuda::{self, DType, SegmentedAttentionOptions, Tensor};
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
 use attention::{assert_ok, check, round, Backend, Case, HostSegment};
-use common::{hash_fill, seeded};
-
-fn device() -> Device {
-    Device::new(0).expect("a CUDA device with the kernels built")
-}
-
-/// The kernels on the GPU, through the crate's launchers.
-struct Gpu(Device);
+use common::{hash_fill, seeded, Gpu};
 
 impl Backend for Gpu {
     fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>) {
         let dev = &self.0;
         let d = case.dims.head_dim;
         let h = case.dims.n_heads;
-        let upload =
-            |x: &[f32], shape: &[usize]| Tensor::from_f32(dev, shape, x, case.dtype).unwrap();
         let kv: Vec<(Tensor, Tensor)> = case
             .segments
             .iter()
             .map(|s| {
                 let shape = [s.len, case.dims.n_kv_heads, d];
-                (upload(&s.k, &shape), upload(&s.v, &shape))
+                (
+                    self.upload(&s.k, &shape, case.dtype),
+                    self.upload(&s.v, &shape, case.dtype),
+                )
             })
             .collect();
         let segs: Vec<cuda::Segment> = case
@@ -46,17 +40,9 @@ impl Backend for Gpu {
                 rope_shift: s.rope_shift,
             })
             .collect();
-        let q = upload(&case.q, &[case.n_rows, h, d]);
-        let n = case.n_rows * h;
-        let mut out = Tensor::from_f32(
-            dev,
-            &[case.n_rows, h, d],
-            &vec![f32::NAN; n * d],
-            case.dtype,
-        )
-        .unwrap();
-        let mut lse =
-            Tensor::from_f32(dev, &[case.n_rows, h], &vec![f32::NAN; n], DType::F32).unwrap();
+        let q = self.upload(&case.q, &[case.n_rows, h, d], case.dtype);
+        let mut out = self.nan(&[case.n_rows, h, d], case.dtype);
+        let mut lse = self.nan(&[case.n_rows, h], DType::F32);
         let query = cuda::Query {
             data: &q,
             pos_offset: case.q_pos,
@@ -68,7 +54,7 @@ impl Backend for Gpu {
             dev, &query, &segs, &case.dims, &case.ape, &mut out, &mut lse, &opts,
         )
         .unwrap_or_else(|e| panic!("launch failed: {e} ({case:?})"));
-        (out.to_f32(dev).unwrap(), lse.to_f32(dev).unwrap())
+        (self.download(&out), self.download(&lse))
     }
 
     fn shift_keys(
@@ -78,10 +64,9 @@ impl Backend for Gpu {
         dtype: DType,
         shift: &RopeShift,
     ) -> Vec<f32> {
-        let dev = &self.0;
-        let mut t = Tensor::from_f32(dev, &shape, k, dtype).unwrap();
-        cuda::rope_shift(dev, &mut t, &shift.rope, shift.delta).unwrap();
-        t.to_f32(dev).unwrap()
+        let mut t = self.upload(k, &shape, dtype);
+        cuda::rope_shift(&self.0, &mut t, &shift.rope, shift.delta).unwrap();
+        self.download(&t)
     }
 
     fn quick(&self) -> bool {
@@ -92,49 +77,49 @@ impl Backend for Gpu {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn lengths_and_split_modes() {
-    attention::lengths_and_split_modes(&Gpu(device()));
+    attention::lengths_and_split_modes(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn question_lengths_prefill() {
-    attention::question_lengths_prefill(&Gpu(device()));
+    attention::question_lengths_prefill(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gqa_head_dims_and_ape_parameters() {
-    attention::gqa_head_dims_and_ape_parameters(&Gpu(device()));
+    attention::gqa_head_dims_and_ape_parameters(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn many_segments_including_empty_ones() {
-    attention::many_segments_including_empty_ones(&Gpu(device()));
+    attention::many_segments_including_empty_ones(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn plain_attention_and_edge_cases() {
-    attention::plain_attention_and_edge_cases(&Gpu(device()));
+    attention::plain_attention_and_edge_cases(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn rope_shifted_segments() {
-    attention::rope_shifted_segments(&Gpu(device()));
+    attention::rope_shifted_segments(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn fused_shift_against_separate_shift() {
-    attention::fused_shift_against_separate_shift(&Gpu(device()));
+    attention::fused_shift_against_separate_shift(&Gpu::new());
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn bad_inputs_are_errors() {
-    let dev = device();
+    let dev = Gpu::new().0;
     let z = |shape: &[usize], dtype| Tensor::zeros(&dev, shape, dtype).unwrap();
     let dims = AttentionDims::new(8, 2, 128).unwrap();
     let q = z(&[4, 8, 128], DType::BF16);
@@ -190,7 +175,7 @@ fn bad_inputs_are_errors() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn sdpa_comparison_cases() {
-    let gpu = Gpu(device());
+    let gpu = Gpu::new();
     let mut r = seeded("sdpa_comparison_cases");
     let dims = AttentionDims::new(8, 2, 128).unwrap();
     for (name, rows, keys, causal) in [

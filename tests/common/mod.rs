@@ -153,3 +153,51 @@ pub fn random_rope(r: &mut Seeded, head_dim: usize) -> ape_attn::RopeConfig {
         cfg
     }
 }
+
+/// The kernels on the kernel emulator, each launch under the next of its four schedules (the
+/// backends of `attention.rs` and `ops.rs` are implemented for it).
+#[cfg(feature = "emulator")]
+#[derive(Default)]
+pub struct Emulated {
+    launches: std::cell::Cell<usize>,
+}
+
+#[cfg(feature = "emulator")]
+impl Emulated {
+    /// The options of the next launch.
+    pub fn next(&self) -> ape_attn::emulator::EmulatorOptions {
+        let i = self.launches.get();
+        self.launches.set(i + 1);
+        ape_attn::emulator::EmulatorOptions::default().schedules()[i % 4]
+    }
+}
+
+/// The kernels on the GPU, through the crate's launchers.
+pub struct Gpu(pub ape_attn::cuda::Device);
+
+impl Gpu {
+    /// Device 0; panics without one (the GPU tests are ignored where there is none).
+    pub fn new() -> Self {
+        Self(ape_attn::cuda::Device::new(0).expect("a CUDA device with the kernels built"))
+    }
+
+    /// `x` as a device tensor of `shape` and `dtype`.
+    pub fn upload(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        dtype: ape_attn::cuda::DType,
+    ) -> ape_attn::cuda::Tensor {
+        ape_attn::cuda::Tensor::from_f32(&self.0, shape, x, dtype).unwrap()
+    }
+
+    /// A device tensor of NaN: an output, poisoned before the launch.
+    pub fn nan(&self, shape: &[usize], dtype: ape_attn::cuda::DType) -> ape_attn::cuda::Tensor {
+        self.upload(&vec![f32::NAN; shape.iter().product()], shape, dtype)
+    }
+
+    /// A device tensor's values, as f32.
+    pub fn download(&self, t: &ape_attn::cuda::Tensor) -> Vec<f32> {
+        t.to_f32(&self.0).unwrap()
+    }
+}

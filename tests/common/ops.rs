@@ -207,28 +207,7 @@ pub fn llama_ops_match_the_oracle(b: &dyn OpsBackend) {
         .is_err());
 }
 
-/// The kernels on the GPU, through the crate's launchers.
-pub struct Gpu(pub ape_attn::cuda::Device);
-
-impl Gpu {
-    pub fn new() -> Self {
-        Self(ape_attn::cuda::Device::new(0).expect("a CUDA device with the kernels built"))
-    }
-
-    fn upload(&self, x: &[f32], shape: &[usize], dtype: DType) -> ape_attn::cuda::Tensor {
-        ape_attn::cuda::Tensor::from_f32(&self.0, shape, x, dtype).unwrap()
-    }
-
-    fn nan(&self, shape: &[usize], dtype: DType) -> ape_attn::cuda::Tensor {
-        self.upload(&vec![f32::NAN; shape.iter().product()], shape, dtype)
-    }
-
-    fn download(&self, t: &ape_attn::cuda::Tensor) -> Vec<f32> {
-        t.to_f32(&self.0).unwrap()
-    }
-}
-
-impl OpsBackend for Gpu {
+impl OpsBackend for crate::common::Gpu {
     fn merge_states(
         &self,
         dtype: DType,
@@ -318,24 +297,8 @@ impl OpsBackend for Gpu {
     }
 }
 
-/// The kernels on the emulator, each launch under the next of its four schedules.
 #[cfg(feature = "emulator")]
-#[derive(Default)]
-pub struct Emulated {
-    launches: std::cell::Cell<usize>,
-}
-
-#[cfg(feature = "emulator")]
-impl Emulated {
-    fn next(&self) -> ape_attn::emulator::EmulatorOptions {
-        let i = self.launches.get();
-        self.launches.set(i + 1);
-        ape_attn::emulator::EmulatorOptions::default().schedules()[i % 4]
-    }
-}
-
-#[cfg(feature = "emulator")]
-impl OpsBackend for Emulated {
+impl OpsBackend for crate::common::Emulated {
     fn merge_states(
         &self,
         dtype: DType,
