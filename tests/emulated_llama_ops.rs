@@ -1,4 +1,4 @@
-//! The Llama-op (RMSNorm, silu*up, embedding) kernels (`kernels/llama_ops.cu`) on the kernel emulator against the CPU oracle: the
+//! The Llama-op (RMSNorm, silu*up, embedding, synthetic fill) kernels (`kernels/llama_ops.cu`) on the kernel emulator against the CPU oracle: the
 //! cases of `tests/common/ops.rs`, which the GPU runs in `tests/gpu_llama_ops.rs`, each launch under
 //! the next of the emulator's four schedules.
 
@@ -11,4 +11,9 @@ use common::Emulated;
 #[test]
 fn llama_ops_match_the_oracle() {
     ops::llama_ops_match_the_oracle(&Emulated::default());
+}
+
+#[test]
+fn fill_uniform_matches_the_oracle() {
+    ops::fill_uniform_matches_the_oracle(&Emulated::default());
 }

@@ -2,7 +2,9 @@
 //! CPU, launched as [`crate::cuda::llama_ops`] launches them (oracle:
 //! [`crate::reference::llama_ops`]). Inputs are rounded to `dtype`; outputs are `dtype`'s, as f32.
 
-use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
+use std::ffi::c_void;
+
+use super::{from_dtype, launch, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::llama_ops::{name, rows, LlamaOpsParams};
 use crate::cuda::{grid_stride, DType};
 use crate::error::{Error, Result};
@@ -143,4 +145,56 @@ pub fn embedding(
         )?
     };
     Ok(from_dtype(&y, ids.len() * width, dtype))
+}
+
+/// `fill_uniform_*` on the emulator: `n` synthetic weights from `seed`, `offset + scale * u` with
+/// `u` uniform in `[-1, 1)` (oracle: [`crate::reference::llama_ops::fill_uniform`]).
+pub fn fill_uniform(
+    dtype: DType,
+    n: usize,
+    seed: u32,
+    scale: f32,
+    offset: f32,
+    emulator: &EmulatorOptions,
+) -> Result<Vec<f32>> {
+    if !scale.is_finite() || !offset.is_finite() {
+        return Err(Error::InvalidParameter {
+            name: "fill scale/offset",
+            value: scale as f64,
+            requirement: "must be finite",
+        });
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut y = to_dtype(&vec![f32::NAN; n], dtype);
+    let mut y_ptr = y.addr();
+    let (mut seed, mut scale, mut offset) = (seed, scale, offset);
+    let mut p = LlamaOpsParams {
+        n: n as u64,
+        width: 0,
+        eps: 0.0,
+    };
+    let mut args = [
+        &mut y_ptr as *mut u64 as *mut c_void,
+        &mut seed as *mut u32 as *mut c_void,
+        &mut scale as *mut f32 as *mut c_void,
+        &mut offset as *mut f32 as *mut c_void,
+        &mut p as *mut LlamaOpsParams as *mut c_void,
+    ];
+    let cfg = grid_stride(n as u64);
+    // SAFETY: fill_uniform_*(y, seed, scale, offset, params): y holds n values of dtype; the
+    // arguments point at locals that outlive the call.
+    unsafe {
+        launch(
+            name("fill", dtype),
+            cfg.grid_dim,
+            cfg.block_dim,
+            0,
+            &mut args,
+            &[],
+            emulator,
+        )?
+    };
+    Ok(from_dtype(&y, n, dtype))
 }

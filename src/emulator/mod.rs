@@ -25,7 +25,7 @@ mod merge_states;
 mod rope;
 mod segmented_attention;
 
-pub use llama_ops::{embedding, rms_norm, silu_mul};
+pub use llama_ops::{embedding, fill_uniform, rms_norm, silu_mul};
 pub use merge_states::{merge_state_in_place, merge_states};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::segmented_attention;

@@ -54,6 +54,15 @@ pub trait OpsBackend {
         table: &[f32],
         d: usize,
     ) -> ape_attn::Result<Vec<f32>>;
+    /// `n` synthetic weights `offset + scale * u` from `seed`.
+    fn fill_uniform(
+        &self,
+        dtype: DType,
+        n: usize,
+        seed: u32,
+        scale: f32,
+        offset: f32,
+    ) -> ape_attn::Result<Vec<f32>>;
 }
 
 /// Random stacked states, about a quarter empty (LSE -inf, output NaN: an empty state's output
@@ -207,6 +216,45 @@ pub fn llama_ops_match_the_oracle(b: &dyn OpsBackend) {
         .is_err());
 }
 
+/// The synthetic-weight fill against the oracle's hash: every value is the oracle's rounded to the
+/// dtype, up to one last-bit difference where the kernel rounds the product and the sum apart.
+pub fn fill_uniform_matches_the_oracle(b: &dyn OpsBackend) {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // Relative spacing, and the absolute spacing of the smallest (subnormal) values.
+        let (eps, tiny) = match dtype {
+            DType::F32 => (f32::EPSILON, f32::MIN_POSITIVE),
+            DType::F16 => (1.0 / 1024.0, 1.0 / 16_777_216.0),
+            DType::BF16 => (1.0 / 128.0, f32::MIN_POSITIVE),
+        };
+        for (n, seed, scale, offset) in [
+            (100_003, 7, 0.05, 0.0),
+            (4096, 123_456_789, 1.0, 1.0),
+            (1, u32::MAX, 3.0, -0.5),
+        ] {
+            let got = b.fill_uniform(dtype, n, seed, scale, offset).unwrap();
+            let want = llama_ops::fill_uniform(n, seed, scale, offset);
+            assert_eq!(got.len(), n);
+            let mut exact = 0;
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                exact += usize::from(g == dtype.round(w));
+                assert!(
+                    (g - w).abs() <= w.abs() * eps + tiny,
+                    "fill {dtype:?} seed {seed}: element {i} is {g}, the oracle's {w}"
+                );
+                // Rounding is monotone: the range is the rounded ends'.
+                assert!(g >= dtype.round(offset - scale) && g <= dtype.round(offset + scale));
+            }
+            println!("fill {dtype:?} n={n} seed={seed}: {exact} of {n} exact");
+            assert!(exact as f64 >= 0.999 * n as f64, "{exact} of {n} exact");
+        }
+        let a = b.fill_uniform(dtype, 1000, 1, 1.0, 0.0).unwrap();
+        let c = b.fill_uniform(dtype, 1000, 2, 1.0, 0.0).unwrap();
+        assert_ne!(a, c, "the seed changes the values");
+        assert!(b.fill_uniform(dtype, 10, 1, f32::NAN, 0.0).is_err());
+        assert!(b.fill_uniform(dtype, 10, 1, 1.0, f32::INFINITY).is_err());
+    }
+}
+
 impl OpsBackend for crate::common::Gpu {
     fn merge_states(
         &self,
@@ -295,6 +343,19 @@ impl OpsBackend for crate::common::Gpu {
         let tt = self.upload(table, &[table.len() / d, d], dtype);
         Ok(self.download(&ape_attn::cuda::embedding(&self.0, ids, &tt)?))
     }
+
+    fn fill_uniform(
+        &self,
+        dtype: DType,
+        n: usize,
+        seed: u32,
+        scale: f32,
+        offset: f32,
+    ) -> ape_attn::Result<Vec<f32>> {
+        let mut t = self.nan(&[n], dtype);
+        ape_attn::cuda::llama_ops::fill_uniform(&self.0, &mut t, seed, scale, offset)?;
+        Ok(self.download(&t))
+    }
 }
 
 #[cfg(feature = "emulator")]
@@ -360,5 +421,16 @@ impl OpsBackend for crate::common::Emulated {
         d: usize,
     ) -> ape_attn::Result<Vec<f32>> {
         ape_attn::emulator::embedding(dtype, ids, table, d, &self.next())
+    }
+
+    fn fill_uniform(
+        &self,
+        dtype: DType,
+        n: usize,
+        seed: u32,
+        scale: f32,
+        offset: f32,
+    ) -> ape_attn::Result<Vec<f32>> {
+        ape_attn::emulator::fill_uniform(dtype, n, seed, scale, offset, &self.next())
     }
 }
