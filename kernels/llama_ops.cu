@@ -3,6 +3,10 @@
 // rms_norm:  y[r, i] = x[r, i] / sqrt(mean_j x[r, j]^2 + eps) * w[i]   (one block per row, f32 sums)
 // silu_mul:  y[i] = silu(g[i]) * u[i], silu(z) = z / (1 + e^-z)
 // embedding: y[r, :] = table[ids[r], :]  (ids checked on the host)
+//
+// Each comes in one dtype per tensor (rms_norm_bf16, ...), and the forward pass's f32 residual
+// stream has two mixed forms: rms_norm_f32_to_T reads an f32 x (w and y are T), and
+// embedding_T_to_f32 writes an f32 y from a T table (exact).
 #include "common.cuh"
 
 namespace ape {
@@ -15,12 +19,13 @@ struct LlamaOpsParams {
 };
 static_assert(sizeof(LlamaOpsParams) == 16, "LlamaOpsParams layout");
 
-template <typename T>
-__device__ __forceinline__ void rms_norm_body(const T* x, const T* w, T* y, const LlamaOpsParams p) {
+template <typename TX, typename T>
+__device__ __forceinline__ void rms_norm_body(const TX* x, const T* w, T* y,
+                                              const LlamaOpsParams p) {
   __shared__ float partial[32];
   const uint32_t d = p.width;
   for (uint64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
-    const T* xr = x + row * d;
+    const TX* xr = x + row * d;
     float s = 0.f;
     for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = to_float(xr[i]);
@@ -52,13 +57,15 @@ __device__ __forceinline__ void silu_mul_body(const T* g, const T* u, T* y, cons
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void embedding_body(const uint32_t* ids, const T* table, T* y,
+template <typename T, typename TY>
+__device__ __forceinline__ void embedding_body(const uint32_t* ids, const T* table, TY* y,
                                                const LlamaOpsParams p) {
   const uint32_t d = p.width;
   for (uint64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
     const T* src = table + uint64_t(ids[row]) * d;
-    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) y[row * d + i] = src[i];
+    for (uint32_t i = threadIdx.x; i < d; i += blockDim.x) {
+      y[row * d + i] = from_float<TY>(to_float(src[i]));  // exact: TY is T or f32
+    }
   }
 }
 
@@ -85,7 +92,7 @@ __device__ __forceinline__ void fill_uniform_body(T* y, uint32_t seed, float sca
 #define APE_LLAMA_OPS(NAME, T)                                                                  \
   extern "C" __global__ void rms_norm_##NAME(const T* x, const T* w, T* y,                     \
                                              const ape::LlamaOpsParams p) {                    \
-    ape::rms_norm_body<T>(x, w, y, p);                                                         \
+    ape::rms_norm_body<T, T>(x, w, y, p);                                                       \
   }                                                                                            \
   extern "C" __global__ void silu_mul_##NAME(const T* g, const T* u, T* y,                     \
                                              const ape::LlamaOpsParams p) {                    \
@@ -97,9 +104,22 @@ __device__ __forceinline__ void fill_uniform_body(T* y, uint32_t seed, float sca
   }                                                                                            \
   extern "C" __global__ void embedding_##NAME(const uint32_t* ids, const T* table, T* y,       \
                                               const ape::LlamaOpsParams p) {                   \
-    ape::embedding_body<T>(ids, table, y, p);                                                  \
+    ape::embedding_body<T, T>(ids, table, y, p);                                                \
+  }
+
+// The f32 residual stream's forms (x or y f32, the rest T).
+#define APE_LLAMA_OPS_F32_RESIDUAL(NAME, T)                                                      \
+  extern "C" __global__ void rms_norm_f32_to_##NAME(const float* x, const T* w, T* y,           \
+                                                    const ape::LlamaOpsParams p) {              \
+    ape::rms_norm_body<float, T>(x, w, y, p);                                                   \
+  }                                                                                            \
+  extern "C" __global__ void embedding_##NAME##_to_f32(const uint32_t* ids, const T* table,     \
+                                                       float* y, const ape::LlamaOpsParams p) { \
+    ape::embedding_body<T, float>(ids, table, y, p);                                            \
   }
 
 APE_LLAMA_OPS(f32, float)
 APE_LLAMA_OPS(f16, __half)
 APE_LLAMA_OPS(bf16, __nv_bfloat16)
+APE_LLAMA_OPS_F32_RESIDUAL(f16, __half)
+APE_LLAMA_OPS_F32_RESIDUAL(bf16, __nv_bfloat16)

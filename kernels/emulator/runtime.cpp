@@ -375,6 +375,10 @@ const Kernel kKernels[] = {
     APE_EMU_DTYPES(silu_mul_),
     APE_EMU_DTYPES(fill_uniform_),
     APE_EMU_DTYPES(embedding_),
+    APE_EMU_KERNEL(rms_norm_f32_to_f16),
+    APE_EMU_KERNEL(rms_norm_f32_to_bf16),
+    APE_EMU_KERNEL(embedding_f16_to_f32),
+    APE_EMU_KERNEL(embedding_bf16_to_f32),
 };
 
 }  // namespace

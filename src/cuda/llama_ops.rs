@@ -1,5 +1,7 @@
 //! The element-wise Llama operations on the GPU (kernels/llama_ops.cu; oracle:
-//! [`crate::reference::llama_ops`]): RMSNorm, `silu(gate) * up`, and the embedding gather.
+//! [`crate::reference::llama_ops`]): RMSNorm, `silu(gate) * up`, the embedding gather, and the
+//! synthetic-weight fill. RMSNorm's input and the embedding's output may be f32 while the rest is
+//! bf16 or f16: the forward pass keeps its residual stream in f32.
 
 use bytemuck::{Pod, Zeroable};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -20,21 +22,50 @@ const _: () = assert!(std::mem::size_of::<LlamaOpsParams>() == 16);
 // SAFETY: a #[repr(C)] plain-data struct with the kernel's layout.
 unsafe impl DeviceRepr for LlamaOpsParams {}
 
+/// The kernel for `op` (`"silu_mul"` or `"fill"`) on tensors of `dtype`.
 pub(crate) fn name(op: &str, dtype: DType) -> &'static str {
     match (op, dtype) {
-        ("rms_norm", DType::F32) => "rms_norm_f32",
-        ("rms_norm", DType::F16) => "rms_norm_f16",
-        ("rms_norm", DType::BF16) => "rms_norm_bf16",
         ("silu_mul", DType::F32) => "silu_mul_f32",
         ("silu_mul", DType::F16) => "silu_mul_f16",
         ("silu_mul", DType::BF16) => "silu_mul_bf16",
-        ("fill", DType::F32) => "fill_uniform_f32",
-        ("fill", DType::F16) => "fill_uniform_f16",
-        ("fill", DType::BF16) => "fill_uniform_bf16",
-        (_, DType::F32) => "embedding_f32",
-        (_, DType::F16) => "embedding_f16",
-        (_, DType::BF16) => "embedding_bf16",
+        (_, DType::F32) => "fill_uniform_f32",
+        (_, DType::F16) => "fill_uniform_f16",
+        (_, DType::BF16) => "fill_uniform_bf16",
     }
+}
+
+/// The RMSNorm kernel for an `x` of `x_dtype` and `w`, `y` of `dtype`: one dtype throughout, or
+/// an f32 `x` (the forward pass's residual stream).
+pub(crate) fn rms_norm_name(x_dtype: DType, dtype: DType) -> Result<&'static str> {
+    Ok(match (x_dtype, dtype) {
+        (DType::F32, DType::F32) => "rms_norm_f32",
+        (DType::F16, DType::F16) => "rms_norm_f16",
+        (DType::BF16, DType::BF16) => "rms_norm_bf16",
+        (DType::F32, DType::F16) => "rms_norm_f32_to_f16",
+        (DType::F32, DType::BF16) => "rms_norm_f32_to_bf16",
+        _ => {
+            return Err(Error::DType(format!(
+                "rms_norm: x is {x_dtype:?} and w, y {dtype:?}; x must be theirs or F32"
+            )))
+        }
+    })
+}
+
+/// The embedding kernel for a table of `dtype` and an output of `y_dtype`: the table's, or f32
+/// (the forward pass's residual stream).
+pub(crate) fn embedding_name(dtype: DType, y_dtype: DType) -> Result<&'static str> {
+    Ok(match (dtype, y_dtype) {
+        (DType::F32, DType::F32) => "embedding_f32",
+        (DType::F16, DType::F16) => "embedding_f16",
+        (DType::BF16, DType::BF16) => "embedding_bf16",
+        (DType::F16, DType::F32) => "embedding_f16_to_f32",
+        (DType::BF16, DType::F32) => "embedding_bf16_to_f32",
+        _ => {
+            return Err(Error::DType(format!(
+                "embedding: the table is {dtype:?} and y {y_dtype:?}; y must be the table's or F32"
+            )))
+        }
+    })
 }
 
 pub(crate) fn rows(n: u64) -> LaunchConfig {
@@ -55,7 +86,8 @@ fn width_of(t: &Tensor, what: &str) -> Result<usize> {
     }
 }
 
-/// RMSNorm of every row of `x` (`[..., d]`) with weight `w` (`[d]`, same dtype) into `y`.
+/// RMSNorm of every row of `x` (`[..., d]`) with weight `w` (`[d]`) into `y` (`x`'s shape, `w`'s
+/// dtype). `x` has `w`'s dtype or is f32 (a residual stream kept in f32).
 pub fn rms_norm_into(
     device: &Device,
     x: &Tensor,
@@ -66,9 +98,9 @@ pub fn rms_norm_into(
     check_positive("RMSNorm epsilon", eps as f64)?;
     let d = width_of(x, "x")?;
     w.check_shape(&[d], "w")?;
-    w.check_dtype(x.dtype(), "w")?;
     y.check_shape(x.shape(), "y")?;
-    y.check_dtype(x.dtype(), "y")?;
+    y.check_dtype(w.dtype(), "y")?;
+    let kernel = rms_norm_name(x.dtype(), w.dtype())?;
     for (t, what) in [(x, "x"), (w, "w"), (&*y, "y")] {
         t.check_device(device, what)?;
     }
@@ -81,18 +113,18 @@ pub fn rms_norm_into(
         width: d as u32,
         eps,
     };
-    let f = device.function(name("rms_norm", x.dtype()))?;
+    let f = device.function(kernel)?;
     let mut l = device.stream().launch_builder(&f);
     l.arg(x.buf()).arg(w.buf()).arg(y.buf_mut()).arg(&p);
     // SAFETY: arguments match rms_norm_* (x, w, y, params); x and y hold n * d elements and w
-    // holds d, all of the same dtype (checked above).
+    // holds d; the kernel is the one for x's dtype and w's (= y's), checked above.
     unsafe { l.launch(rows(n)) }?;
     Ok(())
 }
 
-/// [`rms_norm_into`] into a new tensor.
+/// [`rms_norm_into`] into a new tensor of `w`'s dtype.
 pub fn rms_norm(device: &Device, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    let mut y = Tensor::zeros(device, x.shape(), x.dtype())?;
+    let mut y = Tensor::zeros(device, x.shape(), w.dtype())?;
     rms_norm_into(device, x, w, eps, &mut y)?;
     Ok(y)
 }
@@ -131,9 +163,18 @@ pub fn silu_mul(device: &Device, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
-/// Rows `ids` of `table` (`[vocab, d]`) as a new `[ids.len(), d]` tensor. Ids are checked
-/// against the vocabulary before anything is read.
+/// Rows `ids` of `table` (`[vocab, d]`) as a new `[ids.len(), d]` tensor of the table's dtype.
+/// Ids are checked against the vocabulary before anything is read.
 pub fn embedding(device: &Device, ids: &[u32], table: &Tensor) -> Result<Tensor> {
+    let d = table.shape().last().copied().unwrap_or(0);
+    let mut y = Tensor::zeros(device, &[ids.len(), d], table.dtype())?;
+    embedding_into(device, ids, table, &mut y)?;
+    Ok(y)
+}
+
+/// Rows `ids` of `table` (`[vocab, d]`) into `y` (`[ids.len(), d]`, the table's dtype or f32,
+/// exact either way). Ids are checked against the vocabulary before anything is read.
+pub fn embedding_into(device: &Device, ids: &[u32], table: &Tensor, y: &mut Tensor) -> Result<()> {
     let ts = table.shape();
     if ts.len() != 2 {
         return Err(Error::Shape(format!(
@@ -141,6 +182,7 @@ pub fn embedding(device: &Device, ids: &[u32], table: &Tensor) -> Result<Tensor>
         )));
     }
     table.check_device(device, "table")?;
+    y.check_device(device, "y")?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= ts[0]) {
         return Err(Error::OutOfRange(format!(
             "token id {bad} is outside the vocabulary of {}",
@@ -148,9 +190,10 @@ pub fn embedding(device: &Device, ids: &[u32], table: &Tensor) -> Result<Tensor>
         )));
     }
     let d = width_of(table, "table")?;
-    let mut y = Tensor::zeros(device, &[ids.len(), d], table.dtype())?;
+    y.check_shape(&[ids.len(), d], "y")?;
+    let kernel = embedding_name(table.dtype(), y.dtype())?;
     if ids.is_empty() {
-        return Ok(y);
+        return Ok(());
     }
     let ids_dev = device.stream().clone_htod(ids)?;
     let p = LlamaOpsParams {
@@ -158,13 +201,14 @@ pub fn embedding(device: &Device, ids: &[u32], table: &Tensor) -> Result<Tensor>
         width: d as u32,
         eps: 0.0,
     };
-    let f = device.function(name("embedding", table.dtype()))?;
+    let f = device.function(kernel)?;
     let mut l = device.stream().launch_builder(&f);
     l.arg(&ids_dev).arg(table.buf()).arg(y.buf_mut()).arg(&p);
     // SAFETY: arguments match embedding_* (ids, table, y, params); every id is < vocab (checked),
-    // the table holds vocab * d elements and y holds ids.len() * d, in the table's dtype.
+    // the table holds vocab * d elements and y holds ids.len() * d; the kernel is the one for the
+    // table's dtype and y's, checked above.
     unsafe { l.launch(rows(ids.len() as u64)) }?;
-    Ok(y)
+    Ok(())
 }
 
 /// Fills `y` with `offset + scale * u`, `u` uniform in `[-1, 1)` from a hash of the element index

@@ -32,12 +32,15 @@ pub(crate) const THREADS: u32 = 128;
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
 
 /// One KV block on the device, read in place: `k` and `v` are `[len, n_kv_heads, head_dim]`.
-#[derive(Clone, Copy, Debug)]
-pub struct Segment<'a> {
+///
+/// `T` is the tensor type: [`Tensor`] for the launchers here; the GPU forward pass
+/// ([`crate::llama::gpu::DeviceOps`]) uses the same struct for its other devices.
+#[derive(Debug)]
+pub struct Segment<'a, T = Tensor> {
     /// Keys, `[len, n_kv_heads, head_dim]`.
-    pub k: &'a Tensor,
+    pub k: &'a T,
     /// Values, same shape and dtype as `k`.
-    pub v: &'a Tensor,
+    pub v: &'a T,
     /// Absolute position of the first token (causal masking).
     pub pos_offset: usize,
     /// Masking and APE group.
@@ -47,15 +50,29 @@ pub struct Segment<'a> {
     pub rope_shift: Option<RopeShift>,
 }
 
+impl<T> Clone for Segment<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Segment<'_, T> {}
+
 /// Query rows on the device: `data` is `[n_rows, n_heads, head_dim]`, row `r` at position
-/// `pos_offset + r`.
-#[derive(Clone, Copy, Debug)]
-pub struct Query<'a> {
+/// `pos_offset + r`. `T` as for [`Segment`].
+#[derive(Debug)]
+pub struct Query<'a, T = Tensor> {
     /// The rows.
-    pub data: &'a Tensor,
+    pub data: &'a T,
     /// Absolute position of row 0.
     pub pos_offset: usize,
 }
+
+impl<T> Clone for Query<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Query<'_, T> {}
 
 /// Launch options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,13 +5,15 @@
 use std::ffi::c_void;
 
 use super::{from_dtype, launch, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
-use crate::cuda::llama_ops::{name, rows, LlamaOpsParams};
+use crate::cuda::llama_ops::{embedding_name, name, rms_norm_name, rows, LlamaOpsParams};
 use crate::cuda::{grid_stride, DType};
 use crate::error::{Error, Result};
 use crate::params::check_positive;
 
-/// `rms_norm_*` on the emulator: `x` `[n, width]`, `w` `[width]`.
+/// `rms_norm_*` on the emulator: `x` `[n, width]` rounded to `x_dtype` (`dtype` or f32), `w`
+/// `[width]` and the output in `dtype`.
 pub fn rms_norm(
+    x_dtype: DType,
     dtype: DType,
     x: &[f32],
     w: &[f32],
@@ -30,7 +32,8 @@ pub fn rms_norm(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let (mut xb, mut wb) = (to_dtype(x, dtype), to_dtype(w, dtype));
+    let kernel = rms_norm_name(x_dtype, dtype)?;
+    let (mut xb, mut wb) = (to_dtype(x, x_dtype), to_dtype(w, dtype));
     let mut y = to_dtype(&vec![f32::NAN; x.len()], dtype);
     let p = LlamaOpsParams {
         n,
@@ -39,10 +42,11 @@ pub fn rms_norm(
     };
     let ptrs = [xb.addr(), wb.addr(), y.addr()];
     let cfg = rows(n);
-    // SAFETY: rms_norm_*(x, w, y, params): x and y hold n * d values of dtype, w holds d.
+    // SAFETY: rms_norm_*(x, w, y, params), the kernel for x_dtype and dtype: x holds n * d values
+    // of x_dtype, y n * d of dtype, w d of dtype.
     unsafe {
         launch_ptrs(
-            name("rms_norm", dtype),
+            kernel,
             cfg.grid_dim,
             cfg.block_dim,
             0,
@@ -98,9 +102,11 @@ pub fn silu_mul(
     Ok(from_dtype(&y, gate.len(), dtype))
 }
 
-/// `embedding_*` on the emulator: rows `ids` of `table` (`[vocab, width]`).
+/// `embedding_*` on the emulator: rows `ids` of `table` (`[vocab, width]`, rounded to `dtype`),
+/// written in `y_dtype` (`dtype` or f32).
 pub fn embedding(
     dtype: DType,
+    y_dtype: DType,
     ids: &[u32],
     table: &[f32],
     width: usize,
@@ -118,11 +124,12 @@ pub fn embedding(
             "token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
+    let kernel = embedding_name(dtype, y_dtype)?;
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let (mut idb, mut tb) = (Aligned::from_slice(ids), to_dtype(table, dtype));
-    let mut y = to_dtype(&vec![f32::NAN; ids.len() * width], dtype);
+    let mut y = to_dtype(&vec![f32::NAN; ids.len() * width], y_dtype);
     let p = LlamaOpsParams {
         n: ids.len() as u64,
         width: width as u32,
@@ -130,11 +137,12 @@ pub fn embedding(
     };
     let ptrs = [idb.addr(), tb.addr(), y.addr()];
     let cfg = rows(ids.len() as u64);
-    // SAFETY: embedding_*(ids, table, y, params): every id < vocab (checked), the table holds
-    // vocab * width values of dtype and y ids.len() * width.
+    // SAFETY: embedding_*(ids, table, y, params), the kernel for dtype and y_dtype: every id <
+    // vocab (checked), the table holds vocab * width values of dtype and y ids.len() * width of
+    // y_dtype.
     unsafe {
         launch_ptrs(
-            name("embedding", dtype),
+            kernel,
             cfg.grid_dim,
             cfg.block_dim,
             0,
@@ -144,7 +152,7 @@ pub fn embedding(
             emulator,
         )?
     };
-    Ok(from_dtype(&y, ids.len() * width, dtype))
+    Ok(from_dtype(&y, ids.len() * width, y_dtype))
 }
 
 /// `fill_uniform_*` on the emulator: `n` synthetic weights from `seed`, `offset + scale * u` with

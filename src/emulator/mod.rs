@@ -19,12 +19,17 @@
 //! launcher in [`crate::cuda`] (the plan, the descriptors, the RoPE table, the parameters), and
 //! runs the emulated kernels on it. The mirrored paths: `src/reference/X.rs` (oracle),
 //! `src/cuda/X.rs` (GPU launcher), `src/emulator/X.rs` (emulated launcher).
+//!
+//! [`EmulatedOps`] puts these launchers behind [`crate::llama::gpu::DeviceOps`], so the GPU
+//! forward pass ([`crate::llama::gpu::GpuModel`]) runs on the emulator too, GEMMs on the CPU.
 
+mod device_ops;
 mod llama_ops;
 mod merge_states;
 mod rope;
 mod segmented_attention;
 
+pub use device_ops::{EmulatedOps, HostTensor};
 pub use llama_ops::{embedding, fill_uniform, rms_norm, silu_mul};
 pub use merge_states::{merge_state_in_place, merge_states};
 pub use rope::{rope_apply, rope_shift};

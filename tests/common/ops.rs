@@ -42,14 +42,22 @@ pub trait OpsBackend {
         pos: i64,
         per_token: bool,
     ) -> Vec<f32>;
-    /// RMSNorm of `x [n, d]` with weight `w [d]`.
-    fn rms_norm(&self, dtype: DType, x: &[f32], w: &[f32], eps: f32) -> ape_attn::Result<Vec<f32>>;
+    /// RMSNorm of `x [n, d]` (in `x_dtype`) with weight `w [d]` (in `dtype`, as is the output).
+    fn rms_norm(
+        &self,
+        x_dtype: DType,
+        dtype: DType,
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+    ) -> ape_attn::Result<Vec<f32>>;
     /// `silu(g) * u`.
     fn silu_mul(&self, dtype: DType, g: &[f32], u: &[f32]) -> Vec<f32>;
-    /// Rows `ids` of `table [vocab, d]`.
+    /// Rows `ids` of `table [vocab, d]` (in `dtype`), written in `y_dtype`.
     fn embedding(
         &self,
         dtype: DType,
+        y_dtype: DType,
         ids: &[u32],
         table: &[f32],
         d: usize,
@@ -175,7 +183,8 @@ pub fn rope_apply_and_shift_match_the_oracle(b: &dyn OpsBackend) {
     }
 }
 
-/// Widths 576 (the default model), 4096, 100 and 1; the embedding is an exact copy.
+/// Widths 576 (the default model), 4096, 100 and 1; the embedding is an exact copy. RMSNorm also
+/// reads an f32 `x` and the embedding also writes f32 (the forward pass's f32 residual stream).
 pub fn llama_ops_match_the_oracle(b: &dyn OpsBackend) {
     let mut r = seeded("llama_ops_match_the_oracle");
     for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -183,12 +192,14 @@ pub fn llama_ops_match_the_oracle(b: &dyn OpsBackend) {
         let round = |v: Vec<f32>| rounded(&v, dtype);
         for d in [576, 4096, 100, 1] {
             let n = r.range(1, 70);
-            let x = round(r.uniform(n * d, 3.0));
-            let w = round(r.uniform(d, 1.5));
-            let got = b.rms_norm(dtype, &x, &w, 1e-5).unwrap();
-            let want = llama_ops::rms_norm(&x, &w, 1e-5).unwrap();
-            let err = rel_l2(&got, &want);
-            assert!(err < tol, "rms_norm {dtype:?} d={d}: {err}");
+            for x_dtype in [dtype, DType::F32] {
+                let x = rounded(&r.uniform(n * d, 3.0), x_dtype);
+                let w = round(r.uniform(d, 1.5));
+                let got = b.rms_norm(x_dtype, dtype, &x, &w, 1e-5).unwrap();
+                let want = llama_ops::rms_norm(&x, &w, 1e-5).unwrap();
+                let err = rel_l2(&got, &want);
+                assert!(err < tol, "rms_norm {x_dtype:?} -> {dtype:?} d={d}: {err}");
+            }
 
             let g = round(r.uniform(n * d, 6.0));
             let u = round(r.uniform(n * d, 2.0));
@@ -199,21 +210,36 @@ pub fn llama_ops_match_the_oracle(b: &dyn OpsBackend) {
             let vocab = r.range(1, 300);
             let table = round(r.uniform(vocab * d, 1.0));
             let ids: Vec<u32> = (0..n).map(|_| r.range(0, vocab - 1) as u32).collect();
-            let got = b.embedding(dtype, &ids, &table, d).unwrap();
             let want: Vec<f32> = ids
                 .iter()
                 .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec())
                 .collect();
-            assert_eq!(got, want, "embedding is an exact copy");
-            assert!(b.embedding(dtype, &[vocab as u32], &table, d).is_err());
+            for y_dtype in [dtype, DType::F32] {
+                let got = b.embedding(dtype, y_dtype, &ids, &table, d).unwrap();
+                assert_eq!(
+                    got, want,
+                    "embedding {dtype:?} -> {y_dtype:?} is an exact copy"
+                );
+                assert!(b
+                    .embedding(dtype, y_dtype, &[vocab as u32], &table, d)
+                    .is_err());
+            }
         }
     }
+    let bf16 = DType::BF16;
+    assert!(b.rms_norm(bf16, bf16, &[0.0; 16], &[0.0; 7], 1e-5).is_err());
     assert!(b
-        .rms_norm(DType::BF16, &[0.0; 16], &[0.0; 7], 1e-5)
+        .rms_norm(bf16, bf16, &[0.0; 16], &[0.0; 8], f32::NAN)
+        .is_err());
+    // Mixed dtypes other than an f32 x (RMSNorm) or an f32 y (embedding) are refused.
+    assert!(b
+        .rms_norm(bf16, DType::F16, &[1.0; 16], &[1.0; 8], 1e-5)
         .is_err());
     assert!(b
-        .rms_norm(DType::BF16, &[0.0; 16], &[0.0; 8], f32::NAN)
+        .rms_norm(bf16, DType::F32, &[1.0; 16], &[1.0; 8], 1e-5)
         .is_err());
+    assert!(b.embedding(DType::F32, bf16, &[0], &[1.0; 8], 8).is_err());
+    assert!(b.embedding(bf16, DType::F16, &[0], &[1.0; 8], 8).is_err());
 }
 
 /// The synthetic-weight fill against the oracle's hash: every value is the oracle's rounded to the
@@ -314,7 +340,14 @@ impl OpsBackend for crate::common::Gpu {
         self.download(&t)
     }
 
-    fn rms_norm(&self, dtype: DType, x: &[f32], w: &[f32], eps: f32) -> ape_attn::Result<Vec<f32>> {
+    fn rms_norm(
+        &self,
+        x_dtype: DType,
+        dtype: DType,
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+    ) -> ape_attn::Result<Vec<f32>> {
         let d = w.len();
         // A width w does not divide is the launcher's error to report: x goes up as one row.
         let shape = if d > 0 && x.len() % d == 0 {
@@ -322,7 +355,7 @@ impl OpsBackend for crate::common::Gpu {
         } else {
             [1, x.len()]
         };
-        let xt = self.upload(x, &shape, dtype);
+        let xt = self.upload(x, &shape, x_dtype);
         let wt = self.upload(w, &[d], dtype);
         Ok(self.download(&ape_attn::cuda::rms_norm(&self.0, &xt, &wt, eps)?))
     }
@@ -336,12 +369,15 @@ impl OpsBackend for crate::common::Gpu {
     fn embedding(
         &self,
         dtype: DType,
+        y_dtype: DType,
         ids: &[u32],
         table: &[f32],
         d: usize,
     ) -> ape_attn::Result<Vec<f32>> {
         let tt = self.upload(table, &[table.len() / d, d], dtype);
-        Ok(self.download(&ape_attn::cuda::embedding(&self.0, ids, &tt)?))
+        let mut y = self.nan(&[ids.len(), d], y_dtype);
+        ape_attn::cuda::llama_ops::embedding_into(&self.0, ids, &tt, &mut y)?;
+        Ok(self.download(&y))
     }
 
     fn fill_uniform(
@@ -405,8 +441,15 @@ impl OpsBackend for crate::common::Emulated {
         x
     }
 
-    fn rms_norm(&self, dtype: DType, x: &[f32], w: &[f32], eps: f32) -> ape_attn::Result<Vec<f32>> {
-        ape_attn::emulator::rms_norm(dtype, x, w, eps, &self.next())
+    fn rms_norm(
+        &self,
+        x_dtype: DType,
+        dtype: DType,
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+    ) -> ape_attn::Result<Vec<f32>> {
+        ape_attn::emulator::rms_norm(x_dtype, dtype, x, w, eps, &self.next())
     }
 
     fn silu_mul(&self, dtype: DType, g: &[f32], u: &[f32]) -> Vec<f32> {
@@ -416,11 +459,12 @@ impl OpsBackend for crate::common::Emulated {
     fn embedding(
         &self,
         dtype: DType,
+        y_dtype: DType,
         ids: &[u32],
         table: &[f32],
         d: usize,
     ) -> ape_attn::Result<Vec<f32>> {
-        ape_attn::emulator::embedding(dtype, ids, table, d, &self.next())
+        ape_attn::emulator::embedding(dtype, y_dtype, ids, table, d, &self.next())
     }
 
     fn fill_uniform(
