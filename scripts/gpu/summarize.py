@@ -150,7 +150,8 @@ def load_criterion(out):
             with open(os.path.join(root, "benchmark.json")) as f:
                 bench = json.load(f)
             with open(os.path.join(root, "estimates.json")) as f:
-                ns = json.load(f)["mean"]["point_estimate"]
+                # The median, as the peer reports (scripts/gpu/peer.py).
+                ns = json.load(f)["median"]["point_estimate"]
             tp = bench.get("throughput") or {}
             entry = {"ms": ns / 1e6}
             if "Elements" in tp:  # kernels.rs reports FLOPs as elements

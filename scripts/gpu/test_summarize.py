@@ -62,7 +62,9 @@ def write_criterion(out, full_id, ns, throughput=None):
                    "throughput": throughput, "full_id": full_id, "directory_name": full_id,
                    "title": full_id}, f)
     with open(os.path.join(d, "estimates.json"), "w") as f:
-        json.dump({"mean": est, "median": est, "median_abs_dev": est, "slope": None,
+        # The mean differs from the median, so a summary that read it would fail the checks.
+        mean = dict(est, point_estimate=ns * 1.5)
+        json.dump({"mean": mean, "median": est, "median_abs_dev": est, "slope": None,
                    "std_dev": est}, f)
 
 
