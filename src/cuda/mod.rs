@@ -19,6 +19,7 @@ pub use segmented_attention::{
     segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
 };
 pub use tensor::{DType, Tensor};
+pub(crate) use tensor::element_count;
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16
 /// blocks (the kernels loop over the rest).

@@ -61,7 +61,7 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-fn element_count(shape: &[usize]) -> Result<usize> {
+pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))

@@ -9,7 +9,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
 use super::EmulatorOptions;
-use crate::cuda::{DType, Query, Segment, SegmentedAttentionOptions};
+use crate::cuda::{element_count, DType, Query, Segment, SegmentedAttentionOptions};
 use crate::error::{Error, Result};
 use crate::llama::gpu::{concat_shape, linear_dims, linear_gemm_config, DeviceOps, DeviceTensor};
 use crate::params::{ApeParams, AttentionDims, RopeConfig};
@@ -60,13 +60,6 @@ impl HostTensor {
             data,
         })
     }
-}
-
-fn element_count(shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} has too many elements")))
 }
 
 impl DeviceTensor for HostTensor {
