@@ -176,3 +176,61 @@ fn run_answers_and_help_explains_the_modes() {
         assert!(out.contains(mode), "--help should explain {mode}");
     }
 }
+
+/// `--device emulator`: the GPU forward pass on the kernel emulator answers through the same
+/// command, and its first answer position's top logits agree with the CPU pass's.
+#[cfg(feature = "emulator")]
+#[test]
+fn the_emulated_gpu_path_runs_through_the_command() {
+    let a = passage();
+    let b = tempfile_path::write("The bakery is famous for its dark rye bread with caraway.\n");
+    let top = |device: &str, mode: &str| -> Vec<(u32, f32)> {
+        let (c, out, err) = ape(&[
+            "run",
+            "--device",
+            device,
+            "--mode",
+            mode,
+            "--context",
+            a.0.to_str().expect("utf-8"),
+            "--context",
+            b.0.to_str().expect("utf-8"),
+            "--question",
+            "Who founded the Lantern Bakery?",
+            "--print-logits",
+            "2",
+        ]);
+        assert_eq!(c, 0, "{device} {mode}: {err}");
+        out.lines()
+            .map(|l| {
+                let mut f = l.split_whitespace();
+                let id = f.next().and_then(|x| x.parse().ok()).expect("token id");
+                let logit = f.next().and_then(|x| x.parse().ok()).expect("logit");
+                (id, logit)
+            })
+            .collect()
+    };
+    for mode in ["ape", "block-attention"] {
+        let (cpu, emu) = (top("cpu", mode), top("emulator", mode));
+        assert_eq!((cpu.len(), emu.len()), (2, 2));
+        println!("{mode}: cpu {cpu:?}, emulator {emu:?}");
+        if cpu[0].1 - cpu[1].1 > 0.1 {
+            assert_eq!(emu[0].0, cpu[0].0, "{mode}: the same top-1 token");
+        }
+        assert!((emu[0].1 - cpu[0].1).abs() < 0.02 * cpu[0].1.abs().max(1.0));
+    }
+    let (c, out, err) = ape(&[
+        "run",
+        "--device",
+        "emulator",
+        "--context",
+        a.0.to_str().expect("utf-8"),
+        "--question",
+        "Who founded the Lantern Bakery?",
+        "--max-tokens",
+        "4",
+    ]);
+    assert_eq!(c, 0, "{err}");
+    assert!(!out.trim().is_empty());
+    assert!(err.contains("kernel emulator"), "the device line: {err}");
+}

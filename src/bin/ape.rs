@@ -59,7 +59,8 @@ enum Command {
         /// Tokens to generate per answer.
         #[arg(long, default_value_t = 40)]
         max_tokens: usize,
-        /// Where to run (cuda: the GPU forward pass, not yet validated on a GPU).
+        /// Where to run (cuda: the GPU forward pass, not yet validated on a GPU; emulator: the
+        /// same pass on the kernel emulator, in builds with the `emulator` feature).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
@@ -196,8 +197,14 @@ enum ObjectiveArg {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// The CPU forward pass (f32).
     Cpu,
+    /// The GPU forward pass on GPU 0.
     Cuda,
+    /// The GPU forward pass on the kernel emulator: the CUDA kernels run on the CPU (slow; for
+    /// checking the GPU path without a GPU). Only in builds with `--features emulator`.
+    #[cfg(feature = "emulator")]
+    Emulator,
 }
 
 const DEFAULT_SYSTEM: &str = "You are a helpful assistant. Answer the question using the passages.";
@@ -381,6 +388,8 @@ fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
 enum Backend {
     Cpu(Box<Engine<CpuModel>>),
     Gpu(Box<Engine<GpuModel>>),
+    #[cfg(feature = "emulator")]
+    Emulated(Box<Engine<GpuModel<ape_attn::emulator::EmulatedOps>>>),
 }
 
 /// Runs `$body` with `$e` bound to the backend's engine, whatever the device.
@@ -392,6 +401,11 @@ macro_rules! with_engine {
                 $body
             }
             Backend::Gpu(boxed) => {
+                let $e = *boxed;
+                $body
+            }
+            #[cfg(feature = "emulator")]
+            Backend::Emulated(boxed) => {
                 let $e = *boxed;
                 $body
             }
@@ -468,6 +482,19 @@ fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
                 format!("GPU 0, {name} (the GPU forward pass has not been validated on a GPU yet)"),
             )
         }
+        #[cfg(feature = "emulator")]
+        DeviceArg::Emulator => {
+            use ape_attn::emulator::{EmulatedOps, EmulatorOptions};
+            let ops = EmulatedOps::new(EmulatorOptions::default());
+            (
+                Backend::Emulated(Box::new(Engine::new(
+                    GpuModel::from_source_on(ops, config, source.as_ref(), progress)?,
+                    id,
+                    2 << 30,
+                ))),
+                "the GPU forward pass on the kernel emulator (CPU)".to_string(),
+            )
+        }
     };
     bar.finish_and_clear();
     Ok(Loaded {
@@ -484,7 +511,7 @@ fn load_cpu(path: &Path) -> ape_attn::Result<(Engine<CpuModel>, Tokenizer)> {
     } = load(path, DeviceArg::Cpu)?;
     match backend {
         Backend::Cpu(engine) => Ok((*engine, tokenizer)),
-        Backend::Gpu(_) => Err(Error::NoDevice("evaluation runs on the CPU".into())),
+        _ => Err(Error::NoDevice("evaluation runs on the CPU".into())),
     }
 }
 

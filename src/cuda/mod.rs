@@ -18,8 +18,9 @@ pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::{
     segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
 };
-pub use tensor::{DType, Tensor};
+#[cfg(feature = "emulator")]
 pub(crate) use tensor::element_count;
+pub use tensor::{DType, Tensor};
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16
 /// blocks (the kernels loop over the rest).

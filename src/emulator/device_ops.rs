@@ -277,7 +277,7 @@ impl DeviceOps for EmulatedOps {
         super::rope_shift(x.dtype, &mut x.data, shape, rope, delta, &self.options())
     }
 
-    fn linear(&self, x: &HostTensor, w: &HostTensor) -> Result<HostTensor> {
+    fn linear(&self, x: &HostTensor, w: &HostTensor, dtype: DType) -> Result<HostTensor> {
         let (Some(&n), Some(&dout)) = (x.shape.first(), w.shape.first()) else {
             return Err(Error::Shape(format!(
                 "linear: x {:?}, W {:?}",
@@ -285,7 +285,7 @@ impl DeviceOps for EmulatedOps {
             )));
         };
         // NaN: cuBLAS with beta = 0 must not read y.
-        let mut y = HostTensor::from_kernel(&[n, dout], DType::BF16, vec![f32::NAN; n * dout])?;
+        let mut y = HostTensor::from_kernel(&[n, dout], dtype, vec![f32::NAN; n * dout])?;
         gemm(x, w, &mut y, false)?;
         Ok(y)
     }

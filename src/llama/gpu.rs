@@ -91,8 +91,9 @@ pub trait DeviceOps {
     fn rope_apply(&self, x: &mut Self::Tensor, rope: &RopeConfig, pos: i64) -> Result<()>;
     /// Rotates `x` (`[n, heads, head_dim]`, already at its positions) by `delta` more positions.
     fn rope_shift(&self, x: &mut Self::Tensor, rope: &RopeConfig, delta: i64) -> Result<()>;
-    /// `x[n, in] W^T` with `W` `[out, in]`, a new bf16 `[n, out]`: f32 accumulation, one rounding.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x[n, in] W^T` with `W` `[out, in]`, a new `[n, out]` of `dtype` (bf16 for activations,
+    /// f32 for the logits): f32 accumulation, one rounding.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, dtype: DType) -> Result<Self::Tensor>;
     /// `residual[n, out] += x[n, in] W^T`, the residual stream f32: no rounding to bf16.
     fn add_linear(
         &self,
@@ -293,7 +294,7 @@ impl DeviceOps for CudaOps {
         cuda::rope_shift(&self.dev, x, rope, delta)
     }
 
-    fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
         let (Some(&n), Some(&dout)) = (x.shape().first(), w.shape().first()) else {
             return Err(Error::Shape(format!(
                 "linear: x {:?}, W {:?}",
@@ -302,7 +303,7 @@ impl DeviceOps for CudaOps {
             )));
         };
         // cuBLAS with beta = 0 writes all of y and never reads it: no zero fill needed.
-        let mut y = Tensor::uninit(&self.dev, &[n, dout], DType::BF16)?;
+        let mut y = Tensor::uninit(&self.dev, &[n, dout], dtype)?;
         self.gemm(x, w, &mut y, false)?;
         Ok(y)
     }
@@ -615,13 +616,13 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
         for (l, w) in self.layers.iter().enumerate() {
             let h = ops.rms_norm(&x, &w.attn_norm, c.rms_eps)?;
             let mut q = ops
-                .linear(&h, &w.wq)?
+                .linear(&h, &w.wq, DType::BF16)?
                 .reshape(&[n, c.n_heads, c.head_dim])?;
-            let mut k = ops
-                .linear(&h, &w.wk)?
-                .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            let mut k =
+                ops.linear(&h, &w.wk, DType::BF16)?
+                    .reshape(&[n, c.n_kv_heads, c.head_dim])?;
             let v = ops
-                .linear(&h, &w.wv)?
+                .linear(&h, &w.wv, DType::BF16)?
                 .reshape(&[n, c.n_kv_heads, c.head_dim])?;
             ops.rope_apply(&mut q, &c.rope, pos as i64)?;
             ops.rope_apply(&mut k, &c.rope, pos as i64)?;
@@ -660,8 +661,8 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
             // are freed before the down projection.
             let a = {
                 let h = ops.rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
-                let gate = ops.linear(&h, &w.w_gate)?;
-                let up = ops.linear(&h, &w.w_up)?;
+                let gate = ops.linear(&h, &w.w_gate, DType::BF16)?;
+                let up = ops.linear(&h, &w.w_up, DType::BF16)?;
                 ops.silu_mul(&gate, &up)?
             };
             ops.add_linear(&a, &w.w_down, &mut x)?;
@@ -678,7 +679,8 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
                 };
                 let h = ops.rms_norm(&last, &self.output_norm, c.rms_eps)?;
                 let out = self.output.as_ref().unwrap_or(&self.embed);
-                ops.download(&ops.linear(&h, out)?)?
+                // f32 logits: bf16's spacing (0.125 at 16 to 32) would blur near-ties.
+                ops.download(&ops.linear(&h, out, DType::F32)?)?
             }
         };
         Ok(ForwardOutput {
