@@ -8,7 +8,11 @@
 //!   computes.
 //! - [`cuda`]: the device handle, device tensors and the safe kernel launchers.
 //! - `emulator` (feature `emulator`): the same kernels compiled for the CPU and launched the same
-//!   way, so that they are tested against the oracle on machines without a GPU.
+//!   way, so that they are tested against the oracle on machines without a GPU; its `EmulatedOps`
+//!   runs the whole GPU forward pass on them.
+//! - [`llama`]: GGUF and Hugging Face loading, the tokenizer, the CPU forward pass, the GPU forward
+//!   pass (written once against [`llama::gpu::DeviceOps`]), the four encoding modes, and the
+//!   [`cache`] of encoded blocks.
 //! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by both,
 //!   validated on construction.
 //!

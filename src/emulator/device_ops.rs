@@ -257,10 +257,10 @@ impl DeviceOps for EmulatedOps {
     }
 
     fn silu_mul(&self, gate: &HostTensor, up: &HostTensor) -> Result<HostTensor> {
-        if gate.shape != up.shape {
+        if gate.shape != up.shape || gate.dtype != up.dtype {
             return Err(Error::Shape(format!(
-                "silu_mul: gate {:?}, up {:?}",
-                gate.shape, up.shape
+                "silu_mul: gate {:?} {:?}, up {:?} {:?}",
+                gate.shape, gate.dtype, up.shape, up.dtype
             )));
         }
         let y = super::silu_mul(gate.dtype, &gate.data, &up.data, &self.options())?;
@@ -324,6 +324,12 @@ impl DeviceOps for EmulatedOps {
                     s.k.shape, s.v.shape
                 )));
             }
+            if s.k.dtype != query.data.dtype || s.v.dtype != query.data.dtype {
+                return Err(Error::DType(format!(
+                    "segment {i}: k {:?}, v {:?}, the query {:?}",
+                    s.k.dtype, s.v.dtype, query.data.dtype
+                )));
+            }
             refs.push(reference::segmented_attention::Segment {
                 k: &s.k.data,
                 v: &s.v.data,
@@ -339,7 +345,7 @@ impl DeviceOps for EmulatedOps {
             pos_offset: query.pos_offset,
         };
         let out = super::segmented_attention(
-            DType::BF16,
+            query.data.dtype,
             &q,
             &refs,
             dims,
@@ -450,5 +456,60 @@ mod tests {
         let mut y = vec![0.0; n * dout];
         assert!(gemm_column_major(&cfg, &w[1..], &x, &mut y, DType::BF16).is_err());
         assert!(gemm_column_major(&cfg, &w, &x, &mut y[1..], DType::BF16).is_err());
+    }
+
+    /// Bad shapes and dtypes are errors on the emulated device, as on the GPU.
+    #[test]
+    fn bad_inputs_are_errors() {
+        let ops = EmulatedOps::new(EmulatorOptions::default());
+        let t = |shape: &[usize]| {
+            ops.upload(shape, &vec![0.5; shape.iter().product()])
+                .unwrap()
+        };
+        let (x, w) = (t(&[3, 8]), t(&[4, 8]));
+        assert_eq!(ops.linear(&x, &w, DType::BF16).unwrap().shape(), [3, 4]);
+        assert!(ops.linear(&x, &t(&[4, 7]), DType::BF16).is_err());
+        // The residual stream is f32: a bf16 one is refused.
+        let mut bf16_residual = t(&[3, 4]);
+        assert!(ops.add_linear(&x, &w, &mut bf16_residual).is_err());
+        let mut residual = ops.embedding(&[0, 1, 2], &t(&[5, 4])).unwrap();
+        assert_eq!(residual.dtype(), DType::F32);
+        ops.add_linear(&x, &w, &mut residual).unwrap();
+        assert!(ops.embedding(&[5], &t(&[5, 4])).is_err());
+        assert!(ops.rms_norm(&x, &t(&[7]), 1e-5).is_err());
+        assert!(ops.silu_mul(&x, &t(&[8, 3])).is_err());
+        assert!(ops.concat(&[&x, &t(&[2, 7])]).is_err());
+        assert!(ops.concat(&[]).is_err());
+        assert_eq!(ops.concat(&[&x, &t(&[2, 8])]).unwrap().shape(), [5, 8]);
+        assert!(ops.copy_rows(&x, 2, 2).is_err());
+        assert!(x.clone().reshape(&[24]).is_ok() && x.clone().reshape(&[25]).is_err());
+        let mut q = t(&[2, 3, 64]);
+        let rope = RopeConfig::new(64, 10_000.0, crate::params::RopeLayout::Neox).unwrap();
+        assert!(ops.rope_apply(&mut t(&[2, 192]), &rope, 0).is_err());
+        ops.rope_apply(&mut q, &rope, 0).unwrap();
+        let dims = AttentionDims::new(3, 1, 64).unwrap();
+        let (k, v) = (t(&[5, 1, 64]), t(&[5, 1, 64]));
+        let seg = |k, v| Segment {
+            k,
+            v,
+            pos_offset: 0,
+            role: crate::params::SegmentRole::Context,
+            rope_shift: None,
+        };
+        let query = Query {
+            data: &q,
+            pos_offset: 5,
+        };
+        let ape = ApeParams::plain();
+        let out = ops.segmented_attention(&query, &[seg(&k, &v)], &dims, &ape);
+        assert_eq!(out.unwrap().shape(), [2, 3, 64]);
+        let bad_v = t(&[4, 1, 64]);
+        assert!(ops
+            .segmented_attention(&query, &[seg(&k, &bad_v)], &dims, &ape)
+            .is_err());
+        let wide = AttentionDims::new(3, 1, 128).unwrap();
+        assert!(ops
+            .segmented_attention(&query, &[seg(&k, &v)], &wide, &ape)
+            .is_err());
     }
 }
