@@ -70,6 +70,18 @@ impl Device {
         }
         let ctx = CudaContext::new(ordinal)?;
         let stream = ctx.new_stream()?;
+        Self::load(image, stream)
+    }
+
+    /// The crate's kernels on the caller's `stream` (and its context): an engine that runs its own
+    /// work on cudarc keeps one stream, and every launch through this `Device` is ordered with that
+    /// work. Tensors for it can wrap the engine's own buffers ([`super::Tensor::from_device_buffer`]).
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        Self::load(kernel_image()?, stream)
+    }
+
+    fn load(image: &[u8], stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))?;
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,

@@ -1,6 +1,6 @@
 //! A device tensor that knows its shape and dtype.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaView};
 use half::{bf16, f16};
 
 use super::Device;
@@ -132,6 +132,42 @@ impl Tensor {
         })
     }
 
+    /// Wraps device memory the caller allocated (an engine's own KV pool, say) as a tensor of
+    /// `shape` and `dtype`, without copying: the first `shape`'s bytes of `buf`, which must be on
+    /// `device`'s context. [`Tensor::into_device_buffer`] gives the buffer back.
+    pub fn from_device_buffer(
+        device: &Device,
+        buf: CudaSlice<u8>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        let need = byte_len(shape, dtype)?;
+        if buf.len() < need {
+            return Err(Error::Shape(format!(
+                "a buffer of {} bytes cannot hold {shape:?} {dtype:?} ({need} bytes)",
+                buf.len()
+            )));
+        }
+        let t = Self {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        };
+        t.check_device(device, "buffer")?;
+        Ok(t)
+    }
+
+    /// The device buffer, given back (see [`Tensor::from_device_buffer`]).
+    pub fn into_device_buffer(self) -> CudaSlice<u8> {
+        self.buf
+    }
+
+    /// The device buffer, for the caller's own kernels (row-major, the dtype's bytes; it may be
+    /// longer than the tensor).
+    pub fn device_buffer(&self) -> &CudaSlice<u8> {
+        &self.buf
+    }
+
     /// Uploads `data` (f32, row-major) rounded to `dtype`.
     pub fn from_f32(device: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Self> {
         let n = element_count(shape)?;
@@ -174,8 +210,10 @@ impl Tensor {
     /// Downloads the tensor as f32 (waits for the stream).
     pub fn to_f32(&self, device: &Device) -> Result<Vec<f32>> {
         self.check_device(device, "tensor")?;
-        let mut bytes = device.stream().clone_dtoh(&self.buf)?;
-        bytes.truncate(self.len() * self.dtype.size());
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bytes = device.stream().clone_dtoh(&self.data())?;
         Ok(decode(&bytes, self.dtype))
     }
 
@@ -223,7 +261,7 @@ impl Tensor {
         self.check_shape(src.shape(), "destination")?;
         self.check_dtype(src.dtype, "destination")?;
         if !self.is_empty() {
-            device.stream().memcpy_dtod(&src.buf, &mut self.buf)?;
+            device.stream().memcpy_dtod(&src.data(), &mut self.buf)?;
         }
         Ok(())
     }
@@ -233,7 +271,7 @@ impl Tensor {
         let rows = self.shape.first().copied().unwrap_or(1);
         if self.shape.is_empty() {
             let mut out = Tensor::zeros(device, &[], self.dtype)?;
-            device.stream().memcpy_dtod(&self.buf, &mut out.buf)?;
+            device.stream().memcpy_dtod(&self.data(), &mut out.buf)?;
             return Ok(out);
         }
         self.copy_rows(device, 0, rows)
@@ -257,6 +295,12 @@ impl Tensor {
     /// True when the tensor has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The tensor's bytes: the start of its buffer, which a wrapped buffer
+    /// ([`Tensor::from_device_buffer`]) may outlast.
+    pub(crate) fn data(&self) -> CudaView<'_, u8> {
+        self.buf.slice(0..self.len() * self.dtype.size())
     }
 
     /// The device buffer, for passing to a kernel.

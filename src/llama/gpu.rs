@@ -338,7 +338,7 @@ impl DeviceOps for CudaOps {
             let bytes = t.len() * dtype.size();
             if bytes > 0 {
                 let mut dst = out.buf_mut().slice_mut(at..at + bytes);
-                self.dev.stream().memcpy_dtod(t.buf(), &mut dst)?;
+                self.dev.stream().memcpy_dtod(&t.data(), &mut dst)?;
             }
             at += bytes;
         }
