@@ -75,13 +75,26 @@ fn problem(dev: &Device, n_rows: usize, keys: usize, n_segments: usize) -> Probl
 }
 
 fn run(dev: &Device, p: &Problem, ape: &ApeParams, out: &mut Tensor, lse: &mut Tensor) {
+    run_with(dev, p, ape, out, lse, &SegmentedAttentionOptions::default())
+}
+
+/// [`run`] with launch options.
+fn run_with(
+    dev: &Device,
+    p: &Problem,
+    ape: &ApeParams,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
+) {
     let keys: Vec<&Tensor> = p.kv.iter().map(|(k, _)| k).collect();
-    run_shifted(dev, p, &keys, None, ape, out, lse)
+    run_shifted(dev, p, &keys, None, ape, out, lse, options)
 }
 
 /// [`run`] with segment `i`'s keys taken from `keys[i]` (those of `p`, or shifted copies) and its
 /// values from `p`, each segment read with the RoPE shift of Block-Attention (block `i` at offset
 /// `i * len`) when `rope` is given.
+#[allow(clippy::too_many_arguments)]
 fn run_shifted(
     dev: &Device,
     p: &Problem,
@@ -90,6 +103,7 @@ fn run_shifted(
     ape: &ApeParams,
     out: &mut Tensor,
     lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
 ) {
     let segs: Vec<cuda::Segment> = keys
         .iter()
@@ -110,17 +124,8 @@ fn run_shifted(
         data: &p.q,
         pos_offset: p.q_pos,
     };
-    cuda::segmented_attention_into(
-        dev,
-        &query,
-        &segs,
-        &p.dims,
-        ape,
-        out,
-        lse,
-        &SegmentedAttentionOptions::default(),
-    )
-    .expect("launch");
+    cuda::segmented_attention_into(dev, &query, &segs, &p.dims, ape, out, lse, options)
+        .expect("launch");
 }
 
 fn outputs(dev: &Device, p: &Problem) -> (Tensor, Tensor) {
@@ -190,6 +195,42 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
     g.finish();
 }
 
+/// The split-KV plan's choice against fixed split counts, for the memory-bound cases (64 rows and
+/// one decode row over 32K keys in 16 segments, APE): data for tuning `plan`'s heuristic.
+/// Throughput: the cached K+V bytes. Ids: `split_sweep/rows{r}_k32768_s16/{splits|auto}`.
+fn bench_split_sweep(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "split_sweep");
+    let (keys, n_segments) = (32768, 16);
+    for rows in [64, 1] {
+        let p = problem(dev, rows, keys, n_segments);
+        let (mut out, mut lse) = outputs(dev, &p);
+        g.throughput(Throughput::Bytes(2 * keys as u64 * 8 * 128 * 2));
+        let ape = ApeParams::default();
+        let shape = format!("rows{rows}_k{keys}_s{n_segments}");
+        for splits in [
+            None,
+            Some(1),
+            Some(4),
+            Some(16),
+            Some(33),
+            Some(66),
+            Some(132),
+            Some(264),
+        ] {
+            let name = splits.map_or("auto".to_string(), |n| n.to_string());
+            let options = SegmentedAttentionOptions { num_splits: splits };
+            g.bench_with_input(BenchmarkId::new(&shape, name), &(), |b, _| {
+                b.iter_custom(|iters| {
+                    gpu_time(dev, iters, || {
+                        run_with(dev, &p, &ape, &mut out, &mut lse, &options)
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Block-Attention's read of 16 blocks cached at position 0 (32K keys), each at its offset, for a
 /// 64-row question (split-KV, memory-bound) and a 4096-row prefill (one pass, compute-bound):
 /// `fused` reads the keys in place through RoPE shifts; `separate` copies and shifts every
@@ -212,10 +253,20 @@ fn bench_block_attention_shift(c: &mut Criterion, dev: &Device) {
         g.throughput(Throughput::Bytes(2 * keys as u64 * 8 * 128 * 2));
         let shape = format!("rows{rows}_k{keys}_s{n_segments}");
         let plain = ApeParams::plain();
+        let opts = SegmentedAttentionOptions::default();
         g.bench_with_input(BenchmarkId::new("fused", &shape), &(), |b, _| {
             b.iter_custom(|iters| {
                 gpu_time(dev, iters, || {
-                    run_shifted(dev, &p, &cached, Some(&rope), &plain, &mut out, &mut lse)
+                    run_shifted(
+                        dev,
+                        &p,
+                        &cached,
+                        Some(&rope),
+                        &plain,
+                        &mut out,
+                        &mut lse,
+                        &opts,
+                    )
                 })
             })
         });
@@ -227,7 +278,7 @@ fn bench_block_attention_shift(c: &mut Criterion, dev: &Device) {
                         rope_shift(dev, copy, &rope, (i * k.shape()[0]) as i64).expect("rope");
                     }
                     let keys: Vec<&Tensor> = shifted.iter().collect();
-                    run_shifted(dev, &p, &keys, None, &plain, &mut out, &mut lse)
+                    run_shifted(dev, &p, &keys, None, &plain, &mut out, &mut lse, &opts)
                 })
             })
         });
@@ -294,6 +345,7 @@ fn benches(c: &mut Criterion) {
     println!("device: {}", dev.name().unwrap_or_default());
     bench_memory_bound(c, &dev);
     bench_short_and_decode(c, &dev);
+    bench_split_sweep(c, &dev);
     bench_block_attention_shift(c, &dev);
     bench_prefill(c, &dev);
 }

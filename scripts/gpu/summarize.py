@@ -473,6 +473,17 @@ def main():
     table(["rows", "keys", "segments", "ours", "ours / copy", "SDPA flash (1 segment)"], rows)
     link("plot_bandwidth.png", "short question and decode bandwidth")
 
+    print("\n### Split-KV sweep: the plan's choice (auto) against fixed split counts, GB/s\n")
+    sweep = {}
+    for k, e in ours.items():
+        m = re.match(r"split_sweep/(rows\d+_k\d+_s\d+)/(auto|\d+)$", k)
+        if m:
+            sweep.setdefault(m.group(1), {})[m.group(2)] = e.get("gbps")
+    names = sorted({n for by in sweep.values() for n in by if n != "auto"}, key=int)
+    rows = [[sh, fmt(by.get("auto"), ".0f")] + [fmt(by.get(n), ".0f") for n in names]
+            for sh, by in sorted(sweep.items())]
+    table(["shape", "auto"] + [f"{n} splits" for n in names], rows)
+
     print("\n### Memory-bound kernels, GB/s\n")
     for k in MEMORY_BOUND:
         g = ours.get(k, {}).get("gbps")

@@ -29,6 +29,7 @@ SHORT_NS = {(64, 32768, 16): 70_000, (1, 32768, 16): 60_000, (64, 32768, 256): 8
             (64, 131072, 256): 270_000, (1, 131072, 256): 260_000}
 MERGE_NS, ROPE_NS = 130_000, 60_000
 SHIFT_FUSED_NS, SHIFT_SEPARATE_NS, SHIFT_UNSHIFTED_NS = 61_000, 152_000, 58_000
+SWEEP_NS = {"auto": 40_000, "1": 900_000, "16": 60_000, "132": 38_000}
 TTFT_MS = {("sequential", 4096): 420.0, ("ape", 4096): 21.0, ("block-attention", 4096): 24.0,
            ("sequential", 8192): 900.0, ("ape", 8192): 23.0, ("block-attention", 8192): 28.0,
            ("sequential", 32768): 5200.0, ("ape", 32768): 31.0, ("block-attention", 32768): 45.0}
@@ -79,6 +80,9 @@ def full_session(out):
     write_criterion(out, "memory_bound/rope_shift_32768x8x128_bf16", ROPE_NS, {"Bytes": ROPE_BYTES})
     write_criterion(out, "memory_bound/copy_d2d_1GiB", COPY_NS, {"Bytes": COPY_BYTES})
     # One with a throughput, one without: both must be read.
+    for splits, ns in SWEEP_NS.items():
+        write_criterion(out, f"split_sweep/rows1_k32768_s16/{splits}", ns,
+                        {"Bytes": kv_bytes(32768)})
     write_criterion(out, "block_attention_shift/fused/rows64_k32768_s16", SHIFT_FUSED_NS,
                     {"Bytes": kv_bytes(32768)})
     write_criterion(out, "block_attention_shift/separate/rows64_k32768_s16", SHIFT_SEPARATE_NS)
@@ -232,6 +236,13 @@ def test_full(keep=None):
                SHIFT_SEPARATE_NS / SHIFT_FUSED_NS, 2)
     assert_num(cell(shift, "rows64_k32768_s16", "fused / unshifted"),
                SHIFT_FUSED_NS / SHIFT_UNSHIFTED_NS, 2)
+
+    sweep = section(md, "Split-KV sweep")
+    for splits, ns in SWEEP_NS.items():
+        col = "auto" if splits == "auto" else f"{splits} splits"
+        assert_num(cell(sweep, "rows1_k32768_s16", col), kv_bytes(32768) / ns, 0)
+    # The fixed counts in numeric order, after auto.
+    assert sweep.index("| 1 splits") < sweep.index("| 16 splits") < sweep.index("| 132 splits")
 
     fl = section(md, "Kernels: measured vs floor")
     sh = "q4096_k32768"
