@@ -334,6 +334,55 @@ fn bench_memory_bound(c: &mut Criterion, dev: &Device) {
     g.finish();
 }
 
+/// Does a launch make the host wait for the stream? Each iteration queues a 64 MiB
+/// device-to-device copy (about 40 us of GPU work) and then one small call: an RMSNorm (a plain
+/// launch), a one-row attention over 64 keys (which uploads its segment descriptors from pageable
+/// memory first), or that upload alone (1 KiB). If the call returns at once, the host queues the
+/// next copy while the GPU works, and the iteration costs about one copy; if it waits for the
+/// stream, the host's launch time adds to every iteration. Ids: `host_sync/copy64MiB_then_{...}`.
+fn bench_host_sync(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "host_sync");
+    let n = 64usize << 20;
+    let src = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    let mut dst = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    let x = filled(dev, &[1, 4096], DType::BF16, 5);
+    let w = filled(dev, &[4096], DType::BF16, 6);
+    let mut y = Tensor::zeros(dev, &[1, 4096], DType::BF16).expect("alloc");
+    let p = problem(dev, 1, 64, 1);
+    let (mut out, mut lse) = outputs(dev, &p);
+    let ape = ApeParams::default();
+    let host = vec![0u8; 1024];
+    let mut copy = || dev.stream().memcpy_dtod(&src, &mut dst).expect("copy");
+    g.bench_function("copy64MiB_then_nothing", |b| {
+        b.iter_custom(|iters| gpu_time(dev, iters, &mut copy))
+    });
+    g.bench_function("copy64MiB_then_rms_norm", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                copy();
+                cuda::rms_norm_into(dev, &x, &w, 1e-5, &mut y).expect("rms_norm")
+            })
+        })
+    });
+    g.bench_function("copy64MiB_then_attention", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                copy();
+                run(dev, &p, &ape, &mut out, &mut lse)
+            })
+        })
+    });
+    g.bench_function("copy64MiB_then_upload", |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                copy();
+                drop(dev.stream().clone_htod(&host).expect("upload"))
+            })
+        })
+    });
+    g.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let dev = match Device::new(0) {
         Ok(dev) => dev,
@@ -344,6 +393,7 @@ fn benches(c: &mut Criterion) {
     };
     println!("device: {}", dev.name().unwrap_or_default());
     bench_memory_bound(c, &dev);
+    bench_host_sync(c, &dev);
     bench_short_and_decode(c, &dev);
     bench_split_sweep(c, &dev);
     bench_block_attention_shift(c, &dev);

@@ -484,6 +484,18 @@ def main():
             for sh, by in sorted(sweep.items())]
     table(["shape", "auto"] + [f"{n} splits" for n in names], rows)
 
+    print("\n### Host syncs: a 64 MiB copy then one small call, per iteration\n")
+    print("If a call makes the host wait for the stream, its launch time adds to each iteration;"
+          " if not, the iteration costs about the copy alone (benches/kernels.rs,"
+          " bench_host_sync).\n")
+    alone = ours.get("host_sync/copy64MiB_then_nothing", {}).get("ms")
+    rows = []
+    for then in ("nothing", "rms_norm", "attention", "upload"):
+        t = ours.get(f"host_sync/copy64MiB_then_{then}", {}).get("ms")
+        over = None if t is None or alone is None else (t - alone) * 1e3
+        rows.append([then, fmt(None if t is None else t * 1e3, ".1f"), fmt(over, ".1f")])
+    table(["then", "us per iteration", "us over the copy alone"], rows)
+
     print("\n### Memory-bound kernels, GB/s\n")
     for k in MEMORY_BOUND:
         g = ours.get(k, {}).get("gbps")

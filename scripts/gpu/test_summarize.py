@@ -30,6 +30,7 @@ SHORT_NS = {(64, 32768, 16): 70_000, (1, 32768, 16): 60_000, (64, 32768, 256): 8
 MERGE_NS, ROPE_NS = 130_000, 60_000
 SHIFT_FUSED_NS, SHIFT_SEPARATE_NS, SHIFT_UNSHIFTED_NS = 61_000, 152_000, 58_000
 SWEEP_NS = {"auto": 40_000, "1": 900_000, "16": 60_000, "132": 38_000}
+HOST_SYNC_NS = {"nothing": 40_000, "rms_norm": 41_000, "attention": 52_000, "upload": 50_500}
 TTFT_MS = {("sequential", 4096): 420.0, ("ape", 4096): 21.0, ("block-attention", 4096): 24.0,
            ("sequential", 8192): 900.0, ("ape", 8192): 23.0, ("block-attention", 8192): 28.0,
            ("sequential", 32768): 5200.0, ("ape", 32768): 31.0, ("block-attention", 32768): 45.0}
@@ -83,6 +84,8 @@ def full_session(out):
     for splits, ns in SWEEP_NS.items():
         write_criterion(out, f"split_sweep/rows1_k32768_s16/{splits}", ns,
                         {"Bytes": kv_bytes(32768)})
+    for then, ns in HOST_SYNC_NS.items():
+        write_criterion(out, f"host_sync/copy64MiB_then_{then}", ns)
     write_criterion(out, "block_attention_shift/fused/rows64_k32768_s16", SHIFT_FUSED_NS,
                     {"Bytes": kv_bytes(32768)})
     write_criterion(out, "block_attention_shift/separate/rows64_k32768_s16", SHIFT_SEPARATE_NS)
@@ -243,6 +246,12 @@ def test_full(keep=None):
         assert_num(cell(sweep, "rows1_k32768_s16", col), kv_bytes(32768) / ns, 0)
     # The fixed counts in numeric order, after auto.
     assert sweep.index("| 1 splits") < sweep.index("| 16 splits") < sweep.index("| 132 splits")
+
+    hs = section(md, "Host syncs")
+    for then, ns in HOST_SYNC_NS.items():
+        assert_num(cell(hs, then, "us per iteration"), ns / 1e3, 1)
+        assert_num(cell(hs, then, "us over the copy alone"),
+                   (ns - HOST_SYNC_NS["nothing"]) / 1e3, 1)
 
     fl = section(md, "Kernels: measured vs floor")
     sh = "q4096_k32768"
