@@ -67,6 +67,9 @@ fn the_callers_stream_and_buffers_work_as_the_crates_own() {
     assert!(ape_attn::reference::rel_l2(&y, &want) < 1e-5);
     let back = xt.into_device_buffer();
     assert_eq!(back.len(), (rows + 1) * d * 4);
+    // A refused buffer comes back, not freed.
     let too_small = stream.alloc_zeros::<u8>(8).expect("alloc");
-    assert!(Tensor::from_device_buffer(&dev, too_small, &[rows, d], DType::F32).is_err());
+    let rejected =
+        Tensor::from_device_buffer(&dev, too_small, &[rows, d], DType::F32).expect_err("too small");
+    assert_eq!(rejected.buffer.len(), 8);
 }

@@ -22,16 +22,39 @@ const _: () = assert!(std::mem::size_of::<LlamaOpsParams>() == 16);
 // SAFETY: a #[repr(C)] plain-data struct with the kernel's layout.
 unsafe impl DeviceRepr for LlamaOpsParams {}
 
-/// The kernel for `op` (`"silu_mul"` or `"fill"`) on tensors of `dtype`.
-pub(crate) fn name(op: &str, dtype: DType) -> &'static str {
+/// The one-dtype element-wise kernels (RMSNorm and the embedding have their own, with mixed forms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ElementOp {
+    /// `silu_mul_*`.
+    SiluMul,
+    /// `fill_uniform_*`.
+    Fill,
+}
+
+/// The kernel for `op` on tensors of `dtype`.
+pub(crate) fn name(op: ElementOp, dtype: DType) -> &'static str {
     match (op, dtype) {
-        ("silu_mul", DType::F32) => "silu_mul_f32",
-        ("silu_mul", DType::F16) => "silu_mul_f16",
-        ("silu_mul", DType::BF16) => "silu_mul_bf16",
-        (_, DType::F32) => "fill_uniform_f32",
-        (_, DType::F16) => "fill_uniform_f16",
-        (_, DType::BF16) => "fill_uniform_bf16",
+        (ElementOp::SiluMul, DType::F32) => "silu_mul_f32",
+        (ElementOp::SiluMul, DType::F16) => "silu_mul_f16",
+        (ElementOp::SiluMul, DType::BF16) => "silu_mul_bf16",
+        (ElementOp::Fill, DType::F32) => "fill_uniform_f32",
+        (ElementOp::Fill, DType::F16) => "fill_uniform_f16",
+        (ElementOp::Fill, DType::BF16) => "fill_uniform_bf16",
     }
+}
+
+/// The synthetic fill's `scale` and `offset` must be finite.
+pub(crate) fn check_fill_params(scale: f32, offset: f32) -> Result<()> {
+    for (name, value) in [("fill scale", scale), ("fill offset", offset)] {
+        if !value.is_finite() {
+            return Err(Error::InvalidParameter {
+                name,
+                value: value as f64,
+                requirement: "must be finite",
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The RMSNorm kernel for an `x` of `x_dtype` and `w`, `y` of `dtype`: one dtype throughout, or
@@ -147,7 +170,7 @@ pub fn silu_mul_into(device: &Device, gate: &Tensor, up: &Tensor, y: &mut Tensor
         width: 0,
         eps: 0.0,
     };
-    let f = device.function(name("silu_mul", gate.dtype()))?;
+    let f = device.function(name(ElementOp::SiluMul, gate.dtype()))?;
     let mut l = device.stream().launch_builder(&f);
     l.arg(gate.buf()).arg(up.buf()).arg(y.buf_mut()).arg(&p);
     let cfg = super::grid_stride(n);
@@ -220,13 +243,7 @@ pub fn fill_uniform(
     scale: f32,
     offset: f32,
 ) -> Result<()> {
-    if !scale.is_finite() || !offset.is_finite() {
-        return Err(Error::InvalidParameter {
-            name: "fill scale/offset",
-            value: scale as f64,
-            requirement: "must be finite",
-        });
-    }
+    check_fill_params(scale, offset)?;
     y.check_device(device, "y")?;
     let n = y.len() as u64;
     if n == 0 {
@@ -237,7 +254,7 @@ pub fn fill_uniform(
         width: 0,
         eps: 0.0,
     };
-    let f = device.function(name("fill", y.dtype()))?;
+    let f = device.function(name(ElementOp::Fill, y.dtype()))?;
     let mut l = device.stream().launch_builder(&f);
     l.arg(y.buf_mut())
         .arg(&seed)

@@ -20,7 +20,7 @@ pub use segmented_attention::{
 };
 #[cfg(feature = "emulator")]
 pub(crate) use tensor::element_count;
-pub use tensor::{DType, Tensor};
+pub use tensor::{BufferRejected, DType, Tensor};
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16
 /// blocks (the kernels loop over the rest).

@@ -1,6 +1,6 @@
 //! A device tensor that knows its shape and dtype.
 
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr};
 use half::{bf16, f16};
 
 use super::Device;
@@ -42,6 +42,23 @@ impl DType {
             DType::F16 => f16::from_f32(x).to_f32(),
             DType::BF16 => bf16::from_f32(x).to_f32(),
         }
+    }
+}
+
+/// A buffer [`Tensor::from_device_buffer`] refused, given back with the reason. `?` turns it
+/// into the [`Error`] (and frees the buffer).
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BufferRejected {
+    /// Why.
+    pub error: Error,
+    /// The caller's buffer, untouched.
+    pub buffer: CudaSlice<u8>,
+}
+
+impl From<BufferRejected> for Error {
+    fn from(r: BufferRejected) -> Self {
+        r.error
     }
 }
 
@@ -134,27 +151,46 @@ impl Tensor {
 
     /// Wraps device memory the caller allocated (an engine's own KV pool, say) as a tensor of
     /// `shape` and `dtype`, without copying: the first `shape`'s bytes of `buf`, which must be on
-    /// `device`'s context. [`Tensor::into_device_buffer`] gives the buffer back.
+    /// `device`'s context and start on a 16-byte boundary (the kernels' vector loads need it;
+    /// cudarc's allocations start on 256). [`Tensor::into_device_buffer`] gives the buffer back,
+    /// and so does a refusal ([`BufferRejected`]), so that a rejected buffer is not freed.
     pub fn from_device_buffer(
         device: &Device,
         buf: CudaSlice<u8>,
         shape: &[usize],
         dtype: DType,
-    ) -> Result<Self> {
-        let need = byte_len(shape, dtype)?;
-        if buf.len() < need {
-            return Err(Error::Shape(format!(
-                "a buffer of {} bytes cannot hold {shape:?} {dtype:?} ({need} bytes)",
-                buf.len()
-            )));
-        }
-        let t = Self {
-            buf,
-            shape: shape.to_vec(),
-            dtype,
+    ) -> std::result::Result<Self, BufferRejected> {
+        let check = || -> Result<()> {
+            let need = byte_len(shape, dtype)?;
+            if buf.len() < need {
+                return Err(Error::Shape(format!(
+                    "a buffer of {} bytes cannot hold {shape:?} {dtype:?} ({need} bytes)",
+                    buf.len()
+                )));
+            }
+            if buf.context().as_ref() != device.context().as_ref() {
+                return Err(Error::DeviceMismatch(format!(
+                    "the buffer lives on device {}, the tensor's device is {}",
+                    buf.context().ordinal(),
+                    device.context().ordinal()
+                )));
+            }
+            let (ptr, _sync) = buf.device_ptr(device.stream());
+            if ptr % 16 != 0 {
+                return Err(Error::Shape(format!(
+                    "the buffer starts at {ptr:#x}, not on a 16-byte boundary"
+                )));
+            }
+            Ok(())
         };
-        t.check_device(device, "buffer")?;
-        Ok(t)
+        match check() {
+            Ok(()) => Ok(Self {
+                buf,
+                shape: shape.to_vec(),
+                dtype,
+            }),
+            Err(error) => Err(BufferRejected { error, buffer: buf }),
+        }
     }
 
     /// The device buffer, given back (see [`Tensor::from_device_buffer`]).

@@ -284,6 +284,7 @@ impl DeviceOps for EmulatedOps {
                 x.shape, w.shape
             )));
         };
+        linear_dims(&x.shape, &w.shape, &[n, dout])?;
         // NaN: cuBLAS with beta = 0 must not read y.
         let mut y = HostTensor::from_kernel(&[n, dout], dtype, vec![f32::NAN; n * dout])?;
         gemm(x, w, &mut y, false)?;
@@ -451,6 +452,32 @@ mod tests {
                 }
             }
         }
+        // Sums that are no bf16 value: one rounding of the f32 sum, to nearest.
+        let x: Vec<f32> = (0..n * din).map(|i| 0.1 + (i % 7) as f32 * 0.37).collect();
+        let w: Vec<f32> = (0..dout * din)
+            .map(|i| 0.3 - (i % 5) as f32 * 0.11)
+            .collect();
+        let mut y = vec![f32::NAN; n * dout];
+        let cfg = linear_gemm_config(n, din, dout, false).unwrap();
+        gemm_column_major(&cfg, &w, &x, &mut y, DType::BF16).unwrap();
+        let mut inexact = 0;
+        for r in 0..n {
+            for o in 0..dout {
+                let dot: f64 = (0..din)
+                    .map(|i| x[r * din + i] as f64 * w[o * din + i] as f64)
+                    .sum();
+                let got = y[r * dout + o];
+                assert_eq!(got, DType::BF16.round(got), "a bf16 value");
+                // Within half a bf16 unit (2^-8 relative) of the exact sum, plus f32 slack.
+                let half_ulp = dot.abs() * 2f64.powi(-8) * 0.5;
+                assert!(
+                    (got as f64 - dot).abs() <= half_ulp * 1.01 + 1e-6,
+                    "{got} vs {dot}"
+                );
+                inexact += usize::from(got as f64 != dot);
+            }
+        }
+        assert!(inexact > 0, "the case must need rounding");
         // Buffers too small for the call are refused.
         let cfg = linear_gemm_config(n, din, dout, false).unwrap();
         let mut y = vec![0.0; n * dout];

@@ -1,11 +1,14 @@
 //! The element-wise Llama operations on the kernel emulator: `kernels/llama_ops.cu` run on the
 //! CPU, launched as [`crate::cuda::llama_ops`] launches them (oracle:
-//! [`crate::reference::llama_ops`]). Inputs are rounded to `dtype`; outputs are `dtype`'s, as f32.
+//! [`crate::reference::llama_ops`]). Inputs are rounded to their dtypes (`dtype`, or f32 for
+//! RMSNorm's `x` and the embedding's output where asked) and outputs come back as f32.
 
 use std::ffi::c_void;
 
 use super::{from_dtype, launch, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
-use crate::cuda::llama_ops::{embedding_name, name, rms_norm_name, rows, LlamaOpsParams};
+use crate::cuda::llama_ops::{
+    check_fill_params, embedding_name, name, rms_norm_name, rows, ElementOp, LlamaOpsParams,
+};
 use crate::cuda::{grid_stride, DType};
 use crate::error::{Error, Result};
 use crate::params::check_positive;
@@ -89,7 +92,7 @@ pub fn silu_mul(
     // SAFETY: silu_mul_*(g, u, y, params): all three hold n values of dtype.
     unsafe {
         launch_ptrs(
-            name("silu_mul", dtype),
+            name(ElementOp::SiluMul, dtype),
             cfg.grid_dim,
             cfg.block_dim,
             0,
@@ -165,13 +168,7 @@ pub fn fill_uniform(
     offset: f32,
     emulator: &EmulatorOptions,
 ) -> Result<Vec<f32>> {
-    if !scale.is_finite() || !offset.is_finite() {
-        return Err(Error::InvalidParameter {
-            name: "fill scale/offset",
-            value: scale as f64,
-            requirement: "must be finite",
-        });
-    }
+    check_fill_params(scale, offset)?;
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -195,7 +192,7 @@ pub fn fill_uniform(
     // arguments point at locals that outlive the call.
     unsafe {
         launch(
-            name("fill", dtype),
+            name(ElementOp::Fill, dtype),
             cfg.grid_dim,
             cfg.block_dim,
             0,

@@ -37,7 +37,8 @@ use crate::cuda::{self, llama_ops, DType, Device, Query, Segment, Tensor};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, AttentionDims, RopeConfig, RopeShift, SegmentRole};
 
-/// A tensor of a [`DeviceOps`]: dense, row-major, bf16 (the residual stream f32).
+/// A tensor of a [`DeviceOps`]: dense, row-major; bf16, but for the residual stream and the
+/// logits (f32).
 pub trait DeviceTensor: std::fmt::Debug + Sized {
     /// Shape.
     fn shape(&self) -> &[usize];
@@ -302,6 +303,7 @@ impl DeviceOps for CudaOps {
                 w.shape()
             )));
         };
+        linear_dims(x.shape(), w.shape(), &[n, dout])?;
         // cuBLAS with beta = 0 writes all of y and never reads it: no zero fill needed.
         let mut y = Tensor::uninit(&self.dev, &[n, dout], dtype)?;
         self.gemm(x, w, &mut y, false)?;
