@@ -720,8 +720,9 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
         block.len += more.len;
         block.chunks.extend(more.chunks);
         if block.chunks.len() > MAX_CHUNKS {
-            // Merge every chunk after the first (the prompt) into one.
-            let tail: Vec<Chunk<D::Tensor>> = block.chunks.drain(1..).collect();
+            // Merge every chunk after the first (the prompt) into one. The block keeps its chunks
+            // until the merge has succeeded, so an error (out of memory) leaves it whole.
+            let tail = &block.chunks[1..];
             let layers = self.config.n_layers;
             let mut merged = Chunk {
                 len: tail.iter().map(|c| c.len).sum(),
@@ -753,6 +754,7 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
                 merged.k.push(Arc::new(self.ops.concat(&ks)?));
                 merged.v.push(Arc::new(self.ops.concat(&vs)?));
             }
+            block.chunks.truncate(1);
             block.chunks.push(merged);
         }
         Ok(())
