@@ -19,7 +19,7 @@ pub use segmented_attention::{
     segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
 };
 #[cfg(feature = "emulator")]
-pub(crate) use tensor::element_count;
+pub(crate) use tensor::{check_reshape, element_count, row_range};
 pub use tensor::{BufferRejected, DType, Tensor};
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16

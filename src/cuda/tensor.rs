@@ -85,6 +85,36 @@ pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| Error::OutOfRange(format!("shape {shape:?} has too many elements")))
 }
 
+/// Errors unless a tensor of `shape` (`len` elements) can be seen as `to`.
+pub(crate) fn check_reshape(shape: &[usize], len: usize, to: &[usize]) -> Result<()> {
+    if element_count(to)? != len {
+        return Err(Error::Shape(format!("cannot reshape {shape:?} to {to:?}")));
+    }
+    Ok(())
+}
+
+/// Rows `start..start + count` of the first dim of a tensor of `shape` (`len` elements): the
+/// shape of those rows, and the elements per row.
+pub(crate) fn row_range(
+    shape: &[usize],
+    len: usize,
+    start: usize,
+    count: usize,
+) -> Result<(Vec<usize>, usize)> {
+    let Some(&rows) = shape.first() else {
+        return Err(Error::Shape("a scalar tensor has no rows".into()));
+    };
+    if start.checked_add(count).is_none_or(|end| end > rows) {
+        return Err(Error::Shape(format!(
+            "rows {start}..{} of a tensor with {rows}",
+            start.saturating_add(count)
+        )));
+    }
+    let mut out = shape.to_vec();
+    out[0] = count;
+    Ok((out, len / rows.max(1)))
+}
+
 fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => bytemuck::cast_slice(data).to_vec(),
@@ -255,12 +285,7 @@ impl Tensor {
 
     /// The same data under another shape with as many elements (no copy).
     pub fn reshape(self, shape: &[usize]) -> Result<Self> {
-        if element_count(shape)? != self.len() {
-            return Err(Error::Shape(format!(
-                "cannot reshape {:?} to {shape:?}",
-                self.shape
-            )));
-        }
+        check_reshape(&self.shape, self.len(), shape)?;
         Ok(Self {
             shape: shape.to_vec(),
             ..self
@@ -270,16 +295,8 @@ impl Tensor {
     /// Rows `start..start + count` of the first dim, copied into a new tensor.
     pub fn copy_rows(&self, device: &Device, start: usize, count: usize) -> Result<Self> {
         self.check_device(device, "tensor")?;
-        let rows = self.shape.first().copied().unwrap_or(0);
-        if start.checked_add(count).is_none_or(|end| end > rows) {
-            return Err(Error::Shape(format!(
-                "rows {start}..{} of a tensor with {rows}",
-                start.saturating_add(count)
-            )));
-        }
-        let row_bytes = self.len() / rows.max(1) * self.dtype.size();
-        let mut shape = self.shape.clone();
-        shape[0] = count;
+        let (shape, row_len) = row_range(&self.shape, self.len(), start, count)?;
+        let row_bytes = row_len * self.dtype.size();
         let mut out = Tensor::zeros(device, &shape, self.dtype)?;
         if count > 0 {
             let src = self

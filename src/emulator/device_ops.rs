@@ -9,9 +9,11 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
 use super::EmulatorOptions;
-use crate::cuda::{element_count, DType, Query, Segment, SegmentedAttentionOptions};
+use crate::cuda::{
+    check_reshape, element_count, row_range, DType, Query, Segment, SegmentedAttentionOptions,
+};
 use crate::error::{Error, Result};
-use crate::llama::gpu::{concat_shape, linear_dims, linear_gemm_config, DeviceOps, DeviceTensor};
+use crate::llama::gpu::{check_linear, concat_shape, linear_shape, DeviceOps, DeviceTensor};
 use crate::params::{ApeParams, AttentionDims, RopeConfig};
 use crate::reference;
 
@@ -72,12 +74,7 @@ impl DeviceTensor for HostTensor {
     }
 
     fn reshape(self, shape: &[usize]) -> Result<Self> {
-        if element_count(shape)? != self.data.len() {
-            return Err(Error::Shape(format!(
-                "cannot reshape {:?} to {shape:?}",
-                self.shape
-            )));
-        }
+        check_reshape(&self.shape, self.data.len(), shape)?;
         Ok(Self {
             shape: shape.to_vec(),
             ..self
@@ -117,14 +114,6 @@ impl EmulatedOps {
     fn options(&self) -> EmulatorOptions {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         self.schedules[i % self.schedules.len()]
-    }
-}
-
-/// Rows of a `[rows, ...]` tensor as `(rows, row_len)`.
-fn rows_of(t: &HostTensor, what: &str) -> Result<(usize, usize)> {
-    match t.shape.first() {
-        Some(&rows) => Ok((rows, t.data.len() / rows.max(1))),
-        None => Err(Error::Shape(format!("{what} is a scalar, not rows"))),
     }
 }
 
@@ -278,26 +267,14 @@ impl DeviceOps for EmulatedOps {
     }
 
     fn linear(&self, x: &HostTensor, w: &HostTensor, dtype: DType) -> Result<HostTensor> {
-        let (Some(&n), Some(&dout)) = (x.shape.first(), w.shape.first()) else {
-            return Err(Error::Shape(format!(
-                "linear: x {:?}, W {:?}",
-                x.shape, w.shape
-            )));
-        };
-        linear_dims(&x.shape, &w.shape, &[n, dout])?;
+        let shape = linear_shape(&x.shape, &w.shape)?;
         // NaN: cuBLAS with beta = 0 must not read y.
-        let mut y = HostTensor::from_kernel(&[n, dout], dtype, vec![f32::NAN; n * dout])?;
+        let mut y = HostTensor::from_kernel(&shape, dtype, vec![f32::NAN; shape[0] * shape[1]])?;
         gemm(x, w, &mut y, false)?;
         Ok(y)
     }
 
     fn add_linear(&self, x: &HostTensor, w: &HostTensor, residual: &mut HostTensor) -> Result<()> {
-        if residual.dtype != DType::F32 {
-            return Err(Error::DType(format!(
-                "residual is {:?}, expected F32",
-                residual.dtype
-            )));
-        }
         gemm(x, w, residual, true)
     }
 
@@ -358,15 +335,7 @@ impl DeviceOps for EmulatedOps {
     }
 
     fn copy_rows(&self, t: &HostTensor, start: usize, count: usize) -> Result<HostTensor> {
-        let (rows, row_len) = rows_of(t, "tensor")?;
-        if start.checked_add(count).is_none_or(|end| end > rows) {
-            return Err(Error::Shape(format!(
-                "rows {start}..{} of a tensor with {rows}",
-                start.saturating_add(count)
-            )));
-        }
-        let mut shape = t.shape.clone();
-        shape[0] = count;
+        let (shape, row_len) = row_range(&t.shape, t.data.len(), start, count)?;
         HostTensor::from_kernel(
             &shape,
             t.dtype,
@@ -393,22 +362,9 @@ impl DeviceOps for EmulatedOps {
 }
 
 /// The CUDA path's GEMM call for `y (+)= x W^T` (A is W, B is x, C is y: see
-/// [`linear_gemm_config`]), with its dtype checks.
+/// `linear_gemm_config`), with its checks.
 fn gemm(x: &HostTensor, w: &HostTensor, y: &mut HostTensor, accumulate: bool) -> Result<()> {
-    let (n, din, dout) = linear_dims(&x.shape, &w.shape, &y.shape)?;
-    if x.dtype != DType::BF16 || w.dtype != DType::BF16 {
-        return Err(Error::DType(format!(
-            "linear: x is {:?} and W {:?}, expected BF16",
-            x.dtype, w.dtype
-        )));
-    }
-    if !matches!(y.dtype, DType::BF16 | DType::F32) {
-        return Err(Error::DType(format!(
-            "linear y is {:?}, not BF16 or F32",
-            y.dtype
-        )));
-    }
-    let cfg = linear_gemm_config(n, din, dout, accumulate)?;
+    let cfg = check_linear(x, w, y, accumulate)?;
     gemm_column_major(&cfg, &w.data, &x.data, &mut y.data, y.dtype)
 }
 
@@ -424,6 +380,7 @@ fn rope_shape(x: &HostTensor) -> Result<[usize; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llama::gpu::linear_gemm_config;
 
     /// The CUDA path's GEMM call, read as cuBLAS defines it, is `y = x W^T` on row-major data.
     #[test]

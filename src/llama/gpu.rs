@@ -126,6 +126,47 @@ pub(crate) fn linear_dims(x: &[usize], w: &[usize], y: &[usize]) -> Result<(usiz
     Ok((x[0], x[1], w[0]))
 }
 
+/// The output shape `[n, out]` of `x[n, in] W^T`, the shapes checked.
+pub(crate) fn linear_shape(x: &[usize], w: &[usize]) -> Result<[usize; 2]> {
+    let (Some(&n), Some(&dout)) = (x.first(), w.first()) else {
+        return Err(Error::Shape(format!("linear: x {x:?}, W {w:?}")));
+    };
+    linear_dims(x, w, &[n, dout])?;
+    Ok([n, dout])
+}
+
+/// Checks `y (+)= x W^T` (shapes; `x` and `W` bf16; `y` bf16 or f32, and f32 when accumulating:
+/// the residual stream) and returns the cuBLAS call ([`linear_gemm_config`]).
+pub(crate) fn check_linear<T: DeviceTensor>(
+    x: &T,
+    w: &T,
+    y: &T,
+    accumulate: bool,
+) -> Result<GemmConfig<f32>> {
+    let (n, din, dout) = linear_dims(x.shape(), w.shape(), y.shape())?;
+    if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        return Err(Error::DType(format!(
+            "linear: x is {:?} and W {:?}, expected BF16",
+            x.dtype(),
+            w.dtype()
+        )));
+    }
+    match (y.dtype(), accumulate) {
+        (DType::F32, _) | (DType::BF16, false) => {}
+        (other, true) => {
+            return Err(Error::DType(format!(
+                "the residual is {other:?}, expected F32"
+            )))
+        }
+        (other, false) => {
+            return Err(Error::DType(format!(
+                "linear y is {other:?}, not BF16 or F32"
+            )))
+        }
+    }
+    linear_gemm_config(n, din, dout, accumulate)
+}
+
 /// The shape of the concatenation of `parts` along their first dim.
 pub(crate) fn concat_shape<'a>(parts: impl IntoIterator<Item = &'a [usize]>) -> Result<Vec<usize>> {
     let mut out: Option<Vec<usize>> = None;
@@ -201,23 +242,15 @@ impl CudaOps {
     /// `y (+)= x W^T` (see [`linear_gemm_config`]): `x` and `W` bf16, `y` bf16 or f32, f32
     /// accumulation (`cublasGemmEx`, compute type 32F).
     fn gemm(&self, x: &Tensor, w: &Tensor, y: &mut Tensor, accumulate: bool) -> Result<()> {
-        let (n, din, dout) = linear_dims(x.shape(), w.shape(), y.shape())?;
-        for (t, what) in [(x, "linear x"), (w, "linear W")] {
-            t.check_dtype(DType::BF16, what)?;
+        let cfg = check_linear(x, w, y, accumulate)?;
+        for (t, what) in [(x, "linear x"), (w, "linear W"), (&*y, "linear y")] {
             t.check_device(&self.dev, what)?;
         }
-        y.check_device(&self.dev, "linear y")?;
         let c_type = match y.dtype() {
-            DType::BF16 => cudaDataType_t::CUDA_R_16BF,
             DType::F32 => cudaDataType_t::CUDA_R_32F,
-            other => {
-                return Err(Error::DType(format!(
-                    "linear y is {other:?}, not BF16 or F32"
-                )))
-            }
+            _ => cudaDataType_t::CUDA_R_16BF, // check_linear allows only these two
         };
-        let cfg = linear_gemm_config(n, din, dout, accumulate)?;
-        if n == 0 || dout == 0 {
+        if cfg.m == 0 || cfg.n == 0 {
             return Ok(());
         }
         let stream = self.dev.stream();
@@ -296,22 +329,14 @@ impl DeviceOps for CudaOps {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
-        let (Some(&n), Some(&dout)) = (x.shape().first(), w.shape().first()) else {
-            return Err(Error::Shape(format!(
-                "linear: x {:?}, W {:?}",
-                x.shape(),
-                w.shape()
-            )));
-        };
-        linear_dims(x.shape(), w.shape(), &[n, dout])?;
+        let shape = linear_shape(x.shape(), w.shape())?;
         // cuBLAS with beta = 0 writes all of y and never reads it: no zero fill needed.
-        let mut y = Tensor::uninit(&self.dev, &[n, dout], dtype)?;
+        let mut y = Tensor::uninit(&self.dev, &shape, dtype)?;
         self.gemm(x, w, &mut y, false)?;
         Ok(y)
     }
 
     fn add_linear(&self, x: &Tensor, w: &Tensor, residual: &mut Tensor) -> Result<()> {
-        residual.check_dtype(DType::F32, "residual")?;
         self.gemm(x, w, residual, true)
     }
 
