@@ -138,7 +138,10 @@ pub fn rms_norm_into(
     };
     let f = device.function(kernel)?;
     let mut l = device.stream().launch_builder(&f);
-    l.arg(x.buf()).arg(w.buf()).arg(y.buf_mut()).arg(&p);
+    l.arg(x.device_buffer())
+        .arg(w.device_buffer())
+        .arg(y.buf_mut())
+        .arg(&p);
     // SAFETY: arguments match rms_norm_* (x, w, y, params); x and y hold n * d elements and w
     // holds d; the kernel is the one for x's dtype and w's (= y's), checked above.
     unsafe { l.launch(rows(n)) }?;
@@ -172,7 +175,10 @@ pub fn silu_mul_into(device: &Device, gate: &Tensor, up: &Tensor, y: &mut Tensor
     };
     let f = device.function(name(ElementOp::SiluMul, gate.dtype()))?;
     let mut l = device.stream().launch_builder(&f);
-    l.arg(gate.buf()).arg(up.buf()).arg(y.buf_mut()).arg(&p);
+    l.arg(gate.device_buffer())
+        .arg(up.device_buffer())
+        .arg(y.buf_mut())
+        .arg(&p);
     let cfg = super::grid_stride(n);
     // SAFETY: arguments match silu_mul_* (g, u, y, params); all three hold n elements of one dtype.
     unsafe { l.launch(cfg) }?;
@@ -226,7 +232,10 @@ pub fn embedding_into(device: &Device, ids: &[u32], table: &Tensor, y: &mut Tens
     };
     let f = device.function(kernel)?;
     let mut l = device.stream().launch_builder(&f);
-    l.arg(&ids_dev).arg(table.buf()).arg(y.buf_mut()).arg(&p);
+    l.arg(&ids_dev)
+        .arg(table.device_buffer())
+        .arg(y.buf_mut())
+        .arg(&p);
     // SAFETY: arguments match embedding_* (ids, table, y, params); every id is < vocab (checked),
     // the table holds vocab * d elements and y holds ids.len() * d; the kernel is the one for the
     // table's dtype and y's, checked above.

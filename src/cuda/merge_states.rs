@@ -122,8 +122,8 @@ pub fn merge_states_into(
     let f = device.function(name)?;
     let mut launch = device.stream().launch_builder(&f);
     launch
-        .arg(v.buf())
-        .arg(s.buf())
+        .arg(v.device_buffer())
+        .arg(s.device_buffer())
         .arg(v_out.buf_mut())
         .arg(s_out.buf_mut())
         .arg(&params);
@@ -174,8 +174,8 @@ pub fn merge_state_in_place(
     launch
         .arg(v.buf_mut())
         .arg(s.buf_mut())
-        .arg(v_other.buf())
-        .arg(s_other.buf())
+        .arg(v_other.device_buffer())
+        .arg(s_other.device_buffer())
         .arg(&params);
     // SAFETY: the argument list matches merge_state_in_place_* (v, s, v_other, s_other, params);
     // v and v_other hold n * head_dim elements of the same dtype, s and s_other n f32, all checked

@@ -625,8 +625,8 @@ pub fn segmented_attention_into(
     let mut read_guards = Vec::with_capacity(2 * segments.len());
     let mut refs = Vec::with_capacity(segments.len());
     for s in segments {
-        let (k, k_sync) = s.k.buf().device_ptr(stream);
-        let (v, v_sync) = s.v.buf().device_ptr(stream);
+        let (k, k_sync) = s.k.device_buffer().device_ptr(stream);
+        let (v, v_sync) = s.v.device_buffer().device_ptr(stream);
         read_guards.push(k_sync);
         read_guards.push(v_sync);
         refs.push(SegmentRef {
@@ -678,7 +678,7 @@ pub fn segmented_attention_into(
         let (mut o_part, mut lse_part) = (o_part, lse_part);
         let mut launch = stream.launch_builder(&f);
         launch
-            .arg(query.data.buf())
+            .arg(query.data.device_buffer())
             .arg(&descs)
             .arg(&rope_cs)
             .arg(out.buf_mut())

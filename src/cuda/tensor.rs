@@ -190,22 +190,21 @@ impl Tensor {
         shape: &[usize],
         dtype: DType,
     ) -> std::result::Result<Self, BufferRejected> {
+        let t = Self {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        };
         let check = || -> Result<()> {
             let need = byte_len(shape, dtype)?;
-            if buf.len() < need {
+            if t.buf.len() < need {
                 return Err(Error::Shape(format!(
                     "a buffer of {} bytes cannot hold {shape:?} {dtype:?} ({need} bytes)",
-                    buf.len()
+                    t.buf.len()
                 )));
             }
-            if buf.context().as_ref() != device.context().as_ref() {
-                return Err(Error::DeviceMismatch(format!(
-                    "the buffer lives on device {}, the tensor's device is {}",
-                    buf.context().ordinal(),
-                    device.context().ordinal()
-                )));
-            }
-            let (ptr, _sync) = buf.device_ptr(device.stream());
+            t.check_device(device, "buffer")?;
+            let (ptr, _sync) = t.buf.device_ptr(device.stream());
             if ptr % 16 != 0 {
                 return Err(Error::Shape(format!(
                     "the buffer starts at {ptr:#x}, not on a 16-byte boundary"
@@ -214,12 +213,11 @@ impl Tensor {
             Ok(())
         };
         match check() {
-            Ok(()) => Ok(Self {
-                buf,
-                shape: shape.to_vec(),
-                dtype,
+            Ok(()) => Ok(t),
+            Err(error) => Err(BufferRejected {
+                error,
+                buffer: t.buf,
             }),
-            Err(error) => Err(BufferRejected { error, buffer: buf }),
         }
     }
 
@@ -354,11 +352,6 @@ impl Tensor {
     /// ([`Tensor::from_device_buffer`]) may outlast.
     pub(crate) fn data(&self) -> CudaView<'_, u8> {
         self.buf.slice(0..self.len() * self.dtype.size())
-    }
-
-    /// The device buffer, for passing to a kernel.
-    pub(crate) fn buf(&self) -> &CudaSlice<u8> {
-        &self.buf
     }
 
     /// The device buffer, for a kernel to write.

@@ -254,8 +254,8 @@ impl CudaOps {
             return Ok(());
         }
         let stream = self.dev.stream();
-        let (a, _a_sync) = w.buf().device_ptr(stream);
-        let (b, _b_sync) = x.buf().device_ptr(stream);
+        let (a, _a_sync) = w.device_buffer().device_ptr(stream);
+        let (b, _b_sync) = x.device_buffer().device_ptr(stream);
         let (c, _c_sync) = y.buf_mut().device_ptr_mut(stream);
         // SAFETY: the shapes and dtypes were checked above, and linear_gemm_config's dims and
         // leading dims read exactly W (dout x din bf16) and x (n x din bf16) and write y
