@@ -7,6 +7,11 @@
 // consecutively (first_tile), so that tiles [0, n_ctx_tiles) are the context group C and the rest
 // the causal group O.
 //
+// Batches: a launch covers one or more sequences, each with its own rows of the packed query, its
+// own segments (descriptors seg0 onwards) and its own APE parameters; work[blockIdx.x] names each
+// CTA's sequence (a single sequence's parameters travel by value instead). Everything below is per
+// sequence.
+//
 // Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
 // the `group` query heads that share the KV head, so K/V are read once for all of them and never
 // repeated) and a range of tiles (a split). Per tile: S = Q K^T on tensor cores (mma.sync m16n8k16,
@@ -78,8 +83,23 @@ struct SegmentedAttentionParams {
   float causal_scale_log2;   // log2(e) / sqrt(D)
   float temperature;         // T
   float scale;               // S
+  uint32_t q_row0;           // first row of this sequence in q, out and lse
+  uint32_t seg0;             // first descriptor of this sequence
+  uint32_t part0;            // split mode: first (row, head) entry of its partial states
+  uint32_t work0;            // first thread block (blockIdx.x) of this sequence
 };
-static_assert(sizeof(SegmentedAttentionParams) == 64, "SegmentedAttentionParams layout");
+static_assert(sizeof(SegmentedAttentionParams) == 80, "SegmentedAttentionParams layout");
+
+// Mirrored by SegmentedAttentionLaunch in src/cuda/segmented_attention.rs. A launch covers one or
+// more sequences (a batch), each with its own rows, segments and APE parameters. With one, its
+// parameters travel here, by value; a batch's are in the `seqs` array, and `work[blockIdx.x]`
+// names the sequence of each thread block.
+struct SegmentedAttentionLaunch {
+  SegmentedAttentionParams first;  // the sequence, when n_sequences == 1
+  uint32_t n_sequences;
+  uint32_t pad[3];
+};
+static_assert(sizeof(SegmentedAttentionLaunch) == 96, "SegmentedAttentionLaunch layout");
 
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
@@ -222,10 +242,12 @@ __device__ __forceinline__ void load_kv_tile(T* dst, const T* base, const Tile<T
 }
 
 template <typename T, int D>
-__device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
-                               const float2* __restrict__ rope_cs, T* __restrict__ out, float* __restrict__ lse,
-                               float* __restrict__ o_part, float* __restrict__ lse_part,
-                               const SegmentedAttentionParams p) {
+__device__ __forceinline__ void segmented_attention_body(
+    const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
+    const float2* __restrict__ rope_cs, T* __restrict__ out, float* __restrict__ lse,
+    float* __restrict__ o_part, float* __restrict__ lse_part,
+    const SegmentedAttentionParams* __restrict__ seqs, const uint32_t* __restrict__ work,
+    const SegmentedAttentionLaunch& launch) {
   static_assert(D == 64 || D == 128, "head dim");
   constexpr int kChunks = D / 8;
   constexpr int kNBlocksS = kBlockN / 8;  // n8 blocks of S
@@ -242,10 +264,26 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int kvh = blockIdx.y;
-  const int split = blockIdx.z;
+
+  // This CTA's sequence. Its parameters are read from shared memory where they are used, rather
+  // than held in registers across the walk (the kernel sits near the register limit).
+  __shared__ SegmentedAttentionParams s_params;
+  if (tid == 0) {
+    if (launch.n_sequences == 1) {
+      s_params = launch.first;
+    } else {
+      s_params = seqs[work[blockIdx.x]];
+    }
+  }
+  __syncthreads();
+  const SegmentedAttentionParams& p = s_params;
+  segs += p.seg0;
+  const uint32_t n_splits = p.whole ? 1u : p.n_ctx_splits + p.n_causal_splits;
+  const uint32_t local = blockIdx.x - p.work0;
+  const int split = int(local % n_splits);
   const int group = int(p.group);
   const uint32_t packed_rows = p.n_rows * p.group;
-  const uint32_t m0 = blockIdx.x * kBlockM;
+  const uint32_t m0 = (local / n_splits) * kBlockM;
 
   // This CTA's tile range.
   uint32_t t_begin, t_end;
@@ -287,9 +325,11 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
     const int chunk = idx % kChunks;
     const uint32_t pr = m0 + r;
     const bool valid = pr < packed_rows;
-    const T* src = valid ? q + (size_t(pr / p.group) * p.n_heads + kvh * group + pr % p.group) * D +
-                               chunk * 8
-                         : q;
+    const T* src =
+        valid ? q + ((size_t(p.q_row0) + pr / p.group) * p.n_heads + kvh * group + pr % p.group) *
+                            D +
+                    chunk * 8
+              : q;
     cp_async_16(sQ + swizzle<D>(r, chunk), src, valid);
   }
   cp_async_commit();
@@ -511,40 +551,50 @@ __device__ __forceinline__ void segmented_attention_body(const T* __restrict__ q
     const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
     const float row_lse = l_full > 0.f ? (m[i] + log2f(l_full)) * kLn2 : -INFINITY;
     if (!row_ok[i]) continue;
-    const size_t row = size_t(row_idx[i]) * p.n_heads + row_head[i];
+    const size_t row = size_t(row_idx[i]) * p.n_heads + row_head[i];  // within the sequence
     if (p.whole) {
-      T* o = out + row * D;
+      const size_t at = size_t(p.q_row0) * p.n_heads + row;
+      T* o = out + at * D;
 #pragma unroll
       for (int j = 0; j < kNBlocksO; ++j) {
         *reinterpret_cast<uint32_t*>(o + j * 8 + col) =
             pack2<T>(acc[j][2 * i] * inv, acc[j][2 * i + 1] * inv);
       }
-      if (lane % 4 == 0) lse[row] = row_lse;
+      if (lane % 4 == 0) lse[at] = row_lse;
     } else {
       const size_t n = size_t(p.n_rows) * p.n_heads;
-      float* o = o_part + (size_t(split) * n + row) * D;
+      const size_t at = size_t(p.part0) + size_t(split) * n + row;
+      float* o = o_part + at * D;
 #pragma unroll
       for (int j = 0; j < kNBlocksO; ++j) {
         *reinterpret_cast<float2*>(o + j * 8 + col) =
             make_float2(acc[j][2 * i] * inv, acc[j][2 * i + 1] * inv);
       }
-      if (lane % 4 == 0) lse_part[size_t(split) * n + row] = row_lse;
+      if (lane % 4 == 0) lse_part[at] = row_lse;
     }
   }
 }
 
 // Split mode: merges the context splits into (L_C, O_C) and the causal splits into (L_O, O_O),
 // then out = merge((a, O_C), (L_O, O_O)) with a = APE's corrected context log-mass. One warp per
-// (row, head); each lane owns D/32 consecutive elements.
+// (row, head) of sequence blockIdx.y; each lane owns D/32 consecutive elements. Sequences that ran
+// whole have nothing to combine.
 template <typename T, int D>
-__device__ __forceinline__ void segmented_attention_combine_body(const float* __restrict__ o_part,
-                                       const float* __restrict__ lse_part, T* __restrict__ out,
-                                       float* __restrict__ lse, const SegmentedAttentionParams p) {
+__device__ __forceinline__ void segmented_attention_combine_body(
+    const float* __restrict__ o_part, const float* __restrict__ lse_part, T* __restrict__ out,
+    float* __restrict__ lse, const SegmentedAttentionParams* __restrict__ seqs,
+    const SegmentedAttentionLaunch& launch) {
   constexpr int kPer = D / 32;
+  const SegmentedAttentionParams p = launch.n_sequences == 1 ? launch.first : seqs[blockIdx.y];
+  if (p.whole) return;
   const size_t n = size_t(p.n_rows) * p.n_heads;
   const size_t i = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (i >= n) return;
+  lse_part += p.part0;
+  o_part += size_t(p.part0) * D;
+  out += size_t(p.q_row0) * p.n_heads * D;
+  lse += size_t(p.q_row0) * p.n_heads;
 
   const int nc = int(p.n_ctx_splits);
   const int ns = nc + int(p.n_causal_splits);
@@ -586,13 +636,15 @@ __device__ __forceinline__ void segmented_attention_combine_body(const float* __
 #define APE_SEGMENTED_ATTENTION(NAME, T, D)                                                      \
   extern "C" __global__ void __launch_bounds__(ape::kThreads, 2) segmented_attention_##NAME(   \
       const T* q, const ape::SegmentDesc* segs, const float2* rope_cs, T* out, float* lse,      \
-      float* o_part, float* lse_part, const ape::SegmentedAttentionParams p) {                  \
-    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part, p);     \
+      float* o_part, float* lse_part, const ape::SegmentedAttentionParams* seqs,                \
+      const uint32_t* work, const ape::SegmentedAttentionLaunch launch) {                       \
+    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part, seqs,     \
+                                        work, launch);                                          \
   }                                                                                              \
   extern "C" __global__ void __launch_bounds__(256) segmented_attention_combine_##NAME(        \
       const float* o_part, const float* lse_part, T* out, float* lse,                           \
-      const ape::SegmentedAttentionParams p) {                                                  \
-    ape::segmented_attention_combine_body<T, D>(o_part, lse_part, out, lse, p);               \
+      const ape::SegmentedAttentionParams* seqs, const ape::SegmentedAttentionLaunch launch) {  \
+    ape::segmented_attention_combine_body<T, D>(o_part, lse_part, out, lse, seqs, launch);     \
   }
 
 APE_SEGMENTED_ATTENTION(bf16_d64, __nv_bfloat16, 64)

@@ -10,7 +10,7 @@ mod common;
 
 use ape_attn::cuda::{DType, SegmentedAttentionOptions};
 use ape_attn::emulator::{self, EmulatorOptions};
-use ape_attn::reference::rope;
+use ape_attn::reference::{self, rope};
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
 use attention::{make_case, Backend, Case};
 use common::{seeded, Emulated};
@@ -53,6 +53,33 @@ impl Backend for Emulated {
     fn quick(&self) -> bool {
         std::env::var("APE_EMU_QUICK").is_ok_and(|v| v == "1")
     }
+
+    fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+        let opts = self.next();
+        let q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+        let segments: Vec<Vec<reference::Segment>> =
+            cases.iter().map(|c| c.reference_segments()).collect();
+        let sequences: Vec<reference::BatchSequence> = cases
+            .iter()
+            .zip(&segments)
+            .map(|(c, segs)| reference::BatchSequence {
+                n_rows: c.n_rows,
+                pos_offset: c.q_pos,
+                segments: segs,
+                ape: c.ape,
+            })
+            .collect();
+        let out = emulator::segmented_attention_batch(
+            cases[0].dtype,
+            &q,
+            &sequences,
+            &cases[0].dims,
+            &SegmentedAttentionOptions { num_splits: splits },
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("{e} ({opts:?}, {cases:?})"));
+        (out.out, out.lse)
+    }
 }
 
 #[test]
@@ -88,6 +115,11 @@ fn rope_shifted_segments() {
 #[test]
 fn fused_shift_against_separate_shift() {
     attention::fused_shift_against_separate_shift(&Emulated::default());
+}
+
+#[test]
+fn batches_of_sequences() {
+    attention::batches_of_sequences(&Emulated::default());
 }
 
 /// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
@@ -176,4 +208,27 @@ fn bad_inputs_are_errors() {
         run(DType::BF16, &far, &[], &dims),
         Err(Error::OutOfRange(_))
     ));
+    // Batches: the rows must add up to the query's, and limit errors name the sequence.
+    let good = [seg(k, 10)];
+    let batch = |rows: [usize; 2], second_pos: usize| {
+        let seqs = [
+            reference::BatchSequence {
+                n_rows: rows[0],
+                pos_offset: 0,
+                segments: &good,
+                ape,
+            },
+            reference::BatchSequence {
+                n_rows: rows[1],
+                pos_offset: second_pos,
+                segments: &good,
+                ape: ApeParams::plain(),
+            },
+        ];
+        emulator::segmented_attention_batch(DType::BF16, &q, &seqs, &dims, &opts, &emu)
+    };
+    assert!(batch([1, 3], 10).is_ok());
+    assert!(matches!(batch([1, 2], 10), Err(Error::Shape(_))));
+    assert!(matches!(batch([1, 3], i32::MAX as usize),
+        Err(Error::OutOfRange(m)) if m.starts_with("sequence 1: ")));
 }

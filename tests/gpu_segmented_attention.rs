@@ -72,6 +72,70 @@ impl Backend for Gpu {
     fn quick(&self) -> bool {
         std::env::var("APE_GPU_QUICK").is_ok_and(|v| v == "1")
     }
+
+    fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+        let (dims, dtype) = (cases[0].dims, cases[0].dtype);
+        let d = dims.head_dim;
+        let kv: Vec<Vec<(Tensor, Tensor)>> = cases
+            .iter()
+            .map(|c| {
+                c.segments
+                    .iter()
+                    .map(|s| {
+                        let shape = [s.len, dims.n_kv_heads, d];
+                        (
+                            self.upload(&s.k, &shape, dtype),
+                            self.upload(&s.v, &shape, dtype),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let segs: Vec<Vec<cuda::Segment>> = cases
+            .iter()
+            .zip(&kv)
+            .map(|(c, kv)| {
+                c.segments
+                    .iter()
+                    .zip(kv)
+                    .map(|(s, (k, v))| cuda::Segment {
+                        k,
+                        v,
+                        pos_offset: s.pos_offset,
+                        role: s.role,
+                        rope_shift: s.rope_shift,
+                    })
+                    .collect()
+            })
+            .collect();
+        let sequences: Vec<cuda::BatchSequence> = cases
+            .iter()
+            .zip(&segs)
+            .map(|(c, segs)| cuda::BatchSequence {
+                n_rows: c.n_rows,
+                pos_offset: c.q_pos,
+                segments: segs,
+                ape: c.ape,
+            })
+            .collect();
+        let rows: usize = cases.iter().map(|c| c.n_rows).sum();
+        let q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+        let q = self.upload(&q, &[rows, dims.n_heads, d], dtype);
+        let mut out = self.nan(&[rows, dims.n_heads, d], dtype);
+        let mut lse = self.nan(&[rows, dims.n_heads], DType::F32);
+        let opts = SegmentedAttentionOptions { num_splits: splits };
+        cuda::segmented_attention_batch_into(
+            &self.0, &q, &sequences, &dims, &mut out, &mut lse, &opts,
+        )
+        .unwrap_or_else(|e| panic!("batched launch failed: {e} ({cases:?})"));
+        (self.download(&out), self.download(&lse))
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn batches_of_sequences() {
+    attention::batches_of_sequences(&Gpu::new());
 }
 
 #[test]
@@ -167,6 +231,32 @@ fn bad_inputs_are_errors() {
         cuda::segmented_attention(&dev, &far, &[], &dims, &ape),
         Err(Error::OutOfRange(_))
     ));
+    // Batches: the rows must add up to the query's, and errors name the sequence.
+    let good = [seg(&k)];
+    let bad = [seg(&k_bad)];
+    let batch = |rows: [usize; 2], second: &'static str| {
+        let segs: &[cuda::Segment] = if second == "bad" { &bad } else { &good };
+        let seqs = [
+            cuda::BatchSequence {
+                n_rows: rows[0],
+                pos_offset: 0,
+                segments: &good,
+                ape,
+            },
+            cuda::BatchSequence {
+                n_rows: rows[1],
+                pos_offset: 10,
+                segments: segs,
+                ape: ApeParams::plain(),
+            },
+        ];
+        cuda::segmented_attention_batch(&dev, &q, &seqs, &dims)
+    };
+    assert!(batch([1, 3], "good").is_ok());
+    assert!(matches!(batch([1, 2], "good"), Err(Error::Shape(_))));
+    assert!(
+        matches!(batch([1, 3], "bad"), Err(Error::Shape(m)) if m.contains("sequence 1: segment 0 k"))
+    );
 }
 
 /// Our error on the inputs scripts/gpu/peer.py gives PyTorch SDPA (same hash fill): heads 8,

@@ -16,7 +16,8 @@ pub use llama_ops::{embedding, rms_norm, rms_norm_into, silu_mul, silu_mul_into}
 pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::{
-    segmented_attention, segmented_attention_into, Query, Segment, SegmentedAttentionOptions,
+    segmented_attention, segmented_attention_batch, segmented_attention_batch_into,
+    segmented_attention_into, BatchSequence, Query, Segment, SegmentedAttentionOptions,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use tensor::{check_reshape, element_count, row_range};

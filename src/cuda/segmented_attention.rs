@@ -74,6 +74,29 @@ impl<T> Clone for Query<'_, T> {
 }
 impl<T> Copy for Query<'_, T> {}
 
+/// One sequence of a batched launch ([`segmented_attention_batch_into`]): its rows of the packed
+/// query (`n_rows` consecutive rows, after those of the sequences before it; row `r` at position
+/// `pos_offset + r`), the segments they attend to, and its APE parameters. Sequences may share
+/// segments (two requests over the same cached passage).
+#[derive(Debug)]
+pub struct BatchSequence<'a, T = Tensor> {
+    /// Rows of the packed query this sequence owns (0: none).
+    pub n_rows: usize,
+    /// Absolute position of the sequence's first row.
+    pub pos_offset: usize,
+    /// Its KV segments.
+    pub segments: &'a [Segment<'a, T>],
+    /// Its APE parameters ([`ApeParams::plain`] for sequential and Block-Attention requests).
+    pub ape: ApeParams,
+}
+
+impl<T> Clone for BatchSequence<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for BatchSequence<'_, T> {}
+
 /// Launch options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SegmentedAttentionOptions {
@@ -117,10 +140,25 @@ pub(crate) struct SegmentedAttentionParams {
     causal_scale_log2: f32,
     temperature: f32,
     scale: f32,
+    q_row0: u32,
+    seg0: u32,
+    part0: u32,
+    work0: u32,
 }
-const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 64);
-// SAFETY: #[repr(C)] plain-data structs with the same layout as the kernel's structs.
-unsafe impl DeviceRepr for SegmentedAttentionParams {}
+const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 80);
+
+/// Mirrors `ape::SegmentedAttentionLaunch`: the one sequence's parameters, or (a batch) the count
+/// of the `seqs` array's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct SegmentedAttentionLaunch {
+    first: SegmentedAttentionParams,
+    n_sequences: u32,
+    pad: [u32; 3],
+}
+const _: () = assert!(std::mem::size_of::<SegmentedAttentionLaunch>() == 96);
+// SAFETY: #[repr(C)] plain-data struct with the same layout as the kernel's struct.
+unsafe impl DeviceRepr for SegmentedAttentionLaunch {}
 
 /// How a launch walks the keys: tiles in order (context first), and how they are split.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -260,6 +298,56 @@ pub fn plan(
     Ok(p)
 }
 
+/// Plans a batched launch: one [`Plan`] per sequence (`(n_rows, segments)` as for [`plan`]).
+///
+/// A batch of one is planned as [`plan`] plans it. With `num_splits` set, every sequence gets
+/// it. Otherwise, when the sequences' query tiles times KV heads already fill one wave, every
+/// sequence runs whole; if not, the wave is shared between the sequences in proportion to their
+/// work (query tiles times key tiles), and each splits its keys to fill its share, as [`plan`]
+/// does for the whole wave.
+pub fn plan_batch(
+    sequences: &[(usize, &[(usize, SegmentRole)])],
+    dims: &AttentionDims,
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<Vec<Plan>> {
+    if sequences.len() == 1 || num_splits.is_some() {
+        return sequences
+            .iter()
+            .map(|(rows, segs)| plan(*rows, dims, segs, sm_count, num_splits))
+            .collect();
+    }
+    let wave = (BLOCKS_PER_SM * sm_count.max(1)) as u128;
+    // (query tiles, key tiles) of each sequence.
+    let sizes: Vec<(u128, u128)> = sequences
+        .iter()
+        .map(|(rows, segs)| {
+            let packed = (*rows as u128) * dims.group_size() as u128;
+            let tiles: u128 = segs
+                .iter()
+                .map(|(len, _)| len.div_ceil(BLOCK_N) as u128)
+                .sum();
+            (packed.div_ceil(BLOCK_M as u128), tiles)
+        })
+        .collect();
+    let n_kv = dims.n_kv_heads as u128;
+    let base: u128 = sizes.iter().map(|(qt, _)| qt * n_kv).sum();
+    let work: u128 = sizes.iter().map(|(qt, kt)| qt * kt).sum();
+    sequences
+        .iter()
+        .zip(&sizes)
+        .map(|((rows, segs), &(qt, kt))| {
+            let wanted = if base >= wave || work == 0 || qt == 0 {
+                1
+            } else {
+                let share = wave * qt * kt / work;
+                (share / (qt * n_kv)).min(kt.div_ceil(2)).max(1)
+            };
+            plan(*rows, dims, segs, sm_count, Some(wanted as usize))
+        })
+        .collect()
+}
+
 fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
     match (dtype, head_dim) {
         (DType::BF16, 64) => (
@@ -281,19 +369,20 @@ fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
     }
 }
 
-/// Checks the tensors (shapes, dtypes, devices) and then the problem ([`check_problem`]);
-/// returns `n_rows`.
+/// Checks the packed query, the outputs and every sequence's segments (shapes, dtypes, devices),
+/// then each sequence's problem ([`check_problem`]) and the batch's limits. `prefix(i)` names
+/// sequence `i` in messages.
 fn validate(
     device: &Device,
-    query: &Query,
-    segments: &[Segment],
+    q: &Tensor,
+    sequences: &[BatchSequence],
     dims: &AttentionDims,
     out: &Tensor,
     lse: &Tensor,
-) -> Result<usize> {
+    prefix: impl Fn(usize) -> String,
+) -> Result<()> {
     dims.validate()?;
     check_head_dim(dims.head_dim)?;
-    let q = query.data;
     let dtype = q.dtype();
     check_dtype(dtype)?;
     let qs = q.shape();
@@ -303,7 +392,6 @@ fn validate(
             dims.n_heads, dims.head_dim
         )));
     }
-    let n_rows = qs[0];
     q.check_device(device, "query")?;
     out.check_shape(qs, "out")?;
     out.check_dtype(dtype, "out")?;
@@ -311,26 +399,60 @@ fn validate(
     lse.check_shape(&qs[..2], "lse")?;
     lse.check_dtype(DType::F32, "lse")?;
     lse.check_device(device, "lse")?;
-    for (i, s) in segments.iter().enumerate() {
-        let len = s.k.shape().first().copied().unwrap_or(0);
-        let want = [len, dims.n_kv_heads, dims.head_dim];
-        s.k.check_shape(&want, &format!("segment {i} k"))?;
-        s.v.check_shape(&want, &format!("segment {i} v"))?;
-        s.k.check_dtype(dtype, &format!("segment {i} k"))?;
-        s.v.check_dtype(dtype, &format!("segment {i} v"))?;
-        s.k.check_device(device, &format!("segment {i} k"))?;
-        s.v.check_device(device, &format!("segment {i} v"))?;
+    check_batch_rows(qs[0], sequences.iter().map(|s| s.n_rows))?;
+    for (j, seq) in sequences.iter().enumerate() {
+        for (i, s) in seq.segments.iter().enumerate() {
+            let name = |t: &str| format!("{}segment {i} {t}", prefix(j));
+            let len = s.k.shape().first().copied().unwrap_or(0);
+            let want = [len, dims.n_kv_heads, dims.head_dim];
+            s.k.check_shape(&want, &name("k"))?;
+            s.v.check_shape(&want, &name("v"))?;
+            s.k.check_dtype(dtype, &name("k"))?;
+            s.v.check_dtype(dtype, &name("v"))?;
+            s.k.check_device(device, &name("k"))?;
+            s.v.check_device(device, &name("v"))?;
+        }
+        let extents: Vec<SegmentExtent> = seq
+            .segments
+            .iter()
+            .map(|s| SegmentExtent {
+                len: s.k.shape()[0],
+                pos_offset: s.pos_offset,
+                rope_shift: s.rope_shift,
+            })
+            .collect();
+        check_problem(seq.n_rows, seq.pos_offset, dims, &extents, &prefix(j))?;
     }
-    let extents: Vec<SegmentExtent> = segments
-        .iter()
-        .map(|s| SegmentExtent {
-            len: s.k.shape()[0],
-            pos_offset: s.pos_offset,
-            rope_shift: s.rope_shift,
-        })
-        .collect();
-    check_problem(n_rows, query.pos_offset, dims, &extents)?;
-    Ok(n_rows)
+    Ok(())
+}
+
+/// The most sequences one batched launch takes (the combine kernel's grid has one y per sequence).
+pub const MAX_BATCH_SEQUENCES: usize = 65_535;
+
+/// A batch's row counts must add up to the packed query's rows, and it must have at most
+/// [`MAX_BATCH_SEQUENCES`] sequences.
+pub(crate) fn check_batch_rows(
+    total_rows: usize,
+    rows: impl ExactSizeIterator<Item = usize>,
+) -> Result<()> {
+    let n = rows.len();
+    if n > MAX_BATCH_SEQUENCES {
+        return Err(Error::OutOfRange(format!(
+            "{n} sequences exceed the batch limit of {MAX_BATCH_SEQUENCES}"
+        )));
+    }
+    let mut sum = 0usize;
+    for r in rows {
+        sum = sum
+            .checked_add(r)
+            .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
+    }
+    if sum != total_rows {
+        return Err(Error::Shape(format!(
+            "the sequences own {sum} rows, the query has {total_rows}"
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn check_head_dim(head_dim: usize) -> Result<()> {
@@ -363,12 +485,14 @@ pub(crate) struct SegmentExtent {
 }
 
 /// The kernel's limits on a problem whose shapes are already consistent: 31-bit positions,
-/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim.
+/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim. `prefix`
+/// starts the messages (a batch's "sequence i: ").
 pub(crate) fn check_problem(
     n_rows: usize,
     q_pos_offset: usize,
     dims: &AttentionDims,
     segments: &[SegmentExtent],
+    prefix: &str,
 ) -> Result<()> {
     if dims.n_kv_heads > 65_535 {
         return Err(Error::OutOfRange(format!(
@@ -388,7 +512,7 @@ pub(crate) fn check_problem(
     // The kernel also forms positions of padding rows up to one tile past the last row.
     fits(
         q_pos_offset.saturating_add(n_rows + BLOCK_M),
-        "query rows".to_string(),
+        format!("{prefix}query rows"),
     )?;
     u32_of(n_rows.saturating_mul(dims.n_heads), "n_rows * n_heads")?;
     u32_of(
@@ -398,9 +522,12 @@ pub(crate) fn check_problem(
         "n_rows * group",
     )?;
     for (i, s) in segments.iter().enumerate() {
-        fits(s.pos_offset.saturating_add(s.len), format!("segment {i}"))?;
+        fits(
+            s.pos_offset.saturating_add(s.len),
+            format!("{prefix}segment {i}"),
+        )?;
         if let Some(shift) = &s.rope_shift {
-            shift.validate_for(dims.head_dim, &format!("segment {i}"))?;
+            shift.validate_for(dims.head_dim, &format!("{prefix}segment {i}"))?;
         }
     }
     Ok(())
@@ -445,6 +572,15 @@ pub(crate) struct SegmentRef {
     pub rope_shift: Option<RopeShift>,
 }
 
+/// A sequence as a launch sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SequenceRef<'a> {
+    pub n_rows: usize,
+    pub pos_offset: usize,
+    pub segments: &'a [SegmentRef],
+    pub ape: ApeParams,
+}
+
 /// Threads per block of the combine kernel (one warp per (row, head)).
 pub(crate) const COMBINE_THREADS: u32 = 256;
 
@@ -452,14 +588,20 @@ pub(crate) const COMBINE_THREADS: u32 = 256;
 /// both hand the kernels.
 #[derive(Clone, Debug)]
 pub(crate) struct LaunchLayout {
-    pub plan: Plan,
-    /// Descriptors in tile order (one zeroed descriptor when every segment is empty).
+    /// Descriptors, sequence after sequence, each sequence's in its tile order (one zeroed
+    /// descriptor when every segment is empty).
     pub descs: Vec<SegmentDesc>,
     /// RoPE shift table, `head_dim / 2` (cos, sin) pairs per row; empty without shifts.
     pub rope_table: Vec<f32>,
-    pub params: SegmentedAttentionParams,
+    /// A batch's per-sequence parameters and each thread block's sequence (`blockIdx.x`); both
+    /// empty for one sequence, whose parameters travel in `launch`.
+    pub seqs: Vec<SegmentedAttentionParams>,
+    pub work: Vec<u32>,
+    pub launch: SegmentedAttentionLaunch,
     pub main: &'static str,
     pub combine: &'static str,
+    /// The main kernel's grid: (thread blocks of all sequences, KV heads, 1); x may be 0 (no
+    /// rows at all: nothing to launch).
     pub grid: (u32, u32, u32),
     /// Dynamic shared memory of this launch, and the most any launch of `main` takes.
     pub smem: usize,
@@ -467,32 +609,66 @@ pub(crate) struct LaunchLayout {
     /// Split mode's workspace: partial outputs, then partial LSEs (f32 elements).
     pub o_len: usize,
     pub lse_len: usize,
-    pub combine_blocks: u32,
+    /// The combine kernel's grid (one y per sequence), when some sequence runs split.
+    pub combine_grid: Option<(u32, u32, u32)>,
 }
 
-/// Plans a launch and lays out its descriptors, RoPE table and parameters. Pure: the inputs are
-/// already validated ([`check_problem`]).
-#[allow(clippy::too_many_arguments)]
+impl LaunchLayout {
+    /// The launch's parameter arrays in one upload, each part 16-byte aligned: descriptors, RoPE
+    /// table, sequence parameters, work list; and the byte offset of each part.
+    pub(crate) fn upload_bytes(&self) -> (Vec<u8>, [usize; 4]) {
+        let mut bytes = Vec::new();
+        let mut offsets = [0usize; 4];
+        let parts: [&[u8]; 4] = [
+            bytemuck::cast_slice(&self.descs),
+            bytemuck::cast_slice(&self.rope_table),
+            bytemuck::cast_slice(&self.seqs),
+            bytemuck::cast_slice(&self.work),
+        ];
+        for (i, part) in parts.into_iter().enumerate() {
+            bytes.resize(bytes.len().next_multiple_of(16), 0);
+            offsets[i] = bytes.len();
+            bytes.extend_from_slice(part);
+        }
+        (bytes, offsets)
+    }
+}
+
+/// Plans a launch of one or more sequences and lays out its descriptors, RoPE table and
+/// parameters. Pure: the inputs are already validated ([`check_problem`] for each sequence).
 pub(crate) fn launch_layout(
-    n_rows: usize,
-    q_pos_offset: usize,
+    sequences: &[SequenceRef],
     dims: &AttentionDims,
-    ape: &ApeParams,
     dtype: DType,
-    segments: &[SegmentRef],
     sm_count: usize,
     num_splits: Option<usize>,
 ) -> Result<LaunchLayout> {
-    let lens: Vec<(usize, SegmentRole)> = segments.iter().map(|s| (s.len, s.role)).collect();
-    let plan = plan(n_rows, dims, &lens, sm_count, num_splits)?;
-    let ordered: Vec<&SegmentRef> = plan.order.iter().map(|&i| &segments[i]).collect();
+    if sequences.is_empty() {
+        return Err(Error::Shape("a launch needs at least one sequence".into()));
+    }
+    let lens: Vec<Vec<(usize, SegmentRole)>> = sequences
+        .iter()
+        .map(|q| q.segments.iter().map(|s| (s.len, s.role)).collect())
+        .collect();
+    let shapes: Vec<(usize, &[(usize, SegmentRole)])> = sequences
+        .iter()
+        .zip(&lens)
+        .map(|(q, l)| (q.n_rows, l.as_slice()))
+        .collect();
+    let plans = plan_batch(&shapes, dims, sm_count, num_splits)?;
+    let ordered: Vec<&SegmentRef> = sequences
+        .iter()
+        .zip(&plans)
+        .flat_map(|(q, p)| p.order.iter().map(|&i| &q.segments[i]))
+        .collect();
     let shifts: Vec<Option<RopeShift>> = ordered.iter().map(|s| s.rope_shift).collect();
     let (table, rope_rows) = rope_table(&shifts);
+    let first_tiles = plans.iter().flat_map(|p| p.first_tile.iter().copied());
     let mut descs: Vec<SegmentDesc> = ordered
         .iter()
-        .zip(&plan.first_tile)
+        .zip(first_tiles)
         .zip(&rope_rows)
-        .map(|((s, &first_tile), &rope_row)| SegmentDesc {
+        .map(|((s, first_tile), &rope_row)| SegmentDesc {
             k: s.k,
             v: s.v,
             len: s.len as u32,
@@ -509,38 +685,59 @@ pub(crate) fn launch_layout(
 
     let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
     let log2e = std::f64::consts::LOG2_E;
-    let params = SegmentedAttentionParams {
-        n_rows: n_rows as u32,
-        n_heads: dims.n_heads as u32,
-        n_kv_heads: dims.n_kv_heads as u32,
-        group: dims.group_size() as u32,
-        q_pos_offset: q_pos_offset as u32,
-        n_segments: plan.order.len() as u32,
-        n_ctx_tiles: plan.n_ctx_tiles,
-        n_causal_tiles: plan.n_causal_tiles,
-        n_ctx_splits: plan.n_ctx_splits,
-        n_causal_splits: plan.n_causal_splits,
-        whole: plan.whole as u32,
-        variant: match ape.variant() {
-            ApeVariant::Released => 0,
-            ApeVariant::ScaledMass => 1,
-        },
-        ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
-        causal_scale_log2: (log2e * inv_sqrt_d) as f32,
-        temperature: ape.temperature(),
-        scale: ape.scale(),
-    };
-
-    let n = n_rows * dims.n_heads;
-    let splits = plan.n_splits() as usize;
-    // Split mode's partial states: O [splits, n, head_dim] then LSE [splits, n] (whole mode reads
-    // neither, but the kernel takes valid pointers).
-    let o_len = if plan.whole {
-        1
-    } else {
-        splits * n * dims.head_dim
-    };
-    let lse_len = if plan.whole { 1 } else { splits * n };
+    let (mut q_row0, mut seg0, mut part0, mut work0) = (0usize, 0usize, 0usize, 0usize);
+    let mut seqs = Vec::with_capacity(sequences.len());
+    let mut work: Vec<u32> = Vec::new();
+    for (i, (q, plan)) in sequences.iter().zip(&plans).enumerate() {
+        let n = q.n_rows * dims.n_heads;
+        let blocks = plan.q_tiles as usize * plan.n_splits() as usize;
+        let ape = &q.ape;
+        seqs.push(SegmentedAttentionParams {
+            n_rows: q.n_rows as u32,
+            n_heads: dims.n_heads as u32,
+            n_kv_heads: dims.n_kv_heads as u32,
+            group: dims.group_size() as u32,
+            q_pos_offset: q.pos_offset as u32,
+            n_segments: plan.order.len() as u32,
+            n_ctx_tiles: plan.n_ctx_tiles,
+            n_causal_tiles: plan.n_causal_tiles,
+            n_ctx_splits: plan.n_ctx_splits,
+            n_causal_splits: plan.n_causal_splits,
+            whole: plan.whole as u32,
+            variant: match ape.variant() {
+                ApeVariant::Released => 0,
+                ApeVariant::ScaledMass => 1,
+            },
+            ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
+            causal_scale_log2: (log2e * inv_sqrt_d) as f32,
+            temperature: ape.temperature(),
+            scale: ape.scale(),
+            q_row0: u32_of(q_row0, "query rows before a sequence")?,
+            seg0: u32_of(seg0, "segments before a sequence")?,
+            part0: u32_of(part0, "partial states before a sequence")?,
+            work0: u32_of(work0, "thread blocks before a sequence")?,
+        });
+        if sequences.len() > 1 {
+            work.extend(std::iter::repeat_n(i as u32, blocks));
+        }
+        q_row0 += q.n_rows;
+        seg0 += plan.order.len();
+        if !plan.whole {
+            part0 += plan.n_splits() as usize * n;
+        }
+        work0 += blocks;
+    }
+    // The grid's x: at most 2^31 - 1 thread blocks.
+    let n_work = u32_of(work0, "thread blocks")?;
+    if n_work > i32::MAX as u32 {
+        return Err(Error::OutOfRange(format!(
+            "{work0} thread blocks exceed the grid limit of 2^31 - 1"
+        )));
+    }
+    // Partial states: O [part0, head_dim] then LSE [part0] (whole mode reads neither, but the
+    // kernel takes valid pointers).
+    let o_len = (part0 * dims.head_dim).max(1);
+    let lse_len = part0.max(1);
 
     let (main, combine) = kernel_names(dtype, dims.head_dim);
     // Q, two K and two V tiles; launches with RoPE shifts add the tile of the rotated rows' lo
@@ -552,16 +749,37 @@ pub(crate) fn launch_layout(
     } else {
         smem_limit
     };
-    let grid = (plan.q_tiles, dims.n_kv_heads as u32, plan.n_splits());
-    let combine_blocks = u32_of(
-        (n * 32).div_ceil(COMBINE_THREADS as usize),
-        "combine blocks",
-    )?;
+    let grid = (n_work, dims.n_kv_heads as u32, 1);
+    let combine_grid = if plans.iter().all(|p| p.whole) {
+        None
+    } else {
+        let most = sequences
+            .iter()
+            .zip(&plans)
+            .filter(|(_, p)| !p.whole)
+            .map(|(q, _)| q.n_rows * dims.n_heads)
+            .max()
+            .unwrap_or(0);
+        let blocks = u32_of(
+            (most * 32).div_ceil(COMBINE_THREADS as usize),
+            "combine blocks",
+        )?;
+        Some((blocks, sequences.len() as u32, 1))
+    };
+    let launch = SegmentedAttentionLaunch {
+        first: seqs[0],
+        n_sequences: sequences.len() as u32,
+        pad: [0; 3],
+    };
+    if sequences.len() == 1 {
+        seqs.clear();
+    }
     Ok(LaunchLayout {
-        plan,
         descs,
         rope_table: table,
-        params,
+        seqs,
+        work,
+        launch,
         main,
         combine,
         grid,
@@ -569,7 +787,7 @@ pub(crate) fn launch_layout(
         smem_limit,
         o_len,
         lse_len,
-        combine_blocks,
+        combine_grid,
     })
 }
 
@@ -582,14 +800,7 @@ pub fn segmented_attention(
     dims: &AttentionDims,
     ape: &ApeParams,
 ) -> Result<(Tensor, Tensor)> {
-    let shape = query.data.shape().to_vec();
-    if shape.len() != 3 {
-        return Err(Error::Shape(format!(
-            "query has shape {shape:?}, expected [n_rows, n_heads, head_dim]"
-        )));
-    }
-    let mut out = Tensor::zeros(device, &shape, query.data.dtype())?;
-    let mut lse = Tensor::zeros(device, &shape[..2], DType::F32)?;
+    let (mut out, mut lse) = new_outputs(device, query.data)?;
     segmented_attention_into(
         device,
         query,
@@ -601,6 +812,19 @@ pub fn segmented_attention(
         &SegmentedAttentionOptions::default(),
     )?;
     Ok((out, lse))
+}
+
+fn new_outputs(device: &Device, q: &Tensor) -> Result<(Tensor, Tensor)> {
+    let shape = q.shape();
+    if shape.len() != 3 {
+        return Err(Error::Shape(format!(
+            "query has shape {shape:?}, expected [n_rows, n_heads, head_dim]"
+        )));
+    }
+    Ok((
+        Tensor::zeros(device, shape, q.dtype())?,
+        Tensor::zeros(device, &shape[..2], DType::F32)?,
+    ))
 }
 
 /// [`segmented_attention`] into caller-provided outputs, with launch options.
@@ -615,16 +839,83 @@ pub fn segmented_attention_into(
     lse: &mut Tensor,
     options: &SegmentedAttentionOptions,
 ) -> Result<()> {
-    let n_rows = validate(device, query, segments, dims, out, lse)?;
-    if n_rows == 0 {
+    let seq = BatchSequence {
+        n_rows: query.data.shape().first().copied().unwrap_or(0),
+        pos_offset: query.pos_offset,
+        segments,
+        ape: *ape,
+    };
+    validate(device, query.data, &[seq], dims, out, lse, |_| {
+        String::new()
+    })?;
+    launch(device, query.data, &[seq], dims, out, lse, options)
+}
+
+/// Segmented attention for a batch of sequences in one launch (and at most one combine launch):
+/// sequence `i` owns `sequences[i].n_rows` consecutive rows of the packed query `q`
+/// `[total_rows, n_heads, head_dim]`, attends to its own segments with its own APE parameters,
+/// and gets the same rows of `out` and `lse` that [`segmented_attention`] would give it alone.
+/// Returns new `(out, lse)`.
+///
+/// This is how an engine runs one decode step (or a mixed prefill and decode step) of many
+/// requests: the thread blocks of all sequences share one grid, and short sequences split their
+/// keys to fill what the others leave ([`plan_batch`]).
+pub fn segmented_attention_batch(
+    device: &Device,
+    q: &Tensor,
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+) -> Result<(Tensor, Tensor)> {
+    let (mut out, mut lse) = new_outputs(device, q)?;
+    segmented_attention_batch_into(
+        device,
+        q,
+        sequences,
+        dims,
+        &mut out,
+        &mut lse,
+        &SegmentedAttentionOptions::default(),
+    )?;
+    Ok((out, lse))
+}
+
+/// [`segmented_attention_batch`] into caller-provided outputs, with launch options
+/// (`num_splits` applies to every sequence).
+pub fn segmented_attention_batch_into(
+    device: &Device,
+    q: &Tensor,
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
+) -> Result<()> {
+    validate(device, q, sequences, dims, out, lse, |i| {
+        format!("sequence {i}: ")
+    })?;
+    launch(device, q, sequences, dims, out, lse, options)
+}
+
+/// Launches validated sequences.
+fn launch(
+    device: &Device,
+    q: &Tensor,
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
+) -> Result<()> {
+    if q.shape()[0] == 0 {
         return Ok(());
     }
     let stream = device.stream();
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
-    let mut read_guards = Vec::with_capacity(2 * segments.len());
-    let mut refs = Vec::with_capacity(segments.len());
-    for s in segments {
+    let n_segments: usize = sequences.iter().map(|s| s.segments.len()).sum();
+    let mut read_guards = Vec::with_capacity(2 * n_segments);
+    let mut refs = Vec::with_capacity(n_segments);
+    for s in sequences.iter().flat_map(|q| q.segments) {
         let (k, k_sync) = s.k.device_buffer().device_ptr(stream);
         let (v, v_sync) = s.v.device_buffer().device_ptr(stream);
         read_guards.push(k_sync);
@@ -638,35 +929,47 @@ pub fn segmented_attention_into(
             rope_shift: s.rope_shift,
         });
     }
+    let mut at = 0;
+    let seq_refs: Vec<SequenceRef> = sequences
+        .iter()
+        .map(|q| {
+            at += q.segments.len();
+            SequenceRef {
+                n_rows: q.n_rows,
+                pos_offset: q.pos_offset,
+                segments: &refs[at - q.segments.len()..at],
+                ape: q.ape,
+            }
+        })
+        .collect();
     let layout = launch_layout(
-        n_rows,
-        query.pos_offset,
+        &seq_refs,
         dims,
-        ape,
-        query.data.dtype(),
-        &refs,
+        q.dtype(),
         device.sm_count(),
         options.num_splits,
     )?;
 
-    // One upload: the descriptors, then the RoPE shift table (40-byte descriptors keep the f32
-    // pairs 8-byte aligned). Without shifts the kernel gets a valid pointer it never reads.
-    let mut upload = bytemuck::cast_slice::<SegmentDesc, u8>(&layout.descs).to_vec();
-    let desc_bytes = upload.len();
-    upload.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&layout.rope_table));
-    let upload = stream.clone_htod(&upload)?;
-    let descs = upload.slice(..desc_bytes);
-    let rope_cs = if layout.rope_table.is_empty() {
-        upload.slice(..desc_bytes)
-    } else {
-        upload.slice(desc_bytes..)
+    // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes). Parts a
+    // launch does not read (no shifts; one sequence) get a valid pointer all the same.
+    let (bytes, offsets) = layout.upload_bytes();
+    let upload = stream.clone_htod(&bytes)?;
+    let part = |i: usize, non_empty: bool| {
+        if non_empty {
+            upload.slice(offsets[i]..)
+        } else {
+            upload.slice(..)
+        }
     };
+    let descs = upload.slice(..);
+    let rope_cs = part(1, !layout.rope_table.is_empty());
+    let seqs = part(2, !layout.seqs.is_empty());
+    let work = part(3, !layout.work.is_empty());
 
     let f = device.function_with_smem(layout.main, layout.smem_limit as u32)?;
-    let combine_fn = if layout.plan.whole {
-        None
-    } else {
-        Some(device.function(layout.combine)?)
+    let combine_fn = match layout.combine_grid {
+        Some(_) => Some(device.function(layout.combine)?),
+        None => None,
     };
     device.with_workspace(layout.o_len + layout.lse_len, |ws| {
         let (o_part, lse_part) = ws.split_at_mut(layout.o_len);
@@ -678,27 +981,31 @@ pub fn segmented_attention_into(
         let (mut o_part, mut lse_part) = (o_part, lse_part);
         let mut launch = stream.launch_builder(&f);
         launch
-            .arg(query.data.device_buffer())
+            .arg(q.device_buffer())
             .arg(&descs)
             .arg(&rope_cs)
             .arg(out.buf_mut())
             .arg(lse.buf_mut())
             .arg(&mut o_part)
             .arg(&mut lse_part)
-            .arg(&layout.params);
+            .arg(&seqs)
+            .arg(&work)
+            .arg(&layout.launch);
         // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
-        // lse_part, params). validate() checked every tensor's shape, dtype and device against
-        // `dims` and `n_rows`; the descriptors point at the segments' K/V buffers, which hold
-        // len * n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of
-        // rope_cs, which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the
-        // shifts' head_dim); the workspace views hold n_splits * n_rows * n_heads (* head_dim)
-        // f32 in split mode. The segment buffers are freed stream-ordered, so they outlive the
-        // launch even if dropped now.
+        // lse_part, seqs, work, launch). validate() checked every tensor's shape, dtype and
+        // device against `dims`, and that the sequences' rows add up to q's; each sequence's
+        // parameters (q_row0, seg0, part0, work0) index within those rows, the descriptors, the
+        // workspace and the grid (launch_layout); the descriptors point at the segments' K/V
+        // buffers, which hold len * n_kv_heads * head_dim elements each, and their rope_row is
+        // -1 or a row of rope_cs, which holds head_dim / 2 (cos, sin) pairs per row (validate()
+        // checked the shifts' head_dim); a batch's work list has one entry per thread block. The
+        // segment buffers are freed stream-ordered, so they outlive the launch even if dropped
+        // now.
         unsafe { launch.launch(cfg) }?;
 
-        if let Some(cf) = &combine_fn {
+        if let (Some(cf), Some(grid)) = (&combine_fn, layout.combine_grid) {
             let cfg = LaunchConfig {
-                grid_dim: (layout.combine_blocks, 1, 1),
+                grid_dim: grid,
                 block_dim: (COMBINE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -708,10 +1015,12 @@ pub fn segmented_attention_into(
                 .arg(&mut lse_part)
                 .arg(out.buf_mut())
                 .arg(lse.buf_mut())
-                .arg(&layout.params);
+                .arg(&seqs)
+                .arg(&layout.launch);
             // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out,
-            // lse, params); the workspace was fully written by the launch above (every split
-            // writes every valid row), and out/lse were checked in validate().
+            // lse, seqs, launch); the workspace was fully written by the launch above for every
+            // split sequence (every split writes every valid row), grid.y is the number of
+            // sequences, and out/lse were checked in validate().
             unsafe { launch.launch(cfg) }?;
         }
         Ok(())
@@ -817,6 +1126,100 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn batch_plans_share_one_wave() {
+        let d = dims(32, 8);
+        let long: Vec<(usize, SegmentRole)> = vec![(32 * 1024, SegmentRole::Context)];
+        let short: Vec<(usize, SegmentRole)> = vec![(1024, SegmentRole::Context)];
+        // A batch of one is plan()'s plan.
+        for rows in [1, 64, 4096] {
+            let one = plan_batch(&[(rows, &long[..])], &d, 132, None).expect("valid");
+            assert_eq!(one, vec![plan(rows, &d, &long, 132, None).expect("valid")]);
+        }
+        // Forced splits apply to every sequence as they would alone.
+        let both = [(1, &long[..]), (64, &short[..])];
+        let forced = plan_batch(&both, &d, 132, Some(5)).expect("valid");
+        for ((rows, segs), p) in both.iter().zip(&forced) {
+            assert_eq!(p, &plan(*rows, &d, segs, 132, Some(5)).expect("valid"));
+        }
+        // Two decode rows: the wave is shared in proportion to the keys (32:1), within one wave.
+        let auto = plan_batch(&[(1, &long[..]), (1, &short[..])], &d, 132, None).expect("valid");
+        let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
+        assert!(ctas as usize <= BLOCKS_PER_SM * 132, "{auto:?}");
+        assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
+        // Enough query tiles for a wave: every sequence runs whole.
+        let many: Vec<(usize, &[(usize, SegmentRole)])> = (0..40).map(|_| (1, &long[..])).collect();
+        assert!(plan_batch(&many, &d, 132, None)
+            .expect("valid")
+            .iter()
+            .all(|p| p.whole));
+    }
+
+    #[test]
+    fn a_batch_layout_indexes_each_sequence() {
+        let d = dims(8, 2);
+        let seg = |len, role| SegmentRef {
+            k: 0x1000,
+            v: 0x2000,
+            len,
+            pos_offset: 0,
+            role,
+            rope_shift: None,
+        };
+        let a = [seg(500, SegmentRole::Context), seg(1, SegmentRole::Causal)];
+        let b = [seg(0, SegmentRole::Context), seg(70, SegmentRole::Causal)];
+        let c = [seg(3000, SegmentRole::Context)];
+        let seq = |n_rows, segments| SequenceRef {
+            n_rows,
+            pos_offset: 600,
+            segments,
+            ape: ApeParams::default(),
+        };
+        let seqs = [
+            seq(1, &a[..]),
+            seq(0, &b[..]),
+            seq(70, &b[..]),
+            seq(1, &c[..]),
+        ];
+        let l = launch_layout(&seqs, &d, DType::BF16, 132, None).expect("valid");
+        assert_eq!(l.seqs.len(), 4);
+        // The empty segment is dropped: 2 + 1 + 1 + 1 descriptors.
+        assert_eq!(l.descs.len(), 5);
+        let (mut rows, mut segs, mut parts, mut blocks) = (0u32, 0u32, 0u32, 0u32);
+        for (i, p) in l.seqs.iter().enumerate() {
+            assert_eq!(
+                (p.q_row0, p.seg0, p.part0, p.work0),
+                (rows, segs, parts, blocks)
+            );
+            let splits = if p.whole == 1 {
+                1
+            } else {
+                p.n_ctx_splits + p.n_causal_splits
+            };
+            let n = (p.n_rows * p.group).div_ceil(BLOCK_M as u32) * splits;
+            let mine = l.work.iter().filter(|&&w| w == i as u32).count() as u32;
+            assert_eq!(mine, n);
+            assert!(l.work[blocks as usize..(blocks + n) as usize]
+                .iter()
+                .all(|&w| w == i as u32));
+            rows += p.n_rows;
+            segs += p.n_segments;
+            if p.whole == 0 {
+                parts += splits * p.n_rows * p.n_heads;
+            }
+            blocks += n;
+        }
+        assert_eq!(l.grid, (blocks, 2, 1));
+        assert_eq!(l.lse_len, parts as usize);
+        assert_eq!(l.o_len, parts as usize * 128);
+        assert_eq!(l.combine_grid.map(|g| g.1), Some(4));
+        // One sequence: its parameters travel by value, no arrays.
+        let one = launch_layout(&seqs[..1], &d, DType::BF16, 132, None).expect("valid");
+        assert!(one.seqs.is_empty() && one.work.is_empty());
+        assert_eq!(one.launch.n_sequences, 1);
+        assert!(launch_layout(&[], &d, DType::BF16, 132, None).is_err());
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use device_ops::{EmulatedOps, HostTensor};
 pub use llama_ops::{embedding, fill_uniform, rms_norm, silu_mul};
 pub use merge_states::{merge_state_in_place, merge_states};
 pub use rope::{rope_apply, rope_shift};
-pub use segmented_attention::segmented_attention;
+pub use segmented_attention::{segmented_attention, segmented_attention_batch};
 
 use std::ffi::{c_char, c_void, CString};
 

@@ -4,13 +4,15 @@
 
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
-    check_problem, launch_layout, SegmentExtent, SegmentRef, SegmentedAttentionOptions,
-    COMBINE_THREADS, THREADS,
+    check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, SegmentExtent,
+    SegmentRef, SegmentedAttentionOptions, SequenceRef, COMBINE_THREADS, THREADS,
 };
 use crate::cuda::DType;
 use crate::error::Result;
 use crate::params::{ApeParams, AttentionDims};
-use crate::reference::segmented_attention::{validate, AttentionOutput, Query, Segment};
+use crate::reference::segmented_attention::{
+    validate, AttentionOutput, BatchSequence, Query, Segment,
+};
 
 /// The CUDA segmented-attention kernels run on the emulator: the query and the segments (f32, as
 /// the oracle takes them) are rounded to `dtype`, laid out and launched as the CUDA launcher does
@@ -28,18 +30,71 @@ pub fn segmented_attention(
     emulator: &EmulatorOptions,
 ) -> Result<AttentionOutput> {
     validate(query, segments, dims)?;
-    crate::cuda::segmented_attention::check_head_dim(dims.head_dim)?;
-    crate::cuda::segmented_attention::check_dtype(dtype)?;
-    let extents: Vec<SegmentExtent> = segments
-        .iter()
-        .map(|s| SegmentExtent {
-            len: s.len,
+    let seq = BatchSequence {
+        n_rows: query.n_rows,
+        pos_offset: query.pos_offset,
+        segments,
+        ape: *ape,
+    };
+    run(dtype, query.data, &[seq], dims, options, emulator, |_| {
+        String::new()
+    })
+}
+
+/// [`crate::cuda::segmented_attention_batch_into`] on the emulator: one launch for every sequence
+/// of the batch (packed query `q`, as [`crate::reference::segmented_attention_batch`] takes it),
+/// rounded to `dtype` and returned as f32, outputs and workspace starting as NaN.
+pub fn segmented_attention_batch(
+    dtype: DType,
+    q: &[f32],
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+    options: &SegmentedAttentionOptions,
+    emulator: &EmulatorOptions,
+) -> Result<AttentionOutput> {
+    dims.validate()?;
+    let row = dims.n_heads * dims.head_dim;
+    check_batch_rows(q.len() / row.max(1), sequences.iter().map(|s| s.n_rows))?;
+    let mut first = 0;
+    for s in sequences {
+        let query = Query {
+            data: q.get(first * row..(first + s.n_rows) * row).unwrap_or(&[]),
+            n_rows: s.n_rows,
             pos_offset: s.pos_offset,
-            rope_shift: s.rope_shift,
-        })
-        .collect();
-    let n_rows = query.n_rows;
-    check_problem(n_rows, query.pos_offset, dims, &extents)?;
+        };
+        validate(&query, s.segments, dims)?;
+        first += s.n_rows;
+    }
+    run(dtype, q, sequences, dims, options, emulator, |i| {
+        format!("sequence {i}: ")
+    })
+}
+
+/// Launches validated sequences (`prefix` names one in messages).
+fn run(
+    dtype: DType,
+    q: &[f32],
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+    options: &SegmentedAttentionOptions,
+    emulator: &EmulatorOptions,
+    prefix: impl Fn(usize) -> String,
+) -> Result<AttentionOutput> {
+    check_head_dim(dims.head_dim)?;
+    check_dtype(dtype)?;
+    for (i, s) in sequences.iter().enumerate() {
+        let extents: Vec<SegmentExtent> = s
+            .segments
+            .iter()
+            .map(|s| SegmentExtent {
+                len: s.len,
+                pos_offset: s.pos_offset,
+                rope_shift: s.rope_shift,
+            })
+            .collect();
+        check_problem(s.n_rows, s.pos_offset, dims, &extents, &prefix(i))?;
+    }
+    let n_rows: usize = sequences.iter().map(|s| s.n_rows).sum();
     let n = n_rows * dims.n_heads;
     if n_rows == 0 {
         return Ok(AttentionOutput {
@@ -48,13 +103,15 @@ pub fn segmented_attention(
         });
     }
 
-    let mut q = to_dtype(query.data, dtype);
-    let mut kv: Vec<(Aligned, Aligned)> = segments
+    let mut q = to_dtype(q, dtype);
+    let mut kv: Vec<(Aligned, Aligned)> = sequences
         .iter()
+        .flat_map(|q| q.segments)
         .map(|s| (to_dtype(s.k, dtype), to_dtype(s.v, dtype)))
         .collect();
-    let refs: Vec<SegmentRef> = segments
+    let refs: Vec<SegmentRef> = sequences
         .iter()
+        .flat_map(|q| q.segments)
         .zip(kv.iter_mut())
         .map(|(s, (k, v))| SegmentRef {
             k: k.addr(),
@@ -65,49 +122,68 @@ pub fn segmented_attention(
             rope_shift: s.rope_shift,
         })
         .collect();
+    let mut at = 0;
+    let seq_refs: Vec<SequenceRef> = sequences
+        .iter()
+        .map(|s| {
+            at += s.segments.len();
+            SequenceRef {
+                n_rows: s.n_rows,
+                pos_offset: s.pos_offset,
+                segments: &refs[at - s.segments.len()..at],
+                ape: s.ape,
+            }
+        })
+        .collect();
     let layout = launch_layout(
-        n_rows,
-        query.pos_offset,
+        &seq_refs,
         dims,
-        ape,
         dtype,
-        &refs,
         emulator.sm_count,
         options.num_splits,
     )?;
 
-    let mut descs = Aligned::from_slice(&layout.descs);
-    let mut table = Aligned::from_slice(&layout.rope_table);
+    // The parameter arrays as the CUDA launcher uploads them (one buffer, upload_bytes), so that
+    // the emulator sees the same offsets and alignment.
+    let (bytes, offsets) = layout.upload_bytes();
+    let mut upload = Aligned::from_slice(&bytes);
+    let base = upload.addr();
+    let part = |i: usize, non_empty: bool| {
+        if non_empty {
+            base + offsets[i] as u64
+        } else {
+            base
+        }
+    };
+    let table_ptr = part(1, !layout.rope_table.is_empty());
+    let seqs_ptr = part(2, !layout.seqs.is_empty());
+    let work_ptr = part(3, !layout.work.is_empty());
     let mut out = to_dtype(&vec![f32::NAN; n * dims.head_dim], dtype);
     let mut lse = Aligned::from_slice(&vec![f32::NAN; n]);
     let mut o_part = Aligned::from_slice(&vec![f32::NAN; layout.o_len]);
     let mut lse_part = Aligned::from_slice(&vec![f32::NAN; layout.lse_len]);
-    // Without shifts the kernel never reads the table; it gets a valid pointer all the same.
-    let table_ptr = if layout.rope_table.is_empty() {
-        descs.addr()
-    } else {
-        table.addr()
-    };
     let (out_ptr, lse_ptr) = (out.addr(), lse.addr());
     let (o_part_ptr, lse_part_ptr) = (o_part.addr(), lse_part.addr());
     let ptrs = [
         q.addr(),
-        descs.addr(),
+        base,
         table_ptr,
         out_ptr,
         lse_ptr,
         o_part_ptr,
         lse_part_ptr,
+        seqs_ptr,
+        work_ptr,
     ];
-    let mut reads: Vec<&Aligned> = vec![&q, &descs, &table];
+    let mut reads: Vec<&Aligned> = vec![&q, &upload];
     for (k, v) in &kv {
         reads.push(k);
         reads.push(v);
     }
     // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse, o_part,
-    // lse_part, params). The buffers are the sizes the CUDA launcher's are (validate() and
-    // check_problem() checked the shapes and limits; launch_layout() sized the workspace and the
-    // table), and all outlive the call.
+    // lse_part, seqs, work, launch). The buffers are the sizes the CUDA launcher's are (the
+    // shapes and limits were checked above; launch_layout() sized the workspace, the table and
+    // the parameter arrays), and all outlive the call.
     unsafe {
         launch_ptrs(
             layout.main,
@@ -115,22 +191,22 @@ pub fn segmented_attention(
             (THREADS, 1, 1),
             layout.smem,
             &ptrs,
-            &layout.params,
+            &layout.launch,
             &reads,
             emulator,
         )?;
     }
-    if !layout.plan.whole {
-        // SAFETY: segmented_attention_combine_*'s arguments (o_part, lse_part, out, lse, params),
-        // the same buffers as above.
+    if let Some(grid) = layout.combine_grid {
+        // SAFETY: segmented_attention_combine_*'s arguments (o_part, lse_part, out, lse, seqs,
+        // launch), the same buffers as above.
         unsafe {
             launch_ptrs(
                 layout.combine,
-                (layout.combine_blocks, 1, 1),
+                grid,
                 (COMBINE_THREADS, 1, 1),
                 0,
-                &[o_part_ptr, lse_part_ptr, out_ptr, lse_ptr],
-                &layout.params,
+                &[o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, seqs_ptr],
+                &layout.launch,
                 &[],
                 emulator,
             )?;

@@ -15,7 +15,9 @@ pub mod rope;
 pub mod segmented_attention;
 
 pub use merge_states::{merge_states, AttentionState};
-pub use segmented_attention::{segmented_attention, AttentionOutput, Query, Segment};
+pub use segmented_attention::{
+    segmented_attention, segmented_attention_batch, AttentionOutput, BatchSequence, Query, Segment,
+};
 
 /// Relative L2 error `||x - reference|| / ||reference||` (0 when both are zero).
 pub fn rel_l2(x: &[f32], reference: &[f32]) -> f64 {

@@ -207,3 +207,57 @@ pub fn segmented_attention(
     }
     Ok(AttentionOutput { out, lse })
 }
+
+/// One sequence of a batch: its rows of the packed query, its segments and its APE parameters
+/// (mirrors [`crate::cuda::BatchSequence`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BatchSequence<'a> {
+    /// Rows of the packed query this sequence owns, after those of the sequences before it.
+    pub n_rows: usize,
+    /// Absolute position of its first row.
+    pub pos_offset: usize,
+    /// Its KV segments.
+    pub segments: &'a [Segment<'a>],
+    /// Its APE parameters.
+    pub ape: ApeParams,
+}
+
+/// A batch of sequences, each attending to its own segments: the packed query `q`
+/// `[sum of n_rows, n_heads, head_dim]` gives each sequence its rows in order, and the output
+/// holds each sequence's [`segmented_attention`] in the same rows. The oracle for the batched
+/// kernel launch.
+pub fn segmented_attention_batch(
+    q: &[f32],
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+) -> Result<AttentionOutput> {
+    dims.validate()?;
+    let row = dims.n_heads * dims.head_dim;
+    let rows = sequences
+        .iter()
+        .try_fold(0usize, |sum, s| sum.checked_add(s.n_rows))
+        .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
+    if rows.checked_mul(row) != Some(q.len()) {
+        return Err(Error::Shape(format!(
+            "the query has {} values, the sequences own {rows} rows of {row}",
+            q.len()
+        )));
+    }
+    let mut out = AttentionOutput {
+        out: Vec::with_capacity(q.len()),
+        lse: Vec::with_capacity(rows * dims.n_heads),
+    };
+    let mut first = 0;
+    for s in sequences {
+        let query = Query {
+            data: &q[first * row..(first + s.n_rows) * row],
+            n_rows: s.n_rows,
+            pos_offset: s.pos_offset,
+        };
+        let one = segmented_attention(&query, s.segments, dims, &s.ape)?;
+        out.out.extend(one.out);
+        out.lse.extend(one.lse);
+        first += s.n_rows;
+    }
+    Ok(out)
+}

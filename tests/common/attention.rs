@@ -24,8 +24,13 @@ pub trait Backend {
         -> Vec<f32>;
     /// Run the reduced sweep.
     fn quick(&self) -> bool;
+    /// The sequences of `cases` (same dims and dtype; each with its own rows, segments and APE
+    /// parameters) in one batched launch with `splits`: the packed `(out, lse)`, sequence after
+    /// sequence, outputs starting as NaN.
+    fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>);
 }
 
+#[derive(Clone)]
 pub struct HostSegment {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
@@ -35,6 +40,7 @@ pub struct HostSegment {
     pub rope_shift: Option<RopeShift>,
 }
 
+#[derive(Clone)]
 pub struct Case {
     pub dims: AttentionDims,
     pub dtype: DType,
@@ -143,9 +149,27 @@ pub fn check_against(
     oracle: &Case,
     max_rows: usize,
 ) -> (f64, f32) {
+    let (got_out, got_lse) = b.run(case);
+    compare(r, case, oracle, &got_out, &got_lse, max_rows)
+}
+
+/// Compares a backend's `(got_out, got_lse)` for `case` with the oracle on `oracle` (at most
+/// `max_rows` sampled rows); returns (rel L2, max LSE error) and asserts that -inf rows match and no
+/// NaN appears.
+pub fn compare(
+    r: &mut Seeded,
+    case: &Case,
+    oracle: &Case,
+    got_out: &[f32],
+    got_lse: &[f32],
+    max_rows: usize,
+) -> (f64, f32) {
     let d = case.dims.head_dim;
     let h = case.dims.n_heads;
-    let (got_out, got_lse) = b.run(case);
+    if case.n_rows == 0 {
+        assert!(got_out.is_empty() && got_lse.is_empty());
+        return (0.0, 0.0);
+    }
     assert!(
         got_out.iter().all(|x| !x.is_nan()),
         "NaN in output: {case:?}"
@@ -577,5 +601,88 @@ pub fn fused_shift_against_separate_shift(b: &dyn Backend) {
             fused.1,
             sep.1
         );
+    }
+}
+
+/// Batched launches: sequences with their own rows (decode, prefill, none), segments, positions,
+/// APE parameters and RoPE shifts in one launch; each sequence's rows must be what the oracle gives
+/// it alone, and with a forced split count (every sequence then has the plan it has alone) the very
+/// bits of its own launch.
+pub fn batches_of_sequences(b: &dyn Backend) {
+    let mut r = seeded("batches_of_sequences");
+    let apes = [
+        ApeParams::default(),
+        ApeParams::plain(),
+        ApeParams::new(0.7, 1.3)
+            .unwrap()
+            .with_variant(ApeVariant::ScaledMass),
+    ];
+    for head_dim in [64, 128] {
+        let dims = AttentionDims::new(8, 2, head_dim).unwrap();
+        let dtype = r.pick(&[DType::BF16, DType::F16]);
+        let rope = rope_configs(head_dim)[r.range(0, 2)];
+        let rows: &[usize] = if b.quick() {
+            &[1, 0, 65, 1]
+        } else {
+            &[1, 7, 0, 65, 1, 300, 1]
+        };
+        let cases: Vec<Case> = rows
+            .iter()
+            .map(|&n_rows| {
+                let ape = r.pick(&apes);
+                let lens: Vec<usize> = (0..r.range(1, 4)).map(|_| r.range(0, 400)).collect();
+                let prefix = r.range(0, 20);
+                if r.coin() {
+                    block_attention_case(&mut r, dims, dtype, rope, &lens, n_rows, ape, None)
+                } else {
+                    make_case(&mut r, dims, dtype, prefix, &lens, n_rows, ape, None)
+                }
+            })
+            .collect();
+        for splits in [None, Some(1), Some(3)] {
+            let (out, lse) = b.run_batch(&cases, splits);
+            let (mut row0, row) = (0, dims.n_heads * head_dim);
+            for case in &cases {
+                let n = case.n_rows;
+                let got_out = &out[row0 * row..(row0 + n) * row];
+                let got_lse = &lse[row0 * dims.n_heads..(row0 + n) * dims.n_heads];
+                let err = compare(&mut r, case, case, got_out, got_lse, 24);
+                assert_ok(case, err);
+                if splits.is_some() && n > 0 {
+                    let alone = Case {
+                        splits,
+                        ..case.clone()
+                    };
+                    let (o, l) = b.run(&alone);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert!(
+                        bits(&o) == bits(got_out) && bits(&l) == bits(got_lse),
+                        "batched rows differ from the sequence's own launch: {case:?}"
+                    );
+                }
+                row0 += n;
+            }
+            assert_eq!(row0 * row, out.len());
+        }
+    }
+    // A decode step of many sequences: enough query tiles to fill a wave (every sequence runs
+    // whole), then few enough that the sequences split their keys.
+    let dims = AttentionDims::new(8, 4, 64).unwrap();
+    let many = if b.quick() { 4 } else { 70 };
+    for n_seqs in [many, 3] {
+        let cases: Vec<Case> = (0..n_seqs)
+            .map(|_| {
+                let lens = [r.range(1, 300), r.range(0, 200)];
+                let ape = r.pick(&apes);
+                make_case(&mut r, dims, DType::BF16, 4, &lens, 1, ape, None)
+            })
+            .collect();
+        let (out, lse) = b.run_batch(&cases, None);
+        let row = dims.n_heads * dims.head_dim;
+        for (i, case) in cases.iter().enumerate() {
+            let got_out = &out[i * row..(i + 1) * row];
+            let got_lse = &lse[i * dims.n_heads..(i + 1) * dims.n_heads];
+            assert_ok(case, compare(&mut r, case, case, got_out, got_lse, 1));
+        }
     }
 }
