@@ -124,6 +124,20 @@ impl<B: KvBlock> BlockCache<B> {
                 self.budget
             )));
         }
+        // Refuse before evicting anything when the blocks in use leave no room: evicting the
+        // others would throw the cache away for nothing.
+        let pinned: usize = self
+            .entries
+            .values()
+            .filter(|e| Arc::strong_count(&e.block) > 1)
+            .map(|e| e.bytes)
+            .sum();
+        if pinned + bytes > self.budget {
+            return Err(Error::CacheFull(format!(
+                "{bytes} bytes needed, {pinned} of {} bytes are held by blocks in use",
+                self.budget
+            )));
+        }
         while self.stats.bytes + bytes > self.budget {
             let victim = self
                 .entries
@@ -195,11 +209,14 @@ mod tests {
         // 50 more: block 3 is evicted; block 1 still pinned; 90 bytes fit.
         drop(c.get_or_encode(key(4), || Ok(Fake(5))).unwrap());
         assert!(c.contains(&key(1)) && !c.contains(&key(3)));
-        // 70 more with block 1 pinned: only block 4 can go, 40 + 70 > 100: refused.
+        // 70 more with block 1 pinned: only block 4 can go, 40 + 70 > 100: refused, and block 4
+        // stays (evicting it would not have made room).
         assert!(matches!(
             c.get_or_encode(key(5), || Ok(Fake(7))),
             Err(Error::CacheFull(_))
         ));
+        assert!(c.contains(&key(4)));
+        assert_eq!(c.stats().evictions, 2);
         drop(a);
         // Unpinned now: block 1 and 4 are evicted in LRU order.
         assert!(c.get_or_encode(key(5), || Ok(Fake(7))).is_ok());

@@ -78,6 +78,11 @@ pub enum Error {
     #[error("block cache full: {0}")]
     CacheFull(String),
 
+    /// A request or command-line input that cannot be served as given (an empty question, an
+    /// empty search grid).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
     /// A model file is corrupt, truncated, or of a kind this crate does not support.
     #[error("model file: {0}")]
     Model(String),

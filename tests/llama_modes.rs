@@ -1,6 +1,8 @@
 //! The encoding modes on the real model (CPU): the identities of DESIGN §5.4 and the cache.
 
 mod common;
+#[path = "common/llama.rs"]
+mod llama;
 
 use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Mode, Prompt, Sampling};
@@ -196,4 +198,67 @@ fn bad_requests_are_errors() {
         e.prefill(Mode::Sequential, &bad_token),
         Err(Error::OutOfRange(_))
     ));
+}
+
+/// Generation that reaches the model's window stops there and returns what it has (it used to fail
+/// the whole request).
+#[test]
+fn generation_stops_at_the_window() {
+    let window = 24;
+    let model = CpuModel::load(&llama::small_model_with_window(window)).expect("model loads");
+    let mut e = Engine::new(model, "small", 1 << 30);
+    let p = Prompt {
+        prefix: vec![1, 2, 3, 4],
+        contexts: vec![vec![5, 6, 7, 8, 9, 10]],
+        question: vec![11, 12, 13, 14, 15],
+    };
+    for mode in [
+        Mode::Sequential,
+        Mode::Ape(ApeParams::default()),
+        Mode::BlockAttention,
+    ] {
+        let g = e
+            .generate(mode, &p, Sampling::Greedy, 100, &[])
+            .expect("generate");
+        // Positions 15..24 take the fed tokens; the last token is sampled at position 23's
+        // logits and not fed.
+        assert_eq!(g.tokens.len(), window as usize - 15 + 1, "{mode:?}");
+        assert!(g.window_full);
+        let g = e
+            .generate(mode, &p, Sampling::Greedy, 3, &[])
+            .expect("generate");
+        assert_eq!(g.tokens.len(), 3);
+        assert!(!g.window_full);
+    }
+}
+
+/// Block-Attention reads cached blocks through shifted views; the cached blocks stay pinned while
+/// the request runs, so another request cannot evict them (and the cache's byte count stays true).
+#[test]
+fn block_attention_pins_the_blocks_it_reads() {
+    let load = || CpuModel::load(&llama::small_model_with_window(4096)).expect("model loads");
+    let p = Prompt {
+        prefix: vec![1, 2, 3],
+        contexts: vec![vec![5; 40], vec![6; 40]],
+        question: vec![7, 8],
+    };
+    let mut probe = Engine::new(load(), "small", 1 << 30);
+    drop(probe.prefill(Mode::BlockAttention, &p).expect("prefill"));
+    let bytes = probe.cache.stats().bytes;
+    // A cache that holds exactly this request's blocks.
+    let mut e = Engine::new(load(), "small", bytes);
+    let state = e.prefill(Mode::BlockAttention, &p).expect("prefill");
+    let other = Prompt {
+        contexts: vec![vec![9; 40]],
+        ..p.clone()
+    };
+    assert!(matches!(
+        e.prefill(Mode::BlockAttention, &other),
+        Err(Error::CacheFull(_))
+    ));
+    assert_eq!(e.cache.stats().evictions, 0);
+    drop(state);
+    // Unpinned: the same request now evicts what it needs.
+    assert!(e.prefill(Mode::BlockAttention, &other).is_ok());
+    assert!(e.cache.stats().evictions > 0);
 }

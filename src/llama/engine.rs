@@ -66,6 +66,10 @@ pub struct Prompt {
 /// question's growing block, and the last logits.
 pub struct Prefilled<B> {
     blocks: Vec<(Arc<B>, usize, SegmentRole)>,
+    /// Cached blocks the request reads through shifted views (Block-Attention): held so that the
+    /// cache sees them in use, and neither evicts them nor forgets their bytes, until the request
+    /// ends.
+    _pinned: Vec<Arc<B>>,
     tail: B,
     tail_pos: usize,
     next_pos: usize,
@@ -128,6 +132,9 @@ pub struct Generation {
     pub decode_time: Duration,
     /// Tokens encoded by the prefill (cache misses and the question).
     pub tokens_encoded: usize,
+    /// Generation stopped because the model's window was full (not at a stop token or the token
+    /// limit).
+    pub window_full: bool,
 }
 
 /// A model with its block cache.
@@ -210,7 +217,7 @@ impl<M: LlamaModel> Engine<M> {
     /// is run over them; returns the state to decode from, with the last position's logits.
     pub fn prefill(&mut self, mode: Mode, prompt: &Prompt) -> Result<Prefilled<M::Block>> {
         if prompt.question.is_empty() {
-            return Err(Error::Shape("the question has no tokens".into()));
+            return Err(Error::InvalidInput("the question has no tokens".into()));
         }
         // Reject a request that does not fit the window before encoding anything.
         let lens = prompt.contexts.iter().map(Vec::len);
@@ -231,6 +238,7 @@ impl<M: LlamaModel> Engine<M> {
         let ape = mode.ape();
         let mut encoded = 0;
         let mut blocks: Vec<(Arc<M::Block>, usize, SegmentRole)> = Vec::new();
+        let mut pinned: Vec<Arc<M::Block>> = Vec::new();
         let q_pos = match mode {
             Mode::Sequential => {
                 let mut all = prompt.prefix.clone();
@@ -239,6 +247,7 @@ impl<M: LlamaModel> Engine<M> {
                 let out = self.model.forward(&all, 0, &[], &ape, LogitRows::Last)?;
                 return Ok(Prefilled {
                     blocks,
+                    _pinned: Vec::new(),
                     tail: out.kv,
                     tail_pos: 0,
                     next_pos: all.len(),
@@ -274,7 +283,9 @@ impl<M: LlamaModel> Engine<M> {
                     let shifted = if offset == 0 {
                         b
                     } else {
-                        Arc::new(self.model.shift_block(&b, offset as i64)?)
+                        let shifted = Arc::new(self.model.shift_block(&b, offset as i64)?);
+                        pinned.push(b);
+                        shifted
                     };
                     let role = if i == 0 {
                         SegmentRole::Causal
@@ -301,6 +312,7 @@ impl<M: LlamaModel> Engine<M> {
         drop(past);
         Ok(Prefilled {
             blocks,
+            _pinned: pinned,
             tail: out.kv,
             tail_pos: q_pos,
             next_pos: q_pos + prompt.question.len(),
@@ -358,17 +370,20 @@ impl<M: LlamaModel> Engine<M> {
         let first = sampler.sample(&state.logits)?;
         let ttft = start.elapsed();
         let decode_start = Instant::now();
-        let tokens = self.decode_from(&mut state, first, &mut sampler, max_tokens, stop)?;
+        let (tokens, window_full) =
+            self.decode_from(&mut state, first, &mut sampler, max_tokens, stop)?;
         Ok(Generation {
             tokens,
             ttft,
             decode_time: decode_start.elapsed(),
             tokens_encoded: state.tokens_encoded,
+            window_full,
         })
     }
 
     /// Generates up to `max_tokens` tokens from a prefilled state (its logits give the first),
-    /// stopping at any of `stop`.
+    /// stopping at any of `stop`, or when the model's window is full (the tokens so far are
+    /// returned).
     pub fn decode(
         &self,
         state: &mut Prefilled<M::Block>,
@@ -378,7 +393,9 @@ impl<M: LlamaModel> Engine<M> {
     ) -> Result<Vec<u32>> {
         let mut sampler = Sampler::new(sampling)?;
         let first = sampler.sample(&state.logits)?;
-        self.decode_from(state, first, &mut sampler, max_tokens, stop)
+        Ok(self
+            .decode_from(state, first, &mut sampler, max_tokens, stop)?
+            .0)
     }
 
     fn decode_from(
@@ -388,18 +405,31 @@ impl<M: LlamaModel> Engine<M> {
         sampler: &mut Sampler,
         max_tokens: usize,
         stop: &[u32],
-    ) -> Result<Vec<u32>> {
+    ) -> Result<(Vec<u32>, bool)> {
+        let window = self.model.config().context_length;
         let mut tokens = Vec::new();
         while tokens.len() < max_tokens && !stop.contains(&next) {
             tokens.push(next);
             if tokens.len() == max_tokens {
                 break;
             }
+            // The token would be fed at position next_pos: past the window, stop here.
+            if state.next_pos >= window {
+                return Ok((tokens, true));
+            }
             let logits = self.decode_step(state, next)?;
             next = sampler.sample(&logits)?;
         }
-        Ok(tokens)
+        Ok((tokens, false))
     }
+}
+
+/// The splitmix64 finaliser of `x + golden ratio`: a bijection on u64 with well-mixed bits.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Chooses tokens from logits.
@@ -416,7 +446,12 @@ impl Sampler {
             Sampling::Greedy => 0,
             Sampling::Temperature { temperature, seed } => {
                 crate::params::check_positive("sampling temperature", temperature as f64)?;
-                seed ^ 0x9e37_79b9_7f4a_7c15
+                // xorshift's state must never be 0 (it would stay 0); splitmix64 spreads the
+                // seed, and its one input that maps to 0 takes another state.
+                match splitmix64(seed) {
+                    0 => 0x9e37_79b9_7f4a_7c15,
+                    s => s,
+                }
             }
         };
         Ok(Self { sampling, state })
@@ -424,8 +459,11 @@ impl Sampler {
 
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        if logits.is_empty() || logits.iter().any(|x| x.is_nan()) {
-            return Err(Error::Shape("no logits to sample from (or NaN)".into()));
+        if logits.is_empty() {
+            return Err(Error::InvalidInput("no logits to sample from".into()));
+        }
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(Error::Model("the forward pass produced NaN logits".into()));
         }
         let argmax = (0..logits.len())
             .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
@@ -468,4 +506,26 @@ pub fn log_softmax_at(logits: &[f32], token: u32) -> Result<f64> {
         .sum::<f64>()
         .ln();
     Ok(x as f64 - lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every seed gives a varied stream: seed 0x9e37_79b9_7f4a_7c15 once made the state 0, and a
+    /// zero xorshift state picks token 0 forever.
+    #[test]
+    fn sampling_varies_for_every_seed() {
+        for seed in [0, 1, 0x9e37_79b9_7f4a_7c15, u64::MAX] {
+            let mut s = Sampler::new(Sampling::Temperature {
+                temperature: 1.0,
+                seed,
+            })
+            .expect("valid");
+            let picks: std::collections::HashSet<u32> = (0..64)
+                .map(|_| s.sample(&[0.0; 8]).expect("sample"))
+                .collect();
+            assert!(picks.len() > 4, "seed {seed}: {picks:?}");
+        }
+    }
 }

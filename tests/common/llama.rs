@@ -18,6 +18,11 @@ use crate::common::seeded;
 
 /// dim 128, 2 heads of 64, 1 KV head, 2 layers, hidden 256, vocab 64.
 fn small_model() -> Gguf {
+    small_model_with_window(4096)
+}
+
+/// [`small_model`] with a window of `context_length` positions.
+pub fn small_model_with_window(context_length: u32) -> Gguf {
     let mut r = seeded("small_model");
     let (d, kv, h, vocab, layers) = (128, 64, 256, 64, 2);
     let mut w = Writer::default();
@@ -27,7 +32,7 @@ fn small_model() -> Gguf {
         .u32("llama.attention.head_count_kv", 1)
         .u32("llama.block_count", layers)
         .u32("llama.feed_forward_length", h as u32)
-        .u32("llama.context_length", 4096)
+        .u32("llama.context_length", context_length)
         .u32("llama.vocab_size", vocab as u32)
         .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
         .f32("llama.rope.freq_base", 10000.0);
