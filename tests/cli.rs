@@ -97,6 +97,17 @@ fn missing_file_empty_question_and_bad_parameters_are_one_line_errors() {
         "-1",
     ]);
     assert_one_line_error(c, &e, "sampling temperature");
+    // A value starting with '-' reaches the check (it used to be taken for a flag).
+    let (c, _, e) = ape(&[
+        "run",
+        "--context",
+        file,
+        "--question",
+        "Who?",
+        "--temperature",
+        "-inf",
+    ]);
+    assert_one_line_error(c, &e, "temperature T");
     let (c, _, e) = ape(&[
         "run",
         "--context",
@@ -119,6 +130,14 @@ fn eval_and_calibrate_refuse_empty_sets() {
     assert_one_line_error(c, &e, "temperature T");
     let (c, _, e) = ape(&["calibrate", "--scales", "0.9,0"]);
     assert_one_line_error(c, &e, "scaling factor S");
+    // One candidate would make every answer right; past the generator's limits it used to retry
+    // forever.
+    let (c, _, e) = ape(&["eval", "--candidates", "1"]);
+    assert_one_line_error(c, &e, "candidates");
+    let (c, _, e) = ape(&["eval", "--candidates", "100000"]);
+    assert_one_line_error(c, &e, "candidates");
+    let (c, _, e) = ape(&["calibrate", "--docs", "2,100000"]);
+    assert_one_line_error(c, &e, "documents");
 }
 
 #[test]

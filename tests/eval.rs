@@ -3,7 +3,7 @@
 
 mod common;
 
-use ape_attn::eval::dataset::generate;
+use ape_attn::eval::dataset::{generate, MAX_CANDIDATES, MAX_DOCS};
 use ape_attn::eval::metrics::{
     argmax, contains_answer, exact_match, kl_divergence, log_softmax, normalize, retention, Tally,
 };
@@ -12,7 +12,7 @@ use ape_attn::llama::cpu::CpuModel;
 use ape_attn::llama::engine::{Engine, Mode};
 use ape_attn::llama::gguf::Gguf;
 use ape_attn::llama::tokenizer::Tokenizer;
-use ape_attn::ApeParams;
+use ape_attn::{ApeParams, Error};
 
 #[test]
 fn hand_computed_metrics() {
@@ -80,19 +80,22 @@ fn calibration_sorts_by_its_objective() {
 fn the_dataset_puts_the_answer_in_the_relevant_document_only() {
     // Many seeds, so that every relation meets 10 and 14 documents (the fixed pools hold 14).
     for seed in 0..40 {
-        for ex in generate(seed, &[10, 14], 1, 4) {
+        for ex in generate(seed, &[10, 14], 1, 4).expect("valid counts") {
             assert!(ex.documents.len() == 10 || ex.documents.len() == 14);
             assert!(contains_answer(&ex.documents[ex.relevant], &ex.answer));
         }
     }
-    let examples = generate(7, &[1, 2, 3, 5, 10], 2, 4);
+    let examples = generate(7, &[1, 2, 3, 5, 10], 2, 4).expect("valid");
     assert_eq!(examples.len(), 2 * (1 + 2 + 3 + 5 + 10));
     assert_eq!(
         examples,
-        generate(7, &[1, 2, 3, 5, 10], 2, 4),
+        generate(7, &[1, 2, 3, 5, 10], 2, 4).expect("valid"),
         "seeded: the same set again"
     );
-    assert_ne!(examples, generate(8, &[1, 2, 3, 5, 10], 2, 4));
+    assert_ne!(
+        examples,
+        generate(8, &[1, 2, 3, 5, 10], 2, 4).expect("valid")
+    );
     let mut positions = std::collections::BTreeSet::new();
     for ex in &examples {
         positions.insert((ex.documents.len(), ex.relevant));
@@ -120,12 +123,27 @@ fn the_dataset_puts_the_answer_in_the_relevant_document_only() {
     }
 }
 
+/// The generator's limits: the largest counts still give examples (it used to retry forever past
+/// its pools), larger ones and a single candidate (every answer right) are errors.
+#[test]
+fn the_dataset_limits_are_errors_not_hangs() {
+    let ex = generate(5, &[MAX_DOCS], 1, MAX_CANDIDATES).expect("at the limits");
+    assert_eq!(ex.len(), MAX_DOCS);
+    assert!(ex.iter().all(|e| e.candidates.len() == MAX_CANDIDATES));
+    for (docs, candidates) in [(MAX_DOCS + 1, 4), (3, MAX_CANDIDATES + 1), (3, 1), (3, 0)] {
+        assert!(matches!(
+            generate(5, &[docs], 1, candidates),
+            Err(Error::OutOfRange(_))
+        ));
+    }
+}
+
 #[test]
 fn evaluate_runs_end_to_end_and_requires_the_sequential_reference() {
     let g = Gguf::open(common::default_model()).expect("model");
     let tok = Tokenizer::from_gguf(&g).expect("tokenizer");
     let mut e = Engine::new(CpuModel::load(&g).expect("loads"), "m", 1 << 30);
-    let examples = generate(3, &[2], 1, 3);
+    let examples = generate(3, &[2], 1, 3).expect("valid");
     assert!(evaluate(&mut e, &tok, &examples, &[Mode::Parallel], 4, |_| {}).is_err());
     let modes = [Mode::Sequential, Mode::Ape(ApeParams::default())];
     let results = evaluate(&mut e, &tok, &examples, &modes, 4, |_| {}).expect("evaluate");

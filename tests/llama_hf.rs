@@ -238,9 +238,20 @@ fn config_json_parsing() {
         config_json(r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#),
         config_json("").replace(r#""model_type": "llama""#, r#""model_type": "mistral""#),
         config_json("").replace(r#""hidden_size": 16"#, r#""hidden_size": 15"#),
+        // Degenerate shapes: no window, no layers, no vocabulary.
+        config_json("").replace(
+            r#""max_position_embeddings": 128"#,
+            r#""max_position_embeddings": 0"#,
+        ),
+        config_json("").replace(
+            &format!(r#""num_hidden_layers": {LAYERS}"#),
+            r#""num_hidden_layers": 0"#,
+        ),
+        config_json("").replace(&format!(r#""vocab_size": {VOCAB}"#), r#""vocab_size": 0"#),
         "{}".to_string(),
         "not json".to_string(),
     ] {
+        assert_ne!(bad, config_json(""), "the case must change the config");
         assert!(config_from_json(&bad).is_err(), "accepted: {bad}");
     }
     let dir = temp_dir("empty");

@@ -75,28 +75,28 @@ enum Command {
         #[arg(long = "context", required = true)]
         contexts: Vec<PathBuf>,
         /// The question.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         question: String,
         /// Encoding mode.
         #[arg(long, value_enum, default_value_t = ModeArg::Ape)]
         mode: ModeArg,
         /// APE attention temperature T (finite, > 0).
-        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
         temperature: f32,
         /// APE scaling factor S (finite, > 0).
-        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_SCALE)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = ApeParams::DEFAULT_SCALE)]
         scale: f32,
         /// Use the older form of S that multiplies the context mass (a = T*L_C + ln S).
         #[arg(long)]
         scaled_mass: bool,
         /// Tokens to generate.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = 64)]
         max_tokens: usize,
         /// Sample with this temperature instead of greedy decoding.
-        #[arg(long, allow_negative_numbers = true)]
+        #[arg(long, allow_hyphen_values = true)]
         sampling_temperature: Option<f32>,
         /// Seed for sampling.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = 0)]
         seed: u64,
         /// Print the top K logits at the first answer position (for validation).
         #[arg(long, default_value_t = 0)]
@@ -127,10 +127,10 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// APE temperature T.
-        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = ApeParams::DEFAULT_TEMPERATURE)]
         temperature: f32,
         /// APE scaling factor S.
-        #[arg(long, allow_negative_numbers = true, default_value_t = ApeParams::DEFAULT_SCALE)]
+        #[arg(long, allow_hyphen_values = true, default_value_t = ApeParams::DEFAULT_SCALE)]
         scale: f32,
         /// Tokens of each greedy answer.
         #[arg(long, default_value_t = 24)]
@@ -225,7 +225,7 @@ fn main() -> ExitCode {
             json,
         } => (|| {
             let ape = ApeParams::new(temperature, scale)?;
-            let examples = dataset::generate(seed, &docs, per_position, candidates);
+            let examples = dataset::generate(seed, &docs, per_position, candidates)?;
             let modes = [
                 Mode::Sequential,
                 Mode::Parallel,
@@ -522,7 +522,7 @@ fn build_prompt(
     question: &str,
 ) -> ape_attn::Result<Prompt> {
     if question.trim().is_empty() {
-        return Err(Error::Shape("the question is empty".into()));
+        return Err(Error::InvalidInput("the question is empty".into()));
     }
     Ok(Prompt {
         prefix: tok.encode_start(&format!(
@@ -661,7 +661,7 @@ struct RunArgs {
 
 fn run(a: RunArgs) -> ape_attn::Result<()> {
     if a.question.trim().is_empty() {
-        return Err(Error::Shape("the question is empty".into()));
+        return Err(Error::InvalidInput("the question is empty".into()));
     }
     let passages = a
         .contexts
@@ -693,6 +693,11 @@ fn run_with<M: LlamaModel>(
     if a.print_logits > 0 {
         let state = engine.prefill(a.mode, &prompt)?;
         bar.finish_and_clear();
+        if state.logits.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Model(
+                "the forward pass produced non-finite logits".into(),
+            ));
+        }
         let mut top: Vec<(usize, f32)> = state.logits.iter().copied().enumerate().collect();
         top.sort_by(|x, y| y.1.total_cmp(&x.1));
         for (id, logit) in top.into_iter().take(a.print_logits) {
@@ -712,6 +717,12 @@ fn run_with<M: LlamaModel>(
     )?;
     bar.finish_and_clear();
     println!("{}", tokenizer.decode(&g.tokens)?.trim());
+    if g.window_full {
+        eprintln!(
+            "(stopped: the model's window of {} positions is full)",
+            engine.model.config().context_length
+        );
+    }
     eprintln!(
         "[{}] TTFT {:.1} ms ({} tokens encoded), {} tokens at {:.1} tok/s, window {}, on {device}",
         a.mode.name(),
@@ -817,7 +828,7 @@ fn eval_command(
     json: Option<PathBuf>,
 ) -> ape_attn::Result<()> {
     if examples.is_empty() {
-        return Err(Error::Shape(
+        return Err(Error::InvalidInput(
             "no examples: --docs and --per-position must be positive".into(),
         ));
     }
@@ -864,10 +875,15 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
     }
     let path = model_path(a.model)?;
     let (mut engine, tokenizer) = load_cpu(&path)?;
-    let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates);
-    let held = dataset::generate(a.seed + 1000, &a.docs, a.per_position, a.candidates);
+    let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates)?;
+    let held = dataset::generate(
+        a.seed.wrapping_add(1000),
+        &a.docs,
+        a.per_position,
+        a.candidates,
+    )?;
     if cal.is_empty() || a.temperatures.is_empty() || a.scales.is_empty() {
-        return Err(Error::Shape(
+        return Err(Error::InvalidInput(
             "nothing to calibrate: --docs, --per-position, --temperatures and --scales must be non-empty".into(),
         ));
     }
@@ -900,7 +916,7 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
     }
     let best = grid
         .first()
-        .ok_or_else(|| Error::Shape("empty calibration grid".into()))?
+        .ok_or_else(|| Error::InvalidInput("empty calibration grid".into()))?
         .ape;
     println!(
         "\nchosen: T = {}, S = {} ({:?} objective); held-out results:",

@@ -23,6 +23,8 @@ pub struct Example {
     pub relation: &'static str,
 }
 
+use crate::error::{Error, Result};
+
 /// A small deterministic generator (xorshift64*).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
@@ -211,19 +213,30 @@ fn distinct(r: &mut Rng, n: usize, avoid: &[String], f: fn(&mut Rng) -> String) 
     out
 }
 
+/// The most documents per example, and candidates per question, [`generate`] takes.
+pub const MAX_DOCS: usize = 100;
+/// See [`MAX_DOCS`].
+pub const MAX_CANDIDATES: usize = 100;
+
 /// One example with `n_docs` documents, the relevant one at `relevant`, and up to
-/// `n_candidates` candidate answers.
-pub fn example(r: &mut Rng, n_docs: usize, relevant: usize, n_candidates: usize) -> Example {
+/// `n_candidates` candidate answers; `None` when no relation drew enough distinct values (only
+/// for counts past [`MAX_DOCS`] or [`MAX_CANDIDATES`]).
+pub fn example(
+    r: &mut Rng,
+    n_docs: usize,
+    relevant: usize,
+    n_candidates: usize,
+) -> Option<Example> {
     // A relation whose pools give enough distinct subjects and answers (the fixed lists hold 14;
-    // generated names and years are unbounded, so the founder relation always qualifies).
-    let (rel, subjects, answers) = loop {
+    // generated names and years give thousands, so the founder relation qualifies up to the
+    // limits). Bounded: past them, no relation may ever qualify.
+    let (rel, subjects, answers) = (0..1000).find_map(|_| {
         let rel = &RELATIONS[r.below(RELATIONS.len())];
         let subjects = distinct(r, n_docs.max(1), &[], rel.subject);
         let answers = distinct(r, n_docs.max(n_candidates).max(1), &[], rel.answer);
-        if subjects.len() >= n_docs.max(1) && answers.len() >= n_docs.max(n_candidates).max(1) {
-            break (rel, subjects, answers);
-        }
-    };
+        (subjects.len() >= n_docs.max(1) && answers.len() >= n_docs.max(n_candidates).max(1))
+            .then_some((rel, subjects, answers))
+    })?;
     let relevant = relevant.min(n_docs.saturating_sub(1));
     // Document i states subject i's answer i; the question asks about the relevant subject.
     let documents: Vec<String> = (0..n_docs)
@@ -239,7 +252,7 @@ pub fn example(r: &mut Rng, n_docs: usize, relevant: usize, n_candidates: usize)
     let answer_index = r.below(others.len() + 1);
     let mut candidates = others;
     candidates.insert(answer_index, answer.clone());
-    Example {
+    Some(Example {
         documents,
         relevant,
         question: (rel.question)(&subjects[relevant]),
@@ -247,25 +260,42 @@ pub fn example(r: &mut Rng, n_docs: usize, relevant: usize, n_candidates: usize)
         candidates,
         answer_index,
         relation: rel.name,
-    }
+    })
 }
 
 /// The evaluation set: for each document count, `per_position` examples with the relevant
 /// document at each position.
+///
+/// Errors unless every document count is at most [`MAX_DOCS`] and `n_candidates` is in
+/// `2..=`[`MAX_CANDIDATES`] (one candidate would make every answer right).
 pub fn generate(
     seed: u64,
     doc_counts: &[usize],
     per_position: usize,
     n_candidates: usize,
-) -> Vec<Example> {
+) -> Result<Vec<Example>> {
+    if let Some(n) = doc_counts.iter().find(|&&n| n > MAX_DOCS) {
+        return Err(Error::OutOfRange(format!(
+            "{n} documents per example: at most {MAX_DOCS}"
+        )));
+    }
+    if !(2..=MAX_CANDIDATES).contains(&n_candidates) {
+        return Err(Error::OutOfRange(format!(
+            "{n_candidates} candidates per question: 2 to {MAX_CANDIDATES}"
+        )));
+    }
     let mut r = Rng::new(seed);
     let mut out = Vec::new();
     for &n in doc_counts {
         for pos in 0..n {
             for _ in 0..per_position {
-                out.push(example(&mut r, n, pos, n_candidates));
+                out.push(example(&mut r, n, pos, n_candidates).ok_or_else(|| {
+                    Error::OutOfRange(format!(
+                        "no relation gives {n} distinct subjects and {n_candidates} answers"
+                    ))
+                })?);
             }
         }
     }
-    out
+    Ok(out)
 }

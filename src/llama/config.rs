@@ -96,11 +96,22 @@ impl LlamaConfig {
             rope: RopeConfig::new(head_dim, base, RopeLayout::Interleaved)?,
             context_length: get("context_length")?,
         };
-        cfg.attention_dims()?;
-        if cfg.n_layers == 0 || cfg.hidden_dim == 0 || cfg.vocab_size == 0 {
-            return Err(bad(format!("degenerate model shape {cfg:?}")));
-        }
+        cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Checks a shape read from a model file: a valid head layout, and no zero layer count,
+    /// FFN width, vocabulary or window.
+    pub fn validate(&self) -> Result<()> {
+        self.attention_dims()?;
+        if self.n_layers == 0
+            || self.hidden_dim == 0
+            || self.vocab_size == 0
+            || self.context_length == 0
+        {
+            return Err(bad(format!("degenerate model shape {self:?}")));
+        }
+        Ok(())
     }
 
     /// The attention head layout.

@@ -142,7 +142,7 @@ pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
         rope,
         context_length: c.max_position_embeddings,
     };
-    cfg.attention_dims()?;
+    cfg.validate()?;
     Ok(cfg)
 }
 
