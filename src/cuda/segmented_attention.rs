@@ -1149,6 +1149,11 @@ mod tests {
         let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
         assert!(ctas as usize <= BLOCKS_PER_SM * 132, "{auto:?}");
         assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
+        // A sequence of two tiles (too short to split) runs whole beside ones that split.
+        let two: Vec<(usize, SegmentRole)> =
+            vec![(50, SegmentRole::Context), (1, SegmentRole::Causal)];
+        let mixed = plan_batch(&[(1, &long[..]), (1, &two[..])], &d, 132, None).expect("valid");
+        assert!(!mixed[0].whole && mixed[1].whole, "{mixed:?}");
         // Enough query tiles for a wave: every sequence runs whole.
         let many: Vec<(usize, &[(usize, SegmentRole)])> = (0..40).map(|_| (1, &long[..])).collect();
         assert!(plan_batch(&many, &d, 132, None)

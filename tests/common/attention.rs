@@ -666,17 +666,24 @@ pub fn batches_of_sequences(b: &dyn Backend) {
         }
     }
     // A decode step of many sequences: enough query tiles to fill a wave (every sequence runs
-    // whole), then few enough that the sequences split their keys.
+    // whole), then few enough that the sequences split their keys, with one of two key tiles
+    // (too short to split) among them: one launch with both modes.
     let dims = AttentionDims::new(8, 4, 64).unwrap();
     let many = if b.quick() { 4 } else { 70 };
     for n_seqs in [many, 3] {
-        let cases: Vec<Case> = (0..n_seqs)
+        let mut cases: Vec<Case> = (0..n_seqs)
             .map(|_| {
                 let lens = [r.range(1, 300), r.range(0, 200)];
                 let ape = r.pick(&apes);
                 make_case(&mut r, dims, DType::BF16, 4, &lens, 1, ape, None)
             })
             .collect();
+        if n_seqs == 3 {
+            let len = r.range(1, 64);
+            let mut short = make_case(&mut r, dims, DType::BF16, 0, &[len], 1, apes[0], None);
+            short.segments.retain(|s| s.len > 0);
+            cases.insert(1, short);
+        }
         let (out, lse) = b.run_batch(&cases, None);
         let row = dims.n_heads * dims.head_dim;
         for (i, case) in cases.iter().enumerate() {
