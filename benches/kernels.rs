@@ -195,6 +195,74 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
     g.finish();
 }
 
+/// A decode step of many sequences, each one row over its own cached keys (Llama-3-8B attention
+/// shapes, APE): one batched launch (`batched`) against one launch per sequence (`per_sequence`,
+/// what an engine does without batches). Throughput: the K+V bytes of all sequences. Ids:
+/// `batch_decode/{batched|per_sequence}/n{sequences}_k{keys per sequence}_s{segments}`.
+fn bench_batch_decode(c: &mut Criterion, dev: &Device) {
+    let mut g = configure(c, "batch_decode");
+    for (n_seqs, keys, n_segments) in [(64, 4096, 4), (16, 16384, 4)] {
+        let problems: Vec<Problem> = (0..n_seqs)
+            .map(|_| problem(dev, 1, keys, n_segments))
+            .collect();
+        let dims = problems[0].dims;
+        let q = filled(dev, &[n_seqs, dims.n_heads, dims.head_dim], DType::BF16, 77);
+        let mut out = Tensor::zeros(dev, q.shape(), DType::BF16).expect("alloc");
+        let mut lse = Tensor::zeros(dev, &q.shape()[..2], DType::F32).expect("alloc");
+        let mut outs: Vec<(Tensor, Tensor)> = problems.iter().map(|p| outputs(dev, p)).collect();
+        let ape = ApeParams::default();
+        let segments: Vec<Vec<cuda::Segment>> = problems
+            .iter()
+            .map(|p| {
+                p.kv.iter()
+                    .map(|(k, v)| cuda::Segment {
+                        k,
+                        v,
+                        pos_offset: 0,
+                        role: SegmentRole::Context,
+                        rope_shift: None,
+                    })
+                    .collect()
+            })
+            .collect();
+        let sequences: Vec<cuda::BatchSequence> = problems
+            .iter()
+            .zip(&segments)
+            .map(|(p, segs)| cuda::BatchSequence {
+                n_rows: 1,
+                pos_offset: p.q_pos,
+                segments: segs,
+                ape,
+            })
+            .collect();
+        g.throughput(Throughput::Bytes(
+            n_seqs as u64 * 2 * keys as u64 * 8 * 128 * 2,
+        ));
+        let shape = format!("n{n_seqs}_k{keys}_s{n_segments}");
+        let opts = SegmentedAttentionOptions::default();
+        g.bench_with_input(BenchmarkId::new("batched", &shape), &(), |b, _| {
+            b.iter_custom(|iters| {
+                gpu_time(dev, iters, || {
+                    cuda::segmented_attention_batch_into(
+                        dev, &q, &sequences, &dims, &mut out, &mut lse, &opts,
+                    )
+                    .expect("launch")
+                })
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("per_sequence", &shape), &(), |b, _| {
+            b.iter_custom(|iters| {
+                gpu_time(dev, iters, || {
+                    for (p, (o, l)) in problems.iter().zip(&mut outs) {
+                        run(dev, p, &ape, o, l)
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
 /// The split-KV plan's choice against fixed split counts, for the memory-bound cases (64 rows and
 /// one decode row over 32K keys in 16 segments, APE): data for tuning `plan`'s heuristic.
 /// Throughput: the cached K+V bytes. Ids: `split_sweep/rows{r}_k32768_s16/{splits|auto}`.
@@ -396,6 +464,7 @@ fn benches(c: &mut Criterion) {
     bench_host_sync(c, &dev);
     bench_short_and_decode(c, &dev);
     bench_split_sweep(c, &dev);
+    bench_batch_decode(c, &dev);
     bench_block_attention_shift(c, &dev);
     bench_prefill(c, &dev);
 }

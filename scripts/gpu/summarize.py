@@ -484,6 +484,22 @@ def main():
             for sh, by in sorted(sweep.items())]
     table(["shape", "auto"] + [f"{n} splits" for n in names], rows)
 
+    print("\n### Batched decode: one launch for every sequence vs one launch per sequence\n")
+    print("One decode row per sequence over its own cached keys (APE, d 128, 32 heads / 8 KV"
+          " heads); K+V read bandwidth of all sequences, GB/s (benches/kernels.rs,"
+          " bench_batch_decode).\n")
+    batch = {}
+    for k, e in ours.items():
+        m = re.match(r"batch_decode/(batched|per_sequence)/(n\d+_k\d+_s\d+)$", k)
+        if m:
+            batch.setdefault(m.group(2), {})[m.group(1)] = e.get("gbps")
+    rows = []
+    for sh, by in sorted(batch.items()):
+        b, p = by.get("batched"), by.get("per_sequence")
+        rows.append([sh, fmt(b, ".0f"), fmt(p, ".0f"), fmt(ratio(b, p), ".2f"),
+                     fmt(ratio(b, floor_copy), ".2f")])
+    table(["shape", "batched", "per sequence", "batched / per sequence", "batched / copy"], rows)
+
     print("\n### Host syncs: a 64 MiB copy then one small call, per iteration\n")
     print("If a call makes the host wait for the stream, its launch time adds to each iteration;"
           " if not, the iteration costs about the copy alone (benches/kernels.rs,"
