@@ -17,11 +17,10 @@ use crate::llama::model::KvBlock;
 /// How a cached block was encoded (part of its key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
-    /// The shared prefix itself, from position 0.
-    Prefix,
     /// APE / parallel encoding: after the prefix (which is part of the key), at positions `P..`.
     AfterPrefix,
-    /// Block-Attention: alone, from position 0.
+    /// Alone, from position 0: Block-Attention's blocks, and the shared prefix in every mode (the
+    /// same computation, so APE and Block-Attention requests share the prefix's block).
     Alone,
 }
 

@@ -262,3 +262,23 @@ fn block_attention_pins_the_blocks_it_reads() {
     assert!(e.prefill(Mode::BlockAttention, &other).is_ok());
     assert!(e.cache.stats().evictions > 0);
 }
+
+/// The shared prefix is encoded alone from position 0 in every mode: an APE request and a
+/// Block-Attention request over the same prefix share its block.
+#[test]
+fn ape_and_block_attention_share_the_prefix_block() {
+    let model = CpuModel::load(&llama::small_model_with_window(4096)).expect("model loads");
+    let mut e = Engine::new(model, "small", 1 << 30);
+    let p = Prompt {
+        prefix: vec![1, 2, 3, 4, 5],
+        contexts: vec![vec![6; 20], vec![7; 30]],
+        question: vec![8, 9],
+    };
+    let ape = e
+        .prefill(Mode::Ape(ApeParams::default()), &p)
+        .expect("prefill");
+    assert_eq!(ape.tokens_encoded, 5 + 20 + 30 + 2);
+    let blocks = e.prefill(Mode::BlockAttention, &p).expect("prefill");
+    // The contexts are encoded again (alone, not after the prefix); the prefix is a hit.
+    assert_eq!(blocks.tokens_encoded, 20 + 30 + 2);
+}

@@ -260,7 +260,7 @@ impl<M: LlamaModel> Engine<M> {
                 let p = prompt.prefix.len();
                 let prefix_block = if p > 0 {
                     let b =
-                        self.cached(Scheme::Prefix, (&[], None), &prompt.prefix, 0, &mut encoded)?;
+                        self.cached(Scheme::Alone, (&[], None), &prompt.prefix, 0, &mut encoded)?;
                     blocks.push((b.clone(), 0, SegmentRole::Causal));
                     Some(b)
                 } else {
