@@ -138,6 +138,12 @@ fn eval_and_calibrate_refuse_empty_sets() {
     assert_one_line_error(c, &e, "candidates");
     let (c, _, e) = ape(&["calibrate", "--docs", "2,100000"]);
     assert_one_line_error(c, &e, "documents");
+    // A --json path that cannot be written fails before the run, not after it.
+    let bad = "/nonexistent-dir/results.json";
+    let (c, _, e) = ape(&["eval", "--docs", "1", "--json", bad]);
+    assert_one_line_error(c, &e, bad);
+    let (c, _, e) = ape(&["calibrate", "--docs", "2", "--json", bad]);
+    assert_one_line_error(c, &e, bad);
 }
 
 #[test]

@@ -808,14 +808,33 @@ fn report(modes: &[Mode], results: &eval::Results) -> serde_json::Value {
     serde_json::Value::Array(json)
 }
 
-fn write_json(path: Option<PathBuf>, value: &serde_json::Value) -> ape_attn::Result<()> {
-    if let Some(p) = path {
-        let text = serde_json::to_string_pretty(value).map_err(|e| Error::Shape(e.to_string()))?;
-        std::fs::write(&p, text).map_err(|source| Error::Io {
-            path: p.display().to_string(),
+/// A `--json` file, created before the run so that a bad path fails at once, not after it.
+struct JsonOut {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+fn open_json(path: Option<PathBuf>) -> ape_attn::Result<Option<JsonOut>> {
+    path.map(|path| {
+        let file = std::fs::File::create(&path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
             source,
         })?;
-        eprintln!("wrote {}", p.display());
+        Ok(JsonOut { path, file })
+    })
+    .transpose()
+}
+
+fn write_json(out: Option<JsonOut>, value: &serde_json::Value) -> ape_attn::Result<()> {
+    use std::io::Write;
+    if let Some(mut out) = out {
+        let io = |source| Error::Io {
+            path: out.path.display().to_string(),
+            source,
+        };
+        serde_json::to_writer_pretty(&mut out.file, value).map_err(|e| io(e.into()))?;
+        out.file.write_all(b"\n").map_err(io)?;
+        eprintln!("wrote {}", out.path.display());
     }
     Ok(())
 }
@@ -832,6 +851,7 @@ fn eval_command(
             "no examples: --docs and --per-position must be positive".into(),
         ));
     }
+    let json = open_json(json)?;
     let path = model_path(model)?;
     let (mut engine, tokenizer) = load_cpu(&path)?;
     println!(
@@ -887,6 +907,7 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
             "nothing to calibrate: --docs, --per-position, --temperatures and --scales must be non-empty".into(),
         ));
     }
+    let json = open_json(a.json)?;
     let points = a.temperatures.len() * a.scales.len();
     println!(
         "calibration: {} examples x {points} (T, S) points; held-out: {} examples",
@@ -943,7 +964,7 @@ fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
         })
         .collect();
     write_json(
-        a.json,
+        json,
         &serde_json::json!({"chosen": {"T": best.temperature(), "S": best.scale()}, "grid": grid_json, "held_out": table}),
     )
 }
