@@ -528,13 +528,16 @@ fn build_prompt(
         prefix: tok.encode_start(&format!(
             "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
         ))?,
+        // Passages and the question are text: control tokens written in them stay text.
         contexts: passages
             .iter()
-            .map(|p| tok.encode(&format!("{}\n", p.trim_end())))
+            .map(|p| tok.encode_text(&format!("{}\n", p.trim_end())))
             .collect::<ape_attn::Result<_>>()?,
-        question: tok.encode(&format!(
-            "Question: {question}<|im_end|>\n<|im_start|>assistant\n"
-        ))?,
+        question: [
+            tok.encode_text(&format!("Question: {question}"))?,
+            tok.encode("<|im_end|>\n<|im_start|>assistant\n")?,
+        ]
+        .concat(),
     })
 }
 

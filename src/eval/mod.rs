@@ -31,12 +31,13 @@ pub fn prompt(tok: &Tokenizer, ex: &Example) -> Result<Prompt> {
         contexts: ex
             .documents
             .iter()
-            .map(|d| tok.encode(&format!("Document: {d}\n")))
+            .map(|d| tok.encode_text(&format!("Document: {d}\n")))
             .collect::<Result<_>>()?,
-        question: tok.encode(&format!(
-            "Question: {}<|im_end|>\n<|im_start|>assistant\n",
-            ex.question
-        ))?,
+        question: [
+            tok.encode_text(&format!("Question: {}", ex.question))?,
+            tok.encode("<|im_end|>\n<|im_start|>assistant\n")?,
+        ]
+        .concat(),
     })
 }
 

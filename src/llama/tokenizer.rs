@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 /// A text tokenizer with the model's special token ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens read as plain text ([`Tokenizer::encode_text`]).
+    text: tokenizers::Tokenizer,
     /// Beginning-of-sequence token, if the model has one.
     pub bos: Option<u32>,
     /// End-of-sequence token.
@@ -33,6 +35,13 @@ impl std::fmt::Debug for Tokenizer {
             .field("eos", &self.eos)
             .finish_non_exhaustive()
     }
+}
+
+/// `inner` with its special tokens encoded as plain text.
+fn text_only(inner: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
+    let mut text = inner.clone();
+    text.set_encode_special_tokens(true);
+    text
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -145,6 +154,7 @@ impl Tokenizer {
             }
         }
         Ok(Self {
+            text: text_only(&inner),
             inner,
             bos,
             eos,
@@ -169,6 +179,7 @@ impl Tokenizer {
             }
         }
         Ok(Self {
+            text: text_only(&inner),
             inner,
             bos,
             eos: eos_first,
@@ -190,6 +201,17 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
+            .encode(text, false)
+            .map_err(|e| bad(format!("tokenize: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with special tokens written in it read as plain text: for passages
+    /// and questions, which must not open or close chat turns (a document quoting `<|im_end|>`
+    /// gets the tokens of those characters, not the control token).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .text
             .encode(text, false)
             .map_err(|e| bad(format!("tokenize: {e}")))?;
         Ok(enc.get_ids().to_vec())
