@@ -581,6 +581,27 @@ pub(crate) struct SequenceRef<'a> {
     pub ape: ApeParams,
 }
 
+/// The sequences of a launch, `(n_rows, pos_offset, n_segments, ape)` each, over their segments
+/// in `refs` (each sequence's `n_segments`, in order).
+pub(crate) fn sequence_refs(
+    refs: &[SegmentRef],
+    sequences: impl IntoIterator<Item = (usize, usize, usize, ApeParams)>,
+) -> Vec<SequenceRef<'_>> {
+    let mut at = 0;
+    sequences
+        .into_iter()
+        .map(|(n_rows, pos_offset, n_segments, ape)| {
+            at += n_segments;
+            SequenceRef {
+                n_rows,
+                pos_offset,
+                segments: &refs[at - n_segments..at],
+                ape,
+            }
+        })
+        .collect()
+}
+
 /// Threads per block of the combine kernel (one warp per (row, head)).
 pub(crate) const COMBINE_THREADS: u32 = 256;
 
@@ -929,19 +950,12 @@ fn launch(
             rope_shift: s.rope_shift,
         });
     }
-    let mut at = 0;
-    let seq_refs: Vec<SequenceRef> = sequences
-        .iter()
-        .map(|q| {
-            at += q.segments.len();
-            SequenceRef {
-                n_rows: q.n_rows,
-                pos_offset: q.pos_offset,
-                segments: &refs[at - q.segments.len()..at],
-                ape: q.ape,
-            }
-        })
-        .collect();
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|q| (q.n_rows, q.pos_offset, q.segments.len(), q.ape)),
+    );
     let layout = launch_layout(
         &seq_refs,
         dims,

@@ -4,8 +4,8 @@
 
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
-    check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, SegmentExtent,
-    SegmentRef, SegmentedAttentionOptions, SequenceRef, COMBINE_THREADS, THREADS,
+    check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
+    SegmentExtent, SegmentRef, SegmentedAttentionOptions, COMBINE_THREADS, THREADS,
 };
 use crate::cuda::DType;
 use crate::error::Result;
@@ -122,19 +122,12 @@ fn run(
             rope_shift: s.rope_shift,
         })
         .collect();
-    let mut at = 0;
-    let seq_refs: Vec<SequenceRef> = sequences
-        .iter()
-        .map(|s| {
-            at += s.segments.len();
-            SequenceRef {
-                n_rows: s.n_rows,
-                pos_offset: s.pos_offset,
-                segments: &refs[at - s.segments.len()..at],
-                ape: s.ape,
-            }
-        })
-        .collect();
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
+    );
     let layout = launch_layout(
         &seq_refs,
         dims,
