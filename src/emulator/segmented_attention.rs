@@ -8,7 +8,7 @@ use crate::cuda::segmented_attention::{
     SegmentExtent, SegmentRef, SegmentedAttentionOptions, COMBINE_THREADS, THREADS,
 };
 use crate::cuda::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::params::{ApeParams, AttentionDims};
 use crate::reference::segmented_attention::{
     validate, AttentionOutput, BatchSequence, Query, Segment,
@@ -54,7 +54,13 @@ pub fn segmented_attention_batch(
 ) -> Result<AttentionOutput> {
     dims.validate()?;
     let row = dims.n_heads * dims.head_dim;
-    check_batch_rows(q.len() / row.max(1), sequences.iter().map(|s| s.n_rows))?;
+    if q.len() % row != 0 {
+        return Err(Error::Shape(format!(
+            "the query has {} values, not a whole number of rows of n_heads * head_dim = {row}",
+            q.len()
+        )));
+    }
+    check_batch_rows(q.len() / row, sequences.iter().map(|s| s.n_rows))?;
     let mut first = 0;
     for s in sequences {
         let query = Query {
