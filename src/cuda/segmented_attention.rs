@@ -182,7 +182,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Thread blocks along the split dimension.
+    /// Thread blocks per query tile (and KV head): the splits, or 1 in whole mode.
     pub fn n_splits(&self) -> u32 {
         if self.whole {
             1
@@ -270,7 +270,8 @@ pub fn plan(
         whole: true,
         q_tiles,
     };
-    if wanted <= 1 || total_tiles <= 1 {
+    // No rows (a batch's idle sequence) or nothing to split: one pass, which does nothing.
+    if wanted <= 1 || total_tiles <= 1 || q_tiles == 0 {
         return Ok(p);
     }
     // Share the splits between the groups in proportion to their tiles: at least one each for a
@@ -289,10 +290,12 @@ pub fn plan(
     p.n_ctx_splits = u32_of(ctx, "splits")?;
     p.n_causal_splits = u32_of(causal, "splits")?;
     p.whole = false;
-    if p.n_ctx_splits + p.n_causal_splits > 65_535 {
+    // Thread blocks share the grid's x (at most 2^31 - 1) with the query tiles and the other
+    // sequences of a batch; launch_layout checks the total.
+    let splits = u64::from(p.n_ctx_splits) + u64::from(p.n_causal_splits);
+    if splits > i32::MAX as u64 {
         return Err(Error::OutOfRange(format!(
-            "{} splits exceed the grid limit of 65535",
-            p.n_ctx_splits + p.n_causal_splits
+            "{splits} splits exceed the grid limit of 2^31 - 1"
         )));
     }
     Ok(p)
@@ -706,6 +709,19 @@ pub(crate) fn launch_layout(
 
     let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
     let log2e = std::f64::consts::LOG2_E;
+    // The grid's x: every sequence's thread blocks, at most 2^31 - 1 (checked before the work
+    // list is built: it holds one entry per thread block).
+    let n_work = plans.iter().try_fold(0u64, |sum, p| {
+        sum.checked_add(u64::from(p.q_tiles) * u64::from(p.n_splits()))
+    });
+    let n_work = match n_work {
+        Some(n) if n <= i32::MAX as u64 => n as u32,
+        _ => {
+            return Err(Error::OutOfRange(
+                "the launch needs more than 2^31 - 1 thread blocks".into(),
+            ))
+        }
+    };
     let (mut q_row0, mut seg0, mut part0, mut work0) = (0usize, 0usize, 0usize, 0usize);
     let mut seqs = Vec::with_capacity(sequences.len());
     let mut work: Vec<u32> = Vec::new();
@@ -748,13 +764,7 @@ pub(crate) fn launch_layout(
         }
         work0 += blocks;
     }
-    // The grid's x: at most 2^31 - 1 thread blocks.
-    let n_work = u32_of(work0, "thread blocks")?;
-    if n_work > i32::MAX as u32 {
-        return Err(Error::OutOfRange(format!(
-            "{work0} thread blocks exceed the grid limit of 2^31 - 1"
-        )));
-    }
+    debug_assert_eq!(work0, n_work as usize);
     // Partial states: O [part0, head_dim] then LSE [part0] (whole mode reads neither, but the
     // kernel takes valid pointers).
     let o_len = (part0 * dims.head_dim).max(1);
@@ -771,6 +781,7 @@ pub(crate) fn launch_layout(
         smem_limit
     };
     let grid = (n_work, dims.n_kv_heads as u32, 1);
+    // Sequences without rows always run whole (plan), so a split sequence has rows.
     let combine_grid = if plans.iter().all(|p| p.whole) {
         None
     } else {
@@ -875,7 +886,9 @@ pub fn segmented_attention_into(
 /// Segmented attention for a batch of sequences in one launch (and at most one combine launch):
 /// sequence `i` owns `sequences[i].n_rows` consecutive rows of the packed query `q`
 /// `[total_rows, n_heads, head_dim]`, attends to its own segments with its own APE parameters,
-/// and gets the same rows of `out` and `lse` that [`segmented_attention`] would give it alone.
+/// and gets the rows of `out` and `lse` that [`segmented_attention`] would give it alone (up to
+/// rounding: a batch may split a sequence's keys differently; with a fixed `num_splits`, the same
+/// bits).
 /// Returns new `(out, lse)`.
 ///
 /// This is how an engine runs one decode step (or a mixed prefill and decode step) of many
@@ -1239,6 +1252,21 @@ mod tests {
         assert!(one.seqs.is_empty() && one.work.is_empty());
         assert_eq!(one.launch.n_sequences, 1);
         assert!(launch_layout(&[], &d, DType::BF16, 132, None).is_err());
+        // A sequence without rows never splits, even when splits are forced: beside a whole
+        // sequence, nothing is left to combine (a combine grid of x = 0 would be refused).
+        let long = [seg(200, SegmentRole::Context)];
+        let short = [seg(10, SegmentRole::Causal)];
+        let l = launch_layout(
+            &[seq(1, &short[..]), seq(0, &long[..])],
+            &d,
+            DType::BF16,
+            132,
+            Some(2),
+        )
+        .expect("valid");
+        assert!(l.seqs.iter().all(|p| p.whole == 1));
+        assert_eq!(l.combine_grid, None);
+        assert_eq!(l.grid.0, 1);
     }
 
     #[test]

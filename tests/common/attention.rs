@@ -668,8 +668,9 @@ pub fn batches_of_sequences(b: &dyn Backend) {
     // A decode step of many sequences: enough query tiles to fill a wave (every sequence runs
     // whole), then few enough that the sequences split their keys, with one of two key tiles
     // (too short to split) among them: one launch with both modes.
-    let dims = AttentionDims::new(8, 4, 64).unwrap();
-    let many = if b.quick() { 4 } else { 70 };
+    let dims = AttentionDims::new(8, 8, 64).unwrap();
+    // 34 sequences x 8 KV heads: more thread blocks than one wave of an H100 (264).
+    let many = if b.quick() { 34 } else { 70 };
     for n_seqs in [many, 3] {
         let mut cases: Vec<Case> = (0..n_seqs)
             .map(|_| {
@@ -692,4 +693,12 @@ pub fn batches_of_sequences(b: &dyn Backend) {
             assert_ok(case, compare(&mut r, case, case, got_out, got_lse, 1));
         }
     }
+    // A sequence without rows beside one that runs whole, splits forced: nothing to combine.
+    let dims = AttentionDims::new(8, 2, 64).unwrap();
+    let mut idle = make_case(&mut r, dims, DType::BF16, 0, &[200], 0, apes[0], None);
+    idle.segments.retain(|s| s.len > 0);
+    let mut one = make_case(&mut r, dims, DType::BF16, 0, &[], 1, apes[1], None);
+    one.segments.retain(|s| s.len > 0);
+    let (out, lse) = b.run_batch(&[one.clone(), idle], Some(2));
+    assert_ok(&one, compare(&mut r, &one, &one, &out, &lse, 1));
 }
