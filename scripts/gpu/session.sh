@@ -29,7 +29,7 @@ T_LLAMA=120 # includes the real model (cut to its first layers) on the CPU and t
 T_MEMCHECK=50
 T_RACECHECK=75
 # bench (525)
-# criterion, 19 benchmarks, each saving its JSON when done. Its --warm-up-time, --measurement-time
+# criterion, 49 benchmarks, each saving its JSON when done. Its --warm-up-time, --measurement-time
 # and --sample-size would not shorten them: benches/kernels.rs sets those per group, which wins.
 T_KERNELS=240
 T_SDPA_CASES=45
@@ -58,6 +58,21 @@ out=${OUT:-gpu-out}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/ape-gpu-$tag.XXXXXX")
+
+# cudarc opens libcublas by name at run time (libcublas.so, .so.13, .so.12, ...). When the loader
+# knows none, look where a CUDA toolkit or PyTorch's pip wheels keep one, and add that directory.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+  while IFS= read -r d; do dirs+=("$d"); done < <(python3 -c \
+    'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
+  cublas=$(find "${dirs[@]}" -maxdepth 4 -name 'libcublas.so*' 2>/dev/null | head -n 1)
+  if [ -n "$cublas" ]; then
+    export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "libcublas: $cublas (added to LD_LIBRARY_PATH)"
+  else
+    echo "libcublas: not found; the GPU forward pass tests and the e2e benchmark will say so"
+  fi
+fi
 status=0
 deadline=$(($(date +%s) + PHASE_BUDGET))
 dir=$work # the current phase's folder

@@ -54,6 +54,12 @@ impl std::fmt::Debug for Device {
 impl Device {
     /// Opens device `ordinal` and loads the kernels. Errors (never panics) when the kernels were
     /// not built, when there is no NVIDIA driver, or when the device does not exist.
+    ///
+    /// The device's context and [`Device::stream`] are its own, and every launch and copy runs on
+    /// that stream, so buffers need no cross-stream tracking and get none (cudarc's event
+    /// tracking is off in this context). A caller who uses its tensors on another stream orders
+    /// that use itself, as with any raw CUDA buffer; an engine with its own streams uses
+    /// [`Device::with_stream`], which leaves the caller's context as it is.
     pub fn new(ordinal: usize) -> Result<Self> {
         let image = kernel_image()?;
         // SAFETY: only tries to open the driver library by its usual names; touches no state.
@@ -69,6 +75,12 @@ impl Device {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: nothing has been allocated in this new context yet. Everything the crate does
+        // runs on the one stream below, where the CUDA stream order already orders every use and
+        // every (stream-ordered) free; cudarc's cross-stream events would only add two driver
+        // calls per buffer per launch (hundreds per launch over many segments). The docs above
+        // state what a caller that uses these buffers on another stream must do.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         Self::load(image, stream)
     }
@@ -157,8 +169,11 @@ impl Device {
         self.function_with_smem(name, 0)
     }
 
-    /// A kernel that needs `dynamic_smem` bytes of dynamic shared memory; above the default 48 KiB
-    /// the opt-in attribute is set once, when the function is first loaded.
+    /// A kernel that needs `dynamic_smem` bytes of dynamic shared memory: the opt-in attribute is
+    /// set to it once, when the function is first loaded. Set whenever the kernel takes dynamic
+    /// shared memory, not only above 48 KiB: without it, static plus dynamic shared memory must fit
+    /// in 48 KiB, and the attention kernel at head dim 64 with RoPE shifts takes exactly 48 KiB
+    /// dynamic plus its static parameters.
     pub(crate) fn function_with_smem(
         &self,
         name: &'static str,
@@ -172,7 +187,7 @@ impl Device {
             return Ok(f.clone());
         }
         let f = self.module.load_function(name)?;
-        if dynamic_smem > 48 * 1024 {
+        if dynamic_smem > 0 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 dynamic_smem as i32,

@@ -796,7 +796,7 @@ pub(crate) fn launch_layout(
             (most * 32).div_ceil(COMBINE_THREADS as usize),
             "combine blocks",
         )?;
-        Some((blocks, sequences.len() as u32, 1))
+        (blocks > 0).then_some((blocks, sequences.len() as u32, 1))
     };
     let launch = SegmentedAttentionLaunch {
         first: seqs[0],

@@ -230,6 +230,13 @@ impl std::fmt::Debug for CudaOps {
 impl CudaOps {
     /// The operations on `dev` (creates a cuBLAS handle on its stream).
     pub fn new(dev: Arc<Device>) -> Result<Self> {
+        // SAFETY: only tries to open the cuBLAS library by its usual names. Without it, cudarc
+        // would panic on the first cuBLAS call.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "the cuBLAS library (libcublas) is not on the library path".into(),
+            ));
+        }
         let blas = CudaBlas::new(dev.stream().clone())?;
         Ok(Self { dev, blas })
     }
@@ -254,6 +261,8 @@ impl CudaOps {
             return Ok(());
         }
         let stream = self.dev.stream();
+        // The raw call uses the thread's current context: make it the device's.
+        stream.context().bind_to_thread()?;
         let (a, _a_sync) = w.device_buffer().device_ptr(stream);
         let (b, _b_sync) = x.device_buffer().device_ptr(stream);
         let (c, _c_sync) = y.buf_mut().device_ptr_mut(stream);
