@@ -138,6 +138,117 @@ fn batches_of_sequences() {
     attention::batches_of_sequences(&Gpu::new());
 }
 
+/// Segments read through row views of one pool tensor (an engine's KV pool) give the very bits of
+/// the same rows copied into tensors of their own, in whole and split mode, with a RoPE shift on
+/// one; views past the pool's rows, or K and V views of different lengths, are errors.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn segments_read_through_row_views_of_a_pool() {
+    let gpu = Gpu::new();
+    let dev = &gpu.0;
+    let mut r = seeded("segments_read_through_row_views_of_a_pool");
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    let (row, pool_rows) = (2 * 128, 700);
+    let shape = |n| [n, 2, 128];
+    let k_host = round(r.uniform(pool_rows * row, 2.0), DType::BF16);
+    let v_host = round(r.uniform(pool_rows * row, 1.0), DType::BF16);
+    let k_pool = gpu.upload(&k_host, &shape(pool_rows), DType::BF16);
+    let v_pool = gpu.upload(&v_host, &shape(pool_rows), DType::BF16);
+    let rope = attention::rope_configs(128)[0];
+    // (rows of the pool, position, role, shift)
+    let spans = [
+        (0..100, 0, SegmentRole::Causal, None),
+        (130..400, 100, SegmentRole::Context, Some(100)),
+        (400..401, 100, SegmentRole::Context, None),
+        (650..700, 370, SegmentRole::Causal, None),
+    ];
+    let views: Vec<_> = spans
+        .iter()
+        .map(|(rows, ..)| {
+            let k = k_pool.rows(rows.clone()).unwrap();
+            let v = v_pool.rows(rows.clone()).unwrap();
+            (k, v)
+        })
+        .collect();
+    let copies: Vec<(Tensor, Tensor)> = spans
+        .iter()
+        .map(|(rows, ..)| {
+            let (a, b) = (rows.start * row, rows.end * row);
+            let n = rows.len();
+            (
+                gpu.upload(&k_host[a..b], &shape(n), DType::BF16),
+                gpu.upload(&v_host[a..b], &shape(n), DType::BF16),
+            )
+        })
+        .collect();
+    fn segments<'a, K>(
+        kv: &'a [(K, K)],
+        spans: &[(std::ops::Range<usize>, usize, SegmentRole, Option<i64>)],
+        rope: ape_attn::RopeConfig,
+    ) -> Vec<cuda::Segment<'a, K>> {
+        kv.iter()
+            .zip(spans)
+            .map(|((k, v), (_, pos, role, shift))| cuda::Segment {
+                k,
+                v,
+                pos_offset: *pos,
+                role: *role,
+                rope_shift: shift.map(|delta| RopeShift { rope, delta }),
+            })
+            .collect()
+    }
+    let q = gpu.upload(
+        &round(r.uniform(20 * 8 * 128, 2.0), DType::BF16),
+        &[20, 8, 128],
+        DType::BF16,
+    );
+    let query = cuda::Query {
+        data: &q,
+        pos_offset: 400,
+    };
+    let ape = ApeParams::default();
+    for splits in [Some(1), None] {
+        let opts = SegmentedAttentionOptions { num_splits: splits };
+        let run = |out: &mut Tensor, lse: &mut Tensor, viewed: bool| {
+            let res = if viewed {
+                let segs = segments(&views, &spans, rope);
+                cuda::segmented_attention_into(dev, &query, &segs, &dims, &ape, out, lse, &opts)
+            } else {
+                let segs = segments(&copies, &spans, rope);
+                cuda::segmented_attention_into(dev, &query, &segs, &dims, &ape, out, lse, &opts)
+            };
+            res.expect("launch");
+            (gpu.download(out), gpu.download(lse))
+        };
+        let (mut out, mut lse) = (
+            gpu.nan(&[20, 8, 128], DType::BF16),
+            gpu.nan(&[20, 8], DType::F32),
+        );
+        let viewed = run(&mut out, &mut lse, true);
+        let (mut out, mut lse) = (
+            gpu.nan(&[20, 8, 128], DType::BF16),
+            gpu.nan(&[20, 8], DType::F32),
+        );
+        let copied = run(&mut out, &mut lse, false);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&viewed.0) == bits(&copied.0) && bits(&viewed.1) == bits(&copied.1));
+        assert!(viewed.0.iter().all(|x| x.is_finite()));
+    }
+    assert!(matches!(k_pool.rows(600..701), Err(Error::Shape(_))));
+    let short = v_pool.rows(0..99).unwrap();
+    let bad = [cuda::Segment {
+        k: &views[0].0,
+        v: &short,
+        pos_offset: 0,
+        role: SegmentRole::Causal,
+        rope_shift: None,
+    }];
+    assert!(matches!(
+        cuda::segmented_attention(dev, &query, &bad, &dims, &ape),
+        Err(Error::Shape(_))
+    ));
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn lengths_and_split_modes() {
@@ -220,7 +331,7 @@ fn bad_inputs_are_errors() {
         pos_offset: 0,
     };
     assert!(matches!(
-        cuda::segmented_attention(&dev, &query96, &[], &d96, &ape),
+        cuda::segmented_attention(&dev, &query96, &[] as &[cuda::Segment], &d96, &ape),
         Err(Error::UnsupportedHeadDim { .. })
     ));
     let far = cuda::Query {
@@ -228,7 +339,7 @@ fn bad_inputs_are_errors() {
         pos_offset: i32::MAX as usize,
     };
     assert!(matches!(
-        cuda::segmented_attention(&dev, &far, &[], &dims, &ape),
+        cuda::segmented_attention(&dev, &far, &[] as &[cuda::Segment], &dims, &ape),
         Err(Error::OutOfRange(_))
     ));
     // Batches: the rows must add up to the query's, and errors name the sequence.

@@ -17,11 +17,11 @@ pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::{
     segmented_attention, segmented_attention_batch, segmented_attention_batch_into,
-    segmented_attention_into, BatchSequence, Query, Segment, SegmentedAttentionOptions,
+    segmented_attention_into, BatchSequence, KvTensor, Query, Segment, SegmentedAttentionOptions,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use tensor::{check_reshape, element_count, row_range};
-pub use tensor::{BufferRejected, DType, Tensor};
+pub use tensor::{BufferRejected, DType, Tensor, TensorRows};
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16
 /// blocks (the kernels loop over the rest).

@@ -19,7 +19,7 @@
 use bytemuck::{Pod, Zeroable};
 use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{DType, Device, Tensor};
+use super::{DType, Device, Tensor, TensorRows};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole};
 
@@ -33,7 +33,8 @@ pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
 
 /// One KV block on the device, read in place: `k` and `v` are `[len, n_kv_heads, head_dim]`.
 ///
-/// `T` is the tensor type: [`Tensor`] for the launchers here; the GPU forward pass
+/// `T` is the tensor type: for the launchers here, a [`Tensor`] or [`TensorRows`] (rows of a
+/// larger tensor, such as a KV pool; see [`KvTensor`]); the GPU forward pass
 /// ([`crate::llama::gpu::DeviceOps`]) uses the same struct for its other devices.
 #[derive(Debug)]
 pub struct Segment<'a, T = Tensor> {
@@ -56,6 +57,34 @@ impl<T> Clone for Segment<'_, T> {
     }
 }
 impl<T> Copy for Segment<'_, T> {}
+
+/// What a [`Segment`]'s K and V can be for the launchers here: a whole [`Tensor`]
+/// (`[len, n_kv_heads, head_dim]`), or [`TensorRows`], some rows of a larger one (an engine's KV
+/// pool, a preallocated block being filled), read in place.
+pub trait KvTensor {
+    /// The tensor holding the rows: `[rows, n_kv_heads, head_dim]`.
+    fn tensor(&self) -> &Tensor;
+    /// `(first row, rows)` the segment reads.
+    fn row_span(&self) -> (usize, usize);
+}
+
+impl KvTensor for Tensor {
+    fn tensor(&self) -> &Tensor {
+        self
+    }
+    fn row_span(&self) -> (usize, usize) {
+        (0, self.shape().first().copied().unwrap_or(0))
+    }
+}
+
+impl KvTensor for TensorRows<'_> {
+    fn tensor(&self) -> &Tensor {
+        TensorRows::tensor(self)
+    }
+    fn row_span(&self) -> (usize, usize) {
+        (self.start(), self.len())
+    }
+}
 
 /// Query rows on the device: `data` is `[n_rows, n_heads, head_dim]`, row `r` at position
 /// `pos_offset + r`. `T` as for [`Segment`].
@@ -375,10 +404,10 @@ fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
 /// Checks the packed query, the outputs and every sequence's segments (shapes, dtypes, devices),
 /// then each sequence's problem ([`check_problem`]) and the batch's limits. `prefix(i)` names
 /// sequence `i` in messages.
-fn validate(
+fn validate<K: KvTensor>(
     device: &Device,
     q: &Tensor,
-    sequences: &[BatchSequence],
+    sequences: &[BatchSequence<'_, K>],
     dims: &AttentionDims,
     out: &Tensor,
     lse: &Tensor,
@@ -406,20 +435,33 @@ fn validate(
     for (j, seq) in sequences.iter().enumerate() {
         for (i, s) in seq.segments.iter().enumerate() {
             let name = |t: &str| format!("{}segment {i} {t}", prefix(j));
-            let len = s.k.shape().first().copied().unwrap_or(0);
-            let want = [len, dims.n_kv_heads, dims.head_dim];
-            s.k.check_shape(&want, &name("k"))?;
-            s.v.check_shape(&want, &name("v"))?;
-            s.k.check_dtype(dtype, &name("k"))?;
-            s.v.check_dtype(dtype, &name("v"))?;
-            s.k.check_device(device, &name("k"))?;
-            s.v.check_device(device, &name("v"))?;
+            let len = s.k.row_span().1;
+            for (x, what) in [(s.k.tensor(), "k"), (s.v.tensor(), "v")] {
+                let shape = x.shape();
+                if shape.len() != 3 || shape[1] != dims.n_kv_heads || shape[2] != dims.head_dim {
+                    return Err(Error::Shape(format!(
+                        "{} has shape {shape:?}, expected [rows, {}, {}]",
+                        name(what),
+                        dims.n_kv_heads,
+                        dims.head_dim
+                    )));
+                }
+                x.check_dtype(dtype, &name(what))?;
+                x.check_device(device, &name(what))?;
+            }
+            if s.v.row_span().1 != len {
+                return Err(Error::Shape(format!(
+                    "{} reads {len} rows of K but {} of V",
+                    name("k"),
+                    s.v.row_span().1
+                )));
+            }
         }
         let extents: Vec<SegmentExtent> = seq
             .segments
             .iter()
             .map(|s| SegmentExtent {
-                len: s.k.shape()[0],
+                len: s.k.row_span().1,
                 pos_offset: s.pos_offset,
                 rope_shift: s.rope_shift,
             })
@@ -825,10 +867,10 @@ pub(crate) fn launch_layout(
 
 /// Attention of the query over all segments with the APE correction; returns new
 /// `(out [n_rows, n_heads, head_dim], lse [n_rows, n_heads] f32)`.
-pub fn segmented_attention(
+pub fn segmented_attention<K: KvTensor>(
     device: &Device,
     query: &Query,
-    segments: &[Segment],
+    segments: &[Segment<'_, K>],
     dims: &AttentionDims,
     ape: &ApeParams,
 ) -> Result<(Tensor, Tensor)> {
@@ -861,10 +903,10 @@ fn new_outputs(device: &Device, q: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// [`segmented_attention`] into caller-provided outputs, with launch options.
 #[allow(clippy::too_many_arguments)]
-pub fn segmented_attention_into(
+pub fn segmented_attention_into<K: KvTensor>(
     device: &Device,
     query: &Query,
-    segments: &[Segment],
+    segments: &[Segment<'_, K>],
     dims: &AttentionDims,
     ape: &ApeParams,
     out: &mut Tensor,
@@ -894,10 +936,10 @@ pub fn segmented_attention_into(
 /// This is how an engine runs one decode step (or a mixed prefill and decode step) of many
 /// requests: the thread blocks of all sequences share one grid, and short sequences split their
 /// keys to fill what the others leave ([`plan_batch`]).
-pub fn segmented_attention_batch(
+pub fn segmented_attention_batch<K: KvTensor>(
     device: &Device,
     q: &Tensor,
-    sequences: &[BatchSequence],
+    sequences: &[BatchSequence<'_, K>],
     dims: &AttentionDims,
 ) -> Result<(Tensor, Tensor)> {
     let (mut out, mut lse) = new_outputs(device, q)?;
@@ -915,10 +957,10 @@ pub fn segmented_attention_batch(
 
 /// [`segmented_attention_batch`] into caller-provided outputs, with launch options
 /// (`num_splits` applies to every sequence).
-pub fn segmented_attention_batch_into(
+pub fn segmented_attention_batch_into<K: KvTensor>(
     device: &Device,
     q: &Tensor,
-    sequences: &[BatchSequence],
+    sequences: &[BatchSequence<'_, K>],
     dims: &AttentionDims,
     out: &mut Tensor,
     lse: &mut Tensor,
@@ -931,10 +973,10 @@ pub fn segmented_attention_batch_into(
 }
 
 /// Launches validated sequences.
-fn launch(
+fn launch<K: KvTensor>(
     device: &Device,
     q: &Tensor,
-    sequences: &[BatchSequence],
+    sequences: &[BatchSequence<'_, K>],
     dims: &AttentionDims,
     out: &mut Tensor,
     lse: &mut Tensor,
@@ -949,15 +991,18 @@ fn launch(
     let n_segments: usize = sequences.iter().map(|s| s.segments.len()).sum();
     let mut read_guards = Vec::with_capacity(2 * n_segments);
     let mut refs = Vec::with_capacity(n_segments);
+    // Bytes per row of K or V; validate() checked both tensors' rows against dims.
+    let row_bytes = (dims.n_kv_heads * dims.head_dim * q.dtype().size()) as u64;
     for s in sequences.iter().flat_map(|q| q.segments) {
-        let (k, k_sync) = s.k.device_buffer().device_ptr(stream);
-        let (v, v_sync) = s.v.device_buffer().device_ptr(stream);
+        let ((k_start, len), (v_start, _)) = (s.k.row_span(), s.v.row_span());
+        let (k, k_sync) = s.k.tensor().device_buffer().device_ptr(stream);
+        let (v, v_sync) = s.v.tensor().device_buffer().device_ptr(stream);
         read_guards.push(k_sync);
         read_guards.push(v_sync);
         refs.push(SegmentRef {
-            k,
-            v,
-            len: s.k.shape()[0],
+            k: k + k_start as u64 * row_bytes,
+            v: v + v_start as u64 * row_bytes,
+            len,
             pos_offset: s.pos_offset,
             role: s.role,
             rope_shift: s.rope_shift,

@@ -78,6 +78,38 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// Rows `start..start + len` of a tensor's first dimension, read in place: a segment's K or V
+/// inside a larger buffer, such as an engine's KV pool (`[capacity, n_kv_heads, head_dim]`), with
+/// no copy. Made by [`Tensor::rows`].
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRows<'a> {
+    tensor: &'a Tensor,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> TensorRows<'a> {
+    /// The tensor the rows belong to.
+    pub fn tensor(&self) -> &'a Tensor {
+        self.tensor
+    }
+
+    /// The first row.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Rows in the view.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the view has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
@@ -331,6 +363,23 @@ impl Tensor {
     /// Shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    /// Rows `range` of the first dimension, read in place (no copy): for segments inside a larger
+    /// buffer ([`crate::cuda::Segment`] takes them). Errors unless the range lies within the rows.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Result<TensorRows<'_>> {
+        let count = range.end.checked_sub(range.start).ok_or_else(|| {
+            Error::Shape(format!(
+                "rows {}..{}: the range is reversed",
+                range.start, range.end
+            ))
+        })?;
+        row_range(&self.shape, self.len(), range.start, count)?;
+        Ok(TensorRows {
+            tensor: self,
+            start: range.start,
+            len: count,
+        })
     }
 
     /// Element type.
