@@ -37,6 +37,14 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// The ids `t` gives `text` (`add_special`: let its post-processor add special tokens).
+fn ids(t: &tokenizers::Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>> {
+    let enc = t
+        .encode(text, add_special)
+        .map_err(|e| bad(format!("tokenize: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
 /// `inner` with its special tokens encoded as plain text.
 fn text_only(inner: &tokenizers::Tokenizer) -> tokenizers::Tokenizer {
     let mut text = inner.clone();
@@ -199,34 +207,22 @@ impl Tokenizer {
     /// Token ids of `text`; special tokens written in the text are recognised. No BOS: prompts
     /// are encoded in parts (see [`Tokenizer::encode_start`] for the first part).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| bad(format!("tokenize: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        ids(&self.inner, text, false)
     }
 
     /// Token ids of `text` with special tokens written in it read as plain text: for passages
     /// and questions, which must not open or close chat turns (a document quoting `<|im_end|>`
     /// gets the tokens of those characters, not the control token).
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .text
-            .encode(text, false)
-            .map_err(|e| bad(format!("tokenize: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        ids(&self.text, text, false)
     }
 
     /// [`Tokenizer::encode`] with BOS in front when the model asks for it: the start of a prompt.
     pub fn encode_start(&self, text: &str) -> Result<Vec<u32>> {
         // With the tokenizer's own post-processor (tokenizer.json), special tokens are its choice.
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| bad(format!("tokenize: {e}")))?;
-        let mut ids: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
+        let mut out: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
+        out.extend(ids(&self.inner, text, true)?);
+        Ok(out)
     }
 
     /// The text of token ids (special tokens included).
