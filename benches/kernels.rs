@@ -91,6 +91,30 @@ fn run_with(
     run_shifted(dev, p, &keys, None, ape, out, lse, options)
 }
 
+/// `p`'s segments (Context, at position 0), segment `i` with its keys from `keys[i]` and its
+/// values from `p`, read with Block-Attention's RoPE shift (block `i` at offset `i * len`) when
+/// `rope` is given.
+fn segments<'a>(
+    p: &'a Problem,
+    keys: &[&'a Tensor],
+    rope: Option<&RopeConfig>,
+) -> Vec<cuda::Segment<'a>> {
+    keys.iter()
+        .zip(&p.kv)
+        .enumerate()
+        .map(|(i, (&k, (_, v)))| cuda::Segment {
+            k,
+            v,
+            pos_offset: 0,
+            role: SegmentRole::Context,
+            rope_shift: rope.map(|&rope| RopeShift {
+                rope,
+                delta: (i * k.shape()[0]) as i64,
+            }),
+        })
+        .collect()
+}
+
 /// [`run`] with segment `i`'s keys taken from `keys[i]` (those of `p`, or shifted copies) and its
 /// values from `p`, each segment read with the RoPE shift of Block-Attention (block `i` at offset
 /// `i * len`) when `rope` is given.
@@ -105,21 +129,7 @@ fn run_shifted(
     lse: &mut Tensor,
     options: &SegmentedAttentionOptions,
 ) {
-    let segs: Vec<cuda::Segment> = keys
-        .iter()
-        .zip(&p.kv)
-        .enumerate()
-        .map(|(i, (&k, (_, v)))| cuda::Segment {
-            k,
-            v,
-            pos_offset: 0,
-            role: SegmentRole::Context,
-            rope_shift: rope.map(|&rope| RopeShift {
-                rope,
-                delta: (i * k.shape()[0]) as i64,
-            }),
-        })
-        .collect();
+    let segs = segments(p, keys, rope);
     let query = cuda::Query {
         data: &p.q,
         pos_offset: p.q_pos,
@@ -211,23 +221,18 @@ fn bench_batch_decode(c: &mut Criterion, dev: &Device) {
         let mut lse = Tensor::zeros(dev, &q.shape()[..2], DType::F32).expect("alloc");
         let mut outs: Vec<(Tensor, Tensor)> = problems.iter().map(|p| outputs(dev, p)).collect();
         let ape = ApeParams::default();
-        let segments: Vec<Vec<cuda::Segment>> = problems
+        let cached_keys: Vec<Vec<&Tensor>> = problems
             .iter()
-            .map(|p| {
-                p.kv.iter()
-                    .map(|(k, v)| cuda::Segment {
-                        k,
-                        v,
-                        pos_offset: 0,
-                        role: SegmentRole::Context,
-                        rope_shift: None,
-                    })
-                    .collect()
-            })
+            .map(|p| p.kv.iter().map(|(k, _)| k).collect())
+            .collect();
+        let segs: Vec<Vec<cuda::Segment>> = problems
+            .iter()
+            .zip(&cached_keys)
+            .map(|(p, keys)| segments(p, keys, None))
             .collect();
         let sequences: Vec<cuda::BatchSequence> = problems
             .iter()
-            .zip(&segments)
+            .zip(&segs)
             .map(|(p, segs)| cuda::BatchSequence {
                 n_rows: 1,
                 pos_offset: p.q_pos,
