@@ -12,34 +12,42 @@ use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
 use attention::{assert_ok, check, round, Backend, Case, HostSegment};
 use common::{hash_fill, seeded, Gpu};
 
+/// A case's segments' K and V on the device.
+fn upload_kv(gpu: &Gpu, case: &Case) -> Vec<(Tensor, Tensor)> {
+    case.segments
+        .iter()
+        .map(|s| {
+            let shape = [s.len, case.dims.n_kv_heads, case.dims.head_dim];
+            (
+                gpu.upload(&s.k, &shape, case.dtype),
+                gpu.upload(&s.v, &shape, case.dtype),
+            )
+        })
+        .collect()
+}
+
+/// A case's segments over their device K and V ([`upload_kv`]).
+fn segments<'a>(case: &Case, kv: &'a [(Tensor, Tensor)]) -> Vec<cuda::Segment<'a>> {
+    case.segments
+        .iter()
+        .zip(kv)
+        .map(|(s, (k, v))| cuda::Segment {
+            k,
+            v,
+            pos_offset: s.pos_offset,
+            role: s.role,
+            rope_shift: s.rope_shift,
+        })
+        .collect()
+}
+
 impl Backend for Gpu {
     fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>) {
         let dev = &self.0;
         let d = case.dims.head_dim;
         let h = case.dims.n_heads;
-        let kv: Vec<(Tensor, Tensor)> = case
-            .segments
-            .iter()
-            .map(|s| {
-                let shape = [s.len, case.dims.n_kv_heads, d];
-                (
-                    self.upload(&s.k, &shape, case.dtype),
-                    self.upload(&s.v, &shape, case.dtype),
-                )
-            })
-            .collect();
-        let segs: Vec<cuda::Segment> = case
-            .segments
-            .iter()
-            .zip(&kv)
-            .map(|(s, (k, v))| cuda::Segment {
-                k,
-                v,
-                pos_offset: s.pos_offset,
-                role: s.role,
-                rope_shift: s.rope_shift,
-            })
-            .collect();
+        let kv = upload_kv(self, case);
+        let segs = segments(case, &kv);
         let q = self.upload(&case.q, &[case.n_rows, h, d], case.dtype);
         let mut out = self.nan(&[case.n_rows, h, d], case.dtype);
         let mut lse = self.nan(&[case.n_rows, h], DType::F32);
@@ -76,37 +84,11 @@ impl Backend for Gpu {
     fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>) {
         let (dims, dtype) = (cases[0].dims, cases[0].dtype);
         let d = dims.head_dim;
-        let kv: Vec<Vec<(Tensor, Tensor)>> = cases
-            .iter()
-            .map(|c| {
-                c.segments
-                    .iter()
-                    .map(|s| {
-                        let shape = [s.len, dims.n_kv_heads, d];
-                        (
-                            self.upload(&s.k, &shape, dtype),
-                            self.upload(&s.v, &shape, dtype),
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
+        let kv: Vec<Vec<(Tensor, Tensor)>> = cases.iter().map(|c| upload_kv(self, c)).collect();
         let segs: Vec<Vec<cuda::Segment>> = cases
             .iter()
             .zip(&kv)
-            .map(|(c, kv)| {
-                c.segments
-                    .iter()
-                    .zip(kv)
-                    .map(|(s, (k, v))| cuda::Segment {
-                        k,
-                        v,
-                        pos_offset: s.pos_offset,
-                        role: s.role,
-                        rope_shift: s.rope_shift,
-                    })
-                    .collect()
-            })
+            .map(|(c, kv)| segments(c, kv))
             .collect();
         let sequences: Vec<cuda::BatchSequence> = cases
             .iter()
@@ -181,7 +163,7 @@ fn segments_read_through_row_views_of_a_pool() {
             )
         })
         .collect();
-    fn segments<'a, K>(
+    fn span_segments<'a, K>(
         kv: &'a [(K, K)],
         spans: &[(std::ops::Range<usize>, usize, SegmentRole, Option<i64>)],
         rope: ape_attn::RopeConfig,
@@ -211,10 +193,10 @@ fn segments_read_through_row_views_of_a_pool() {
         let opts = SegmentedAttentionOptions { num_splits: splits };
         let run = |out: &mut Tensor, lse: &mut Tensor, viewed: bool| {
             let res = if viewed {
-                let segs = segments(&views, &spans, rope);
+                let segs = span_segments(&views, &spans, rope);
                 cuda::segmented_attention_into(dev, &query, &segs, &dims, &ape, out, lse, &opts)
             } else {
-                let segs = segments(&copies, &spans, rope);
+                let segs = span_segments(&copies, &spans, rope);
                 cuda::segmented_attention_into(dev, &query, &segs, &dims, &ape, out, lse, &opts)
             };
             res.expect("launch");
