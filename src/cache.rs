@@ -88,9 +88,15 @@ impl<B: KvBlock> BlockCache<B> {
 
     /// The block for `key`, encoding it with `encode` on a miss. The returned `Arc` pins the block
     /// until it is dropped.
+    ///
+    /// `expected_bytes` is what the block will hold once encoded: on a miss, a block that could
+    /// not be stored (larger than the budget, or than the room the blocks in use leave) is refused
+    /// with [`Error::CacheFull`] before `encode` runs, so no work is spent on it. The encoded
+    /// block's own [`KvBlock::bytes`] is what is stored and checked again.
     pub fn get_or_encode(
         &mut self,
         key: BlockKey,
+        expected_bytes: usize,
         encode: impl FnOnce() -> Result<B>,
     ) -> Result<Arc<B>> {
         self.clock += 1;
@@ -100,6 +106,7 @@ impl<B: KvBlock> BlockCache<B> {
             return Ok(e.block.clone());
         }
         self.stats.misses += 1;
+        self.check_room(expected_bytes)?;
         let block = Arc::new(encode()?);
         let bytes = block.bytes();
         self.make_room(bytes)?;
@@ -116,7 +123,8 @@ impl<B: KvBlock> BlockCache<B> {
         Ok(block)
     }
 
-    fn make_room(&mut self, bytes: usize) -> Result<()> {
+    /// Whether `bytes` more can be stored by evicting blocks not in use (nothing is evicted).
+    fn check_room(&self, bytes: usize) -> Result<()> {
         if bytes > self.budget {
             return Err(Error::CacheFull(format!(
                 "a block of {bytes} bytes exceeds the cache budget of {} bytes",
@@ -137,6 +145,12 @@ impl<B: KvBlock> BlockCache<B> {
                 self.budget
             )));
         }
+        Ok(())
+    }
+
+    /// Evicts blocks not in use, least recently used first, until `bytes` more fit the budget.
+    fn make_room(&mut self, bytes: usize) -> Result<()> {
+        self.check_room(bytes)?;
         while self.stats.bytes + bytes > self.budget {
             let victim = self
                 .entries
@@ -196,41 +210,62 @@ mod tests {
     #[test]
     fn hits_misses_and_lru_eviction_of_unpinned_blocks() {
         let mut c = BlockCache::new(100);
-        let a = c.get_or_encode(key(1), || Ok(Fake(4))).unwrap(); // 40 bytes, pinned by `a`
-        drop(c.get_or_encode(key(2), || Ok(Fake(4))).unwrap()); // 40 bytes, unpinned
-        assert!(c.get_or_encode(key(2), || panic!("must hit")).is_ok());
+        let a = c.get_or_encode(key(1), 40, || Ok(Fake(4))).unwrap(); // 40 bytes, pinned by `a`
+        drop(c.get_or_encode(key(2), 40, || Ok(Fake(4))).unwrap()); // 40 bytes, unpinned
+        assert!(c.get_or_encode(key(2), 0, || panic!("must hit")).is_ok());
         assert_eq!((c.stats().hits, c.stats().misses), (1, 2));
         // 30 more bytes: 110 > 100, so the unpinned block 2 goes, not the pinned block 1.
-        drop(c.get_or_encode(key(3), || Ok(Fake(3))).unwrap());
+        drop(c.get_or_encode(key(3), 30, || Ok(Fake(3))).unwrap());
         assert!(c.contains(&key(1)) && !c.contains(&key(2)) && c.contains(&key(3)));
         assert_eq!(c.stats().evictions, 1);
         assert_eq!(c.stats().bytes, 70);
         // 50 more: block 3 is evicted; block 1 still pinned; 90 bytes fit.
-        drop(c.get_or_encode(key(4), || Ok(Fake(5))).unwrap());
+        drop(c.get_or_encode(key(4), 50, || Ok(Fake(5))).unwrap());
         assert!(c.contains(&key(1)) && !c.contains(&key(3)));
         // 70 more with block 1 pinned: only block 4 can go, 40 + 70 > 100: refused, and block 4
         // stays (evicting it would not have made room).
         assert!(matches!(
-            c.get_or_encode(key(5), || Ok(Fake(7))),
+            c.get_or_encode(key(5), 70, || Ok(Fake(7))),
             Err(Error::CacheFull(_))
         ));
         assert!(c.contains(&key(4)));
         assert_eq!(c.stats().evictions, 2);
         drop(a);
         // Unpinned now: block 1 and 4 are evicted in LRU order.
-        assert!(c.get_or_encode(key(5), || Ok(Fake(7))).is_ok());
+        assert!(c.get_or_encode(key(5), 70, || Ok(Fake(7))).is_ok());
         assert!(!c.contains(&key(1)));
         // Bigger than the whole budget: refused, nothing evicted for it.
         let before = c.stats();
-        assert!(c.get_or_encode(key(6), || Ok(Fake(11))).is_err());
+        assert!(c.get_or_encode(key(6), 110, || Ok(Fake(11))).is_err());
         assert_eq!(c.stats().blocks, before.blocks);
+    }
+
+    #[test]
+    fn a_block_that_cannot_fit_is_refused_before_encoding() {
+        let mut c = BlockCache::new(100);
+        // Larger than the budget: refused without encoding.
+        let r = c.get_or_encode(key(1), 110, || -> Result<Fake> { panic!("encoded") });
+        assert!(matches!(r, Err(Error::CacheFull(_))));
+        // 60 bytes in use leave 40: a 50-byte block is refused without encoding, nothing evicted.
+        let a = c.get_or_encode(key(2), 60, || Ok(Fake(6))).unwrap();
+        let r = c.get_or_encode(key(3), 50, || -> Result<Fake> { panic!("encoded") });
+        assert!(matches!(r, Err(Error::CacheFull(_))));
+        assert!(c.contains(&key(2)) && c.stats().evictions == 0);
+        // An expectation below the encoded size is checked again on the block itself.
+        assert!(matches!(
+            c.get_or_encode(key(3), 10, || Ok(Fake(5))),
+            Err(Error::CacheFull(_))
+        ));
+        assert!(!c.contains(&key(3)));
+        drop(a);
+        assert_eq!(c.stats().misses, 4);
     }
 
     #[test]
     fn the_key_includes_model_scheme_and_prefix() {
         let mut c = BlockCache::new(1000);
         let k = key(1);
-        drop(c.get_or_encode(k.clone(), || Ok(Fake(1))).unwrap());
+        drop(c.get_or_encode(k.clone(), 10, || Ok(Fake(1))).unwrap());
         for other in [
             BlockKey {
                 model: "other".into(),
@@ -254,7 +289,7 @@ mod tests {
     fn an_encoding_error_caches_nothing() {
         let mut c: BlockCache<Fake> = BlockCache::new(1000);
         assert!(c
-            .get_or_encode(key(1), || Err(Error::Model("boom".into())))
+            .get_or_encode(key(1), 10, || Err(Error::Model("boom".into())))
             .is_err());
         assert!(!c.contains(&key(1)));
         assert_eq!(c.stats().blocks, 0);

@@ -312,6 +312,12 @@ impl LlamaModel for CpuModel {
         Ok(ForwardOutput { logits, kv: block })
     }
 
+    fn block_bytes(&self, n_tokens: usize) -> usize {
+        // K and V, every layer, f32.
+        let c = &self.config;
+        2 * c.n_layers * n_tokens * c.kv_dim() * 4
+    }
+
     fn append_block(&self, block: &mut CpuBlock, more: CpuBlock) -> Result<()> {
         if block.k.len() != more.k.len() {
             return Err(Error::Shape("blocks of different depths".into()));

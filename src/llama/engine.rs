@@ -192,7 +192,8 @@ impl<M: LlamaModel> Engine<M> {
         };
         let model = &self.model;
         let mut misses = 0;
-        let block = self.cache.get_or_encode(key, || {
+        let expected = model.block_bytes(tokens.len());
+        let block = self.cache.get_or_encode(key, expected, || {
             misses = tokens.len();
             let past: Vec<Past<'_, M::Block>> = prefix_block
                 .into_iter()

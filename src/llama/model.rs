@@ -67,6 +67,10 @@ pub trait LlamaModel {
     /// at position 0 moved to its real offset). Values are unchanged.
     fn shift_block(&self, block: &Self::Block, delta: i64) -> Result<Self::Block>;
 
+    /// The bytes [`KvBlock::bytes`] reports for a freshly encoded block of `n_tokens` tokens: the
+    /// cache refuses a block it cannot hold before encoding it.
+    fn block_bytes(&self, n_tokens: usize) -> usize;
+
     /// Appends `more`'s tokens to `block` (the question's keys growing during generation).
     fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()>;
 }

@@ -113,13 +113,14 @@ pub fn forward_matches_cpu_forward<D: DeviceOps>(ops: D) {
     for pos in [0usize, 1000] {
         let a = dev
             .forward(&tokens, pos, &[], &ApeParams::plain(), LogitRows::All)
-            .expect("device forward")
-            .logits;
+            .expect("device forward");
         let b = cpu
             .forward(&tokens, pos, &[], &ApeParams::plain(), LogitRows::All)
-            .expect("cpu forward")
-            .logits;
-        assert_close(&a, &b, vocab, &format!("prefill at {pos}"));
+            .expect("cpu forward");
+        assert_close(&a.logits, &b.logits, vocab, &format!("prefill at {pos}"));
+        // What the cache is told to expect before encoding is what the block holds.
+        assert_eq!(dev.block_bytes(tokens.len()), a.kv.bytes());
+        assert_eq!(cpu.block_bytes(tokens.len()), b.kv.bytes());
     }
 }
 
