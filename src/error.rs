@@ -105,6 +105,20 @@ pub enum Error {
     Cuda(cudarc::driver::DriverError),
 }
 
+impl Error {
+    /// The same error with `what: ` before its message, for the errors whose message is text
+    /// (a batch names the sequence a shape or range error belongs to); others are unchanged.
+    pub(crate) fn within(self, what: &str) -> Self {
+        match self {
+            Error::Shape(m) => Error::Shape(format!("{what}: {m}")),
+            Error::OutOfRange(m) => Error::OutOfRange(format!("{what}: {m}")),
+            Error::DType(m) => Error::DType(format!("{what}: {m}")),
+            Error::InvalidInput(m) => Error::InvalidInput(format!("{what}: {m}")),
+            other => other,
+        }
+    }
+}
+
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         use cudarc::driver::sys::CUresult;

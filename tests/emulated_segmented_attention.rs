@@ -210,7 +210,8 @@ fn bad_inputs_are_errors() {
     ));
     // Batches: the rows must add up to the query's, and limit errors name the sequence.
     let good = [seg(k, 10)];
-    let batch = |rows: [usize; 2], second_pos: usize| {
+    let bad = [seg(k, 9)];
+    let batch = |rows: [usize; 2], second_pos: usize, second: &[reference::Segment]| {
         let seqs = [
             reference::BatchSequence {
                 n_rows: rows[0],
@@ -221,14 +222,16 @@ fn bad_inputs_are_errors() {
             reference::BatchSequence {
                 n_rows: rows[1],
                 pos_offset: second_pos,
-                segments: &good,
+                segments: second,
                 ape: ApeParams::plain(),
             },
         ];
         emulator::segmented_attention_batch(DType::BF16, &q, &seqs, &dims, &opts, &emu)
     };
-    assert!(batch([1, 3], 10).is_ok());
-    assert!(matches!(batch([1, 2], 10), Err(Error::Shape(_))));
-    assert!(matches!(batch([1, 3], i32::MAX as usize),
+    assert!(batch([1, 3], 10, &good).is_ok());
+    assert!(matches!(batch([1, 2], 10, &good), Err(Error::Shape(_))));
+    assert!(matches!(batch([1, 3], i32::MAX as usize, &good),
         Err(Error::OutOfRange(m)) if m.starts_with("sequence 1: ")));
+    assert!(matches!(batch([1, 3], 10, &bad),
+        Err(Error::Shape(m)) if m.starts_with("sequence 1: segment 0")));
 }

@@ -5,7 +5,7 @@ mod common;
 
 use ape_attn::reference::{
     ape, merge_states, rel_l2, rope, segmented_attention, segmented_attention::group_state,
-    AttentionState, Query, Segment,
+    segmented_attention_batch, AttentionState, BatchSequence, Query, Segment,
 };
 use ape_attn::{
     ApeParams, ApeVariant, AttentionDims, Error, RopeConfig, RopeLayout, RopeShift, SegmentRole,
@@ -153,6 +153,84 @@ fn plain_params_equal_softmax_over_the_concatenation() {
         assert!(max_abs_diff(&got.out, &out) < 1e-5, "out differs");
         assert!(max_abs_diff(&got.lse, &lse) < 1e-5, "lse differs");
     }
+}
+
+/// A batch gives each sequence the rows it gets alone (the oracle the batched kernel is judged
+/// by), with its own APE parameters; sequences of no rows give no rows; a bad sequence's error
+/// names it.
+#[test]
+fn a_batch_is_its_sequences_run_alone() {
+    let mut r = seeded("a_batch_is_its_sequences_run_alone");
+    for _ in 0..50 {
+        let dims = random_dims(&mut r);
+        let n = r.range(1, 5);
+        let problems: Vec<_> = (0..n).map(|_| random_problem(&mut r, &dims)).collect();
+        let apes: Vec<ApeParams> = (0..n)
+            .map(|_| ApeParams::new(r.range(5, 15) as f32 / 10.0, r.range(5, 15) as f32 / 10.0))
+            .collect::<Result<_, _>>()
+            .expect("valid T and S");
+        let views: Vec<Vec<Segment>> = problems
+            .iter()
+            .map(|(_, _, _, segs)| segs.iter().map(Owned::view).collect())
+            .collect();
+        // An idle sequence (no rows) between the others.
+        let mut seqs = vec![BatchSequence {
+            n_rows: 0,
+            pos_offset: 0,
+            segments: &[],
+            ape: ApeParams::plain(),
+        }];
+        let mut q = Vec::new();
+        let (mut out, mut lse) = (Vec::new(), Vec::new());
+        for (((pq, rows, q_pos, segs), v), ape) in problems.iter().zip(&views).zip(&apes) {
+            seqs.push(BatchSequence {
+                n_rows: *rows,
+                pos_offset: *q_pos,
+                segments: v,
+                ape: *ape,
+            });
+            q.extend_from_slice(pq);
+            let alone = run(pq, *rows, *q_pos, segs, &dims, ape);
+            out.extend(alone.out);
+            lse.extend(alone.lse);
+        }
+        let got = segmented_attention_batch(&q, &seqs, &dims).expect("valid batch");
+        assert_eq!((got.out, got.lse), (out, lse));
+    }
+    // Errors: rows that do not add up; a bad segment in sequence 1.
+    let dims = AttentionDims::new(2, 1, 4).unwrap();
+    let kv = vec![0.0; 3 * 4];
+    let seg = |len| Segment {
+        k: &kv,
+        v: &kv,
+        len,
+        pos_offset: 0,
+        role: SegmentRole::Context,
+        rope_shift: None,
+    };
+    let (good, bad) = ([seg(3)], [seg(2)]);
+    let q = vec![0.0; 2 * 2 * 4];
+    let batch = |rows: usize, second: &[Segment]| {
+        let seq = |segments| BatchSequence {
+            n_rows: 1,
+            pos_offset: 0,
+            segments,
+            ape: ApeParams::default(),
+        };
+        let seqs = [
+            seq(&good[..]),
+            BatchSequence {
+                n_rows: rows,
+                ..seq(second)
+            },
+        ];
+        segmented_attention_batch(&q, &seqs, &dims)
+    };
+    assert!(batch(1, &good).is_ok());
+    assert!(matches!(batch(2, &good), Err(Error::Shape(_))));
+    assert!(
+        matches!(batch(1, &bad), Err(Error::Shape(m)) if m.starts_with("sequence 1: segment 0"))
+    );
 }
 
 /// APE written from its "unnormalised weight" form: the context group carries weight

@@ -62,13 +62,13 @@ pub fn segmented_attention_batch(
     }
     check_batch_rows(q.len() / row, sequences.iter().map(|s| s.n_rows))?;
     let mut first = 0;
-    for s in sequences {
+    for (i, s) in sequences.iter().enumerate() {
         let query = Query {
             data: q.get(first * row..(first + s.n_rows) * row).unwrap_or(&[]),
             n_rows: s.n_rows,
             pos_offset: s.pos_offset,
         };
-        validate(&query, s.segments, dims)?;
+        validate(&query, s.segments, dims).map_err(|e| e.within(&format!("sequence {i}")))?;
         first += s.n_rows;
     }
     run(dtype, q, sequences, dims, options, emulator, |i| {

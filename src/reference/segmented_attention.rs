@@ -248,13 +248,14 @@ pub fn segmented_attention_batch(
         lse: Vec::with_capacity(rows * dims.n_heads),
     };
     let mut first = 0;
-    for s in sequences {
+    for (i, s) in sequences.iter().enumerate() {
         let query = Query {
             data: &q[first * row..(first + s.n_rows) * row],
             n_rows: s.n_rows,
             pos_offset: s.pos_offset,
         };
-        let one = segmented_attention(&query, s.segments, dims, &s.ape)?;
+        let one = segmented_attention(&query, s.segments, dims, &s.ape)
+            .map_err(|e| e.within(&format!("sequence {i}")))?;
         out.out.extend(one.out);
         out.lse.extend(one.lse);
         first += s.n_rows;
