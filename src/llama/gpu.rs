@@ -660,6 +660,9 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
             let v = ops
                 .linear(&h, &w.wv, DType::BF16)?
                 .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            // Activations are freed as soon as they are used (h here, q after the attention): at
+            // 128K tokens and 8B shapes each is 1 GiB, and the FFN's peak comes next.
+            drop(h);
             ops.rope_apply(&mut q, &c.rope, pos as i64)?;
             ops.rope_apply(&mut k, &c.rope, pos as i64)?;
             let mut segments = Vec::new();
@@ -692,6 +695,7 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
             };
             let o = ops.segmented_attention(&query, &segments, &self.dims, ape)?;
             drop(segments);
+            drop(q);
             ops.add_linear(&o.reshape(&[n, c.dim])?, &w.wo, &mut x)?;
             // gate and up (the largest activations: 3.7 GB each for 128K tokens at 8B shapes)
             // are freed before the down projection.
