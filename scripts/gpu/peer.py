@@ -24,6 +24,12 @@ def fill(shape, seed, scale=1.0, dtype=torch.bfloat16):
     return (x * scale).reshape(shape).to(dtype)
 
 
+def first_line(e):
+    """The start of an exception's message, for the JSON (which an empty message must not break)."""
+    lines = str(e).splitlines()
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
 def to_bhld(x):
     """[L, H, D] -> [1, H, L, D]."""
     return x.permute(1, 0, 2).unsqueeze(0).contiguous()
@@ -58,8 +64,10 @@ def sdpa_timed(q, k, v, backend, causal=False):
             with sdpa_kernel(backend):
                 fn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, **kw)
                 return time_ms(fn), how
-        except RuntimeError as e:  # backend refuses this shape or option
-            last = str(e).splitlines()[0][:160]
+        # A backend refuses this shape or option (RuntimeError), or a torch before 2.5 does not
+        # know enable_gqa (TypeError).
+        except (RuntimeError, TypeError) as e:
+            last = first_line(e)
     return None, last
 
 
@@ -124,8 +132,8 @@ def main():
                 with sdpa_kernel(be):
                     out = F.scaled_dot_product_attention(q, kx, vx, is_causal=causal)
                 err = ((out.double() - ref).norm() / ref.norm()).item()
-            except RuntimeError as e:
-                err = str(e).splitlines()[0][:160]
+            except (RuntimeError, TypeError) as e:
+                err = first_line(e)
             acc[f"{name}/{bname}"] = err
     res["accuracy_rel_l2"] = acc
     json.dump(res, sys.stdout, indent=1)

@@ -28,10 +28,11 @@ T_LLAMA=120 # includes the real model (cut to its first layers) on the CPU and t
 # sanitize, APE_GPU_QUICK=1, per test binary (4 x 50 + 4 x 75 = 500)
 T_MEMCHECK=50
 T_RACECHECK=75
-# bench (525)
-# criterion, 49 benchmarks, each saving its JSON when done. Its --warm-up-time, --measurement-time
-# and --sample-size would not shorten them: benches/kernels.rs sets those per group, which wins.
-T_KERNELS=240
+# bench (505: 20 s of the phase's 525 left for unpacking, nvidia-smi and packing)
+# criterion, 49 benchmarks, each saving its JSON when done (about 100-120 s, a desk estimate). Its
+# --warm-up-time, --measurement-time and --sample-size would not shorten them: benches/kernels.rs
+# sets those per group, which wins.
+T_KERNELS=220
 T_SDPA_CASES=45
 T_E2E=120      # with APE_E2E_MAX (default E2E_MAX_BENCH)
 T_PEER=90
@@ -61,7 +62,9 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/ape-gpu-$tag.XXXXXX")
 
 # cudarc opens libcublas by name at run time (libcublas.so, .so.13, .so.12, ...). When the loader
 # knows none, look where a CUDA toolkit or PyTorch's pip wheels keep one, and add that directory.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+# (grep reads all of ldconfig's output: with -q it could exit first, and pipefail would then
+# read ldconfig's SIGPIPE as "not found".)
+if ! ldconfig -p 2>/dev/null | grep 'libcublas\.so' > /dev/null; then
   dirs=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
   while IFS= read -r d; do dirs+=("$d"); done < <(python3 -c \
     'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
@@ -251,7 +254,14 @@ for p in "${phases[@]}"; do
       done
       ;;
     sanitize)
-      cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
+      # On PATH, beside nvcc (through a link to it too), or in a CUDA toolkit's usual places.
+      cs=$(command -v compute-sanitizer)
+      if [ -z "$cs" ]; then
+        nvcc_dir=$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/nvcc)")")
+        for c in "$nvcc_dir" /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+          [ -x "$c/compute-sanitizer" ] && cs=$c/compute-sanitizer && break
+        done
+      fi
       for tool in memcheck racecheck; do
         budget=$T_MEMCHECK
         [ "$tool" = racecheck ] && budget=$T_RACECHECK
