@@ -41,7 +41,13 @@ pub struct Device {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: usize,
     workspace: Mutex<Option<CudaSlice<f32>>>,
+    /// RoPE frequency tables on the device, by the bits of their values.
+    rope_freqs: Mutex<HashMap<Vec<u64>, Arc<CudaSlice<f64>>>>,
 }
+
+/// Distinct RoPE frequency tables kept on a device (a model has one or two); past this many the
+/// cache starts over.
+const MAX_ROPE_TABLES: usize = 16;
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,6 +111,7 @@ impl Device {
             functions: Mutex::new(HashMap::new()),
             sm_count: sm_count.max(1) as usize,
             workspace: Mutex::new(None),
+            rope_freqs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -162,6 +169,27 @@ impl Device {
             Some(w) => f(w),
             None => Err(Error::NoDevice("workspace allocation vanished".into())),
         }
+    }
+
+    /// `freqs` (a RoPE frequency table, [`crate::RopeConfig::inv_freqs`]) on the device, uploaded
+    /// on first use and kept: a forward pass rotates Q and K in every layer, and each launch would
+    /// otherwise allocate and upload the same table from pageable memory.
+    pub(crate) fn rope_freqs(&self, freqs: &[f64]) -> Result<Arc<CudaSlice<f64>>> {
+        let key: Vec<u64> = freqs.iter().map(|f| f.to_bits()).collect();
+        let mut cache = self
+            .rope_freqs
+            .lock()
+            .map_err(|_| Error::NoDevice("RoPE table cache poisoned by a panic".into()))?;
+        if let Some(t) = cache.get(&key) {
+            return Ok(t.clone());
+        }
+        if cache.len() >= MAX_ROPE_TABLES {
+            // Tables still held by a queued launch's caller stay alive through their Arc.
+            cache.clear();
+        }
+        let table = Arc::new(self.stream.clone_htod(freqs)?);
+        cache.insert(key, table.clone());
+        Ok(table)
     }
 
     /// A kernel of the embedded module, by its `extern "C"` name.

@@ -54,11 +54,11 @@ fn launch(
     let Some((params, pairs)) = rope_params(x.shape(), cfg, pos, per_token)? else {
         return Ok(());
     };
-    let inv_freq = device.stream().clone_htod(&cfg.inv_freqs())?;
+    let inv_freq = device.rope_freqs(&cfg.inv_freqs())?;
     let f = device.function(kernel_name(x.dtype()))?;
     let cfg = super::grid_stride(pairs);
     let mut launch = device.stream().launch_builder(&f);
-    launch.arg(x.buf_mut()).arg(&inv_freq).arg(&params);
+    launch.arg(x.buf_mut()).arg(inv_freq.as_ref()).arg(&params);
     // SAFETY: arguments match rope_* (x, inv_freq, params); x holds n_tokens * n_heads * head_dim
     // elements of its dtype (checked above), inv_freq holds head_dim / 2 f64.
     unsafe { launch.launch(cfg) }?;
