@@ -259,3 +259,28 @@ fn the_emulated_gpu_path_runs_through_the_command() {
     assert!(!out.trim().is_empty());
     assert!(err.contains("kernel emulator"), "the device line: {err}");
 }
+
+/// The default device is `auto`: GPU 0 when one is usable, else the CPU, and the device line says
+/// which (and, on the CPU, why no GPU was used).
+#[test]
+fn the_default_device_is_the_gpu_when_usable_else_the_cpu() {
+    let a = passage();
+    let (c, out, err) = ape(&[
+        "run",
+        "--context",
+        a.0.to_str().expect("utf-8"),
+        "--question",
+        "Who founded the Lantern Bakery?",
+        "--max-tokens",
+        "2",
+    ]);
+    assert_eq!(c, 0, "{err}");
+    assert!(!out.trim().is_empty());
+    match ape_attn::cuda::Device::new(0) {
+        Ok(_) => assert!(err.contains("on GPU 0"), "the device line: {err}"),
+        Err(e) => assert!(
+            err.contains("on CPU") && err.contains(&format!("no GPU used: {e}")),
+            "the device line: {err}"
+        ),
+    }
+}

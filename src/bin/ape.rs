@@ -59,9 +59,10 @@ enum Command {
         /// Tokens to generate per answer.
         #[arg(long, default_value_t = 40)]
         max_tokens: usize,
-        /// Where to run (cuda: the GPU forward pass, not yet validated on a GPU; emulator: the
-        /// same pass on the kernel emulator, in builds with the `emulator` feature).
-        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        /// Where to run (auto: GPU 0 when one is usable, else the CPU; cuda: the GPU forward
+        /// pass, not yet validated on a GPU; emulator: the same pass on the kernel emulator, in
+        /// builds with the `emulator` feature).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
     },
     /// Answer a question over your passages (one file each).
@@ -101,8 +102,8 @@ enum Command {
         /// Print the top K logits at the first answer position (for validation).
         #[arg(long, default_value_t = 0)]
         print_logits: usize,
-        /// Where to run.
-        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        /// Where to run (auto: GPU 0 when one is usable, else the CPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
         /// System prompt.
         #[arg(long, default_value = DEFAULT_SYSTEM)]
@@ -197,6 +198,9 @@ enum ObjectiveArg {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DeviceArg {
+    /// GPU 0 when one is usable (a driver, a device, kernels in this build, and the model loads
+    /// there), else the CPU; the device line says which, and why not the GPU.
+    Auto,
     /// The CPU forward pass (f32).
     Cpu,
     /// The GPU forward pass on GPU 0.
@@ -461,35 +465,43 @@ fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
         tensors
     );
-    let (backend, device) = match device {
-        DeviceArg::Cpu => (
+    let cpu = |why: &str| -> ape_attn::Result<(Backend, String)> {
+        Ok((
             Backend::Cpu(Box::new(Engine::new(
-                CpuModel::from_source(config, source.as_ref(), progress)?,
-                id,
+                CpuModel::from_source(config.clone(), source.as_ref(), &progress)?,
+                id.clone(),
                 2 << 30,
             ))),
-            format!("CPU ({} threads)", rayon::current_num_threads()),
-        ),
-        DeviceArg::Cuda => {
-            let dev = Arc::new(Device::new(0)?);
-            let name = dev.name()?;
-            (
-                Backend::Gpu(Box::new(Engine::new(
-                    GpuModel::from_source(dev, config, source.as_ref(), progress)?,
-                    id,
-                    16 << 30,
-                ))),
-                format!("GPU 0, {name} (the GPU forward pass has not been validated on a GPU yet)"),
-            )
-        }
+            format!("CPU ({} threads){why}", rayon::current_num_threads()),
+        ))
+    };
+    let cuda = || -> ape_attn::Result<(Backend, String)> {
+        let dev = Arc::new(Device::new(0)?);
+        let name = dev.name()?;
+        Ok((
+            Backend::Gpu(Box::new(Engine::new(
+                GpuModel::from_source(dev, config.clone(), source.as_ref(), &progress)?,
+                id.clone(),
+                16 << 30,
+            ))),
+            format!("GPU 0, {name} (the GPU forward pass has not been validated on a GPU yet)"),
+        ))
+    };
+    let (backend, device) = match device {
+        DeviceArg::Auto => match cuda() {
+            Ok(gpu) => gpu,
+            Err(e) => cpu(&format!("; no GPU used: {e}"))?,
+        },
+        DeviceArg::Cpu => cpu("")?,
+        DeviceArg::Cuda => cuda()?,
         #[cfg(feature = "emulator")]
         DeviceArg::Emulator => {
             use ape_attn::emulator::{EmulatedOps, EmulatorOptions};
             let ops = EmulatedOps::new(EmulatorOptions::default());
             (
                 Backend::Emulated(Box::new(Engine::new(
-                    GpuModel::from_source_on(ops, config, source.as_ref(), progress)?,
-                    id,
+                    GpuModel::from_source_on(ops, config.clone(), source.as_ref(), &progress)?,
+                    id.clone(),
                     2 << 30,
                 ))),
                 "the GPU forward pass on the kernel emulator (CPU)".to_string(),
