@@ -122,7 +122,8 @@ fn batches_of_sequences() {
 
 /// Segments read through row views of one pool tensor (an engine's KV pool) give the very bits of
 /// the same rows copied into tensors of their own, in whole and split mode, with a RoPE shift on
-/// one; views past the pool's rows, or K and V views of different lengths, are errors.
+/// one; views past the pool's rows, or K and V views of different lengths, are errors. A pool
+/// written piece by piece with `write_rows` holds the same bits; writes that do not fit are errors.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn segments_read_through_row_views_of_a_pool() {
@@ -217,6 +218,29 @@ fn segments_read_through_row_views_of_a_pool() {
         assert!(viewed.0.iter().all(|x| x.is_finite()));
     }
     assert!(matches!(k_pool.rows(600..701), Err(Error::Shape(_))));
+    // An engine fills its pool token by token or block by block: write_rows gives the same bits.
+    let mut written = gpu.nan(&shape(pool_rows), DType::BF16);
+    for (a, b) in [(0, 1), (1, 130), (130, 699), (699, 700), (700, 700)] {
+        let chunk = gpu.upload(&k_host[a * row..b * row], &shape(b - a), DType::BF16);
+        written.write_rows(dev, a, &chunk).expect("rows that fit");
+    }
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&gpu.download(&written)) == bits(&k_host));
+    let one = gpu.upload(&k_host[..row], &shape(1), DType::BF16);
+    assert!(matches!(
+        written.write_rows(dev, 700, &one),
+        Err(Error::Shape(_))
+    ));
+    let wide = gpu.upload(&[0.0; 3 * 128], &[1, 3, 128], DType::BF16);
+    assert!(matches!(
+        written.write_rows(dev, 0, &wide),
+        Err(Error::Shape(_))
+    ));
+    let f32_row = gpu.upload(&k_host[..row], &shape(1), DType::F32);
+    assert!(matches!(
+        written.write_rows(dev, 0, &f32_row),
+        Err(Error::DType(_))
+    ));
     let short = v_pool.rows(0..99).unwrap();
     let bad = [cuda::Segment {
         k: &views[0].0,

@@ -337,6 +337,34 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Overwrites rows `start..start + n` of the first dim with the `n` rows of `src` (the same
+    /// dtype and the same shape after the first dim), on the device: how an engine writes the
+    /// K and V of new tokens into its preallocated KV pool, which segments then read in place
+    /// ([`Tensor::rows`]). Errors, before any copy, when the rows do not fit.
+    pub fn write_rows(&mut self, device: &Device, start: usize, src: &Tensor) -> Result<()> {
+        self.check_device(device, "destination")?;
+        src.check_device(device, "source")?;
+        self.check_dtype(src.dtype, "destination")?;
+        let count = match (self.shape.split_first(), src.shape.split_first()) {
+            (Some((_, dst_row)), Some((&n, src_row))) if dst_row == src_row => n,
+            _ => {
+                return Err(Error::Shape(format!(
+                    "rows of shape {:?} cannot be written into a tensor of shape {:?}",
+                    src.shape, self.shape
+                )))
+            }
+        };
+        let (_, row_len) = row_range(&self.shape, self.len(), start, count)?;
+        let row_bytes = row_len * self.dtype.size();
+        if count > 0 && row_bytes > 0 {
+            let mut dst = self
+                .buf
+                .slice_mut(start * row_bytes..(start + count) * row_bytes);
+            device.stream().memcpy_dtod(&src.data(), &mut dst)?;
+        }
+        Ok(())
+    }
+
     /// Copies `src` into this tensor on the device (same shape and dtype), reusing its memory.
     pub fn copy_from(&mut self, device: &Device, src: &Tensor) -> Result<()> {
         self.check_device(device, "destination")?;
