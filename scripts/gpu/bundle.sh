@@ -31,7 +31,7 @@ import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
     exe = msg.get("executable")
-    # Test and bench targets only (the ape binary is not needed on the device).
+    # Test, bench and example targets only (the ape binary is not needed on the device).
     if msg.get("reason") == "compiler-artifact" and exe and "bin" not in msg["target"]["kind"]:
         print(msg["target"]["name"], exe)
 '
@@ -41,11 +41,13 @@ for line in sys.stdin:
   cargo test --release --no-run --message-format=json --test gpu_merge_states \
     --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device
   cargo bench --no-run --message-format=json --bench kernels --bench e2e
+  cargo build --release --message-format=json --example kv_pool_decode
 } | executables | while read -r name exe; do
   cp "$exe" "$stage/bin/$name"
   strip "$stage/bin/$name"
 done
-for t in gpu_merge_states gpu_segmented_attention gpu_rope gpu_llama_ops gpu_llama cuda_device kernels e2e; do
+for t in gpu_merge_states gpu_segmented_attention gpu_rope gpu_llama_ops gpu_llama cuda_device kernels e2e \
+  kv_pool_decode; do
   [ -x "$stage/bin/$t" ] || { echo "bundle.sh: $t was not built" >&2; exit 1; }
 done
 # xz's large window finds what the binaries share (gzip's 32 KiB one does not); the device

@@ -18,8 +18,9 @@ set -uo pipefail
 PHASE_BUDGET=${APE_PHASE_BUDGET:-540} # a device call is killed at 600 s
 RESERVE=15                            # kept at the end of a phase for packing
 KILL_AFTER=5                          # SIGKILL this long after a step's SIGTERM
-# test (510)
+# test (520)
 T_CUDA_DEVICE=30
+T_EXAMPLE=10 # examples/kv_pool_decode.rs: one batched decode step against the oracle
 T_MERGE_STATES=60
 T_ROPE=60
 T_LLAMA_OPS=90
@@ -252,6 +253,7 @@ for p in "${phases[@]}"; do
         [ "$t" = gpu_llama ] && [ -z "${APE_MODEL:-}" ] && extra=(--skip real_model)
         step "test_$t" "${spec#*:}" "$bin/$t" --include-ignored --test-threads=1 --nocapture "${extra[@]}"
       done
+      step example_kv_pool_decode "$T_EXAMPLE" "$bin/kv_pool_decode"
       ;;
     sanitize)
       # On PATH, beside nvcc (through a link to it too), or in a CUDA toolkit's usual places.
