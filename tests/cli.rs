@@ -277,7 +277,11 @@ fn the_default_device_is_the_gpu_when_usable_else_the_cpu() {
     assert_eq!(c, 0, "{err}");
     assert!(!out.trim().is_empty());
     match ape_attn::cuda::Device::new(0) {
-        Ok(_) => assert!(err.contains("on GPU 0"), "the device line: {err}"),
+        // A usable device: the GPU, unless the model cannot load there (no cuBLAS, no memory).
+        Ok(_) => assert!(
+            err.contains("on GPU 0") || err.contains("no GPU used: "),
+            "the device line: {err}"
+        ),
         Err(e) => assert!(
             err.contains("on CPU") && err.contains(&format!("no GPU used: {e}")),
             "the device line: {err}"

@@ -259,8 +259,9 @@ for p in "${phases[@]}"; do
       # On PATH, beside nvcc (through a link to it too), or in a CUDA toolkit's usual places.
       cs=$(command -v compute-sanitizer)
       if [ -z "$cs" ]; then
-        nvcc_dir=$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/nvcc)")")
-        for c in "$nvcc_dir" /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+        cs_dirs=(/usr/local/cuda/bin /usr/local/cuda-*/bin)
+        nvcc=$(command -v nvcc) && cs_dirs=("$(dirname "$(readlink -f "$nvcc")")" "${cs_dirs[@]}")
+        for c in "${cs_dirs[@]}"; do
           [ -x "$c/compute-sanitizer" ] && cs=$c/compute-sanitizer && break
         done
       fi

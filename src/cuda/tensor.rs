@@ -344,7 +344,7 @@ impl Tensor {
     pub fn write_rows(&mut self, device: &Device, start: usize, src: &Tensor) -> Result<()> {
         self.check_device(device, "destination")?;
         src.check_device(device, "source")?;
-        self.check_dtype(src.dtype, "destination")?;
+        src.check_dtype(self.dtype, "source")?;
         let count = match (self.shape.split_first(), src.shape.split_first()) {
             (Some((_, dst_row)), Some((&n, src_row))) if dst_row == src_row => n,
             _ => {
