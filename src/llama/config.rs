@@ -123,4 +123,10 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+
+    /// Bytes of the K and V of `n_tokens` tokens across every layer, `elem_bytes` per value: a
+    /// cached block's size.
+    pub fn kv_bytes(&self, n_tokens: usize, elem_bytes: usize) -> usize {
+        2 * self.n_layers * n_tokens * self.kv_dim() * elem_bytes
+    }
 }

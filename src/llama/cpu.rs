@@ -313,9 +313,7 @@ impl LlamaModel for CpuModel {
     }
 
     fn block_bytes(&self, n_tokens: usize) -> usize {
-        // K and V, every layer, f32.
-        let c = &self.config;
-        2 * c.n_layers * n_tokens * c.kv_dim() * 4
+        self.config.kv_bytes(n_tokens, std::mem::size_of::<f32>())
     }
 
     fn append_block(&self, block: &mut CpuBlock, more: CpuBlock) -> Result<()> {

@@ -755,9 +755,8 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
     }
 
     fn block_bytes(&self, n_tokens: usize) -> usize {
-        // K and V, every layer, bf16 (the projections' dtype).
-        let c = &self.config;
-        2 * c.n_layers * n_tokens * c.kv_dim() * DType::BF16.size()
+        // bf16, the projections' dtype.
+        self.config.kv_bytes(n_tokens, DType::BF16.size())
     }
 
     fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()> {
