@@ -2,7 +2,7 @@
 //! loaded from the fatbin that `build.rs` embedded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
@@ -48,6 +48,12 @@ pub struct Device {
 /// Distinct RoPE frequency tables kept on a device (a model has one or two); past this many the
 /// cache starts over.
 const MAX_ROPE_TABLES: usize = 16;
+
+/// `m` locked; a lock poisoned by a panic elsewhere is an error naming `what`.
+fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
+    m.lock()
+        .map_err(|_| Error::NoDevice(format!("{what} poisoned by a panic")))
+}
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,10 +163,7 @@ impl Device {
         len: usize,
         f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
     ) -> Result<R> {
-        let mut guard = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::NoDevice("workspace poisoned by a panic".into()))?;
+        let mut guard = lock(&self.workspace, "workspace")?;
         if guard.as_ref().is_none_or(|w| w.len() < len) {
             *guard = None;
             *guard = Some(self.stream.alloc_zeros::<f32>(len.max(1))?);
@@ -176,10 +179,7 @@ impl Device {
     /// otherwise allocate and upload the same table from pageable memory.
     pub(crate) fn rope_freqs(&self, freqs: &[f64]) -> Result<Arc<CudaSlice<f64>>> {
         let key: Vec<u64> = freqs.iter().map(|f| f.to_bits()).collect();
-        let mut cache = self
-            .rope_freqs
-            .lock()
-            .map_err(|_| Error::NoDevice("RoPE table cache poisoned by a panic".into()))?;
+        let mut cache = lock(&self.rope_freqs, "RoPE table cache")?;
         if let Some(t) = cache.get(&key) {
             return Ok(t.clone());
         }
@@ -207,10 +207,7 @@ impl Device {
         name: &'static str,
         dynamic_smem: u32,
     ) -> Result<CudaFunction> {
-        let mut cache = self
-            .functions
-            .lock()
-            .map_err(|_| Error::NoDevice("kernel cache poisoned by a panic".into()))?;
+        let mut cache = lock(&self.functions, "kernel cache")?;
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
