@@ -255,12 +255,105 @@ fn config_json_parsing() {
         assert!(config_from_json(&bad).is_err(), "accepted: {bad}");
     }
     let dir = temp_dir("empty");
+    // Token ids that are not ids of this vocabulary (11 tokens) are refused, not truncated.
+    for (key, value) in [
+        ("eos_token_id", "4294967298"),
+        ("eos_token_id", "[2, 11]"),
+        ("eos_token_id", "-1"),
+        ("bos_token_id", "\"<s>\""),
+    ] {
+        let c = config_json("").replace(
+            &format!(r#""{key}": {}"#, if key == "eos_token_id" { 2 } else { 1 }),
+            &format!(r#""{key}": {value}"#),
+        );
+        assert_ne!(c, config_json(""), "the case must change the config");
+        std::fs::write(dir.join("config.json"), &c).expect("write");
+        let err = HfModel::open(&dir).expect_err("a bad token id").to_string();
+        assert!(err.contains(key) && err.contains("not a token id"), "{err}");
+    }
     std::fs::write(dir.join("config.json"), config_json("")).expect("write");
     assert!(HfModel::open(&dir).is_err(), "no safetensors: an error");
     std::fs::write(dir.join("model.safetensors"), b"garbage").expect("write");
     assert!(
         HfModel::open(&dir).is_err(),
         "corrupt safetensors: an error"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens the directory and, when that succeeds, loads the model and runs it: Ok or an error, never
+/// a panic (which fails the test).
+fn load_everything(dir: &std::path::Path) -> Result<Vec<f32>, ape_attn::Error> {
+    let hf = HfModel::open(dir)?;
+    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {})?;
+    let out = m.forward(&[1, 2], 0, &[], &ApeParams::plain(), LogitRows::Last)?;
+    Ok(out.logits)
+}
+
+/// A corrupt checkpoint (flipped bytes, mostly in the safetensors header where the shapes, dtypes
+/// and offsets are; every kind of truncation; a config.json with changed digits) is refused with
+/// an error or, where the change only touches weight values, loads: never a panic.
+#[test]
+fn corrupt_checkpoints_never_panic() {
+    let mut r = seeded("corrupt_checkpoints_never_panic");
+    let w = weights(&mut r);
+    let dir = temp_dir("corrupt");
+    write_hf(&dir, &w, true);
+    let st = dir.join("model.safetensors");
+    let bytes = std::fs::read(&st).expect("read");
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    assert!(load_everything(&dir).is_ok(), "the intact checkpoint loads");
+    let (mut refused, mut loaded) = (0, 0);
+    let mut tally = |res: Result<Vec<f32>, ape_attn::Error>| match res {
+        Ok(_) => loaded += 1,
+        Err(_) => refused += 1,
+    };
+    for _ in 0..400 {
+        let mut b = bytes.clone();
+        for _ in 0..r.range(1, 3) {
+            let at = if r.range(0, 3) > 0 {
+                r.range(0, header_end - 1)
+            } else {
+                r.range(0, b.len() - 1)
+            };
+            let any = r.range(0, 255) as u8;
+            b[at] = r.pick(&[b'0', b'9', b'[', b'"', b',', 0, 0xff, any]);
+        }
+        std::fs::write(&st, &b).expect("write");
+        tally(load_everything(&dir));
+    }
+    for cut in (0..bytes.len())
+        .step_by(bytes.len() / 97 + 1)
+        .chain([bytes.len() - 1])
+    {
+        std::fs::write(&st, &bytes[..cut]).expect("write");
+        assert!(
+            load_everything(&dir).is_err(),
+            "truncated to {cut} bytes: accepted"
+        );
+    }
+    std::fs::write(&st, &bytes).expect("write");
+    let config = config_json("");
+    let digits: Vec<usize> = config
+        .char_indices()
+        .filter(|(_, c)| c.is_ascii_digit())
+        .map(|(i, _)| i)
+        .collect();
+    for _ in 0..200 {
+        let mut c = config.clone().into_bytes();
+        let at = r.pick(&digits);
+        c[at] = r.pick(b"0123456789e-.");
+        if r.coin() {
+            // A long run of digits: numbers that overflow their type.
+            c.splice(at..at, std::iter::repeat_n(b'9', 24));
+        }
+        std::fs::write(dir.join("config.json"), &c).expect("write");
+        tally(load_everything(&dir));
+    }
+    // Both outcomes occur: the mutations reach the checks and also leave loadable files.
+    assert!(
+        refused > 50 && loaded > 10,
+        "{refused} refused, {loaded} loaded"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

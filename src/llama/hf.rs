@@ -43,16 +43,23 @@ struct HfConfig {
     bos_token_id: Option<serde_json::Value>,
 }
 
-/// Token ids named in `config.json` (`eos_token_id` may be one id or a list).
-fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+/// Token ids named in `config.json` under `key` (`eos_token_id` may be one id or a list); an id
+/// that is not a non-negative integer below `vocab_size` is an error, not a truncated id.
+fn ids(v: &Option<serde_json::Value>, key: &str, vocab_size: usize) -> Result<Vec<u32>> {
+    let one = |x: &serde_json::Value| {
+        x.as_u64()
+            .filter(|&id| id < vocab_size as u64)
+            .map(|id| id as u32)
+            .ok_or_else(|| {
+                bad(format!(
+                    "config.json: {key} {x} is not a token id (vocab_size {vocab_size})"
+                ))
+            })
+    };
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => Vec::new(),
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
 }
 
@@ -155,6 +162,8 @@ impl HfModel {
         let config = config_from_json(&text)?;
         let raw: HfConfig =
             serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
+        let eos = ids(&raw.eos_token_id, "eos_token_id", config.vocab_size)?;
+        let bos = ids(&raw.bos_token_id, "bos_token_id", config.vocab_size)?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|source| Error::Io {
                 path: dir.display().to_string(),
@@ -176,8 +185,8 @@ impl HfModel {
         }
         Ok(Self {
             config,
-            eos: ids(&raw.eos_token_id),
-            bos: ids(&raw.bos_token_id).first().copied(),
+            eos,
+            bos: bos.first().copied(),
             dir,
             files,
             index,
