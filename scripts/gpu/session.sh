@@ -5,11 +5,12 @@
 #   bash gpu-bundle/session.sh sanitize   compute-sanitizer memcheck and racecheck, reduced sweep
 #   bash gpu-bundle/session.sh bench      kernel benchmarks, SDPA accuracy, TTFT to 32K, peer, summary
 #   bash gpu-bundle/session.sh e2e        TTFT of the synthetic Llama-3-8B up to 128K
-#   bash gpu-bundle/session.sh all        the four in sequence, with no phase deadline
+#   bash gpu-bundle/session.sh profile    Nsight Compute counters of the attention kernels
+#   bash gpu-bundle/session.sh all        the five in sequence, with no phase deadline
 # A phase leaves in $OUT (gpu-out/ when OUT is unset) PHASE.md (the summary), PHASE.log (the step
 # log), PHASE-results.tar.gz (every log, criterion's JSON, e2e.jsonl, peer.json, device.txt) and,
-# from bench, summarize.py's plot_*.png (3 at most): 6 files at most, 7 while a tarball is being
-# replaced. The tarball is rewritten after every step, so a call killed at its limit still brings
+# from bench, summarize.py's plot_*.png (3 at most), from profile, the ncu_*.ncu-rep reports (3 at
+# most): 6 files at most, 7 while a tarball is being replaced. The tarball is rewritten after every step, so a call killed at its limit still brings
 # back what the finished steps wrote.
 set -uo pipefail
 
@@ -42,16 +43,26 @@ E2E_MAX_BENCH=32768
 # e2e (500)
 T_E2E_FULL=500 # with APE_E2E_MAX (default E2E_MAX_FULL)
 E2E_MAX_FULL=131072
+# profile (3 x (150 + 20) = 510): ncu on one criterion benchmark each (the bench binary sets up
+# every group's inputs first, tens of seconds, before the one benchmark runs), then its report as
+# text.
+T_NCU=150
+T_NCU_TEXT=20
+# The profiled benchmarks (criterion ids; the filter is a regex): compute-bound prefill (whole
+# mode), a short question and a decode row over 128K keys (split mode, memory-bound).
+NCU_CASES=(prefill:prefill/plain/q4096_k32768
+  short:short_question_and_decode/rows64/k131072_s16
+  decode:short_question_and_decode/rows1/k131072_s16)
 
 usage() {
-  echo "usage: bash gpu-bundle/session.sh test|sanitize|bench|e2e|all" >&2
+  echo "usage: bash gpu-bundle/session.sh test|sanitize|bench|e2e|profile|all" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 tag=$1
 case $tag in
-  test | sanitize | bench | e2e) phases=("$tag") ;;
-  all) phases=(test sanitize bench e2e) && PHASE_BUDGET=1000000000 ;;
+  test | sanitize | bench | e2e | profile) phases=("$tag") ;;
+  all) phases=(test sanitize bench e2e profile) && PHASE_BUDGET=1000000000 ;;
   *) usage ;;
 esac
 
@@ -122,6 +133,16 @@ report() {
         cat "$work/e2e/e2e.jsonl" 2>/dev/null
         echo '```'
         ;;
+      profile)
+        echo -e "\n## profile (ncu --set full; the details pages are ncu_*.txt in the tarball, the reports ncu_*.ncu-rep beside it)\n"
+        for f in "$work/profile"/ncu_*.txt; do
+          [ -f "$f" ] || continue
+          echo "### $(basename "$f" .txt)"
+          echo '```'
+          ncu_digest < "$f"
+          echo '```'
+        done
+        ;;
     esac
   done
   # Each failed or stopped step's first panics, or else the end of its log.
@@ -138,6 +159,25 @@ report() {
     fi
     echo '```'
   done < "$work/steps.tsv"
+}
+
+# The lines of an `ncu --page details` report worth reading first: each kernel's header (name,
+# grid, block), then its durations, throughputs, occupancy, registers and shared memory.
+ncu_digest() {
+  grep -E '^  [A-Za-z_][A-Za-z0-9_]* \(|^    (Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|L1/TEX Hit Rate|L2 Hit Rate|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block|Block Limit [A-Za-z ]+|Issue Slots Busy|Executed Ipc Active|Warp Cycles Per Issued Instruction|Waves Per SM) ' \
+    | sed 's/  */ /g'
+}
+
+# An NVIDIA tool: on PATH, beside nvcc (through a link to it too), in a CUDA toolkit's usual
+# places, or (ncu) in Nsight Compute's own folders. Prints its path, or nothing.
+find_tool() {
+  local name=$1 found nvcc c
+  found=$(command -v "$name") && { echo "$found"; return; }
+  local dirs=(/usr/local/cuda/bin /usr/local/cuda-*/bin /opt/nvidia/nsight-compute/* /usr/local/NVIDIA-Nsight-Compute*)
+  nvcc=$(command -v nvcc) && dirs=("$(dirname "$(readlink -f "$nvcc")")" "${dirs[@]}")
+  for c in "${dirs[@]}"; do
+    [ -x "$c/$name" ] && echo "$c/$name" && return
+  done
 }
 
 # Packs everything into $out/$tag-results.tar.gz and refreshes the top-level files.
@@ -256,15 +296,7 @@ for p in "${phases[@]}"; do
       step example_kv_pool_decode "$T_EXAMPLE" "$bin/kv_pool_decode"
       ;;
     sanitize)
-      # On PATH, beside nvcc (through a link to it too), or in a CUDA toolkit's usual places.
-      cs=$(command -v compute-sanitizer)
-      if [ -z "$cs" ]; then
-        cs_dirs=(/usr/local/cuda/bin /usr/local/cuda-*/bin)
-        nvcc=$(command -v nvcc) && cs_dirs=("$(dirname "$(readlink -f "$nvcc")")" "${cs_dirs[@]}")
-        for c in "${cs_dirs[@]}"; do
-          [ -x "$c/compute-sanitizer" ] && cs=$c/compute-sanitizer && break
-        done
-      fi
+      cs=$(find_tool compute-sanitizer)
       for tool in memcheck racecheck; do
         budget=$T_MEMCHECK
         [ "$tool" = racecheck ] && budget=$T_RACECHECK
@@ -292,6 +324,35 @@ for p in "${phases[@]}"; do
       ;;
     e2e)
       step e2e "$T_E2E_FULL" --stdout e2e.jsonl env APE_E2E_MAX="${APE_E2E_MAX:-$E2E_MAX_FULL}" "$bin/e2e"
+      ;;
+    profile)
+      nc=$(find_tool ncu)
+      for spec in "${NCU_CASES[@]}"; do
+        name=ncu_${spec%%:*}
+        if [ -z "$nc" ]; then
+          missing "$name" "ncu not found"
+          continue
+        fi
+        # The clocks are left alone (METHOD.md). Launches 5 and 6 of the attention kernels (main,
+        # or main and combine in split mode), past criterion's first iterations.
+        step "$name" "$T_NCU" env CRITERION_HOME="$dir/criterion" "$nc" --clock-control none \
+          --target-processes all -k 'regex:^segmented_attention_' --launch-skip 4 \
+          --launch-count 2 --set full -f -o "$name" \
+          "$bin/kernels" --bench --profile-time 1 "^${spec#*:}\$"
+        step "${name}_text" "$T_NCU_TEXT" --stdout "$name.txt" "$nc" -i "$name.ncu-rep" \
+          --page details --print-units base
+        # The report itself (for ncu-ui) comes back as a file of its own, not in the tarball,
+        # which must stay under the 16 MiB a returned file may have; 12 MiB each keeps the
+        # three and the rest under the 64 MiB that may come back in all.
+        rep=$dir/$name.ncu-rep
+        if [ -f "$rep" ] && [ "$(stat -c %s "$rep")" -le $((12 << 20)) ]; then
+          mv "$rep" "$out/"
+        elif [ -f "$rep" ]; then
+          log "$name.ncu-rep: $(stat -c %s "$rep") bytes, over 12 MiB: not returned"
+          rm -f "$rep"
+        fi
+      done
+      pack
       ;;
   esac
 done
