@@ -82,7 +82,8 @@ if ! ldconfig -p 2>/dev/null | grep 'libcublas\.so' > /dev/null; then
     'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
   cublas=$(find "${dirs[@]}" -maxdepth 4 -name 'libcublas.so*' 2>/dev/null | head -n 1)
   if [ -n "$cublas" ]; then
-    export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH
     echo "libcublas: $cublas (added to LD_LIBRARY_PATH)"
   else
     echo "libcublas: not found; the GPU forward pass tests and the e2e benchmark will say so"
