@@ -92,6 +92,10 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 fn write_hf(dir: &std::path::Path, w: &[(Weight, Vec<usize>, Vec<f32>)], bf16: bool) {
     std::fs::write(dir.join("config.json"), config_json("")).expect("write config");
+    write_safetensors(&dir.join("model.safetensors"), w, bf16);
+}
+
+fn write_safetensors(path: &std::path::Path, w: &[(Weight, Vec<usize>, Vec<f32>)], bf16: bool) {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = w
         .iter()
         .map(|(name, shape, v)| {
@@ -120,7 +124,7 @@ fn write_hf(dir: &std::path::Path, w: &[(Weight, Vec<usize>, Vec<f32>)], bf16: b
         })
         .collect();
     let data = safetensors::serialize(views, None::<HashMap<String, String>>).expect("serialize");
-    std::fs::write(dir.join("model.safetensors"), data).expect("write weights");
+    std::fs::write(path, data).expect("write weights");
 }
 
 fn gguf_of(w: &[(Weight, Vec<usize>, Vec<f32>)], permute: bool) -> Vec<u8> {
@@ -218,6 +222,34 @@ fn bf16_checkpoints_load() {
     let (a, b) = (logits(&m), logits(&CpuModel::load(&g).expect("loads")));
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-4));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A checkpoint in shards loads as the same checkpoint in one file; a tensor in two shards is
+/// refused (which copy would be meant?).
+#[test]
+fn sharded_checkpoints_load() {
+    let mut r = seeded("sharded_checkpoints_load");
+    let w = weights(&mut r);
+    let one = temp_dir("one-file");
+    write_hf(&one, &w, true);
+    let hf = HfModel::open(&one).expect("opens");
+    let whole = logits(&CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads"));
+    let dir = temp_dir("shards");
+    std::fs::write(dir.join("config.json"), config_json("")).expect("write config");
+    let (a, b) = w.split_at(w.len() / 3);
+    write_safetensors(&dir.join("model-00001-of-00002.safetensors"), a, true);
+    write_safetensors(&dir.join("model-00002-of-00002.safetensors"), b, true);
+    let hf = HfModel::open(&dir).expect("opens");
+    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads");
+    assert_eq!(logits(&m), whole, "sharded and whole checkpoints differ");
+    // The first shard's tensors once more, in a third file.
+    write_safetensors(&dir.join("extra.safetensors"), a, true);
+    let err = HfModel::open(&dir)
+        .expect_err("a tensor in two files")
+        .to_string();
+    assert!(err.contains("is in both"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&one);
 }
 
 #[test]

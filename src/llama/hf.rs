@@ -2,8 +2,13 @@
 //! shards) and `tokenizer.json`. Hugging Face checkpoints keep Q and K in their original row order,
 //! so they run with NeoX (rotate-half) RoPE, and `rope_scaling.rope_type = "llama3"` enables
 //! Llama 3 frequency scaling.
+//!
+//! Opening a directory reads and checks only the safetensors headers; each tensor's bytes are read
+//! from its file when the model loads it, so a checkpoint is never held in memory whole (16 GB for
+//! an 8B model in bf16).
 
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -63,7 +68,54 @@ fn ids(v: &Option<serde_json::Value>, key: &str, vocab_size: usize) -> Result<Ve
     }
 }
 
-/// A Hugging Face Llama directory, read into memory.
+/// One `.safetensors` file: its path, its checked header, and where the tensor data starts.
+struct Shard {
+    path: PathBuf,
+    metadata: safetensors::tensor::Metadata,
+    data_start: u64,
+}
+
+/// Reads and checks a safetensors file's header: its length field, the JSON (names, dtypes,
+/// shapes, contiguous offsets whose sizes match the shapes) and that the data fills the rest of
+/// the file exactly. The data itself is not read.
+fn read_shard(path: &Path) -> Result<Shard> {
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let at = |what: &str| bad(format!("{}: {what}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| at("shorter than a safetensors header"))?;
+    let header_len = u64::from_le_bytes(len);
+    // The safetensors format caps its header at 100 MB.
+    if header_len > 100_000_000 || header_len > file_len - 8 {
+        return Err(at(&format!(
+            "header length {header_len} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| at(&format!("header: {e}")))?;
+    let data_start = 8 + header_len;
+    if data_start + metadata.data_len() as u64 != file_len {
+        return Err(at(&format!(
+            "the header describes {} bytes of tensor data, the file holds {}",
+            metadata.data_len(),
+            file_len - data_start
+        )));
+    }
+    Ok(Shard {
+        path: path.to_path_buf(),
+        metadata,
+        data_start,
+    })
+}
+
+/// A Hugging Face Llama directory: its configuration and its safetensors headers.
 pub struct HfModel {
     /// The model's shape.
     pub config: LlamaConfig,
@@ -72,8 +124,8 @@ pub struct HfModel {
     /// Beginning-of-sequence id from `config.json`.
     pub bos: Option<u32>,
     dir: PathBuf,
-    files: Vec<Vec<u8>>,
-    /// Which file holds each tensor.
+    shards: Vec<Shard>,
+    /// Which shard holds each tensor.
     index: HashMap<String, usize>,
 }
 
@@ -154,7 +206,7 @@ pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
 }
 
 impl HfModel {
-    /// Reads `config.json` and every `*.safetensors` file of `dir`.
+    /// Reads `config.json` and the header of every `*.safetensors` file of `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let text = String::from_utf8(read(&dir.join("config.json"))?)
@@ -176,19 +228,28 @@ impl HfModel {
         if paths.is_empty() {
             return Err(bad(format!("no .safetensors files in {}", dir.display())));
         }
-        let files = paths.iter().map(|p| read(p)).collect::<Result<Vec<_>>>()?;
+        let shards = paths
+            .iter()
+            .map(|p| read_shard(p))
+            .collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
-        for (i, (p, f)) in paths.iter().zip(&files).enumerate() {
-            let t = safetensors::SafeTensors::deserialize(f)
-                .map_err(|e| bad(format!("{}: {e}", p.display())))?;
-            index.extend(t.names().into_iter().map(|n| (n.to_string(), i)));
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.metadata.offset_keys() {
+                if let Some(j) = index.insert(name.clone(), i) {
+                    return Err(bad(format!(
+                        "tensor {name} is in both {} and {}",
+                        shards[j].path.display(),
+                        shard.path.display()
+                    )));
+                }
+            }
         }
         Ok(Self {
             config,
             eos,
             bos: bos.first().copied(),
             dir,
-            files,
+            shards,
             index,
         })
     }
@@ -198,27 +259,41 @@ impl HfModel {
         &self.dir
     }
 
-    fn find(&self, name: &str) -> Option<safetensors::tensor::TensorView<'_>> {
-        let f = &self.files[*self.index.get(name)?];
-        safetensors::SafeTensors::deserialize(f)
-            .ok()
-            .and_then(|t| t.tensor(name).ok())
+    /// A tensor's header entry and its shard.
+    fn find(&self, name: &str) -> Option<(&Shard, &safetensors::tensor::TensorInfo)> {
+        let shard = &self.shards[*self.index.get(name)?];
+        Some((shard, shard.metadata.info(name)?))
+    }
+
+    /// A tensor's bytes, read from its file (read_shard checked that they lie within it).
+    fn read_data(shard: &Shard, info: &safetensors::tensor::TensorInfo) -> Result<Vec<u8>> {
+        let io = |source| Error::Io {
+            path: shard.path.display().to_string(),
+            source,
+        };
+        let (start, end) = info.data_offsets;
+        let mut f = std::fs::File::open(&shard.path).map_err(io)?;
+        f.seek(SeekFrom::Start(shard.data_start + start as u64))
+            .map_err(io)?;
+        let mut data = vec![0u8; end - start];
+        f.read_exact(&mut data).map_err(io)?;
+        Ok(data)
     }
 }
 
 impl WeightSource for HfModel {
     fn load(&self, w: Weight, shape: &[usize]) -> Result<Vec<f32>> {
         let name = hf_name(w);
-        let t = self
+        let (shard, info) = self
             .find(&name)
             .ok_or_else(|| bad(format!("missing tensor {name}")))?;
-        if t.shape() != shape {
+        if info.shape != shape {
             return Err(bad(format!(
                 "{name} has shape {:?}, expected {shape:?}",
-                t.shape()
+                info.shape
             )));
         }
-        let ty = match t.dtype() {
+        let ty = match info.dtype {
             safetensors::Dtype::F32 => GgmlType::F32,
             safetensors::Dtype::F16 => GgmlType::F16,
             safetensors::Dtype::BF16 => GgmlType::BF16,
@@ -229,7 +304,8 @@ impl WeightSource for HfModel {
             }
         };
         let n = shape.iter().product();
-        dequantize(ty, t.data(), n).map_err(|e| bad(format!("{name}: {e}")))
+        let data = Self::read_data(shard, info)?;
+        dequantize(ty, &data, n).map_err(|e| bad(format!("{name}: {e}")))
     }
 
     fn has(&self, w: Weight) -> bool {
