@@ -364,6 +364,27 @@ fn corrupt_checkpoints_never_panic() {
             "truncated to {cut} bytes: accepted"
         );
     }
+    // Offsets that add up past 2^64 with the header's length: eight U8 tensors of 2^61 - 1 bytes
+    // (larger ones overflow the format's own size check).
+    let n = (1u64 << 61) - 1;
+    let entries: Vec<String> = (0..8u64)
+        .map(|t| {
+            format!(
+                r#""t{t}":{{"dtype":"U8","shape":[{n}],"data_offsets":[{},{}]}}"#,
+                t * n,
+                (t + 1) * n
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let header = header.as_bytes();
+    let mut huge = (header.len() as u64).to_le_bytes().to_vec();
+    huge.extend_from_slice(header);
+    std::fs::write(&st, &huge).expect("write");
+    assert!(
+        load_everything(&dir).is_err(),
+        "a header past 2^64 bytes: accepted"
+    );
     std::fs::write(&st, &bytes).expect("write");
     let config = config_json("");
     let digits: Vec<usize> = config

@@ -91,7 +91,7 @@ fn read_shard(path: &Path) -> Result<Shard> {
         .map_err(|_| at("shorter than a safetensors header"))?;
     let header_len = u64::from_le_bytes(len);
     // The safetensors format caps its header at 100 MB.
-    if header_len > 100_000_000 || header_len > file_len - 8 {
+    if header_len > 100_000_000 || header_len > file_len.saturating_sub(8) {
         return Err(at(&format!(
             "header length {header_len} does not fit the file ({file_len} bytes)"
         )));
@@ -101,7 +101,7 @@ fn read_shard(path: &Path) -> Result<Shard> {
     let metadata: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| at(&format!("header: {e}")))?;
     let data_start = 8 + header_len;
-    if data_start + metadata.data_len() as u64 != file_len {
+    if (metadata.data_len() as u64).checked_add(data_start) != Some(file_len) {
         return Err(at(&format!(
             "the header describes {} bytes of tensor data, the file holds {}",
             metadata.data_len(),
