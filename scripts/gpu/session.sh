@@ -10,8 +10,8 @@
 # A phase leaves in $OUT (gpu-out/ when OUT is unset) PHASE.md (the summary), PHASE.log (the step
 # log), PHASE-results.tar.gz (every log, criterion's JSON, e2e.jsonl, peer.json, device.txt) and,
 # from bench, summarize.py's plot_*.png (3 at most), from profile, the ncu_*.ncu-rep reports (3 at
-# most): 6 files at most, 7 while a tarball is being replaced. The tarball is rewritten after every step, so a call killed at its limit still brings
-# back what the finished steps wrote.
+# most): 6 files at most, 7 while a tarball is being replaced. The tarball is rewritten after every
+# step, so a call killed at its limit still brings back what the finished steps wrote.
 set -uo pipefail
 
 # Budgets, in seconds. Each step runs under `timeout` with its budget, cut to what is left of the
