@@ -106,6 +106,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The [`Error::Io`] of an I/O failure on `path`, for `map_err`.
+    pub(crate) fn io_at(path: &std::path::Path) -> impl Fn(std::io::Error) -> Self + Copy + '_ {
+        move |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
     /// The same error with `what: ` before its message, for the errors whose message is text
     /// (a batch names the sequence a shape or range error belongs to); others are unchanged.
     pub(crate) fn within(self, what: &str) -> Self {

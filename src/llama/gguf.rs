@@ -207,10 +207,7 @@ impl Gguf {
     /// Reads and parses a GGUF file.
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(Error::io_at(path))?;
         Self::parse(bytes)
     }
 

@@ -24,10 +24,7 @@ fn bad(msg: impl Into<String>) -> Error {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(Error::io_at(path))
 }
 
 #[derive(Deserialize)]
@@ -79,10 +76,7 @@ struct Shard {
 /// shapes, contiguous offsets whose sizes match the shapes) and that the data fills the rest of
 /// the file exactly. The data itself is not read.
 fn read_shard(path: &Path) -> Result<Shard> {
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = Error::io_at(path);
     let at = |what: &str| bad(format!("{}: {what}", path.display()));
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
@@ -217,10 +211,7 @@ impl HfModel {
         let eos = ids(&raw.eos_token_id, "eos_token_id", config.vocab_size)?;
         let bos = ids(&raw.bos_token_id, "bos_token_id", config.vocab_size)?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|source| Error::Io {
-                path: dir.display().to_string(),
-                source,
-            })?
+            .map_err(Error::io_at(&dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
@@ -267,10 +258,7 @@ impl HfModel {
 
     /// A tensor's bytes, read from its file (read_shard checked that they lie within it).
     fn read_data(shard: &Shard, info: &safetensors::tensor::TensorInfo) -> Result<Vec<u8>> {
-        let io = |source| Error::Io {
-            path: shard.path.display().to_string(),
-            source,
-        };
+        let io = Error::io_at(&shard.path);
         let (start, end) = info.data_offsets;
         let mut f = std::fs::File::open(&shard.path).map_err(io)?;
         f.seek(SeekFrom::Start(shard.data_start + start as u64))
