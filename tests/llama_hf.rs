@@ -163,6 +163,12 @@ fn logits(m: &CpuModel) -> Vec<f32> {
     .logits
 }
 
+/// Opens a Hugging Face directory and loads its CPU model.
+fn load_hf(dir: &std::path::Path) -> Result<CpuModel, ape_attn::Error> {
+    let hf = HfModel::open(dir)?;
+    CpuModel::from_source(hf.config.clone(), &hf, |_, _| {})
+}
+
 #[test]
 fn a_checkpoint_and_its_gguf_conversion_agree() {
     let mut r = seeded("a_checkpoint_and_its_gguf_conversion_agree");
@@ -204,8 +210,7 @@ fn bf16_checkpoints_load() {
     let w = weights(&mut r);
     let dir = temp_dir("bf16");
     write_hf(&dir, &w, true);
-    let hf = HfModel::open(&dir).expect("opens");
-    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads");
+    let m = load_hf(&dir).expect("loads");
     let rounded: Vec<(Weight, Vec<usize>, Vec<f32>)> = w
         .iter()
         .map(|(n, s, v)| {
@@ -232,16 +237,14 @@ fn sharded_checkpoints_load() {
     let w = weights(&mut r);
     let one = temp_dir("one-file");
     write_hf(&one, &w, true);
-    let hf = HfModel::open(&one).expect("opens");
-    let whole = logits(&CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads"));
+    let whole = logits(&load_hf(&one).expect("loads"));
     let dir = temp_dir("shards");
     std::fs::write(dir.join("config.json"), config_json("")).expect("write config");
     let (a, b) = w.split_at(w.len() / 3);
     write_safetensors(&dir.join("model-00001-of-00002.safetensors"), a, true);
     write_safetensors(&dir.join("model-00002-of-00002.safetensors"), b, true);
-    let hf = HfModel::open(&dir).expect("opens");
-    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {}).expect("loads");
-    assert_eq!(logits(&m), whole, "sharded and whole checkpoints differ");
+    let sharded = logits(&load_hf(&dir).expect("loads"));
+    assert_eq!(sharded, whole, "sharded and whole checkpoints differ");
     // The first shard's tensors once more, in a third file.
     write_safetensors(&dir.join("extra.safetensors"), a, true);
     let err = HfModel::open(&dir)
@@ -316,9 +319,7 @@ fn config_json_parsing() {
 /// Opens the directory and, when that succeeds, loads the model and runs it: Ok or an error, never
 /// a panic (which fails the test).
 fn load_everything(dir: &std::path::Path) -> Result<Vec<f32>, ape_attn::Error> {
-    let hf = HfModel::open(dir)?;
-    let m = CpuModel::from_source(hf.config.clone(), &hf, |_, _| {})?;
-    let out = m.forward(&[1, 2], 0, &[], &ApeParams::plain(), LogitRows::Last)?;
+    let out = load_hf(dir)?.forward(&[1, 2], 0, &[], &ApeParams::plain(), LogitRows::Last)?;
     Ok(out.logits)
 }
 
