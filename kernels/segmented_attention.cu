@@ -10,7 +10,9 @@
 // Batches: a launch covers one or more sequences, each with its own rows of the packed query, its
 // own segments (descriptors seg0 onwards) and its own APE parameters; work[blockIdx.x] names each
 // CTA's sequence (a single sequence's parameters travel by value instead). Everything below is per
-// sequence.
+// sequence. A fixed-grid launch (CapturableBatch, for CUDA graphs) always uses the arrays: its grid
+// and by-value parameters are the same every launch, and the work list sends the thread blocks its
+// plan does not need to an idle sequence without rows, which they leave at once.
 //
 // Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
 // the `group` query heads that share the KV head, so K/V are read once for all of them and never
@@ -284,6 +286,8 @@ __device__ __forceinline__ void segmented_attention_body(
   const int group = int(p.group);
   const uint32_t packed_rows = p.n_rows * p.group;
   const uint32_t m0 = (local / n_splits) * kBlockM;
+  // Thread blocks a fixed-grid launch does not need (the idle sequence's) leave here.
+  if (m0 >= packed_rows) return;
 
   // This CTA's tile range.
   uint32_t t_begin, t_end;

@@ -8,7 +8,7 @@
 mod attention;
 mod common;
 
-use ape_attn::cuda::{DType, SegmentedAttentionOptions};
+use ape_attn::cuda::{BatchCapacity, DType, SegmentedAttentionOptions};
 use ape_attn::emulator::{self, EmulatorOptions};
 use ape_attn::reference::{self, rope};
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
@@ -56,23 +56,11 @@ impl Backend for Emulated {
 
     fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>) {
         let opts = self.next();
-        let q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
-        let segments: Vec<Vec<reference::Segment>> =
-            cases.iter().map(|c| c.reference_segments()).collect();
-        let sequences: Vec<reference::BatchSequence> = cases
-            .iter()
-            .zip(&segments)
-            .map(|(c, segs)| reference::BatchSequence {
-                n_rows: c.n_rows,
-                pos_offset: c.q_pos,
-                segments: segs,
-                ape: c.ape,
-            })
-            .collect();
+        let (q, segments) = host_batch(cases);
         let out = emulator::segmented_attention_batch(
             cases[0].dtype,
             &q,
-            &sequences,
+            &sequences(cases, &segments),
             &cases[0].dims,
             &SegmentedAttentionOptions { num_splits: splits },
             &opts,
@@ -80,6 +68,50 @@ impl Backend for Emulated {
         .unwrap_or_else(|e| panic!("{e} ({opts:?}, {cases:?})"));
         (out.out, out.lse)
     }
+
+    fn run_capturable(
+        &self,
+        cases: &[Case],
+        capacity: &BatchCapacity,
+        splits: Option<usize>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let opts = self.next();
+        let (q, segments) = host_batch(cases);
+        let out = emulator::capturable_batch(
+            cases[0].dtype,
+            &q,
+            &sequences(cases, &segments),
+            &cases[0].dims,
+            capacity,
+            &SegmentedAttentionOptions { num_splits: splits },
+            &opts,
+        )
+        .unwrap_or_else(|e| panic!("{e} ({opts:?}, {capacity:?}, {cases:?})"));
+        (out.out, out.lse)
+    }
+}
+
+/// The packed query and each sequence's segments of `cases`, as the oracle takes them.
+fn host_batch(cases: &[Case]) -> (Vec<f32>, Vec<Vec<reference::Segment<'_>>>) {
+    let q = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+    (q, cases.iter().map(|c| c.reference_segments()).collect())
+}
+
+/// `cases` as the sequences of a batch, over their segments from [`host_batch`].
+fn sequences<'a>(
+    cases: &[Case],
+    segments: &'a [Vec<reference::Segment<'a>>],
+) -> Vec<reference::BatchSequence<'a>> {
+    cases
+        .iter()
+        .zip(segments)
+        .map(|(c, segs)| reference::BatchSequence {
+            n_rows: c.n_rows,
+            pos_offset: c.q_pos,
+            segments: segs,
+            ape: c.ape,
+        })
+        .collect()
 }
 
 #[test]
@@ -124,6 +156,11 @@ fn batches_of_sequences() {
 
 /// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
 /// them: a kernel without races gives the same bits under the four.
+#[test]
+fn capturable_batches() {
+    attention::capturable_batches(&Emulated::default());
+}
+
 #[test]
 fn the_four_schedules_give_the_same_bits() {
     let mut r = seeded("the_four_schedules_give_the_same_bits");
@@ -234,4 +271,52 @@ fn bad_inputs_are_errors() {
         Err(Error::OutOfRange(m)) if m.starts_with("sequence 1: ")));
     assert!(matches!(batch([1, 3], 10, &bad),
         Err(Error::Shape(m)) if m.starts_with("sequence 1: segment 0")));
+    // A capturable batch validates the same way, and refuses what exceeds its capacity.
+    let seqs = |second: &'static [reference::Segment<'static>]| {
+        [
+            reference::BatchSequence {
+                n_rows: 1,
+                pos_offset: 0,
+                segments: Box::leak(Box::new(good)),
+                ape,
+            },
+            reference::BatchSequence {
+                n_rows: 3,
+                pos_offset: 10,
+                segments: second,
+                ape: ApeParams::plain(),
+            },
+        ]
+    };
+    let good: &'static [reference::Segment] = Box::leak(Box::new([seg(k, 10)]));
+    let bad: &'static [reference::Segment] = Box::leak(Box::new([seg(k, 9)]));
+    let fixed = |capacity: [usize; 3], second| {
+        let capacity = BatchCapacity {
+            sequences: capacity[0],
+            rows: capacity[1],
+            segments: capacity[2],
+        };
+        emulator::capturable_batch(
+            DType::BF16,
+            &q,
+            &seqs(second),
+            &dims,
+            &capacity,
+            &opts,
+            &emu,
+        )
+    };
+    assert!(fixed([2, 4, 2], good).is_ok());
+    assert!(matches!(fixed([2, 4, 2], bad),
+        Err(Error::Shape(m)) if m.starts_with("sequence 1: segment 0")));
+    for capacity in [[1, 4, 2], [2, 3, 2], [2, 4, 1]] {
+        assert!(
+            matches!(fixed(capacity, good), Err(Error::OutOfRange(ref m)) if m.contains("capacity")),
+            "{capacity:?}"
+        );
+    }
+    assert!(matches!(
+        fixed([0, 4, 2], good),
+        Err(Error::InvalidParameter { .. })
+    ));
 }

@@ -7,7 +7,7 @@
 mod attention;
 mod common;
 
-use ape_attn::cuda::{self, DType, SegmentedAttentionOptions, Tensor};
+use ape_attn::cuda::{self, BatchCapacity, DType, SegmentedAttentionOptions, Tensor};
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
 use attention::{assert_ok, check, round, Backend, Case, HostSegment};
 use common::{hash_fill, seeded, Gpu};
@@ -111,6 +111,296 @@ impl Backend for Gpu {
         )
         .unwrap_or_else(|e| panic!("batched launch failed: {e} ({cases:?})"));
         (self.download(&out), self.download(&lse))
+    }
+
+    fn run_capturable(
+        &self,
+        cases: &[Case],
+        capacity: &BatchCapacity,
+        splits: Option<usize>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (dims, dtype) = (cases[0].dims, cases[0].dtype);
+        let d = dims.head_dim;
+        let kv: Vec<Vec<(Tensor, Tensor)>> = cases.iter().map(|c| upload_kv(self, c)).collect();
+        let segs: Vec<Vec<cuda::Segment>> = cases
+            .iter()
+            .zip(&kv)
+            .map(|(c, kv)| segments(c, kv))
+            .collect();
+        let sequences = batch_sequences(cases, &segs);
+        // The query buffer has the capacity's rows, as a captured graph's would; the rows past
+        // the sequences' are NaN and must not be read.
+        let mut q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+        q.resize(capacity.rows * dims.n_heads * d, f32::NAN);
+        let q = self.upload(&q, &[capacity.rows, dims.n_heads, d], dtype);
+        let mut out = self.nan(&[capacity.rows, dims.n_heads, d], dtype);
+        let mut lse = self.nan(&[capacity.rows, dims.n_heads], DType::F32);
+        let opts = SegmentedAttentionOptions { num_splits: splits };
+        let mut batch = cuda::CapturableBatch::new(&self.0, &dims, dtype, capacity, &opts)
+            .unwrap_or_else(|e| panic!("capturable batch: {e} ({capacity:?})"));
+        batch
+            .run(&self.0, &q, &sequences, &mut out, &mut lse)
+            .unwrap_or_else(|e| panic!("capturable launch failed: {e} ({cases:?})"));
+        (self.download(&out), self.download(&lse))
+    }
+}
+
+/// `cases` as the sequences of a batch, over their device segments.
+fn batch_sequences<'a>(
+    cases: &[Case],
+    segs: &'a [Vec<cuda::Segment<'a>>],
+) -> Vec<cuda::BatchSequence<'a>> {
+    cases
+        .iter()
+        .zip(segs)
+        .map(|(c, segs)| cuda::BatchSequence {
+            n_rows: c.n_rows,
+            pos_offset: c.q_pos,
+            segments: segs,
+            ape: c.ape,
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn capturable_batches() {
+    attention::capturable_batches(&Gpu::new());
+}
+
+/// Prepares queued back to back while the GPU is busy (a 1 GiB copy first), each with its own
+/// batch and outputs: each launch reads its own plan, not one a later prepare() wrote into the
+/// staging memory its copy had not yet read.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn back_to_back_prepares_keep_each_plan() {
+    let gpu = Gpu::new();
+    let dev = &gpu.0;
+    let mut r = seeded("back_to_back_prepares_keep_each_plan");
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    let batches: Vec<Vec<Case>> = (0..6)
+        .map(|i| {
+            (0..1 + i % 3)
+                .map(|_| {
+                    let lens = [r.range(1, 900)];
+                    let ape = ApeParams::new(r.f32_in(0.5, 1.5), r.f32_in(0.5, 1.5)).unwrap();
+                    attention::make_case(&mut r, dims, DType::BF16, 3, &lens, 1 + i, ape, None)
+                })
+                .collect()
+        })
+        .collect();
+    let capacity = BatchCapacity {
+        sequences: 3,
+        rows: 3 * 6,
+        segments: 3 * 4,
+    };
+    let opts = SegmentedAttentionOptions::default();
+    let mut batch = cuda::CapturableBatch::new(dev, &dims, DType::BF16, &capacity, &opts).unwrap();
+    let kv: Vec<Vec<Vec<(Tensor, Tensor)>>> = batches
+        .iter()
+        .map(|cases| cases.iter().map(|c| upload_kv(&gpu, c)).collect())
+        .collect();
+    let segs: Vec<Vec<Vec<cuda::Segment>>> = batches
+        .iter()
+        .zip(&kv)
+        .map(|(cases, kv)| {
+            cases
+                .iter()
+                .zip(kv)
+                .map(|(c, kv)| segments(c, kv))
+                .collect()
+        })
+        .collect();
+    let sequences: Vec<Vec<cuda::BatchSequence>> = batches
+        .iter()
+        .zip(&segs)
+        .map(|(cases, segs)| batch_sequences(cases, segs))
+        .collect();
+    let queries: Vec<Tensor> = batches
+        .iter()
+        .map(|cases| {
+            let mut q: Vec<f32> = cases.iter().flat_map(|c| c.q.iter().copied()).collect();
+            q.resize(capacity.rows * 8 * 128, 0.0);
+            gpu.upload(&q, &[capacity.rows, 8, 128], DType::BF16)
+        })
+        .collect();
+    let mut outs: Vec<(Tensor, Tensor)> = (0..6)
+        .map(|_| {
+            (
+                gpu.nan(&[capacity.rows, 8, 128], DType::BF16),
+                gpu.nan(&[capacity.rows, 8], DType::F32),
+            )
+        })
+        .collect();
+    let hog_src = Tensor::zeros(dev, &[1 << 28], DType::F32).unwrap();
+    let mut hog_dst = Tensor::zeros(dev, &[1 << 28], DType::F32).unwrap();
+    dev.synchronize().unwrap();
+    hog_dst.copy_from(dev, &hog_src).unwrap();
+    for ((seqs, q), (out, lse)) in sequences.iter().zip(&queries).zip(&mut outs) {
+        batch.run(dev, q, seqs, out, lse).unwrap();
+    }
+    for (i, ((cases, seqs), (out, lse))) in batches.iter().zip(&sequences).zip(&outs).enumerate() {
+        let rows: usize = cases.iter().map(|c| c.n_rows).sum();
+        let q = queries[i].copy_rows(dev, 0, rows).unwrap();
+        let (mut want_out, mut want_lse) = (
+            gpu.nan(&[rows, 8, 128], DType::BF16),
+            gpu.nan(&[rows, 8], DType::F32),
+        );
+        cuda::segmented_attention_batch_into(
+            dev,
+            &q,
+            seqs,
+            &dims,
+            &mut want_out,
+            &mut want_lse,
+            &opts,
+        )
+        .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&gpu.download(out)[..rows * 8 * 128]) == bits(&gpu.download(&want_out))
+                && bits(&gpu.download(lse)[..rows * 8]) == bits(&gpu.download(&want_lse)),
+            "launch {i} did not compute its own plan"
+        );
+    }
+}
+
+/// Decode steps replayed from one CUDA graph: the launch is captured once (three sequences,
+/// APE, plain and Block-Attention), and each later step writes its query rows, prepares the
+/// batch for keys one longer (and, one step, for one sequence fewer) and replays the graph. Every
+/// step gives the bits of the batched launcher on the same inputs. prepare() during a capture is
+/// an error.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn capturable_decode_replays_in_a_cuda_graph() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let gpu = Gpu::new();
+    let dev = &gpu.0;
+    let mut r = seeded("capturable_decode_replays_in_a_cuda_graph");
+    let dims = AttentionDims::new(32, 8, 128).unwrap();
+    let dtype = DType::BF16;
+    let rope = attention::rope_configs(128)[0];
+    let row = 8 * 128;
+    let kv = |r: &mut common::Seeded, n: usize| {
+        let shape = [n, 8, 128];
+        (
+            gpu.upload(&round(r.uniform(n * row, 2.0), dtype), &shape, dtype),
+            gpu.upload(&round(r.uniform(n * row, 1.0), dtype), &shape, dtype),
+        )
+    };
+    // Per sequence: a cached context (Context, shifted for the Block-Attention one) and its own
+    // generated tokens' K/V, a preallocated block read through a growing row view.
+    let contexts: Vec<(Tensor, Tensor)> =
+        [3000, 700, 1500].iter().map(|&n| kv(&mut r, n)).collect();
+    let own: Vec<(Tensor, Tensor)> = (0..3).map(|_| kv(&mut r, 16)).collect();
+    let apes = [ApeParams::default(), ApeParams::plain(), ApeParams::plain()];
+    let capacity = BatchCapacity {
+        sequences: 3,
+        rows: 3,
+        segments: 6,
+    };
+    let opts = SegmentedAttentionOptions::default();
+    let mut batch = cuda::CapturableBatch::new(dev, &dims, dtype, &capacity, &opts).unwrap();
+    let q = |r: &mut common::Seeded, q: &mut Tensor| {
+        q.copy_from_f32(dev, &round(r.uniform(3 * 32 * 128, 2.0), dtype))
+            .unwrap();
+    };
+    let mut q_buf = gpu.nan(&[3, 32, 128], dtype);
+    let mut out = gpu.nan(&[3, 32, 128], dtype);
+    let mut lse = gpu.nan(&[3, 32], DType::F32);
+    let mut graph = None;
+    for step in 0..6 {
+        let n_seqs = if step == 3 { 2 } else { 3 };
+        let len = 4 + step;
+        let views: Vec<_> = own
+            .iter()
+            .map(|(k, v)| (k.rows(0..len).unwrap(), v.rows(0..len).unwrap()))
+            .collect();
+        let ctx_views: Vec<_> = contexts
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.rows(0..k.shape()[0]).unwrap(),
+                    v.rows(0..v.shape()[0]).unwrap(),
+                )
+            })
+            .collect();
+        let ctx_len = [3000, 700, 1500];
+        let segs: Vec<Vec<cuda::Segment<'_, cuda::TensorRows<'_>>>> = (0..3)
+            .map(|i| {
+                vec![
+                    cuda::Segment {
+                        k: &ctx_views[i].0,
+                        v: &ctx_views[i].1,
+                        pos_offset: 0,
+                        role: if i == 0 {
+                            SegmentRole::Context
+                        } else {
+                            SegmentRole::Causal
+                        },
+                        rope_shift: (i == 2).then_some(RopeShift { rope, delta: 37 }),
+                    },
+                    cuda::Segment {
+                        k: &views[i].0,
+                        v: &views[i].1,
+                        pos_offset: ctx_len[i],
+                        role: SegmentRole::Causal,
+                        rope_shift: None,
+                    },
+                ]
+            })
+            .collect();
+        let sequences: Vec<cuda::BatchSequence<'_, cuda::TensorRows<'_>>> = (0..n_seqs)
+            .map(|i| cuda::BatchSequence {
+                n_rows: 1,
+                pos_offset: ctx_len[i] + len - 1,
+                segments: &segs[i],
+                ape: apes[i],
+            })
+            .collect();
+        q(&mut r, &mut q_buf);
+        batch.prepare(dev, &sequences).unwrap();
+        if graph.is_none() {
+            let stream = dev.stream();
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .unwrap();
+            let during = batch.prepare(dev, &sequences);
+            // SAFETY: the segments prepared are alive until the end of this step, after the
+            // replay is synchronised below.
+            let launched = unsafe { batch.launch(dev, &q_buf, &mut out, &mut lse) };
+            let captured = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
+            assert!(
+                during.is_err(),
+                "prepare() during a capture must be refused"
+            );
+            launched.unwrap();
+            graph = Some(captured.expect("a graph"));
+        }
+        graph.as_ref().unwrap().launch().unwrap();
+        let got = (gpu.download(&out), gpu.download(&lse));
+        let rows = n_seqs;
+        let q_rows = q_buf.copy_rows(dev, 0, rows).unwrap();
+        let mut want_out = gpu.nan(&[rows, 32, 128], dtype);
+        let mut want_lse = gpu.nan(&[rows, 32], DType::F32);
+        cuda::segmented_attention_batch_into(
+            dev,
+            &q_rows,
+            &sequences,
+            &dims,
+            &mut want_out,
+            &mut want_lse,
+            &opts,
+        )
+        .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let (want_out, want_lse) = (gpu.download(&want_out), gpu.download(&want_lse));
+        assert!(
+            bits(&got.0[..rows * 32 * 128]) == bits(&want_out)
+                && bits(&got.1[..rows * 32]) == bits(&want_lse),
+            "step {step}: the replay differs from the batched launch"
+        );
+        assert!(want_lse.iter().all(|x| x.is_finite()));
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`crate::Error`] instead of panicking. Each launcher's oracle is the function of the same name
 //! in [`crate::reference`]; the GPU tests (`tests/gpu_*.rs`, ignored without a device) compare them.
 
+mod capturable_batch;
 mod device;
 pub mod llama_ops;
 pub mod merge_states;
@@ -11,13 +12,15 @@ pub mod rope;
 pub mod segmented_attention;
 mod tensor;
 
+pub use capturable_batch::CapturableBatch;
 pub use device::{kernel_build_info, kernels_built, Device};
 pub use llama_ops::{embedding, rms_norm, rms_norm_into, silu_mul, silu_mul_into};
 pub use merge_states::{merge_state_in_place, merge_states, merge_states_into};
 pub use rope::{rope_apply, rope_shift};
 pub use segmented_attention::{
     segmented_attention, segmented_attention_batch, segmented_attention_batch_into,
-    segmented_attention_into, BatchSequence, KvTensor, Query, Segment, SegmentedAttentionOptions,
+    segmented_attention_into, BatchCapacity, BatchSequence, KvTensor, Query, Segment,
+    SegmentedAttentionOptions,
 };
 #[cfg(feature = "emulator")]
 pub(crate) use tensor::{check_reshape, element_count, row_range};

@@ -17,7 +17,7 @@
 //! `-delta` in registers instead (`q . R(delta) k = R(-delta) q . k`), once per segment.
 
 use bytemuck::{Pod, Zeroable};
-use cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::{DType, Device, Tensor, TensorRows};
 use crate::error::{Error, Result};
@@ -175,6 +175,18 @@ pub(crate) struct SegmentedAttentionParams {
     work0: u32,
 }
 const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 80);
+
+impl SegmentedAttentionParams {
+    /// A sequence without rows: a thread block sent to it leaves at once, and the combine kernel
+    /// skips it (whole).
+    fn idle() -> Self {
+        Self {
+            group: 1,
+            whole: 1,
+            ..Self::zeroed()
+        }
+    }
+}
 
 /// Mirrors `ape::SegmentedAttentionLaunch`: the one sequence's parameters, or (a batch) the count
 /// of the `seqs` array's.
@@ -380,7 +392,7 @@ pub fn plan_batch(
         .collect()
 }
 
-fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
+pub(crate) fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
     match (dtype, head_dim) {
         (DType::BF16, 64) => (
             "segmented_attention_bf16_d64",
@@ -401,9 +413,8 @@ fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
     }
 }
 
-/// Checks the packed query, the outputs and every sequence's segments (shapes, dtypes, devices),
-/// then each sequence's problem ([`check_problem`]) and the batch's limits. `prefix(i)` names
-/// sequence `i` in messages.
+/// Checks the packed query, the outputs, the batch's rows and every sequence ([`validate_io`],
+/// [`check_batch_rows`], [`validate_sequences`]). `prefix(i)` names sequence `i` in messages.
 fn validate<K: KvTensor>(
     device: &Device,
     q: &Tensor,
@@ -412,6 +423,20 @@ fn validate<K: KvTensor>(
     out: &Tensor,
     lse: &Tensor,
     prefix: impl Fn(usize) -> String,
+) -> Result<()> {
+    validate_io(device, q, dims, out, lse)?;
+    check_batch_rows(q.shape()[0], sequences.iter().map(|s| s.n_rows))?;
+    validate_sequences(device, sequences, dims, q.dtype(), prefix)
+}
+
+/// Checks the dims and the packed query and outputs: q `[n_rows, n_heads, head_dim]` in bf16 or
+/// f16, out the same, lse `[n_rows, n_heads]` f32, all on `device`.
+pub(crate) fn validate_io(
+    device: &Device,
+    q: &Tensor,
+    dims: &AttentionDims,
+    out: &Tensor,
+    lse: &Tensor,
 ) -> Result<()> {
     dims.validate()?;
     check_head_dim(dims.head_dim)?;
@@ -430,8 +455,18 @@ fn validate<K: KvTensor>(
     out.check_device(device, "out")?;
     lse.check_shape(&qs[..2], "lse")?;
     lse.check_dtype(DType::F32, "lse")?;
-    lse.check_device(device, "lse")?;
-    check_batch_rows(qs[0], sequences.iter().map(|s| s.n_rows))?;
+    lse.check_device(device, "lse")
+}
+
+/// Checks every sequence's segments (shapes, `dtype`, devices) and problem ([`check_problem`]).
+/// `prefix(i)` names sequence `i` in messages.
+pub(crate) fn validate_sequences<K: KvTensor>(
+    device: &Device,
+    sequences: &[BatchSequence<'_, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+    prefix: impl Fn(usize) -> String,
+) -> Result<()> {
     for (j, seq) in sequences.iter().enumerate() {
         for (i, s) in seq.segments.iter().enumerate() {
             let name = |t: &str| format!("{}segment {i} {t}", prefix(j));
@@ -700,6 +735,13 @@ impl LaunchLayout {
     }
 }
 
+/// Dynamic shared memory of the attention kernel at `head_dim`: Q, two K and two V tiles; and
+/// with RoPE shifts, one more tile for the rotated rows' lo parts (the function's limit).
+pub(crate) fn smem_bytes(head_dim: usize) -> (usize, usize) {
+    let plain = (BLOCK_M + 4 * BLOCK_N) * head_dim * 2;
+    (plain, plain + BLOCK_M * head_dim * 2)
+}
+
 /// Plans a launch of one or more sequences and lays out its descriptors, RoPE table and
 /// parameters. Pure: the inputs are already validated ([`check_problem`] for each sequence).
 pub(crate) fn launch_layout(
@@ -813,10 +855,8 @@ pub(crate) fn launch_layout(
     let lse_len = part0.max(1);
 
     let (main, combine) = kernel_names(dtype, dims.head_dim);
-    // Q, two K and two V tiles; launches with RoPE shifts add the tile of the rotated rows' lo
-    // parts. The function's limit is set once, to the larger size.
-    let smem_plain = (BLOCK_M + 4 * BLOCK_N) * dims.head_dim * 2;
-    let smem_limit = smem_plain + BLOCK_M * dims.head_dim * 2;
+    // The function's limit is set once, to the larger size (with RoPE shifts).
+    let (smem_plain, smem_limit) = smem_bytes(dims.head_dim);
     let smem = if table.is_empty() {
         smem_plain
     } else {
@@ -863,6 +903,243 @@ pub(crate) fn launch_layout(
         lse_len,
         combine_grid,
     })
+}
+
+/// The most a [`super::CapturableBatch`] launch takes: every launch's grids, parameter arrays and
+/// workspace are sized from it once, so that they never change between launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchCapacity {
+    /// Sequences per launch (at least 1, at most [`MAX_BATCH_SEQUENCES`] - 1).
+    pub sequences: usize,
+    /// Query rows of all the sequences together (at least 1).
+    pub rows: usize,
+    /// Segments of all the sequences together, empty ones included (at least 1).
+    pub segments: usize,
+}
+
+impl BatchCapacity {
+    /// Errors unless sequences of these `(n_rows, n_segments)` fit the capacity; returns their
+    /// rows.
+    pub(crate) fn check_fits(
+        &self,
+        sequences: impl ExactSizeIterator<Item = (usize, usize)>,
+    ) -> Result<usize> {
+        let n = sequences.len();
+        let over = |what: &str, n: String, cap: usize| {
+            Error::OutOfRange(format!("{n} {what} exceed the batch's capacity of {cap}"))
+        };
+        if n == 0 {
+            return Err(Error::Shape("a launch needs at least one sequence".into()));
+        }
+        if n > self.sequences {
+            return Err(over("sequences", n.to_string(), self.sequences));
+        }
+        let (mut rows, mut segments) = (0usize, 0usize);
+        for (r, s) in sequences {
+            rows = rows.saturating_add(r);
+            segments = segments.saturating_add(s);
+        }
+        if rows > self.rows {
+            return Err(over("query rows", rows.to_string(), self.rows));
+        }
+        if segments > self.segments {
+            return Err(over("segments", segments.to_string(), self.segments));
+        }
+        Ok(rows)
+    }
+}
+
+/// The fixed shape of a capturable launch: sizes derived from a [`BatchCapacity`] that bound
+/// every launch [`launch_layout`] can plan within it, and the parameter image's layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FixedShape {
+    pub capacity: BatchCapacity,
+    /// Descriptor slots, and f32 values of the RoPE shift table (a row per shifted segment).
+    pub desc_slots: usize,
+    pub rope_len: usize,
+    /// Entries of the `seqs` array: the capacity's sequences and one idle sequence, which the
+    /// thread blocks a launch does not need are sent to.
+    pub seq_slots: usize,
+    /// The main kernel's grid x (thread blocks per KV head), and the combine kernel's.
+    pub blocks: u32,
+    pub combine_blocks: u32,
+    /// Partial states of the workspace ((row, head) entries of every split).
+    pub parts: usize,
+    /// Byte offsets of the image's four parts (as [`LaunchLayout::upload_bytes`]) and its size.
+    pub offsets: [usize; 4],
+    pub bytes: usize,
+    pub head_dim: usize,
+    pub n_heads: usize,
+}
+
+impl FixedShape {
+    /// The shape for `capacity` on a device of `sm_count` SMs, planned as [`launch_layout`] plans
+    /// with `num_splits`.
+    ///
+    /// The bounds: a sequence of `r` rows has `ceil(r * group / 64)` query tiles, at most
+    /// `r * ceil(group / 64)` and at most `r * group / 64 + 1`. With `num_splits = Some(n)`, each
+    /// query tile has at most `n` thread blocks and each (row, head) at most `n` partial states.
+    /// Chosen splits ([`plan_batch`]) happen only when the query tiles times KV heads (`base`)
+    /// are under one wave (`W = BLOCKS_PER_SM * sm_count`); a sequence then has
+    /// `s <= max(1, share / (q_tiles * n_kv_heads))` splits with shares adding up to at most `W`,
+    /// so the thread blocks number at most `q_tiles + W / n_kv_heads`, every `s` is at most
+    /// `W / n_kv_heads`, and the partial states number at most `64 * (base + W) < 128 W`.
+    pub fn new(
+        capacity: &BatchCapacity,
+        dims: &AttentionDims,
+        sm_count: usize,
+        num_splits: Option<usize>,
+    ) -> Result<Self> {
+        dims.validate()?;
+        check_head_dim(dims.head_dim)?;
+        let BatchCapacity {
+            sequences,
+            rows,
+            segments,
+        } = *capacity;
+        if sequences == 0 || rows == 0 || segments == 0 {
+            return Err(Error::InvalidParameter {
+                name: "capacity",
+                value: 0.0,
+                requirement: "sequences, rows and segments must each be at least 1",
+            });
+        }
+        if sequences >= MAX_BATCH_SEQUENCES {
+            return Err(Error::OutOfRange(format!(
+                "a capacity of {sequences} sequences: at most {} (the combine grid's y holds \
+                 one more, an idle sequence)",
+                MAX_BATCH_SEQUENCES - 1
+            )));
+        }
+        if num_splits == Some(0) {
+            return Err(Error::InvalidParameter {
+                name: "num_splits",
+                value: 0.0,
+                requirement: "must be >= 1",
+            });
+        }
+        let too_big = || Error::OutOfRange(format!("capacity {capacity:?} is too large"));
+        let group = dims.group_size();
+        let n_kv = dims.n_kv_heads;
+        let wave = BLOCKS_PER_SM * sm_count.max(1);
+        let q_tiles = rows
+            .checked_mul(group.div_ceil(BLOCK_M))
+            .ok_or_else(too_big)?
+            .min((rows.saturating_mul(group) / BLOCK_M).saturating_add(sequences));
+        let heads_rows = rows.checked_mul(dims.n_heads).ok_or_else(too_big)?;
+        let (blocks, parts) = match num_splits {
+            Some(n) => (
+                q_tiles.checked_mul(n),
+                n.checked_mul(heads_rows).ok_or_else(too_big)?,
+            ),
+            None => (
+                q_tiles.checked_add(wave.div_ceil(n_kv)),
+                (2 * BLOCK_M * wave).min(wave.div_ceil(n_kv).saturating_mul(heads_rows)),
+            ),
+        };
+        let blocks = blocks
+            .filter(|&b| b <= i32::MAX as usize)
+            .ok_or_else(too_big)? as u32;
+        let combine_blocks = u32_of(
+            heads_rows
+                .checked_mul(32)
+                .ok_or_else(too_big)?
+                .div_ceil(COMBINE_THREADS as usize),
+            "combine blocks",
+        )?;
+        parts.checked_mul(dims.head_dim).ok_or_else(too_big)?;
+        let rope_len = segments.checked_mul(dims.head_dim).ok_or_else(too_big)?;
+        let seq_slots = sequences + 1;
+        let sizes = [
+            segments.checked_mul(std::mem::size_of::<SegmentDesc>()),
+            rope_len.checked_mul(4),
+            Some(seq_slots * std::mem::size_of::<SegmentedAttentionParams>()),
+            (blocks as usize).checked_mul(4),
+        ];
+        let mut offsets = [0usize; 4];
+        let mut bytes = 0usize;
+        for (i, size) in sizes.into_iter().enumerate() {
+            offsets[i] = bytes.next_multiple_of(16);
+            bytes = size
+                .and_then(|s| offsets[i].checked_add(s))
+                .ok_or_else(too_big)?;
+        }
+        Ok(Self {
+            capacity: *capacity,
+            desc_slots: segments,
+            rope_len,
+            seq_slots,
+            blocks,
+            combine_blocks,
+            parts,
+            offsets,
+            bytes,
+            head_dim: dims.head_dim,
+            n_heads: dims.n_heads,
+        })
+    }
+
+    /// `layout` (planned for at most this shape's capacity) as the parameter image of a fixed
+    /// launch: every part at its fixed offset and padded, a `seqs` array and work list even for
+    /// one sequence, the idle sequence after the real ones and the work list's surplus thread
+    /// blocks sent to it. Its launches take [`FixedShape::launch_params`].
+    pub fn image(&self, layout: &LaunchLayout) -> Result<Vec<u8>> {
+        let mut seqs = if layout.seqs.is_empty() {
+            vec![layout.launch.first]
+        } else {
+            layout.seqs.clone()
+        };
+        let n_seqs = seqs.len();
+        let mut work = if layout.work.is_empty() {
+            vec![0u32; layout.grid.0 as usize]
+        } else {
+            layout.work.clone()
+        };
+        // The capacity's checks come first (CapturableBatch::prepare); past them, these hold by
+        // the bounds of FixedShape::new.
+        let fits = layout.descs.len() <= self.desc_slots
+            && layout.rope_table.len() <= self.rope_len
+            && n_seqs < self.seq_slots
+            && work.len() <= self.blocks as usize
+            && layout.o_len <= (self.parts * self.head_dim).max(1)
+            && layout
+                .combine_grid
+                .is_none_or(|g| g.0 <= self.combine_blocks);
+        if !fits {
+            return Err(Error::OutOfRange(format!(
+                "the launch ({} sequences, {} descriptors, {} thread blocks, {} partial states) \
+                 does not fit the fixed shape planned for {:?}",
+                n_seqs,
+                layout.descs.len(),
+                work.len(),
+                layout.lse_len,
+                self.capacity
+            )));
+        }
+        seqs.resize(self.seq_slots, SegmentedAttentionParams::idle());
+        work.resize(self.blocks as usize, n_seqs as u32);
+        let mut bytes = vec![0u8; self.bytes];
+        let parts: [&[u8]; 4] = [
+            bytemuck::cast_slice(&layout.descs),
+            bytemuck::cast_slice(&layout.rope_table),
+            bytemuck::cast_slice(&seqs),
+            bytemuck::cast_slice(&work),
+        ];
+        for (part, at) in parts.into_iter().zip(self.offsets) {
+            bytes[at..at + part.len()].copy_from_slice(part);
+        }
+        Ok(bytes)
+    }
+
+    /// The by-value parameters of every launch of this shape: the sequences are in the `seqs`
+    /// array, all `seq_slots` of them.
+    pub fn launch_params(&self) -> SegmentedAttentionLaunch {
+        SegmentedAttentionLaunch {
+            first: SegmentedAttentionParams::idle(),
+            n_sequences: self.seq_slots as u32,
+            pad: [0; 3],
+        }
+    }
 }
 
 /// Attention of the query over all segments with the APE correction; returns new
@@ -972,6 +1249,37 @@ pub fn segmented_attention_batch_into<K: KvTensor>(
     launch(device, q, sequences, dims, out, lse, options)
 }
 
+/// The device addresses of validated sequences' segments, in order, and the guards that record
+/// their reads on `stream` when dropped (keep them until the launch is queued).
+pub(crate) fn device_segment_refs<'a, K: KvTensor>(
+    stream: &'a CudaStream,
+    sequences: &[BatchSequence<'a, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+) -> (Vec<SegmentRef>, Vec<SyncOnDrop<'a>>) {
+    let n_segments: usize = sequences.iter().map(|s| s.segments.len()).sum();
+    let mut guards = Vec::with_capacity(2 * n_segments);
+    let mut refs = Vec::with_capacity(n_segments);
+    // Bytes per row of K or V; validation checked both tensors' rows against dims.
+    let row_bytes = (dims.n_kv_heads * dims.head_dim * dtype.size()) as u64;
+    for s in sequences.iter().flat_map(|q| q.segments) {
+        let ((k_start, len), (v_start, _)) = (s.k.row_span(), s.v.row_span());
+        let (k, k_sync) = s.k.tensor().device_buffer().device_ptr(stream);
+        let (v, v_sync) = s.v.tensor().device_buffer().device_ptr(stream);
+        guards.push(k_sync);
+        guards.push(v_sync);
+        refs.push(SegmentRef {
+            k: k + k_start as u64 * row_bytes,
+            v: v + v_start as u64 * row_bytes,
+            len,
+            pos_offset: s.pos_offset,
+            role: s.role,
+            rope_shift: s.rope_shift,
+        });
+    }
+    (refs, guards)
+}
+
 /// Launches validated sequences.
 fn launch<K: KvTensor>(
     device: &Device,
@@ -988,26 +1296,7 @@ fn launch<K: KvTensor>(
     let stream = device.stream();
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
-    let n_segments: usize = sequences.iter().map(|s| s.segments.len()).sum();
-    let mut read_guards = Vec::with_capacity(2 * n_segments);
-    let mut refs = Vec::with_capacity(n_segments);
-    // Bytes per row of K or V; validate() checked both tensors' rows against dims.
-    let row_bytes = (dims.n_kv_heads * dims.head_dim * q.dtype().size()) as u64;
-    for s in sequences.iter().flat_map(|q| q.segments) {
-        let ((k_start, len), (v_start, _)) = (s.k.row_span(), s.v.row_span());
-        let (k, k_sync) = s.k.tensor().device_buffer().device_ptr(stream);
-        let (v, v_sync) = s.v.tensor().device_buffer().device_ptr(stream);
-        read_guards.push(k_sync);
-        read_guards.push(v_sync);
-        refs.push(SegmentRef {
-            k: k + k_start as u64 * row_bytes,
-            v: v + v_start as u64 * row_bytes,
-            len,
-            pos_offset: s.pos_offset,
-            role: s.role,
-            rope_shift: s.rope_shift,
-        });
-    }
+    let (refs, read_guards) = device_segment_refs(stream, sequences, dims, q.dtype());
     let seq_refs = sequence_refs(
         &refs,
         sequences
@@ -1312,6 +1601,156 @@ mod tests {
         assert!(l.seqs.iter().all(|p| p.whole == 1));
         assert_eq!(l.combine_grid, None);
         assert_eq!(l.grid.0, 1);
+    }
+
+    /// The capacity bounds of FixedShape::new: on many random batches within a capacity (and on
+    /// batches that fill it), with chosen and forced splits, the plan always fits the fixed
+    /// shape, and its image puts every part at the shape's offsets, the idle sequence after the
+    /// real ones and the surplus thread blocks on it. Slack is measured too: a capacity an engine
+    /// sizes for its decode batch does not launch many times the thread blocks it needs.
+    #[test]
+    fn every_batch_within_a_capacity_fits_its_fixed_shape() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1)) as usize
+        };
+        let shift = RopeShift {
+            rope: RopeConfig::new(64, 10_000.0, RopeLayout::Neox).expect("valid"),
+            delta: 5,
+        };
+        for case in 0..3000 {
+            let n_kv = 1 + next(8);
+            let dims =
+                AttentionDims::new(n_kv * [1, 2, 4, 8, 80][next(5)], n_kv, 64).expect("valid");
+            let sms = 1 + next(150);
+            let forced = (next(3) == 0).then(|| 1 + next(12));
+            let most_rows = if next(2) == 0 { 64 } else { 3000 };
+            let cap = BatchCapacity {
+                sequences: 1 + next(40),
+                rows: 1 + next(most_rows),
+                segments: 1 + next(60),
+            };
+            let shape = FixedShape::new(&cap, &dims, sms, forced).expect("valid capacity");
+            // A batch within the capacity; every other one fills it.
+            let full = case % 2 == 0;
+            let n_seqs = if full {
+                cap.sequences
+            } else {
+                1 + next(cap.sequences as u64)
+            };
+            let mut rows = vec![0usize; n_seqs];
+            let total_rows = if full {
+                cap.rows
+            } else {
+                next(cap.rows as u64 + 1)
+            };
+            for _ in 0..total_rows {
+                rows[next(n_seqs as u64)] += 1;
+            }
+            let mut n_segs = vec![0usize; n_seqs];
+            let total_segs = if full {
+                cap.segments
+            } else {
+                next(cap.segments as u64 + 1)
+            };
+            for _ in 0..total_segs {
+                n_segs[next(n_seqs as u64)] += 1;
+            }
+            let refs: Vec<Vec<SegmentRef>> = n_segs
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| SegmentRef {
+                            k: 0x1000,
+                            v: 0x2000,
+                            len: next(2000),
+                            pos_offset: 0,
+                            role: if next(2) == 0 {
+                                SegmentRole::Context
+                            } else {
+                                SegmentRole::Causal
+                            },
+                            rope_shift: (next(4) == 0).then_some(shift),
+                        })
+                        .collect()
+                })
+                .collect();
+            let seqs: Vec<SequenceRef> = rows
+                .iter()
+                .zip(&refs)
+                .map(|(&n_rows, segments)| SequenceRef {
+                    n_rows,
+                    pos_offset: 3000,
+                    segments,
+                    ape: ApeParams::default(),
+                })
+                .collect();
+            cap.check_fits(rows.iter().copied().zip(n_segs.iter().copied()))
+                .expect("within the capacity");
+            let layout = launch_layout(&seqs, &dims, DType::BF16, sms, forced).expect("valid");
+            let image = shape
+                .image(&layout)
+                .unwrap_or_else(|e| panic!("{e}: {cap:?} {dims:?} sms {sms} {forced:?}"));
+            assert_eq!(image.len(), shape.bytes);
+            let at = |i: usize, len: usize| &image[shape.offsets[i]..shape.offsets[i] + len];
+            let size = std::mem::size_of::<SegmentDesc>();
+            assert_eq!(
+                at(0, layout.descs.len() * size),
+                bytemuck::cast_slice::<_, u8>(&layout.descs)
+            );
+            let params: &[SegmentedAttentionParams] =
+                bytemuck::cast_slice(at(2, shape.seq_slots * 80));
+            let work: &[u32] = bytemuck::cast_slice(at(3, shape.blocks as usize * 4));
+            let real = work.iter().filter(|&&w| (w as usize) < n_seqs).count();
+            assert_eq!(real, layout.grid.0 as usize);
+            assert!(work[real..].iter().all(|&w| w as usize == n_seqs));
+            assert!(params[n_seqs..]
+                .iter()
+                .all(|p| p.whole == 1 && p.n_rows == 0));
+            assert_eq!(shape.launch_params().n_sequences as usize, shape.seq_slots);
+            if forced.is_none() && cap.rows <= 64 && full {
+                // A decode-sized capacity, full: at most one wave of surplus.
+                assert!(
+                    shape.blocks as usize - real
+                        <= (BLOCKS_PER_SM * sms).div_ceil(n_kv) + cap.sequences,
+                    "{} blocks for {real}: {cap:?}",
+                    shape.blocks
+                );
+            }
+        }
+        let d = dims(8, 2);
+        let cap = |sequences, rows, segments| BatchCapacity {
+            sequences,
+            rows,
+            segments,
+        };
+        assert!(FixedShape::new(&cap(0, 1, 1), &d, 132, None).is_err());
+        assert!(FixedShape::new(&cap(1, 0, 1), &d, 132, None).is_err());
+        assert!(FixedShape::new(&cap(1, 1, 0), &d, 132, None).is_err());
+        assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, 132, None).is_err());
+        assert!(FixedShape::new(&cap(1, 1, 1), &d, 132, Some(0)).is_err());
+        assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, 132, None).is_err());
+        let c = cap(2, 10, 3);
+        assert!(c.check_fits([(5, 1), (5, 2)].into_iter()).is_ok());
+        assert!(matches!(
+            c.check_fits([(5, 1), (6, 2)].into_iter()),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            c.check_fits([(5, 2), (5, 2)].into_iter()),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            c.check_fits([(1, 0); 3].into_iter()),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            c.check_fits(std::iter::empty()),
+            Err(Error::Shape(_))
+        ));
     }
 
     #[test]

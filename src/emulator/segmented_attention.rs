@@ -5,7 +5,8 @@
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
-    SegmentExtent, SegmentRef, SegmentedAttentionOptions, COMBINE_THREADS, THREADS,
+    smem_bytes, BatchCapacity, FixedShape, SegmentExtent, SegmentRef, SegmentedAttentionOptions,
+    COMBINE_THREADS, THREADS,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -36,9 +37,16 @@ pub fn segmented_attention(
         segments,
         ape: *ape,
     };
-    run(dtype, query.data, &[seq], dims, options, emulator, |_| {
-        String::new()
-    })
+    run(
+        dtype,
+        query.data,
+        &[seq],
+        dims,
+        options,
+        emulator,
+        None,
+        |_| String::new(),
+    )
 }
 
 /// [`crate::cuda::segmented_attention_batch_into`] on the emulator: one launch for every sequence
@@ -52,6 +60,19 @@ pub fn segmented_attention_batch(
     options: &SegmentedAttentionOptions,
     emulator: &EmulatorOptions,
 ) -> Result<AttentionOutput> {
+    validate_batch(q, sequences, dims)?;
+    run(dtype, q, sequences, dims, options, emulator, None, |i| {
+        format!("sequence {i}: ")
+    })
+}
+
+/// Checks a batch as the oracle does: a packed query of whole rows owned by the sequences, and
+/// each sequence's problem.
+pub(super) fn validate_batch(
+    q: &[f32],
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+) -> Result<()> {
     dims.validate()?;
     let row = dims.n_heads * dims.head_dim;
     if q.len() % row != 0 {
@@ -71,19 +92,22 @@ pub fn segmented_attention_batch(
         validate(&query, s.segments, dims).map_err(|e| e.within(&format!("sequence {i}")))?;
         first += s.n_rows;
     }
-    run(dtype, q, sequences, dims, options, emulator, |i| {
-        format!("sequence {i}: ")
-    })
+    Ok(())
 }
 
-/// Launches validated sequences (`prefix` names one in messages).
-fn run(
+/// Launches validated sequences (`prefix` names one in messages): as the batched CUDA launcher
+/// does, or with `fixed`, as a [`crate::cuda::CapturableBatch`] of that capacity does (fixed
+/// grids, parameter image and workspace; outputs of `fixed.rows` rows, the rows past the
+/// sequences' left as NaN).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
     dtype: DType,
     q: &[f32],
     sequences: &[BatchSequence],
     dims: &AttentionDims,
     options: &SegmentedAttentionOptions,
     emulator: &EmulatorOptions,
+    fixed: Option<&BatchCapacity>,
     prefix: impl Fn(usize) -> String,
 ) -> Result<AttentionOutput> {
     check_head_dim(dims.head_dim)?;
@@ -100,7 +124,19 @@ fn run(
             .collect();
         check_problem(s.n_rows, s.pos_offset, dims, &extents, &prefix(i))?;
     }
-    let n_rows: usize = sequences.iter().map(|s| s.n_rows).sum();
+    let fixed = match fixed {
+        Some(c) => {
+            // As CapturableBatch: new(), then prepare().
+            let shape = FixedShape::new(c, dims, emulator.sm_count, options.num_splits)?;
+            c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
+            Some(shape)
+        }
+        None => None,
+    };
+    let n_rows: usize = match &fixed {
+        Some(shape) => shape.capacity.rows,
+        None => sequences.iter().map(|s| s.n_rows).sum(),
+    };
     let n = n_rows * dims.n_heads;
     if n_rows == 0 {
         return Ok(AttentionOutput {
@@ -142,25 +178,55 @@ fn run(
         options.num_splits,
     )?;
 
-    // The parameter arrays as the CUDA launcher uploads them (one buffer, upload_bytes), so that
-    // the emulator sees the same offsets and alignment.
-    let (bytes, offsets) = layout.upload_bytes();
+    // The parameter arrays as the CUDA launcher uploads them (one buffer: upload_bytes, or a
+    // fixed launch's image), so that the emulator sees the same offsets and alignment. Parts a
+    // launch does not read get a valid pointer all the same.
+    let (bytes, offsets, used) = match &fixed {
+        Some(shape) => (shape.image(&layout)?, shape.offsets, [true; 4]),
+        None => {
+            let (bytes, offsets) = layout.upload_bytes();
+            let used = [
+                true,
+                !layout.rope_table.is_empty(),
+                !layout.seqs.is_empty(),
+                !layout.work.is_empty(),
+            ];
+            (bytes, offsets, used)
+        }
+    };
     let mut upload = Aligned::from_slice(&bytes);
     let base = upload.addr();
-    let part = |i: usize, non_empty: bool| {
-        if non_empty {
+    let part = |i: usize| {
+        if used[i] {
             base + offsets[i] as u64
         } else {
             base
         }
     };
-    let table_ptr = part(1, !layout.rope_table.is_empty());
-    let seqs_ptr = part(2, !layout.seqs.is_empty());
-    let work_ptr = part(3, !layout.work.is_empty());
+    let (table_ptr, seqs_ptr, work_ptr) = (part(1), part(2), part(3));
+    // What the launches take besides the buffers (the CUDA launchers choose the same).
+    let (grid, smem, launch, o_len, lse_len, combine_grid) = match &fixed {
+        Some(shape) => (
+            (shape.blocks, dims.n_kv_heads as u32, 1),
+            smem_bytes(dims.head_dim).1,
+            shape.launch_params(),
+            (shape.parts * dims.head_dim).max(1),
+            shape.parts.max(1),
+            Some((shape.combine_blocks, shape.seq_slots as u32, 1)),
+        ),
+        None => (
+            layout.grid,
+            layout.smem,
+            layout.launch,
+            layout.o_len,
+            layout.lse_len,
+            layout.combine_grid,
+        ),
+    };
     let mut out = to_dtype(&vec![f32::NAN; n * dims.head_dim], dtype);
     let mut lse = Aligned::from_slice(&vec![f32::NAN; n]);
-    let mut o_part = Aligned::from_slice(&vec![f32::NAN; layout.o_len]);
-    let mut lse_part = Aligned::from_slice(&vec![f32::NAN; layout.lse_len]);
+    let mut o_part = Aligned::from_slice(&vec![f32::NAN; o_len]);
+    let mut lse_part = Aligned::from_slice(&vec![f32::NAN; lse_len]);
     let (out_ptr, lse_ptr) = (out.addr(), lse.addr());
     let (o_part_ptr, lse_part_ptr) = (o_part.addr(), lse_part.addr());
     let ptrs = [
@@ -182,20 +248,21 @@ fn run(
     // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse, o_part,
     // lse_part, seqs, work, launch). The buffers are the sizes the CUDA launcher's are (the
     // shapes and limits were checked above; launch_layout() sized the workspace, the table and
-    // the parameter arrays), and all outlive the call.
+    // the parameter arrays, or a fixed launch's FixedShape, which image() checked the plan
+    // against, after check_fits() checked the rows), and all outlive the call.
     unsafe {
         launch_ptrs(
             layout.main,
-            layout.grid,
+            grid,
             (THREADS, 1, 1),
-            layout.smem,
+            smem,
             &ptrs,
-            &layout.launch,
+            &launch,
             &reads,
             emulator,
         )?;
     }
-    if let Some(grid) = layout.combine_grid {
+    if let Some(grid) = combine_grid {
         // SAFETY: segmented_attention_combine_*'s arguments (o_part, lse_part, out, lse, seqs,
         // launch), the same buffers as above.
         unsafe {
@@ -205,7 +272,7 @@ fn run(
                 (COMBINE_THREADS, 1, 1),
                 0,
                 &[o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, seqs_ptr],
-                &layout.launch,
+                &launch,
                 &[],
                 emulator,
             )?;

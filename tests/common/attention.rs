@@ -5,7 +5,7 @@
 //! relative L2 below 1e-2, LSE within 1e-3, `-inf` rows exactly, no NaN (outputs start as NaN).
 #![allow(dead_code)]
 
-use ape_attn::cuda::DType;
+use ape_attn::cuda::{BatchCapacity, DType};
 use ape_attn::reference::{self, rel_l2};
 use ape_attn::{
     ApeParams, ApeVariant, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole,
@@ -28,6 +28,15 @@ pub trait Backend {
     /// parameters) in one batched launch with `splits`: the packed `(out, lse)`, sequence after
     /// sequence, outputs starting as NaN.
     fn run_batch(&self, cases: &[Case], splits: Option<usize>) -> (Vec<f32>, Vec<f32>);
+    /// The same sequences prepared and launched by a capturable batch of `capacity` (fixed grids
+    /// and buffers; a backend may reuse one batch across calls): `(out, lse)` of all
+    /// `capacity.rows` rows, starting as NaN.
+    fn run_capturable(
+        &self,
+        cases: &[Case],
+        capacity: &BatchCapacity,
+        splits: Option<usize>,
+    ) -> (Vec<f32>, Vec<f32>);
 }
 
 #[derive(Clone)]
@@ -701,4 +710,108 @@ pub fn batches_of_sequences(b: &dyn Backend) {
     one.segments.retain(|s| s.len > 0);
     let (out, lse) = b.run_batch(&[one.clone(), idle], Some(2));
     assert_ok(&one, compare(&mut r, &one, &one, &out, &lse, 1));
+}
+
+/// The capacity that `cases` fill exactly, plus `extra` sequences, rows and segments.
+pub fn capacity_of(cases: &[Case], extra: [usize; 3]) -> BatchCapacity {
+    BatchCapacity {
+        sequences: cases.len() + extra[0],
+        rows: cases.iter().map(|c| c.n_rows).sum::<usize>() + extra[1],
+        segments: cases.iter().map(|c| c.segments.len()).sum::<usize>() + extra[2],
+    }
+}
+
+/// Capturable batches (fixed grids and buffers, for CUDA graphs): for each batch and capacity
+/// (exactly full, and with room to spare), the same bits as the batched launcher with the same
+/// options on every sequence's rows, and the rows past them untouched (still NaN). The batches:
+/// mixed prefill, decode and Block-Attention sequences with an idle one; decode steps that
+/// split their keys, with surplus thread blocks; one sequence alone.
+pub fn capturable_batches(b: &dyn Backend) {
+    let mut r = seeded("capturable_batches");
+    let apes = [
+        ApeParams::default(),
+        ApeParams::plain(),
+        ApeParams::new(0.7, 1.3)
+            .unwrap()
+            .with_variant(ApeVariant::ScaledMass),
+    ];
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let mut batches: Vec<Vec<Case>> = Vec::new();
+    for head_dim in [64, 128] {
+        let dims = AttentionDims::new(8, 2, head_dim).unwrap();
+        let dtype = r.pick(&[DType::BF16, DType::F16]);
+        let rope = rope_configs(head_dim)[r.range(0, 2)];
+        let rows: &[usize] = if b.quick() {
+            &[1, 0, 65]
+        } else {
+            &[1, 7, 0, 65, 1]
+        };
+        batches.push(
+            rows.iter()
+                .map(|&n_rows| {
+                    let ape = r.pick(&apes);
+                    let lens: Vec<usize> = (0..r.range(1, 3)).map(|_| r.range(0, 300)).collect();
+                    let prefix = r.range(0, 20);
+                    if r.coin() {
+                        block_attention_case(&mut r, dims, dtype, rope, &lens, n_rows, ape, None)
+                    } else {
+                        make_case(&mut r, dims, dtype, prefix, &lens, n_rows, ape, None)
+                    }
+                })
+                .collect(),
+        );
+    }
+    // Decode: a few one-row sequences over long contexts split their keys.
+    let dims = AttentionDims::new(8, 8, 64).unwrap();
+    batches.push(
+        (0..3)
+            .map(|_| {
+                let lens = [r.range(200, 700), r.range(0, 200)];
+                let ape = r.pick(&apes);
+                make_case(&mut r, dims, DType::BF16, 4, &lens, 1, ape, None)
+            })
+            .collect(),
+    );
+    // One sequence alone (its parameters go through the arrays all the same).
+    let dims = AttentionDims::new(4, 1, 128).unwrap();
+    let (len, n_rows) = (r.range(100, 500), r.range(1, 20));
+    let alone = make_case(&mut r, dims, DType::BF16, 3, &[len], n_rows, apes[0], None);
+    batches.push(vec![alone]);
+
+    for cases in &batches {
+        let (dims, rows) = (cases[0].dims, cases.iter().map(|c| c.n_rows).sum::<usize>());
+        let (h, d) = (dims.n_heads, dims.head_dim);
+        for splits in [None, Some(1), Some(3)] {
+            let (want_out, want_lse) = b.run_batch(cases, splits);
+            for extra in [[0, 0, 0], [r.range(1, 5), r.range(1, 90), r.range(1, 9)]] {
+                let capacity = capacity_of(cases, extra);
+                let (out, lse) = b.run_capturable(cases, &capacity, splits);
+                assert_eq!(out.len(), capacity.rows * h * d);
+                assert_eq!(lse.len(), capacity.rows * h);
+                assert!(
+                    bits(&out[..rows * h * d]) == bits(&want_out)
+                        && bits(&lse[..rows * h]) == bits(&want_lse),
+                    "capturable rows differ from the batched launch: {capacity:?} \
+                     splits={splits:?} {cases:?}"
+                );
+                assert!(
+                    out[rows * h * d..].iter().all(|x| x.is_nan())
+                        && lse[rows * h..].iter().all(|x| x.is_nan()),
+                    "rows past the sequences were written: {capacity:?} {cases:?}"
+                );
+            }
+            // And the oracle, on the sequences' rows (the batched launcher's own sweep covers
+            // more; this catches a capturable launch and a batched one that agree on a mistake).
+            let mut row0 = 0;
+            for case in cases {
+                let n = case.n_rows;
+                let (o, l) = (
+                    &want_out[row0 * h * d..(row0 + n) * h * d],
+                    &want_lse[row0 * h..(row0 + n) * h],
+                );
+                assert_ok(case, compare(&mut r, case, case, o, l, 8));
+                row0 += n;
+            }
+        }
+    }
 }

@@ -1,0 +1,344 @@
+//! Segmented attention for a batch of sequences, launched with fixed grids and fixed buffers so
+//! that an engine can capture it in a CUDA graph and replay it every decode step
+//! (kernels/segmented_attention.cu; the same kernels and plan as
+//! [`super::segmented_attention_batch_into`], whose oracle is
+//! [`crate::reference::segmented_attention_batch`]).
+//!
+//! A graph replays its kernels with the grids, shared memory and argument values it captured.
+//! [`super::segmented_attention_batch_into`] cannot be captured: each call plans its own grid,
+//! allocates and uploads its descriptors, and grows the device's workspace when it must. A
+//! [`CapturableBatch`] splits that call in two:
+//! - [`CapturableBatch::prepare`] (host side, outside any capture) validates the sequences, plans
+//!   them as the batched launcher does, and copies the plan (descriptors, RoPE shift table,
+//!   per-sequence parameters, work list) into the batch's own device buffer, from page-locked
+//!   memory, on the device's stream;
+//! - [`CapturableBatch::launch`] enqueues the attention kernel and the combine kernel with grids
+//!   sized once for the batch's [`BatchCapacity`]. It allocates nothing, copies nothing and never
+//!   waits for the host: it is what a capture records. Thread blocks the plan does not need are
+//!   sent to an idle sequence and leave at once.
+//!
+//! The cost of the fixed grids: surplus thread blocks (a few microseconds for a capacity near
+//! the batch's size; size one capacity per captured batch-size bucket), and a combine launch
+//! even when no sequence splits its keys.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys::{CUevent_flags, CUstreamCaptureStatus},
+    CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+
+use super::segmented_attention::{
+    check_dtype, check_head_dim, device_segment_refs, kernel_names, launch_layout, sequence_refs,
+    smem_bytes, validate_io, validate_sequences, BatchCapacity, FixedShape,
+    SegmentedAttentionLaunch, COMBINE_THREADS, THREADS,
+};
+use super::{BatchSequence, DType, Device, KvTensor, SegmentedAttentionOptions, Tensor};
+use crate::error::{Error, Result};
+use crate::params::AttentionDims;
+
+/// A batched segmented-attention launch with fixed grids and buffers, for CUDA graphs.
+///
+/// Create one per captured batch shape (a decode step of up to `capacity.sequences` requests,
+/// say), then, each step:
+///
+/// ```no_run
+/// # use ape_attn::cuda::{BatchSequence, CapturableBatch, Device, Tensor};
+/// # fn step(dev: &Device, batch: &mut CapturableBatch, sequences: &[BatchSequence<'_>],
+/// #         q: &Tensor, out: &mut Tensor, lse: &mut Tensor) -> ape_attn::Result<()> {
+/// batch.prepare(dev, sequences)?; // outside the capture: plan, copy the plan to the device
+/// // The first step captures the launch (with the rest of the step) into a graph:
+/// //   dev.stream().begin_capture(..); unsafe { batch.launch(dev, q, out, lse) }?; end_capture(..)
+/// // and later steps replay that graph after their prepare(). Without graphs:
+/// unsafe { batch.launch(dev, q, out, lse) }?;
+/// # Ok(()) }
+/// ```
+///
+/// [`CapturableBatch::run`] does both in one safe call. Each launch computes what
+/// [`super::segmented_attention_batch_into`] computes for the prepared sequences with the same
+/// options, to the bit: the plan is the same.
+pub struct CapturableBatch {
+    stream: Arc<CudaStream>,
+    dims: AttentionDims,
+    dtype: DType,
+    options: SegmentedAttentionOptions,
+    shape: FixedShape,
+    launch: SegmentedAttentionLaunch,
+    main: CudaFunction,
+    combine: CudaFunction,
+    smem: usize,
+    /// The plan's image on the device, at the fixed offsets of `shape`.
+    params: CudaSlice<u8>,
+    /// Partial outputs (`parts * head_dim` f32), then partial LSEs (`parts`).
+    workspace: CudaSlice<f32>,
+    /// Page-locked copies of the image, used in turn, and the events recorded after the copy
+    /// from each: a prepare() waits only for the copy issued two prepares before it. (The
+    /// slices' own events are not recorded when cudarc's event tracking is off, as it is in
+    /// `Device::new`'s context.)
+    staging: [PinnedHostSlice<u8>; 2],
+    copied: [CudaEvent; 2],
+    next: usize,
+    /// Query rows of the last prepare().
+    prepared_rows: Option<usize>,
+}
+
+impl std::fmt::Debug for CapturableBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapturableBatch")
+            .field("dims", &self.dims)
+            .field("dtype", &self.dtype)
+            .field("capacity", &self.shape.capacity)
+            .field("blocks", &self.shape.blocks)
+            .field("prepared_rows", &self.prepared_rows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CapturableBatch {
+    /// A batch for launches on `device`'s stream of up to `capacity` (sequences, query rows,
+    /// segments) with `dims` and `dtype` (bf16 or f16), planned with `options` as
+    /// [`super::segmented_attention_batch_into`] plans. Allocates the parameter buffer, the
+    /// workspace (at most `128 * 2 * SMs` partial states of `head_dim + 1` f32 with chosen
+    /// splits) and two page-locked staging buffers.
+    pub fn new(
+        device: &Device,
+        dims: &AttentionDims,
+        dtype: DType,
+        capacity: &BatchCapacity,
+        options: &SegmentedAttentionOptions,
+    ) -> Result<Self> {
+        check_dtype(dtype)?;
+        check_head_dim(dims.head_dim)?;
+        let shape = FixedShape::new(capacity, dims, device.sm_count(), options.num_splits)?;
+        let stream = device.stream().clone();
+        let (main_name, combine_name) = kernel_names(dtype, dims.head_dim);
+        let (_, smem) = smem_bytes(dims.head_dim);
+        let main = device.function_with_smem(main_name, smem as u32)?;
+        let combine = device.function(combine_name)?;
+        let params = stream.alloc_zeros::<u8>(shape.bytes)?;
+        let workspace = stream.alloc_zeros::<f32>((shape.parts * (dims.head_dim + 1)).max(1))?;
+        let staging = [
+            new_staging(&stream, shape.bytes)?,
+            new_staging(&stream, shape.bytes)?,
+        ];
+        let event = || {
+            stream
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        };
+        let copied = [event()?, event()?];
+        Ok(Self {
+            stream,
+            dims: *dims,
+            dtype,
+            options: *options,
+            launch: shape.launch_params(),
+            shape,
+            main,
+            combine,
+            smem,
+            params,
+            workspace,
+            staging,
+            copied,
+            next: 0,
+            prepared_rows: None,
+        })
+    }
+
+    /// The capacity the batch was made for.
+    pub fn capacity(&self) -> BatchCapacity {
+        self.shape.capacity
+    }
+
+    /// Thread blocks per KV head of every launch (the main kernel's grid x).
+    pub fn grid_blocks(&self) -> u32 {
+        self.shape.blocks
+    }
+
+    /// Validates `sequences` (as [`super::segmented_attention_batch_into`] does, and against the
+    /// capacity), plans them, and copies the plan into the batch's device buffer on the device's
+    /// stream. The launches queued after it (a captured graph's replays included) read it.
+    ///
+    /// Runs outside a stream capture (an error during one): the copy reads page-locked memory
+    /// that the next prepare() reuses. It waits for the host only when the copy issued two
+    /// prepares before has not run yet.
+    pub fn prepare<K: KvTensor>(
+        &mut self,
+        device: &Device,
+        sequences: &[BatchSequence<'_, K>],
+    ) -> Result<()> {
+        self.check_stream(device)?;
+        if self.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Err(Error::InvalidParameter {
+                name: "prepare",
+                value: f64::NAN,
+                requirement: "runs outside a stream capture (before the graph's replay)",
+            });
+        }
+        let rows = self
+            .shape
+            .capacity
+            .check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
+        validate_sequences(device, sequences, &self.dims, self.dtype, |i| {
+            format!("sequence {i}: ")
+        })?;
+        let (refs, guards) = device_segment_refs(&self.stream, sequences, &self.dims, self.dtype);
+        drop(guards);
+        let seq_refs = sequence_refs(
+            &refs,
+            sequences
+                .iter()
+                .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
+        );
+        let layout = launch_layout(
+            &seq_refs,
+            &self.dims,
+            self.dtype,
+            device.sm_count(),
+            self.options.num_splits,
+        )?;
+        let image = self.shape.image(&layout)?;
+        // The copy from this slot two prepares ago must have run before the slot is rewritten.
+        let (slot, copied) = (&mut self.staging[self.next], &self.copied[self.next]);
+        copied.synchronize()?;
+        slot.as_mut_slice()?.copy_from_slice(&image);
+        self.stream.memcpy_htod(slot, &mut self.params)?;
+        copied.record(&self.stream)?;
+        self.next ^= 1;
+        self.prepared_rows = Some(rows);
+        Ok(())
+    }
+
+    /// Enqueues the attention and combine kernels over the prepared sequences: `q` packs their
+    /// rows (`[rows, n_heads, head_dim]` with at least the prepared rows; rows past them are not
+    /// read), `out` and `lse` take the results (`out` like `q`, `lse` `[rows, n_heads]` f32).
+    /// Allocates nothing and copies nothing, so a stream capture can record it.
+    ///
+    /// A captured launch replays with the `q`, `out` and `lse` it was captured with, and reads
+    /// the plan of the last [`CapturableBatch::prepare`] before the replay: give it buffers of
+    /// `capacity().rows` rows.
+    ///
+    /// The segments' reads are ordered by the stream alone: in a context with cudarc's
+    /// cross-stream event tracking on (a [`Device::with_stream`] stream beside others), order
+    /// other streams' writes to them yourself.
+    ///
+    /// # Safety
+    /// The K and V tensors of the segments passed to the last [`CapturableBatch::prepare`] must
+    /// not have been dropped (their memory freed or reused) before this launch, or before any
+    /// replay of a graph that captured it, runs on the stream: the plan holds their addresses.
+    pub unsafe fn launch(
+        &mut self,
+        device: &Device,
+        q: &Tensor,
+        out: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        self.check_stream(device)?;
+        let Some(rows) = self.prepared_rows else {
+            return Err(Error::InvalidParameter {
+                name: "launch",
+                value: f64::NAN,
+                requirement: "needs a prepare() first",
+            });
+        };
+        validate_io(device, q, &self.dims, out, lse)?;
+        q.check_dtype(self.dtype, "query")?;
+        if q.shape()[0] < rows {
+            return Err(Error::Shape(format!(
+                "the query has {} rows, the prepared sequences own {rows}",
+                q.shape()[0]
+            )));
+        }
+        let shape = &self.shape;
+        let part = |i: usize| self.params.slice(shape.offsets[i]..);
+        let (descs, rope_cs, seqs, work) = (part(0), part(1), part(2), part(3));
+        let (mut o_part, mut lse_part) = self
+            .workspace
+            .split_at_mut((shape.parts * self.dims.head_dim).max(1));
+        let cfg = LaunchConfig {
+            grid_dim: (shape.blocks, self.dims.n_kv_heads as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        };
+        let mut launch = self.stream.launch_builder(&self.main);
+        launch
+            .arg(q.device_buffer())
+            .arg(&descs)
+            .arg(&rope_cs)
+            .arg(out.buf_mut())
+            .arg(lse.buf_mut())
+            .arg(&mut o_part)
+            .arg(&mut lse_part)
+            .arg(&seqs)
+            .arg(&work)
+            .arg(&self.launch);
+        // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
+        // lse_part, seqs, work, launch). The parameter buffer holds, at the offsets of `shape`,
+        // the image of a plan of validated sequences within the capacity (prepare(), which
+        // checked its descriptors, table, sequences, thread blocks and partial states against the
+        // shape); `launch` names its seq_slots sequences, so every thread block reads
+        // seqs[work[blockIdx.x]], and those past the plan's leave at once (the idle sequence has
+        // no rows). q, out and lse hold at least the prepared rows (checked above); the
+        // workspace holds `parts` partial states. The segments' K/V are alive (the caller's
+        // contract).
+        unsafe { launch.launch(cfg) }?;
+
+        let cfg = LaunchConfig {
+            grid_dim: (shape.combine_blocks, shape.seq_slots as u32, 1),
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.combine);
+        launch
+            .arg(&mut o_part)
+            .arg(&mut lse_part)
+            .arg(out.buf_mut())
+            .arg(lse.buf_mut())
+            .arg(&seqs)
+            .arg(&self.launch);
+        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
+        // seqs, launch). grid.y covers the seq_slots entries of seqs; whole sequences (the idle
+        // ones among them) return at once, and a split sequence's warps past its rows * n_heads
+        // return; combine_blocks covers the capacity's rows (FixedShape::new).
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// [`CapturableBatch::prepare`] and [`CapturableBatch::launch`] in one safe call: the
+    /// segments are borrowed until both are queued, and the device frees memory in stream order.
+    pub fn run<K: KvTensor>(
+        &mut self,
+        device: &Device,
+        q: &Tensor,
+        sequences: &[BatchSequence<'_, K>],
+        out: &mut Tensor,
+        lse: &mut Tensor,
+    ) -> Result<()> {
+        validate_io(device, q, &self.dims, out, lse)?;
+        self.prepare(device, sequences)?;
+        // SAFETY: the segments just prepared are borrowed for this whole call; buffers dropped
+        // after it are freed in stream order, after the launch.
+        unsafe { self.launch(device, q, out, lse) }
+    }
+
+    fn check_stream(&self, device: &Device) -> Result<()> {
+        if Arc::ptr_eq(device.stream(), &self.stream) {
+            Ok(())
+        } else {
+            Err(Error::DeviceMismatch(
+                "the batch was made for another device or stream".into(),
+            ))
+        }
+    }
+}
+
+/// Page-locked host memory of `bytes` bytes, zeroed.
+fn new_staging(stream: &Arc<CudaStream>, bytes: usize) -> Result<PinnedHostSlice<u8>> {
+    // SAFETY: the memory is zeroed below, before anything reads it.
+    let mut slot = unsafe { stream.context().alloc_pinned::<u8>(bytes.max(1)) }?;
+    let ptr = slot.as_mut_ptr()?;
+    // SAFETY: `ptr` points to the slot's `bytes.max(1)` bytes, which nothing else uses yet.
+    unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
+    Ok(slot)
+}
