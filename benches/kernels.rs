@@ -9,11 +9,13 @@
 use std::time::Duration;
 
 use ape_attn::cuda::{
-    self, merge_states_into, rope_shift, DType, Device, SegmentedAttentionOptions, Tensor,
+    self, merge_states_into, rope_shift, BatchCapacity, CapturableBatch, DType, Device,
+    SegmentedAttentionOptions, Tensor,
 };
 use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaGraph;
 
 /// Runs `f` `iters` times on the device's stream and returns the GPU time between two events.
 fn gpu_time(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
@@ -207,8 +209,10 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
 
 /// A decode step of many sequences, each one row over its own cached keys (Llama-3-8B attention
 /// shapes, APE): one batched launch (`batched`) against one launch per sequence (`per_sequence`,
-/// what an engine does without batches). Throughput: the K+V bytes of all sequences. Ids:
-/// `batch_decode/{batched|per_sequence}/n{sequences}_k{keys per sequence}_s{segments}`.
+/// what an engine does without batches), and through a `CapturableBatch` (`capturable`: prepare
+/// and launch; `graph`: prepare and the replay of a captured CUDA graph). Throughput: the K+V
+/// bytes of all sequences. Ids:
+/// `batch_decode/{batched|per_sequence|capturable|graph}/n{sequences}_k{keys per sequence}_s{segments}`.
 fn bench_batch_decode(c: &mut Criterion, dev: &Device) {
     let mut g = configure(c, "batch_decode");
     for (n_seqs, keys, n_segments) in [(64, 4096, 4), (16, 16384, 4)] {
@@ -264,8 +268,63 @@ fn bench_batch_decode(c: &mut Criterion, dev: &Device) {
                 })
             })
         });
+        // The same step through a CapturableBatch sized for it: prepare + launch per step, and
+        // prepare + the replay of a graph that captured the launch.
+        let capacity = BatchCapacity {
+            sequences: n_seqs,
+            rows: n_seqs,
+            segments: sequences.iter().map(|s| s.segments.len()).sum(),
+        };
+        let mut batch =
+            CapturableBatch::new(dev, &dims, DType::BF16, &capacity, &opts).expect("batch");
+        g.bench_with_input(BenchmarkId::new("capturable", &shape), &(), |b, _| {
+            b.iter_custom(|iters| {
+                gpu_time(dev, iters, || {
+                    batch
+                        .run(dev, &q, &sequences, &mut out, &mut lse)
+                        .expect("launch")
+                })
+            })
+        });
+        match capture(dev, &mut batch, &sequences, &q, &mut out, &mut lse) {
+            Ok(graph) => {
+                g.bench_with_input(BenchmarkId::new("graph", &shape), &(), |b, _| {
+                    b.iter_custom(|iters| {
+                        gpu_time(dev, iters, || {
+                            batch.prepare(dev, &sequences).expect("prepare");
+                            graph.launch().expect("replay")
+                        })
+                    })
+                });
+            }
+            Err(e) => eprintln!("batch_decode/graph/{shape}: capture failed: {e}"),
+        }
     }
     g.finish();
+}
+
+/// A graph that replays `batch`'s launch over `q`, `out` and `lse`, captured after preparing
+/// `sequences`.
+fn capture(
+    dev: &Device,
+    batch: &mut CapturableBatch,
+    sequences: &[cuda::BatchSequence],
+    q: &Tensor,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+) -> Result<CudaGraph, String> {
+    batch.prepare(dev, sequences).map_err(|e| e.to_string())?;
+    let stream = dev.stream();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: the sequences' K/V live as long as the benchmark that replays the graph.
+    let launched = unsafe { batch.launch(dev, q, out, lse) };
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    launched.map_err(|e| e.to_string())?;
+    graph
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the capture recorded nothing".into())
 }
 
 /// The split-KV plan's choice against fixed split counts, for the memory-bound cases (64 rows and

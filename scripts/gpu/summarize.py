@@ -487,18 +487,22 @@ def main():
     print("\n### Batched decode: one launch for every sequence vs one launch per sequence\n")
     print("One decode row per sequence over its own cached keys (APE, d 128, 32 heads / 8 KV"
           " heads); K+V read bandwidth of all sequences, GB/s (benches/kernels.rs,"
-          " bench_batch_decode).\n")
+          " bench_batch_decode). `capturable`: a CapturableBatch, prepare + launch per step;"
+          " `graph`: prepare + the replay of a CUDA graph that captured its launch.\n")
     batch = {}
     for k, e in ours.items():
-        m = re.match(r"batch_decode/(batched|per_sequence)/(n\d+_k\d+_s\d+)$", k)
+        m = re.match(r"batch_decode/(batched|per_sequence|capturable|graph)/(n\d+_k\d+_s\d+)$", k)
         if m:
             batch.setdefault(m.group(2), {})[m.group(1)] = e.get("gbps")
     rows = []
     for sh, by in sorted(batch.items()):
         b, p = by.get("batched"), by.get("per_sequence")
-        rows.append([sh, fmt(b, ".0f"), fmt(p, ".0f"), fmt(ratio(b, p), ".2f"),
+        c, g = by.get("capturable"), by.get("graph")
+        rows.append([sh, fmt(b, ".0f"), fmt(p, ".0f"), fmt(c, ".0f"), fmt(g, ".0f"),
+                     fmt(ratio(b, p), ".2f"), fmt(ratio(g, b), ".2f"),
                      fmt(ratio(b, floor_copy), ".2f")])
-    table(["shape", "batched", "per sequence", "batched / per sequence", "batched / copy"], rows)
+    table(["shape", "batched", "per sequence", "capturable", "graph",
+           "batched / per sequence", "graph / batched", "batched / copy"], rows)
 
     print("\n### Host syncs: a 64 MiB copy then one small call, per iteration\n")
     print("If a call makes the host wait for the stream, its launch time adds to each iteration;"

@@ -32,7 +32,8 @@ SHIFT_FUSED_NS, SHIFT_SEPARATE_NS, SHIFT_UNSHIFTED_NS = 61_000, 152_000, 58_000
 SWEEP_NS = {"auto": 40_000, "1": 900_000, "16": 60_000, "132": 38_000}
 HOST_SYNC_NS = {"nothing": 40_000, "rms_norm": 41_000, "attention": 52_000, "upload": 50_500}
 BATCH_BYTES = 64 * 2 * 4096 * 8 * 128 * 2
-BATCH_NS = {"batched": 450_000, "per_sequence": 1_300_000}
+BATCH_NS = {"batched": 450_000, "per_sequence": 1_300_000, "capturable": 460_000,
+            "graph": 430_000}
 TTFT_MS = {("sequential", 4096): 420.0, ("ape", 4096): 21.0, ("block-attention", 4096): 24.0,
            ("sequential", 8192): 900.0, ("ape", 8192): 23.0, ("block-attention", 8192): 28.0,
            ("sequential", 32768): 5200.0, ("ape", 32768): 31.0, ("block-attention", 32768): 45.0}
@@ -253,8 +254,11 @@ def test_full(keep=None):
     assert sweep.index("| 1 splits") < sweep.index("| 16 splits") < sweep.index("| 132 splits")
 
     bd = section(md, "Batched decode")
-    for variant, col in (("batched", "batched"), ("per_sequence", "per sequence")):
+    for variant, col in (("batched", "batched"), ("per_sequence", "per sequence"),
+                         ("capturable", "capturable"), ("graph", "graph")):
         assert_num(cell(bd, "n64_k4096_s4", col), BATCH_BYTES / BATCH_NS[variant], 0)
+    assert_num(cell(bd, "n64_k4096_s4", "graph / batched"),
+               BATCH_NS["batched"] / BATCH_NS["graph"], 2)
     assert_num(cell(bd, "n64_k4096_s4", "batched / per sequence"),
                BATCH_NS["per_sequence"] / BATCH_NS["batched"], 2)
     assert_num(cell(bd, "n64_k4096_s4", "batched / copy"),
