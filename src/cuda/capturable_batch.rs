@@ -25,13 +25,13 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     sys::{CUevent_flags, CUstreamCaptureStatus},
-    CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaFunction, CudaSlice, CudaStream, PinnedHostSlice,
 };
 
 use super::segmented_attention::{
-    check_dtype, check_head_dim, device_segment_refs, kernel_names, launch_layout, sequence_refs,
-    smem_bytes, validate_io, validate_sequences, BatchCapacity, FixedShape,
-    SegmentedAttentionLaunch, COMBINE_THREADS, THREADS,
+    check_dtype, check_head_dim, device_segment_refs, enqueue, kernel_names, launch_layout,
+    sequence_refs, smem_bytes, validate_io, validate_sequences, AttentionKernels, BatchCapacity,
+    FixedShape, KernelParams, SegmentedAttentionLaunch,
 };
 use super::{BatchSequence, DType, Device, KvTensor, SegmentedAttentionOptions, Tensor};
 use crate::error::{Error, Result};
@@ -252,57 +252,46 @@ impl CapturableBatch {
         }
         let shape = &self.shape;
         let part = |i: usize| self.params.slice(shape.offsets[i]..);
-        let (descs, rope_cs, seqs, work) = (part(0), part(1), part(2), part(3));
         let (mut o_part, mut lse_part) = self
             .workspace
             .split_at_mut((shape.parts * self.dims.head_dim).max(1));
-        let cfg = LaunchConfig {
-            grid_dim: (shape.blocks, self.dims.n_kv_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: self.smem as u32,
+        let kernels = AttentionKernels {
+            main: &self.main,
+            grid: (shape.blocks, self.dims.n_kv_heads as u32, 1),
+            smem: self.smem,
+            combine: Some((
+                &self.combine,
+                (shape.combine_blocks, shape.seq_slots as u32, 1),
+            )),
         };
-        let mut launch = self.stream.launch_builder(&self.main);
-        launch
-            .arg(q.device_buffer())
-            .arg(&descs)
-            .arg(&rope_cs)
-            .arg(out.buf_mut())
-            .arg(lse.buf_mut())
-            .arg(&mut o_part)
-            .arg(&mut lse_part)
-            .arg(&seqs)
-            .arg(&work)
-            .arg(&self.launch);
-        // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
-        // lse_part, seqs, work, launch). The parameter buffer holds, at the offsets of `shape`,
-        // the image of a plan of validated sequences within the capacity (prepare(), which
-        // checked its descriptors, table, sequences, thread blocks and partial states against the
-        // shape); `launch` names its seq_slots sequences, so every thread block reads
-        // seqs[work[blockIdx.x]], and those past the plan's leave at once (the idle sequence has
-        // no rows). q, out and lse hold at least the prepared rows (checked above); the
-        // workspace holds `parts` partial states. The segments' K/V are alive (the caller's
-        // contract).
-        unsafe { launch.launch(cfg) }?;
-
-        let cfg = LaunchConfig {
-            grid_dim: (shape.combine_blocks, shape.seq_slots as u32, 1),
-            block_dim: (COMBINE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let params = KernelParams {
+            descs: part(0),
+            rope_cs: part(1),
+            seqs: part(2),
+            work: part(3),
+            launch: &self.launch,
         };
-        let mut launch = self.stream.launch_builder(&self.combine);
-        launch
-            .arg(&mut o_part)
-            .arg(&mut lse_part)
-            .arg(out.buf_mut())
-            .arg(lse.buf_mut())
-            .arg(&seqs)
-            .arg(&self.launch);
-        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
-        // seqs, launch). grid.y covers the seq_slots entries of seqs; whole sequences (the idle
-        // ones among them) return at once, and a split sequence's warps past its rows * n_heads
-        // return; combine_blocks covers the capacity's rows (FixedShape::new).
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        // SAFETY: the parameter buffer holds, at the offsets of `shape`, the image of a plan of
+        // validated sequences within the capacity (prepare(), which checked its descriptors,
+        // table, sequences, thread blocks and partial states against the shape); `launch` names
+        // its seq_slots sequences, so every thread block reads seqs[work[blockIdx.x]], and those
+        // past the plan's leave at once (the idle sequence has no rows), as do the combine
+        // kernel's for whole or idle sequences and warps past a sequence's rows * n_heads. q,
+        // out and lse hold at least the prepared rows (checked above); the workspace holds
+        // `parts` partial states; combine_blocks covers the capacity's rows * n_heads warps. The
+        // segments' K/V are alive (the caller's contract).
+        unsafe {
+            enqueue(
+                &self.stream,
+                &kernels,
+                q,
+                out,
+                lse,
+                &params,
+                &mut o_part,
+                &mut lse_part,
+            )
+        }
     }
 
     /// [`CapturableBatch::prepare`] and [`CapturableBatch::launch`] in one safe call: the

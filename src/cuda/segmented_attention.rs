@@ -17,7 +17,10 @@
 //! `-delta` in registers instead (`q . R(delta) k = R(-delta) q . k`), once per segment.
 
 use bytemuck::{Pod, Zeroable};
-use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
+};
 
 use super::{DType, Device, Tensor, TensorRows};
 use crate::error::{Error, Result};
@@ -1280,6 +1283,86 @@ pub(crate) fn device_segment_refs<'a, K: KvTensor>(
     (refs, guards)
 }
 
+/// The two kernels of a launch: the attention kernel with its grid and dynamic shared memory,
+/// and the combine kernel with its grid when the launch has one.
+pub(crate) struct AttentionKernels<'a> {
+    pub main: &'a CudaFunction,
+    pub grid: (u32, u32, u32),
+    pub smem: usize,
+    pub combine: Option<(&'a CudaFunction, (u32, u32, u32))>,
+}
+
+/// A launch's parameter arrays on the device (descriptors, RoPE table, per-sequence parameters,
+/// work list) and its by-value parameters.
+pub(crate) struct KernelParams<'a> {
+    pub descs: CudaView<'a, u8>,
+    pub rope_cs: CudaView<'a, u8>,
+    pub seqs: CudaView<'a, u8>,
+    pub work: CudaView<'a, u8>,
+    pub launch: &'a SegmentedAttentionLaunch,
+}
+
+/// Enqueues the attention kernel and then, if any, the combine kernel on `stream`: the one place
+/// that knows their argument lists (kernels/segmented_attention.cu).
+///
+/// # Safety
+/// The arguments must form a valid launch: `params` and the workspace (`o_part`, `lse_part`)
+/// laid out for the grids by [`launch_layout`] (or a [`FixedShape`] and its image), every
+/// sequence's rows within `q`, `out` and `lse`, and every descriptor pointing at live K/V of its
+/// length.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn enqueue(
+    stream: &CudaStream,
+    kernels: &AttentionKernels,
+    q: &Tensor,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    params: &KernelParams,
+    o_part: &mut CudaViewMut<'_, f32>,
+    lse_part: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: kernels.grid,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: kernels.smem as u32,
+    };
+    let mut launch = stream.launch_builder(kernels.main);
+    launch
+        .arg(q.device_buffer())
+        .arg(&params.descs)
+        .arg(&params.rope_cs)
+        .arg(out.buf_mut())
+        .arg(lse.buf_mut())
+        .arg(&mut *o_part)
+        .arg(&mut *lse_part)
+        .arg(&params.seqs)
+        .arg(&params.work)
+        .arg(params.launch);
+    // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
+    // lse_part, seqs, work, launch); the caller vouches for their sizes and contents.
+    unsafe { launch.launch(cfg) }?;
+    if let Some((combine, grid)) = kernels.combine {
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(combine);
+        launch
+            .arg(o_part)
+            .arg(lse_part)
+            .arg(out.buf_mut())
+            .arg(lse.buf_mut())
+            .arg(&params.seqs)
+            .arg(params.launch);
+        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
+        // seqs, launch): the workspace the launch above wrote for every split sequence (every
+        // split writes every valid row), and the grid's y within the sequences (caller).
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
 /// Launches validated sequences.
 fn launch<K: KvTensor>(
     device: &Device,
@@ -1333,58 +1416,41 @@ fn launch<K: KvTensor>(
         None => None,
     };
     device.with_workspace(layout.o_len + layout.lse_len, |ws| {
-        let (o_part, lse_part) = ws.split_at_mut(layout.o_len);
-        let cfg = LaunchConfig {
-            grid_dim: layout.grid,
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: layout.smem as u32,
+        let (mut o_part, mut lse_part) = ws.split_at_mut(layout.o_len);
+        let kernels = AttentionKernels {
+            main: &f,
+            grid: layout.grid,
+            smem: layout.smem,
+            combine: combine_fn.as_ref().zip(layout.combine_grid),
         };
-        let (mut o_part, mut lse_part) = (o_part, lse_part);
-        let mut launch = stream.launch_builder(&f);
-        launch
-            .arg(q.device_buffer())
-            .arg(&descs)
-            .arg(&rope_cs)
-            .arg(out.buf_mut())
-            .arg(lse.buf_mut())
-            .arg(&mut o_part)
-            .arg(&mut lse_part)
-            .arg(&seqs)
-            .arg(&work)
-            .arg(&layout.launch);
-        // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
-        // lse_part, seqs, work, launch). validate() checked every tensor's shape, dtype and
-        // device against `dims`, and that the sequences' rows add up to q's; each sequence's
-        // parameters (q_row0, seg0, part0, work0) index within those rows, the descriptors, the
-        // workspace and the grid (launch_layout); the descriptors point at the segments' K/V
-        // buffers, which hold len * n_kv_heads * head_dim elements each, and their rope_row is
-        // -1 or a row of rope_cs, which holds head_dim / 2 (cos, sin) pairs per row (validate()
-        // checked the shifts' head_dim); a batch's work list has one entry per thread block. The
-        // segment buffers are freed stream-ordered, so they outlive the launch even if dropped
-        // now.
-        unsafe { launch.launch(cfg) }?;
-
-        if let (Some(cf), Some(grid)) = (&combine_fn, layout.combine_grid) {
-            let cfg = LaunchConfig {
-                grid_dim: grid,
-                block_dim: (COMBINE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = stream.launch_builder(cf);
-            launch
-                .arg(&mut o_part)
-                .arg(&mut lse_part)
-                .arg(out.buf_mut())
-                .arg(lse.buf_mut())
-                .arg(&seqs)
-                .arg(&layout.launch);
-            // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out,
-            // lse, seqs, launch); the workspace was fully written by the launch above for every
-            // split sequence (every split writes every valid row), grid.y is the number of
-            // sequences, and out/lse were checked in validate().
-            unsafe { launch.launch(cfg) }?;
+        let params = KernelParams {
+            descs,
+            rope_cs,
+            seqs,
+            work,
+            launch: &layout.launch,
+        };
+        // SAFETY: validate() checked every tensor's shape, dtype and device against `dims`, and
+        // that the sequences' rows add up to q's; each sequence's parameters (q_row0, seg0,
+        // part0, work0) index within those rows, the descriptors, the workspace and the grid
+        // (launch_layout); the descriptors point at the segments' K/V buffers, which hold len *
+        // n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of rope_cs,
+        // which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the shifts'
+        // head_dim); a batch's work list has one entry per thread block, and the combine grid's
+        // y is the number of sequences. The segment buffers are freed stream-ordered, so they
+        // outlive the launch even if dropped now.
+        unsafe {
+            enqueue(
+                stream,
+                &kernels,
+                q,
+                out,
+                lse,
+                &params,
+                &mut o_part,
+                &mut lse_part,
+            )
         }
-        Ok(())
     })?;
     drop(read_guards);
     Ok(())
