@@ -162,6 +162,43 @@ fn batch_sequences<'a>(
         .collect()
 }
 
+/// Asserts that `(out, lse)` (at least `rows` rows) holds the bits the batched launcher gives for
+/// `sequences` over the first `rows` rows of `q`, with `opts`.
+#[allow(clippy::too_many_arguments)]
+fn assert_batched_bits<K: cuda::KvTensor>(
+    gpu: &Gpu,
+    q: &Tensor,
+    rows: usize,
+    sequences: &[cuda::BatchSequence<'_, K>],
+    dims: &AttentionDims,
+    opts: &SegmentedAttentionOptions,
+    (out, lse): (&[f32], &[f32]),
+    what: &str,
+) {
+    let dev = &gpu.0;
+    let (h, d) = (dims.n_heads, dims.head_dim);
+    let q = q.copy_rows(dev, 0, rows).unwrap();
+    let mut want_out = gpu.nan(&[rows, h, d], q.dtype());
+    let mut want_lse = gpu.nan(&[rows, h], DType::F32);
+    cuda::segmented_attention_batch_into(
+        dev,
+        &q,
+        sequences,
+        dims,
+        &mut want_out,
+        &mut want_lse,
+        opts,
+    )
+    .unwrap();
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (want_out, want_lse) = (gpu.download(&want_out), gpu.download(&want_lse));
+    assert!(want_lse.iter().all(|x| !x.is_nan()), "{what}: NaN");
+    assert!(
+        bits(&out[..rows * h * d]) == bits(&want_out) && bits(&lse[..rows * h]) == bits(&want_lse),
+        "{what}: differs from the batched launch"
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn capturable_batches() {
@@ -241,26 +278,17 @@ fn back_to_back_prepares_keep_each_plan() {
     }
     for (i, ((cases, seqs), (out, lse))) in batches.iter().zip(&sequences).zip(&outs).enumerate() {
         let rows: usize = cases.iter().map(|c| c.n_rows).sum();
-        let q = queries[i].copy_rows(dev, 0, rows).unwrap();
-        let (mut want_out, mut want_lse) = (
-            gpu.nan(&[rows, 8, 128], DType::BF16),
-            gpu.nan(&[rows, 8], DType::F32),
-        );
-        cuda::segmented_attention_batch_into(
-            dev,
-            &q,
+        let got = (gpu.download(out), gpu.download(lse));
+        let what = format!("launch {i} (its own plan?)");
+        assert_batched_bits(
+            &gpu,
+            &queries[i],
+            rows,
             seqs,
             &dims,
-            &mut want_out,
-            &mut want_lse,
             &opts,
-        )
-        .unwrap();
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert!(
-            bits(&gpu.download(out)[..rows * 8 * 128]) == bits(&gpu.download(&want_out))
-                && bits(&gpu.download(lse)[..rows * 8]) == bits(&gpu.download(&want_lse)),
-            "launch {i} did not compute its own plan"
+            (&got.0, &got.1),
+            &what,
         );
     }
 }
@@ -379,28 +407,18 @@ fn capturable_decode_replays_in_a_cuda_graph() {
         }
         graph.as_ref().unwrap().launch().unwrap();
         let got = (gpu.download(&out), gpu.download(&lse));
-        let rows = n_seqs;
-        let q_rows = q_buf.copy_rows(dev, 0, rows).unwrap();
-        let mut want_out = gpu.nan(&[rows, 32, 128], dtype);
-        let mut want_lse = gpu.nan(&[rows, 32], DType::F32);
-        cuda::segmented_attention_batch_into(
-            dev,
-            &q_rows,
+        let what = format!("step {step}: the replay");
+        assert_batched_bits(
+            &gpu,
+            &q_buf,
+            n_seqs,
             &sequences,
             &dims,
-            &mut want_out,
-            &mut want_lse,
             &opts,
-        )
-        .unwrap();
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let (want_out, want_lse) = (gpu.download(&want_out), gpu.download(&want_lse));
-        assert!(
-            bits(&got.0[..rows * 32 * 128]) == bits(&want_out)
-                && bits(&got.1[..rows * 32]) == bits(&want_lse),
-            "step {step}: the replay differs from the batched launch"
+            (&got.0, &got.1),
+            &what,
         );
-        assert!(want_lse.iter().all(|x| x.is_finite()));
+        assert!(got.1[..n_seqs * 32].iter().all(|x| x.is_finite()));
     }
 }
 
