@@ -154,13 +154,13 @@ fn batches_of_sequences() {
     attention::batches_of_sequences(&Emulated::default());
 }
 
-/// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
-/// them: a kernel without races gives the same bits under the four.
 #[test]
 fn capturable_batches() {
     attention::capturable_batches(&Emulated::default());
 }
 
+/// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
+/// them: a kernel without races gives the same bits under the four.
 #[test]
 fn the_four_schedules_give_the_same_bits() {
     let mut r = seeded("the_four_schedules_give_the_same_bits");

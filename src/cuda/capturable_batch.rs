@@ -14,7 +14,7 @@
 //!   memory, on the device's stream;
 //! - [`CapturableBatch::launch`] enqueues the attention kernel and the combine kernel with grids
 //!   sized once for the batch's [`BatchCapacity`]. It allocates nothing, copies nothing and never
-//!   waits for the host: it is what a capture records. Thread blocks the plan does not need are
+//!   blocks the host: it is what a capture records. Thread blocks the plan does not need are
 //!   sent to an idle sequence and leave at once.
 //!
 //! The cost of the fixed grids: surplus thread blocks (a few microseconds for a capacity near
@@ -39,8 +39,9 @@ use crate::params::AttentionDims;
 
 /// A batched segmented-attention launch with fixed grids and buffers, for CUDA graphs.
 ///
-/// Create one per captured batch shape (a decode step of up to `capacity.sequences` requests,
-/// say), then, each step:
+/// Every launch of one batch reads the one plan buffer that its last prepare() wrote, so a graph
+/// needs one batch per launch it captures: per layer of a decode step (each layer's K/V), and per
+/// batch-size bucket (a decode step of up to `capacity.sequences` requests, say). Each step:
 ///
 /// ```no_run
 /// # use ape_attn::cuda::{BatchSequence, CapturableBatch, Device, Tensor};
@@ -78,8 +79,11 @@ pub struct CapturableBatch {
     staging: [PinnedHostSlice<u8>; 2],
     copied: [CudaEvent; 2],
     next: usize,
-    /// Query rows of the last prepare().
+    /// Query rows of the last prepare(); `None` before one, and after one that failed.
     prepared_rows: Option<usize>,
+    /// The fewest rows of the `q`, `out` and `lse` of a captured launch: a later prepare() may
+    /// not plan more, since the graph's replays read and write those buffers.
+    captured_rows: Option<usize>,
 }
 
 impl std::fmt::Debug for CapturableBatch {
@@ -143,6 +147,7 @@ impl CapturableBatch {
             copied,
             next: 0,
             prepared_rows: None,
+            captured_rows: None,
         })
     }
 
@@ -161,15 +166,19 @@ impl CapturableBatch {
     /// stream. The launches queued after it (a captured graph's replays included) read it.
     ///
     /// Runs outside a stream capture (an error during one): the copy reads page-locked memory
-    /// that the next prepare() reuses. It waits for the host only when the copy issued two
-    /// prepares before has not run yet.
+    /// that the next prepare() reuses. It blocks the host only when the copy issued two prepares
+    /// before has not run yet. After a launch was captured, a prepare() of more query rows than
+    /// the captured `q`, `out` and `lse` hold is an error. After an error, the batch has no
+    /// prepared plan: [`CapturableBatch::launch`] refuses to run until the next prepare()
+    /// succeeds (a graph's replay would still read the last plan copied).
     pub fn prepare<K: KvTensor>(
         &mut self,
         device: &Device,
         sequences: &[BatchSequence<'_, K>],
     ) -> Result<()> {
+        self.prepared_rows = None;
         self.check_stream(device)?;
-        if self.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        if self.capturing()? {
             return Err(Error::InvalidParameter {
                 name: "prepare",
                 value: f64::NAN,
@@ -180,6 +189,12 @@ impl CapturableBatch {
             .shape
             .capacity
             .check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
+        if let Some(captured) = self.captured_rows.filter(|&c| rows > c) {
+            return Err(Error::Shape(format!(
+                "the sequences own {rows} rows, the captured launch's query and outputs have \
+                 {captured}"
+            )));
+        }
         validate_sequences(device, sequences, &self.dims, self.dtype, |i| {
             format!("sequence {i}: ")
         })?;
@@ -216,17 +231,21 @@ impl CapturableBatch {
     /// Allocates nothing and copies nothing, so a stream capture can record it.
     ///
     /// A captured launch replays with the `q`, `out` and `lse` it was captured with, and reads
-    /// the plan of the last [`CapturableBatch::prepare`] before the replay: give it buffers of
-    /// `capacity().rows` rows.
-    ///
-    /// The segments' reads are ordered by the stream alone: in a context with cudarc's
-    /// cross-stream event tracking on (a [`Device::with_stream`] stream beside others), order
-    /// other streams' writes to them yourself.
+    /// the plan of the last successful [`CapturableBatch::prepare`] before the replay: give it
+    /// buffers of `capacity().rows` rows (a later prepare() of more rows than they hold is
+    /// refused). Capturing needs cudarc's cross-stream event tracking off in the context
+    /// (`Device::new` turns it off; a [`Device::with_stream`] context with several streams
+    /// may have it on, and then a launch during a capture is an error): with it on, the launch
+    /// would wait on events recorded outside the capture.
     ///
     /// # Safety
-    /// The K and V tensors of the segments passed to the last [`CapturableBatch::prepare`] must
-    /// not have been dropped (their memory freed or reused) before this launch, or before any
-    /// replay of a graph that captured it, runs on the stream: the plan holds their addresses.
+    /// The plan holds the addresses of the segments' K and V, and a captured graph those of the
+    /// batch's buffers and of `q`, `out` and `lse`. So the K and V tensors of the segments passed
+    /// to the last successful [`CapturableBatch::prepare`] must not be dropped (their memory freed
+    /// or reused) before this launch runs on the stream; and when the launch is captured, that
+    /// holds for every replay of the graph, and neither this batch nor `q`, `out` and `lse` may be
+    /// dropped while the graph can still be replayed. The segments' reads are ordered by the
+    /// stream alone: order other streams' writes to them yourself.
     pub unsafe fn launch(
         &mut self,
         device: &Device,
@@ -249,6 +268,18 @@ impl CapturableBatch {
                 "the query has {} rows, the prepared sequences own {rows}",
                 q.shape()[0]
             )));
+        }
+        if self.capturing()? {
+            if self.stream.context().is_managing_stream_synchronization() {
+                return Err(Error::InvalidParameter {
+                    name: "launch",
+                    value: f64::NAN,
+                    requirement: "is captured only in a context with cudarc's event tracking \
+                                  off (CudaContext::disable_event_tracking)",
+                });
+            }
+            let rows = q.shape()[0];
+            self.captured_rows = Some(self.captured_rows.map_or(rows, |c| c.min(rows)));
         }
         let shape = &self.shape;
         let part = |i: usize| self.params.slice(shape.offsets[i]..);
@@ -311,6 +342,11 @@ impl CapturableBatch {
         unsafe { self.launch(device, q, out, lse) }
     }
 
+    /// Whether the batch's stream is capturing.
+    fn capturing(&self) -> Result<bool> {
+        Ok(self.stream.capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
     fn check_stream(&self, device: &Device) -> Result<()> {
         if Arc::ptr_eq(device.stream(), &self.stream) {
             Ok(())
@@ -318,6 +354,17 @@ impl CapturableBatch {
             Err(Error::DeviceMismatch(
                 "the batch was made for another device or stream".into(),
             ))
+        }
+    }
+}
+
+impl Drop for CapturableBatch {
+    /// Waits for the copies from the staging memory before it is freed (its own events are not
+    /// recorded with cudarc's event tracking off).
+    fn drop(&mut self) {
+        for event in &self.copied {
+            // Nothing to do about an error here: the context reports it on its next call.
+            let _ = event.synchronize();
         }
     }
 }
