@@ -297,7 +297,7 @@ fn back_to_back_prepares_keep_each_plan() {
 /// APE, plain and Block-Attention), and each later step writes its query rows, prepares the
 /// batch for keys one longer (and, one step, for one sequence fewer) and replays the graph. Every
 /// step gives the bits of the batched launcher on the same inputs. prepare() during a capture is
-/// an error.
+/// an error, and after a failed prepare() launch() is too.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn capturable_decode_replays_in_a_cuda_graph() {
@@ -420,6 +420,11 @@ fn capturable_decode_replays_in_a_cuda_graph() {
         );
         assert!(got.1[..n_seqs * 32].iter().all(|x| x.is_finite()));
     }
+    // A failed prepare leaves no plan to launch.
+    let none: [cuda::BatchSequence<'_, Tensor>; 0] = [];
+    assert!(batch.prepare(dev, &none).is_err());
+    // SAFETY: nothing is launched: the batch has no prepared plan.
+    assert!(unsafe { batch.launch(dev, &q_buf, &mut out, &mut lse) }.is_err());
 }
 
 #[test]
