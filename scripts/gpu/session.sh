@@ -31,7 +31,7 @@ T_LLAMA=120 # includes the real model (cut to its first layers) on the CPU and t
 T_MEMCHECK=50
 T_RACECHECK=75
 # bench (505: 20 s of the phase's 525 left for unpacking, nvidia-smi and packing)
-# criterion, 49 benchmarks, each saving its JSON when done (about 100-120 s, a desk estimate). Its
+# criterion, 53 benchmarks, each saving its JSON when done (about 110-130 s, a desk estimate). Its
 # --warm-up-time, --measurement-time and --sample-size would not shorten them: benches/kernels.rs
 # sets those per group, which wins.
 T_KERNELS=220
