@@ -9,6 +9,7 @@ mod device;
 pub mod llama_ops;
 pub mod merge_states;
 pub mod rope;
+mod rope_shift_table;
 pub mod segmented_attention;
 mod tensor;
 

@@ -22,6 +22,7 @@ use cudarc::driver::{
     PushKernelArg, SyncOnDrop,
 };
 
+use super::rope_shift_table::rope_table;
 use super::{DType, Device, Tensor, TensorRows};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole};
@@ -616,33 +617,6 @@ pub(crate) fn check_problem(
     Ok(())
 }
 
-/// The RoPE shift table: one row of `head_dim / 2` `(cos, sin)` f32 pairs per distinct shift
-/// (angles in f64), and each segment's row (`-1`: read as stored; so is a shift by 0).
-fn rope_table(segment_shifts: &[Option<RopeShift>]) -> (Vec<f32>, Vec<i32>) {
-    let mut shifts: Vec<RopeShift> = Vec::new();
-    let mut table = Vec::new();
-    let rows = segment_shifts
-        .iter()
-        .map(|s| match *s {
-            Some(shift) if shift.delta != 0 => {
-                let row = shifts.iter().position(|x| *x == shift).unwrap_or_else(|| {
-                    shifts.push(shift);
-                    table.extend(
-                        shift
-                            .cos_sin()
-                            .into_iter()
-                            .flat_map(|(c, s)| [c as f32, s as f32]),
-                    );
-                    shifts.len() - 1
-                });
-                row as i32
-            }
-            _ => -1,
-        })
-        .collect();
-    (table, rows)
-}
-
 /// A segment as a launch sees it: the addresses of its K and V (device pointers, or host
 /// addresses for the kernel emulator) and how to read them.
 #[derive(Clone, Copy, Debug)]
@@ -721,7 +695,6 @@ impl LaunchLayout {
     /// The launch's parameter arrays in one upload, each part 16-byte aligned: descriptors, RoPE
     /// table, sequence parameters, work list; and the byte offset of each part.
     pub(crate) fn upload_bytes(&self) -> (Vec<u8>, [usize; 4]) {
-        let mut bytes = Vec::new();
         let mut offsets = [0usize; 4];
         let parts: [&[u8]; 4] = [
             bytemuck::cast_slice(&self.descs),
@@ -729,6 +702,8 @@ impl LaunchLayout {
             bytemuck::cast_slice(&self.seqs),
             bytemuck::cast_slice(&self.work),
         ];
+        let total: usize = parts.iter().map(|p| p.len().next_multiple_of(16)).sum();
+        let mut bytes = Vec::with_capacity(total);
         for (i, part) in parts.into_iter().enumerate() {
             bytes.resize(bytes.len().next_multiple_of(16), 0);
             offsets[i] = bytes.len();
@@ -906,6 +881,44 @@ pub(crate) fn launch_layout(
         lse_len,
         combine_grid,
     })
+}
+
+/// A segment as [`launch_host_bytes`] takes it: `(len, pos_offset, role, rope_shift)`.
+#[doc(hidden)]
+pub type HostSegment = (usize, usize, SegmentRole, Option<RopeShift>);
+
+/// The host half of a batched launch without a device, for `benches/host.rs`: the segments'
+/// references (fake addresses), the plan, the descriptors, the RoPE table, the sequences'
+/// parameters and the upload image, as the launcher builds them; returns the upload's size in
+/// bytes. `sequences` are `(n_rows, pos_offset, segments, ape)`, assumed valid. Not a stable API.
+#[doc(hidden)]
+pub fn launch_host_bytes(
+    sequences: &[(usize, usize, &[HostSegment], ApeParams)],
+    dims: &AttentionDims,
+    dtype: DType,
+    sm_count: usize,
+) -> Result<usize> {
+    let refs: Vec<SegmentRef> = sequences
+        .iter()
+        .flat_map(|(_, _, segments, _)| segments.iter())
+        .enumerate()
+        .map(|(i, &(len, pos_offset, role, rope_shift))| SegmentRef {
+            k: 0x1000_0000 + (i as u64) * 0x10_0000,
+            v: 0x8000_0000 + (i as u64) * 0x10_0000,
+            len,
+            pos_offset,
+            role,
+            rope_shift,
+        })
+        .collect();
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|&(n_rows, pos, segments, ape)| (n_rows, pos, segments.len(), ape)),
+    );
+    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, None)?;
+    Ok(layout.upload_bytes().0.len())
 }
 
 /// The most a [`super::CapturableBatch`] launch takes: every launch's grids, parameter arrays and
@@ -1817,35 +1830,6 @@ mod tests {
             c.check_fits(std::iter::empty()),
             Err(Error::Shape(_))
         ));
-    }
-
-    #[test]
-    fn rope_table_has_one_row_per_distinct_nonzero_shift() {
-        let a = RopeConfig::new(8, 10_000.0, RopeLayout::Neox).expect("valid");
-        let b = RopeConfig::new(8, 10_000.0, RopeLayout::Interleaved).expect("valid");
-        let shift = |rope, delta| Some(RopeShift { rope, delta });
-        let (table, rows) = rope_table(&[
-            None,
-            shift(a, 5),
-            shift(a, 0),
-            shift(a, 5),
-            shift(b, 5),
-            shift(a, -7),
-        ]);
-        assert_eq!(rows, vec![-1, 0, -1, 0, 1, 2]);
-        assert_eq!(table.len(), 3 * 4 * 2);
-        let row = |i: usize| &table[i * 8..(i + 1) * 8];
-        for (i, delta) in [(0, 5.0f64), (2, -7.0)] {
-            for (p, theta) in a.inv_freqs().iter().enumerate() {
-                let (sin, cos) = (delta * theta).sin_cos();
-                assert_eq!(row(i)[2 * p], cos as f32);
-                assert_eq!(row(i)[2 * p + 1], sin as f32);
-            }
-        }
-        // The same frequencies, another layout: its own row (the layout travels in the
-        // descriptor), with the same values.
-        assert_eq!(row(1), row(0));
-        assert!(rope_table(&[None, shift(a, 0)]).0.is_empty());
     }
 
     #[test]

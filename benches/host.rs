@@ -1,0 +1,78 @@
+//! Host cost of a segmented-attention launch: what the CPU does before the kernels are queued
+//! (plan, descriptors, RoPE table, sequence parameters, upload image), measured without a device.
+//! An engine pays it once per layer per step (`segmented_attention_batch_into`, or
+//! `CapturableBatch::prepare`), so at large batches over short contexts it can outlast the GPU
+//! work. The shapes are an H100's (132 SMs) at Llama-3-8B's attention (32 query heads, 8 KV heads,
+//! head dim 128): one sequence with 16 or 256 segments, and decode batches of 64 and 256
+//! sequences, plain (APE) and with every cached block read shifted (Block-Attention, each
+//! sequence at its own offsets, so every shift is distinct).
+
+use ape_attn::cuda::segmented_attention::{launch_host_bytes, HostSegment};
+use ape_attn::cuda::DType;
+use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+const SMS: usize = 132;
+
+/// `n_blocks` cached blocks of `block_len` keys (shifted by their offset when `shift`), then the
+/// sequence's own `own` keys; the sequence starts at `base`.
+fn sequence(
+    n_blocks: usize,
+    block_len: usize,
+    own: usize,
+    base: usize,
+    shift: Option<RopeConfig>,
+) -> Vec<HostSegment> {
+    let mut segs: Vec<HostSegment> = (0..n_blocks)
+        .map(|i| {
+            let pos = base + i * block_len;
+            let rope_shift = shift.map(|rope| RopeShift {
+                rope,
+                delta: pos as i64,
+            });
+            (block_len, pos, SegmentRole::Context, rope_shift)
+        })
+        .collect();
+    segs.push((own, base + n_blocks * block_len, SegmentRole::Causal, None));
+    segs
+}
+
+fn bench_host(c: &mut Criterion) {
+    let dims = AttentionDims::new(32, 8, 128).expect("valid dims");
+    let rope = RopeConfig::new(128, 500_000.0, RopeLayout::Neox).expect("valid rope");
+    let ape = ApeParams::default();
+    let mut g = c.benchmark_group("launch_host");
+    // (name, sequences, query rows each, cached blocks each, block length, shifted)
+    let cases = [
+        ("seq1_seg17_rows1", 1, 1, 16, 512, false),
+        ("seq1_seg257_rows64", 1, 64, 256, 256, false),
+        ("seq64_seg33_rows1", 64, 1, 32, 256, false),
+        ("seq256_seg17_rows1", 256, 1, 16, 256, false),
+        ("seq256_seg17_rows1_shifted", 256, 1, 16, 256, true),
+    ];
+    for (name, n_seqs, rows, n_blocks, block_len, shifted) in cases {
+        // Each sequence starts at its own offset (a different system prompt length), so a
+        // shifted batch has n_seqs * n_blocks distinct shifts.
+        let segs: Vec<Vec<HostSegment>> = (0..n_seqs)
+            .map(|i| sequence(n_blocks, block_len, 40, 7 * i, shifted.then_some(rope)))
+            .collect();
+        let sequences: Vec<(usize, usize, &[HostSegment], ApeParams)> = segs
+            .iter()
+            .map(|s| {
+                let own = s.last().expect("own keys");
+                (rows, own.1 + own.0 - rows, s.as_slice(), ape)
+            })
+            .collect();
+        g.throughput(Throughput::Elements(n_seqs as u64));
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                launch_host_bytes(std::hint::black_box(&sequences), &dims, DType::BF16, SMS)
+                    .expect("valid launch")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_host);
+criterion_main!(benches);
