@@ -213,11 +213,12 @@ impl CapturableBatch {
             device.sm_count(),
             self.options.num_splits,
         )?;
-        let image = self.shape.image(&layout)?;
         // The copy from this slot two prepares ago must have run before the slot is rewritten.
         let (slot, copied) = (&mut self.staging[self.next], &self.copied[self.next]);
         copied.synchronize()?;
-        slot.as_mut_slice()?.copy_from_slice(&image);
+        // Written in place: the image is the capacity's size, megabytes for a large one.
+        self.shape.image_into(&layout, slot.as_mut_slice()?)?;
+        layout.recycle();
         self.stream.memcpy_htod(slot, &mut self.params)?;
         copied.record(&self.stream)?;
         self.next ^= 1;

@@ -14,6 +14,7 @@
 //! ties: the two differ by a few f64 ulps); a shift by a single digit reads the very value the
 //! direct evaluation computes.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -122,21 +123,40 @@ fn digit_rotations(rope: &RopeConfig) -> Arc<DigitRotations> {
     t
 }
 
+thread_local! {
+    /// A table buffer handed back by a finished launch ([`recycle`]), reused by the thread's next
+    /// table: a large batch's table is megabytes, and a fresh allocation of that size is faulted
+    /// in page by page on every launch.
+    static SPARE_TABLE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Hands a launch's table back for the thread's next launch to fill.
+pub(crate) fn recycle(table: Vec<f32>) {
+    SPARE_TABLE.set(table);
+}
+
 /// The RoPE shift table of a launch's segments (in descriptor order): one row of `head_dim / 2`
 /// `(cos, sin)` f32 pairs per distinct nonzero shift (rows in order of first use; a shift by 0
 /// reads the keys as stored), and each segment's row (`-1`: read as stored).
 pub(crate) fn rope_table(segment_shifts: &[Option<RopeShift>]) -> (Vec<f32>, Vec<i32>) {
     // The launch's distinct configurations (nearly always one), and each one's rows by delta.
     let mut configs: Vec<(Arc<DigitRotations>, HashMap<i64, i32>)> = Vec::new();
-    // Sized for every shift distinct (untouched capacity costs no page faults): a large batch's
-    // table is megabytes, and growing it by doubling would copy and fault it in again and again.
+    // Sized for every shift distinct (untouched capacity costs no page faults), so that it never
+    // grows by doubling (copying and faulting it in again and again).
     let most = segment_shifts
         .iter()
         .flatten()
         .filter(|s| s.delta != 0)
         .map(|s| s.rope.head_dim)
         .sum::<usize>();
-    let mut table = Vec::with_capacity(most);
+    let mut table = if most == 0 {
+        Vec::new()
+    } else {
+        let mut spare = SPARE_TABLE.take();
+        spare.clear();
+        spare.reserve(most);
+        spare
+    };
     let mut scratch = Vec::new();
     let mut n_rows = 0i32;
     let rows = segment_shifts

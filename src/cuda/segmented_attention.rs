@@ -693,8 +693,9 @@ pub(crate) struct LaunchLayout {
 
 impl LaunchLayout {
     /// The launch's parameter arrays in one upload, each part 16-byte aligned: descriptors, RoPE
-    /// table, sequence parameters, work list; and the byte offset of each part.
-    pub(crate) fn upload_bytes(&self) -> (Vec<u8>, [usize; 4]) {
+    /// table, sequence parameters, work list, written into `bytes` (cleared first; its capacity
+    /// is reused); returns the byte offset of each part.
+    pub(crate) fn upload_bytes_into(&self, bytes: &mut Vec<u8>) -> [usize; 4] {
         let mut offsets = [0usize; 4];
         let parts: [&[u8]; 4] = [
             bytemuck::cast_slice(&self.descs),
@@ -703,14 +704,36 @@ impl LaunchLayout {
             bytemuck::cast_slice(&self.work),
         ];
         let total: usize = parts.iter().map(|p| p.len().next_multiple_of(16)).sum();
-        let mut bytes = Vec::with_capacity(total);
+        bytes.clear();
+        bytes.reserve(total);
         for (i, part) in parts.into_iter().enumerate() {
             bytes.resize(bytes.len().next_multiple_of(16), 0);
             offsets[i] = bytes.len();
             bytes.extend_from_slice(part);
         }
-        (bytes, offsets)
+        offsets
     }
+
+    /// Hands the layout's RoPE table back for the thread's next launch (a large batch's is
+    /// megabytes, faulted in page by page when allocated anew).
+    pub(crate) fn recycle(self) {
+        super::rope_shift_table::recycle(self.rope_table);
+    }
+}
+
+thread_local! {
+    /// The upload image buffer of the thread's last launch, reused by its next.
+    static SPARE_UPLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An upload image buffer, empty, with the capacity of the thread's last launch's.
+pub(crate) fn spare_upload() -> Vec<u8> {
+    SPARE_UPLOAD.take()
+}
+
+/// Hands an upload image back (once its copy has been queued) for the thread's next launch.
+pub(crate) fn recycle_upload(bytes: Vec<u8>) {
+    SPARE_UPLOAD.set(bytes);
 }
 
 /// Dynamic shared memory of the attention kernel at `head_dim`: Q, two K and two V tiles; and
@@ -918,7 +941,12 @@ pub fn launch_host_bytes(
             .map(|&(n_rows, pos, segments, ape)| (n_rows, pos, segments.len(), ape)),
     );
     let layout = launch_layout(&seq_refs, dims, dtype, sm_count, None)?;
-    Ok(layout.upload_bytes().0.len())
+    let mut bytes = spare_upload();
+    layout.upload_bytes_into(&mut bytes);
+    let size = bytes.len();
+    layout.recycle();
+    recycle_upload(bytes);
+    Ok(size)
 }
 
 /// The most a [`super::CapturableBatch`] launch takes: every launch's grids, parameter arrays and
@@ -981,7 +1009,7 @@ pub(crate) struct FixedShape {
     pub combine_blocks: u32,
     /// Partial states of the workspace ((row, head) entries of every split).
     pub parts: usize,
-    /// Byte offsets of the image's four parts (as [`LaunchLayout::upload_bytes`]) and its size.
+    /// Byte offsets of the image's four parts (as [`LaunchLayout::upload_bytes_into`]) and its size.
     pub offsets: [usize; 4],
     pub bytes: usize,
     pub head_dim: usize,
@@ -1099,7 +1127,28 @@ impl FixedShape {
     /// launch: every part at its fixed offset and padded, a `seqs` array and work list even for
     /// one sequence, the idle sequence after the real ones and the work list's surplus thread
     /// blocks sent to it. Its launches take [`FixedShape::launch_params`].
+    ///
+    /// The bytes [`Self::image_into`] leaves are poisoned (all ones: NaN table values, descriptors
+    /// pointing nowhere), so that the kernel emulator, which launches this image, catches a
+    /// launch that reads them.
+    #[cfg(any(test, feature = "emulator"))]
     pub fn image(&self, layout: &LaunchLayout) -> Result<Vec<u8>> {
+        let mut bytes = vec![0xffu8; self.bytes];
+        self.image_into(layout, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// [`Self::image`] written into `bytes` (this shape's size), which is left untouched on an
+    /// error. Bytes outside the parts' used extents keep what they held: the launch reads none of
+    /// them (descriptors and table rows past the sequences', padding).
+    pub fn image_into(&self, layout: &LaunchLayout, bytes: &mut [u8]) -> Result<()> {
+        if bytes.len() != self.bytes {
+            return Err(Error::Shape(format!(
+                "a fixed launch's image is {} bytes, not {}",
+                self.bytes,
+                bytes.len()
+            )));
+        }
         let mut seqs = if layout.seqs.is_empty() {
             vec![layout.launch.first]
         } else {
@@ -1134,7 +1183,6 @@ impl FixedShape {
         }
         seqs.resize(self.seq_slots, SegmentedAttentionParams::idle());
         work.resize(self.blocks as usize, n_seqs as u32);
-        let mut bytes = vec![0u8; self.bytes];
         let parts: [&[u8]; 4] = [
             bytemuck::cast_slice(&layout.descs),
             bytemuck::cast_slice(&layout.rope_table),
@@ -1144,7 +1192,7 @@ impl FixedShape {
         for (part, at) in parts.into_iter().zip(self.offsets) {
             bytes[at..at + part.len()].copy_from_slice(part);
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// The by-value parameters of every launch of this shape: the sequences are in the `seqs`
@@ -1407,9 +1455,11 @@ fn launch<K: KvTensor>(
         options.num_splits,
     )?;
 
-    // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes). Parts a
+    // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes_into). Parts a
     // launch does not read (no shifts; one sequence) get a valid pointer all the same.
-    let (bytes, offsets) = layout.upload_bytes();
+    let mut bytes = spare_upload();
+    let offsets = layout.upload_bytes_into(&mut bytes);
+    // From pageable memory, the copy has left `bytes` when the call returns.
     let upload = stream.clone_htod(&bytes)?;
     let part = |i: usize, non_empty: bool| {
         if non_empty {
@@ -1466,6 +1516,8 @@ fn launch<K: KvTensor>(
         }
     })?;
     drop(read_guards);
+    layout.recycle();
+    recycle_upload(bytes);
     Ok(())
 }
 

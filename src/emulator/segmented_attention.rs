@@ -178,13 +178,14 @@ pub(super) fn run(
         options.num_splits,
     )?;
 
-    // The parameter arrays as the CUDA launcher uploads them (one buffer: upload_bytes, or a
+    // The parameter arrays as the CUDA launcher uploads them (one buffer: upload_bytes_into, or a
     // fixed launch's image), so that the emulator sees the same offsets and alignment. Parts a
     // launch does not read get a valid pointer all the same.
     let (bytes, offsets, used) = match &fixed {
         Some(shape) => (shape.image(&layout)?, shape.offsets, [true; 4]),
         None => {
-            let (bytes, offsets) = layout.upload_bytes();
+            let mut bytes = Vec::new();
+            let offsets = layout.upload_bytes_into(&mut bytes);
             let used = [
                 true,
                 !layout.rope_table.is_empty(),
