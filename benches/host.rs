@@ -5,7 +5,8 @@
 //! work. The shapes are an H100's (132 SMs) at Llama-3-8B's attention (32 query heads, 8 KV heads,
 //! head dim 128): one sequence with 16 or 256 segments, and decode batches of 64 and 256
 //! sequences, plain (APE) and with every cached block read shifted (Block-Attention, each
-//! sequence at its own offsets, so every shift is distinct).
+//! sequence at its own offsets, so the shifts are distinct: 4095 of them, sequence 0's first
+//! block sitting at position 0).
 
 use ape_attn::cuda::segmented_attention::{launch_host_bytes, HostSegment};
 use ape_attn::cuda::DType;
@@ -52,7 +53,7 @@ fn bench_host(c: &mut Criterion) {
     ];
     for (name, n_seqs, rows, n_blocks, block_len, shifted) in cases {
         // Each sequence starts at its own offset (a different system prompt length), so a
-        // shifted batch has n_seqs * n_blocks distinct shifts.
+        // shifted batch has n_seqs * n_blocks - 1 distinct nonzero shifts.
         let segs: Vec<Vec<HostSegment>> = (0..n_seqs)
             .map(|i| sequence(n_blocks, block_len, 40, 7 * i, shifted.then_some(rope)))
             .collect();

@@ -10,9 +10,10 @@
 //! R(d_3 256^3)` over the base-256 digits of `|delta|`, and the rotations of every digit value are
 //! tabulated once per RoPE configuration ([`DigitRotations`], cached for the process): a row is
 //! then one table read per pair for `|delta| < 256`, and one complex product more per further
-//! digit, in f64. Rounded to f32 the rows equal the direct evaluation's (up to an f32 ulp in rare
-//! ties: the two differ by a few f64 ulps); a shift by a single digit reads the very value the
-//! direct evaluation computes.
+//! digit, in f64. A shift by a single digit reads the very value the direct evaluation computes.
+//! Otherwise the two differ by their f64 angle roundings, about `2^-53 |delta| theta_i` each:
+//! below about `|delta| = 2^24` that is far under an f32 ulp and the f32 rows are equal but for
+//! rare ties; toward `2^32` both carry up to ~5e-7 of angle error, and differ by as much.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -130,9 +131,15 @@ thread_local! {
     static SPARE_TABLE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Hands a launch's table back for the thread's next launch to fill.
+/// Hands a launch's table back for the thread's next launch to fill; the larger of it and the
+/// spare is kept (a launch without shifts hands back an empty table).
 pub(crate) fn recycle(table: Vec<f32>) {
-    SPARE_TABLE.set(table);
+    let spare = SPARE_TABLE.take();
+    SPARE_TABLE.set(if table.capacity() >= spare.capacity() {
+        table
+    } else {
+        spare
+    });
 }
 
 /// The RoPE shift table of a launch's segments (in descriptor order): one row of `head_dim / 2`

@@ -731,9 +731,15 @@ pub(crate) fn spare_upload() -> Vec<u8> {
     SPARE_UPLOAD.take()
 }
 
-/// Hands an upload image back (once its copy has been queued) for the thread's next launch.
+/// Hands an upload image back (once its copy has been queued) for the thread's next launch; the
+/// larger of it and the spare is kept.
 pub(crate) fn recycle_upload(bytes: Vec<u8>) {
-    SPARE_UPLOAD.set(bytes);
+    let spare = SPARE_UPLOAD.take();
+    SPARE_UPLOAD.set(if bytes.capacity() >= spare.capacity() {
+        bytes
+    } else {
+        spare
+    });
 }
 
 /// Dynamic shared memory of the attention kernel at `head_dim`: Q, two K and two V tiles; and
