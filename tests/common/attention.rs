@@ -613,19 +613,25 @@ pub fn fused_shift_against_separate_shift(b: &dyn Backend) {
     }
 }
 
+/// The APE parameters the batch sweeps draw each sequence's from: APE's defaults, plain attention
+/// (sequential and Block-Attention requests) and the scaled-mass variant at other values.
+fn batch_apes() -> [ApeParams; 3] {
+    [
+        ApeParams::default(),
+        ApeParams::plain(),
+        ApeParams::new(0.7, 1.3)
+            .unwrap()
+            .with_variant(ApeVariant::ScaledMass),
+    ]
+}
+
 /// Batched launches: sequences with their own rows (decode, prefill, none), segments, positions,
 /// APE parameters and RoPE shifts in one launch; each sequence's rows must be what the oracle gives
 /// it alone, and with a forced split count (every sequence then has the plan it has alone) the very
 /// bits of its own launch.
 pub fn batches_of_sequences(b: &dyn Backend) {
     let mut r = seeded("batches_of_sequences");
-    let apes = [
-        ApeParams::default(),
-        ApeParams::plain(),
-        ApeParams::new(0.7, 1.3)
-            .unwrap()
-            .with_variant(ApeVariant::ScaledMass),
-    ];
+    let apes = batch_apes();
     for head_dim in [64, 128] {
         let dims = AttentionDims::new(8, 2, head_dim).unwrap();
         let dtype = r.pick(&[DType::BF16, DType::F16]);
@@ -728,13 +734,7 @@ pub fn capacity_of(cases: &[Case], extra: [usize; 3]) -> BatchCapacity {
 /// split their keys, with surplus thread blocks; one sequence alone.
 pub fn capturable_batches(b: &dyn Backend) {
     let mut r = seeded("capturable_batches");
-    let apes = [
-        ApeParams::default(),
-        ApeParams::plain(),
-        ApeParams::new(0.7, 1.3)
-            .unwrap()
-            .with_variant(ApeVariant::ScaledMass),
-    ];
+    let apes = batch_apes();
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     let mut batches: Vec<Vec<Case>> = Vec::new();
     for head_dim in [64, 128] {
