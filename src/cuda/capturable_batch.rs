@@ -29,9 +29,9 @@ use cudarc::driver::{
 };
 
 use super::segmented_attention::{
-    check_dtype, check_head_dim, device_segment_refs, enqueue, kernel_names, launch_layout,
-    sequence_refs, smem_bytes, validate_io, validate_sequences, AttentionKernels, BatchCapacity,
-    FixedShape, KernelParams, SegmentedAttentionLaunch,
+    check_dtype, check_head_dim, device_layout, enqueue, kernel_names, smem_bytes, validate_io,
+    validate_sequences, AttentionKernels, BatchCapacity, FixedShape, KernelParams,
+    SegmentedAttentionLaunch,
 };
 use super::{BatchSequence, DType, Device, KvTensor, SegmentedAttentionOptions, Tensor};
 use crate::error::{Error, Result};
@@ -198,21 +198,15 @@ impl CapturableBatch {
         validate_sequences(device, sequences, &self.dims, self.dtype, |i| {
             format!("sequence {i}: ")
         })?;
-        let (refs, guards) = device_segment_refs(&self.stream, sequences, &self.dims, self.dtype);
-        drop(guards);
-        let seq_refs = sequence_refs(
-            &refs,
-            sequences
-                .iter()
-                .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
-        );
-        let layout = launch_layout(
-            &seq_refs,
+        let (layout, guards) = device_layout(
+            &self.stream,
+            sequences,
             &self.dims,
             self.dtype,
             device.sm_count(),
             self.options.num_splits,
         )?;
+        drop(guards);
         // The copy from this slot two prepares ago must have run before the slot is rewritten.
         let (slot, copied) = (&mut self.staging[self.next], &self.copied[self.next]);
         copied.synchronize()?;

@@ -131,15 +131,9 @@ thread_local! {
     static SPARE_TABLE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Hands a launch's table back for the thread's next launch to fill; the larger of it and the
-/// spare is kept (a launch without shifts hands back an empty table).
+/// Hands a launch's table back for the thread's next launch to fill.
 pub(crate) fn recycle(table: Vec<f32>) {
-    let spare = SPARE_TABLE.take();
-    SPARE_TABLE.set(if table.capacity() >= spare.capacity() {
-        table
-    } else {
-        spare
-    });
+    super::segmented_attention::keep_larger(&SPARE_TABLE, table);
 }
 
 /// The RoPE shift table of a launch's segments (in descriptor order): one row of `head_dim / 2`

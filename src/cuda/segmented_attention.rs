@@ -731,14 +731,22 @@ pub(crate) fn spare_upload() -> Vec<u8> {
     SPARE_UPLOAD.take()
 }
 
-/// Hands an upload image back (once its copy has been queued) for the thread's next launch; the
-/// larger of it and the spare is kept.
+/// Hands an upload image back (once its copy has been queued) for the thread's next launch.
 pub(crate) fn recycle_upload(bytes: Vec<u8>) {
-    let spare = SPARE_UPLOAD.take();
-    SPARE_UPLOAD.set(if bytes.capacity() >= spare.capacity() {
-        bytes
+    keep_larger(&SPARE_UPLOAD, bytes);
+}
+
+/// Puts the larger of `buffer` and the thread's spare back as the spare (a launch may hand back a
+/// smaller buffer than the spare it did not take: a table of a launch without shifts).
+pub(crate) fn keep_larger<T: 'static>(
+    spare: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    buffer: Vec<T>,
+) {
+    let kept = spare.take();
+    spare.set(if buffer.capacity() >= kept.capacity() {
+        buffer
     } else {
-        spare
+        kept
     });
 }
 
@@ -1319,9 +1327,31 @@ pub fn segmented_attention_batch_into<K: KvTensor>(
     launch(device, q, sequences, dims, out, lse, options)
 }
 
+/// The layout of a launch of validated sequences on a device ([`launch_layout`] over their
+/// segments' device addresses), and the guards that record the segments' reads on `stream` when
+/// dropped (keep them until the launch is queued).
+pub(crate) fn device_layout<'a, K: KvTensor>(
+    stream: &'a CudaStream,
+    sequences: &[BatchSequence<'a, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<(LaunchLayout, Vec<SyncOnDrop<'a>>)> {
+    let (refs, guards) = device_segment_refs(stream, sequences, dims, dtype);
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
+    );
+    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, num_splits)?;
+    Ok((layout, guards))
+}
+
 /// The device addresses of validated sequences' segments, in order, and the guards that record
-/// their reads on `stream` when dropped (keep them until the launch is queued).
-pub(crate) fn device_segment_refs<'a, K: KvTensor>(
+/// their reads on `stream` when dropped.
+fn device_segment_refs<'a, K: KvTensor>(
     stream: &'a CudaStream,
     sequences: &[BatchSequence<'a, K>],
     dims: &AttentionDims,
@@ -1446,15 +1476,9 @@ fn launch<K: KvTensor>(
     let stream = device.stream();
     // The guards record the segments' reads on the stream when dropped: keep them until the
     // launch is queued.
-    let (refs, read_guards) = device_segment_refs(stream, sequences, dims, q.dtype());
-    let seq_refs = sequence_refs(
-        &refs,
-        sequences
-            .iter()
-            .map(|q| (q.n_rows, q.pos_offset, q.segments.len(), q.ape)),
-    );
-    let layout = launch_layout(
-        &seq_refs,
+    let (layout, read_guards) = device_layout(
+        stream,
+        sequences,
         dims,
         q.dtype(),
         device.sm_count(),
