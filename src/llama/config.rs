@@ -111,6 +111,21 @@ impl LlamaConfig {
         {
             return Err(bad(format!("degenerate model shape {self:?}")));
         }
+        // Every size the model computes from its shape must be representable: the weights'
+        // element counts and the K and V of a full window in f32.
+        let sizes = [
+            self.vocab_size.checked_mul(self.dim),
+            self.hidden_dim.checked_mul(self.dim),
+            self.dim.checked_mul(self.dim),
+            [2, self.n_layers, self.context_length, self.kv_dim(), 4]
+                .into_iter()
+                .try_fold(1usize, usize::checked_mul),
+        ];
+        if sizes.iter().any(Option::is_none) {
+            return Err(bad(format!(
+                "model shape {self:?} is too large: its sizes overflow"
+            )));
+        }
         Ok(())
     }
 
@@ -126,7 +141,11 @@ impl LlamaConfig {
 
     /// Bytes of the K and V of `n_tokens` tokens across every layer, `elem_bytes` per value: a
     /// cached block's size.
+    /// Saturates rather than overflows (a validated shape does not overflow up to its window in
+    /// f32; a saturated size is refused by any budget).
     pub fn kv_bytes(&self, n_tokens: usize, elem_bytes: usize) -> usize {
-        2 * self.n_layers * n_tokens * self.kv_dim() * elem_bytes
+        [self.n_layers, n_tokens, self.kv_dim(), elem_bytes]
+            .into_iter()
+            .fold(2usize, usize::saturating_mul)
     }
 }
