@@ -72,36 +72,99 @@ struct Shard {
     data_start: u64,
 }
 
-/// Reads and checks a safetensors file's header: its length field, the JSON (names, dtypes,
-/// shapes, contiguous offsets whose sizes match the shapes) and that the data fills the rest of
-/// the file exactly. The data itself is not read.
+/// The length of a safetensors header from the file's first 8 bytes, checked against the size of
+/// the file before anything is allocated for it.
+pub fn safetensors_header_len(len_field: [u8; 8], file_len: u64) -> Result<usize> {
+    let header_len = u64::from_le_bytes(len_field);
+    // The safetensors format caps its header at 100 MB.
+    if header_len > 100_000_000 || header_len > file_len.saturating_sub(8) {
+        return Err(bad(format!(
+            "header length {header_len} does not fit the file ({file_len} bytes)"
+        )));
+    }
+    Ok(header_len as usize)
+}
+
+/// Parses and checks a safetensors header (the JSON after the length field) of a file of
+/// `file_len` bytes: names, dtypes, shapes, contiguous offsets whose sizes match the shapes, and
+/// tensor data that fills the rest of the file exactly. Returns the metadata and the offset where
+/// the data starts.
+pub fn safetensors_metadata(
+    header: &[u8],
+    file_len: u64,
+) -> Result<(safetensors::tensor::Metadata, u64)> {
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + header.len() as u64;
+    if (metadata.data_len() as u64).checked_add(data_start) != Some(file_len) {
+        return Err(bad(format!(
+            "the header describes {} bytes of tensor data, the file holds {}",
+            metadata.data_len(),
+            file_len.saturating_sub(data_start)
+        )));
+    }
+    Ok((metadata, data_start))
+}
+
+/// What a safetensors header entry `info` (named `name`) holds, checked against the `shape` the
+/// model expects: the element type and count to convert its bytes from.
+fn safetensors_entry(
+    name: &str,
+    info: &safetensors::tensor::TensorInfo,
+    shape: &[usize],
+) -> Result<(GgmlType, usize)> {
+    if info.shape != shape {
+        return Err(bad(format!(
+            "{name} has shape {:?}, expected {shape:?}",
+            info.shape
+        )));
+    }
+    let ty = match info.dtype {
+        safetensors::Dtype::F32 => GgmlType::F32,
+        safetensors::Dtype::F16 => GgmlType::F16,
+        safetensors::Dtype::BF16 => GgmlType::BF16,
+        d => {
+            return Err(bad(format!(
+                "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
+            )))
+        }
+    };
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad(format!("{name}: element count overflows")))?;
+    Ok((ty, n))
+}
+
+/// A safetensors tensor as f32: its header entry checked as the loader checks it, then `data`
+/// (the bytes of its `data_offsets`) converted.
+pub fn safetensors_f32(
+    name: &str,
+    info: &safetensors::tensor::TensorInfo,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<Vec<f32>> {
+    let (ty, n) = safetensors_entry(name, info, shape)?;
+    dequantize(ty, data, n).map_err(|e| bad(format!("{name}: {e}")))
+}
+
+/// Reads and checks a safetensors file's header ([`safetensors_header_len`],
+/// [`safetensors_metadata`]). The data itself is not read.
 fn read_shard(path: &Path) -> Result<Shard> {
     let io = Error::io_at(path);
-    let at = |what: &str| bad(format!("{}: {what}", path.display()));
+    let at = |e: Error| match e {
+        Error::Model(m) => bad(format!("{}: {m}", path.display())),
+        e => e,
+    };
     let mut f = std::fs::File::open(path).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
-        .map_err(|_| at("shorter than a safetensors header"))?;
-    let header_len = u64::from_le_bytes(len);
-    // The safetensors format caps its header at 100 MB.
-    if header_len > 100_000_000 || header_len > file_len.saturating_sub(8) {
-        return Err(at(&format!(
-            "header length {header_len} does not fit the file ({file_len} bytes)"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
+        .map_err(|_| at(bad("shorter than a safetensors header")))?;
+    let header_len = safetensors_header_len(len, file_len).map_err(at)?;
+    let mut header = vec![0u8; header_len];
     f.read_exact(&mut header).map_err(io)?;
-    let metadata: safetensors::tensor::Metadata =
-        serde_json::from_slice(&header).map_err(|e| at(&format!("header: {e}")))?;
-    let data_start = 8 + header_len;
-    if (metadata.data_len() as u64).checked_add(data_start) != Some(file_len) {
-        return Err(at(&format!(
-            "the header describes {} bytes of tensor data, the file holds {}",
-            metadata.data_len(),
-            file_len - data_start
-        )));
-    }
+    let (metadata, data_start) = safetensors_metadata(&header, file_len).map_err(at)?;
     Ok(Shard {
         path: path.to_path_buf(),
         metadata,
@@ -132,8 +195,24 @@ impl std::fmt::Debug for HfModel {
     }
 }
 
-/// Parses a Llama `config.json`.
+/// What a Llama `config.json` says: the model's shape and its special token ids.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfConfigJson {
+    /// The model's shape.
+    pub config: LlamaConfig,
+    /// End-of-sequence ids (`eos_token_id`, one id or a list).
+    pub eos: Vec<u32>,
+    /// Beginning-of-sequence id (`bos_token_id`).
+    pub bos: Option<u32>,
+}
+
+/// Parses a Llama `config.json`: the model's shape.
 pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
+    Ok(parse_config_json(text)?.config)
+}
+
+/// Parses a Llama `config.json`: the model's shape and its special token ids, each checked.
+pub fn parse_config_json(text: &str) -> Result<HfConfigJson> {
     let c: HfConfig = serde_json::from_str(text).map_err(|e| bad(format!("config.json: {e}")))?;
     if let Some(t) = &c.model_type {
         if t != "llama" {
@@ -196,7 +275,13 @@ pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
         context_length: c.max_position_embeddings,
     };
     cfg.validate()?;
-    Ok(cfg)
+    let eos = ids(&c.eos_token_id, "eos_token_id", cfg.vocab_size)?;
+    let bos = ids(&c.bos_token_id, "bos_token_id", cfg.vocab_size)?;
+    Ok(HfConfigJson {
+        config: cfg,
+        eos,
+        bos: bos.first().copied(),
+    })
 }
 
 impl HfModel {
@@ -205,11 +290,7 @@ impl HfModel {
         let dir = dir.as_ref().to_path_buf();
         let text = String::from_utf8(read(&dir.join("config.json"))?)
             .map_err(|_| bad("config.json is not UTF-8"))?;
-        let config = config_from_json(&text)?;
-        let raw: HfConfig =
-            serde_json::from_str(&text).map_err(|e| bad(format!("config.json: {e}")))?;
-        let eos = ids(&raw.eos_token_id, "eos_token_id", config.vocab_size)?;
-        let bos = ids(&raw.bos_token_id, "bos_token_id", config.vocab_size)?;
+        let HfConfigJson { config, eos, bos } = parse_config_json(&text)?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(Error::io_at(&dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -238,7 +319,7 @@ impl HfModel {
         Ok(Self {
             config,
             eos,
-            bos: bos.first().copied(),
+            bos,
             dir,
             shards,
             index,
@@ -275,23 +356,7 @@ impl WeightSource for HfModel {
         let (shard, info) = self
             .find(&name)
             .ok_or_else(|| bad(format!("missing tensor {name}")))?;
-        if info.shape != shape {
-            return Err(bad(format!(
-                "{name} has shape {:?}, expected {shape:?}",
-                info.shape
-            )));
-        }
-        let ty = match info.dtype {
-            safetensors::Dtype::F32 => GgmlType::F32,
-            safetensors::Dtype::F16 => GgmlType::F16,
-            safetensors::Dtype::BF16 => GgmlType::BF16,
-            d => {
-                return Err(bad(format!(
-                    "{name}: dtype {d:?} is not supported (f32, f16, bf16)"
-                )))
-            }
-        };
-        let n = shape.iter().product();
+        let (ty, n) = safetensors_entry(&name, info, shape)?;
         let data = Self::read_data(shard, info)?;
         dequantize(ty, &data, n).map_err(|e| bad(format!("{name}: {e}")))
     }
