@@ -188,13 +188,14 @@ impl<B: KvBlock> BlockCache<B> {
 mod tests {
     use super::*;
 
-    struct Fake(usize);
+    /// A block of `.0` tokens and `.1` bytes.
+    struct Fake(usize, usize);
     impl KvBlock for Fake {
         fn len(&self) -> usize {
             self.0
         }
         fn bytes(&self) -> usize {
-            self.0 * 10
+            self.1
         }
     }
 
@@ -210,33 +211,33 @@ mod tests {
     #[test]
     fn hits_misses_and_lru_eviction_of_unpinned_blocks() {
         let mut c = BlockCache::new(100);
-        let a = c.get_or_encode(key(1), 40, || Ok(Fake(4))).unwrap(); // 40 bytes, pinned by `a`
-        drop(c.get_or_encode(key(2), 40, || Ok(Fake(4))).unwrap()); // 40 bytes, unpinned
+        let a = c.get_or_encode(key(1), 40, || Ok(Fake(4, 40))).unwrap(); // 40 bytes, pinned by `a`
+        drop(c.get_or_encode(key(2), 40, || Ok(Fake(4, 40))).unwrap()); // 40 bytes, unpinned
         assert!(c.get_or_encode(key(2), 0, || panic!("must hit")).is_ok());
         assert_eq!((c.stats().hits, c.stats().misses), (1, 2));
         // 30 more bytes: 110 > 100, so the unpinned block 2 goes, not the pinned block 1.
-        drop(c.get_or_encode(key(3), 30, || Ok(Fake(3))).unwrap());
+        drop(c.get_or_encode(key(3), 30, || Ok(Fake(3, 30))).unwrap());
         assert!(c.contains(&key(1)) && !c.contains(&key(2)) && c.contains(&key(3)));
         assert_eq!(c.stats().evictions, 1);
         assert_eq!(c.stats().bytes, 70);
         // 50 more: block 3 is evicted; block 1 still pinned; 90 bytes fit.
-        drop(c.get_or_encode(key(4), 50, || Ok(Fake(5))).unwrap());
+        drop(c.get_or_encode(key(4), 50, || Ok(Fake(5, 50))).unwrap());
         assert!(c.contains(&key(1)) && !c.contains(&key(3)));
         // 70 more with block 1 pinned: only block 4 can go, 40 + 70 > 100: refused, and block 4
         // stays (evicting it would not have made room).
         assert!(matches!(
-            c.get_or_encode(key(5), 70, || Ok(Fake(7))),
+            c.get_or_encode(key(5), 70, || Ok(Fake(7, 70))),
             Err(Error::CacheFull(_))
         ));
         assert!(c.contains(&key(4)));
         assert_eq!(c.stats().evictions, 2);
         drop(a);
         // Unpinned now: block 1 and 4 are evicted in LRU order.
-        assert!(c.get_or_encode(key(5), 70, || Ok(Fake(7))).is_ok());
+        assert!(c.get_or_encode(key(5), 70, || Ok(Fake(7, 70))).is_ok());
         assert!(!c.contains(&key(1)));
         // Bigger than the whole budget: refused, nothing evicted for it.
         let before = c.stats();
-        assert!(c.get_or_encode(key(6), 110, || Ok(Fake(11))).is_err());
+        assert!(c.get_or_encode(key(6), 110, || Ok(Fake(11, 110))).is_err());
         assert_eq!(c.stats().blocks, before.blocks);
     }
 
@@ -247,13 +248,13 @@ mod tests {
         let r = c.get_or_encode(key(1), 110, || -> Result<Fake> { panic!("encoded") });
         assert!(matches!(r, Err(Error::CacheFull(_))));
         // 60 bytes in use leave 40: a 50-byte block is refused without encoding, nothing evicted.
-        let a = c.get_or_encode(key(2), 60, || Ok(Fake(6))).unwrap();
+        let a = c.get_or_encode(key(2), 60, || Ok(Fake(6, 60))).unwrap();
         let r = c.get_or_encode(key(3), 50, || -> Result<Fake> { panic!("encoded") });
         assert!(matches!(r, Err(Error::CacheFull(_))));
         assert!(c.contains(&key(2)) && c.stats().evictions == 0);
         // An expectation below the encoded size is checked again on the block itself.
         assert!(matches!(
-            c.get_or_encode(key(3), 10, || Ok(Fake(5))),
+            c.get_or_encode(key(3), 10, || Ok(Fake(5, 50))),
             Err(Error::CacheFull(_))
         ));
         assert!(!c.contains(&key(3)));
@@ -265,7 +266,7 @@ mod tests {
     fn the_key_includes_model_scheme_and_prefix() {
         let mut c = BlockCache::new(1000);
         let k = key(1);
-        drop(c.get_or_encode(k.clone(), 10, || Ok(Fake(1))).unwrap());
+        drop(c.get_or_encode(k.clone(), 10, || Ok(Fake(1, 10))).unwrap());
         for other in [
             BlockKey {
                 model: "other".into(),
@@ -293,5 +294,162 @@ mod tests {
             .is_err());
         assert!(!c.contains(&key(1)));
         assert_eq!(c.stats().blocks, 0);
+    }
+
+    /// What the cache must do, written out naively: the blocks it holds with their size and last
+    /// use, and its counters.
+    #[derive(Default)]
+    struct Model {
+        held: HashMap<u32, (usize, u64)>,
+        clock: u64,
+        stats: CacheStats,
+    }
+
+    /// Thousands of random get-or-encode, pin and release steps against a small budget, with
+    /// encodings that fail and blocks larger than announced, checked after every step against the
+    /// model: the same blocks held, pinned blocks never evicted, least recently used first out,
+    /// bytes within the budget, counters that add up, and a refused block that changes nothing
+    /// (and is refused before encoding whenever its announced size cannot fit).
+    #[test]
+    fn random_operations_under_pressure_keep_every_invariant() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        const BUDGET: usize = 1000;
+        const KEYS: u32 = 40;
+        for seed in 0..6u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            // Each key's encoded size: mostly a few percent of the budget, some huge.
+            let size: Vec<usize> = (0..KEYS)
+                .map(|_| match rng.gen_range(0..20) {
+                    0 => rng.gen_range(BUDGET..2 * BUDGET),
+                    1..=3 => rng.gen_range(200..600),
+                    _ => rng.gen_range(1..120),
+                })
+                .collect();
+            let mut cache: BlockCache<Fake> = BlockCache::new(BUDGET);
+            let mut model = Model::default();
+            let mut pins: Vec<(u32, Arc<Fake>)> = Vec::new();
+            let (mut refused_early, mut refused_late, mut evicting) = (0, 0, 0);
+            for step in 0..4000 {
+                let pinned = |pins: &[(u32, Arc<Fake>)], k: u32| pins.iter().any(|p| p.0 == k);
+                match rng.gen_range(0..10) {
+                    // Release a pin.
+                    0..=2 if !pins.is_empty() => {
+                        let i = rng.gen_range(0..pins.len());
+                        pins.swap_remove(i);
+                    }
+                    // Pin a held block once more.
+                    3 if !pins.is_empty() => {
+                        let p = pins[rng.gen_range(0..pins.len())].clone();
+                        pins.push(p);
+                    }
+                    // Look a block up, encoding it on a miss.
+                    _ => {
+                        let k = rng.gen_range(0..KEYS);
+                        let bytes = size[k as usize];
+                        // The announced size is usually right; sometimes it is too low.
+                        let expected = match rng.gen_range(0..8) {
+                            0 => bytes / 2,
+                            _ => bytes,
+                        };
+                        let fails = rng.gen_range(0..12) == 0;
+                        let mut encoded = false;
+                        let got = cache.get_or_encode(key(k), expected, || {
+                            encoded = true;
+                            if fails {
+                                Err(Error::Model("encoding failed".into()))
+                            } else {
+                                Ok(Fake(bytes / 10, bytes))
+                            }
+                        });
+                        model.clock += 1;
+                        let now = model.clock;
+                        let pinned_bytes: usize = model
+                            .held
+                            .iter()
+                            .filter(|(&h, _)| pinned(&pins, h))
+                            .map(|(_, &(b, _))| b)
+                            .sum();
+                        let before = model.stats;
+                        if let Some(entry) = model.held.get_mut(&k) {
+                            entry.1 = now;
+                            model.stats.hits += 1;
+                            assert!(!encoded, "seed {seed} step {step}: a hit must not encode");
+                            let block = got.expect("a hit");
+                            if let Some(p) = pins.iter().find(|p| p.0 == k) {
+                                assert!(Arc::ptr_eq(&p.1, &block), "a hit is the held block");
+                            }
+                            if rng.gen_bool(0.5) {
+                                pins.push((k, block));
+                            }
+                        } else {
+                            model.stats.misses += 1;
+                            let fits = |b: usize| b <= BUDGET && pinned_bytes + b <= BUDGET;
+                            if !fits(expected) {
+                                refused_early += 1;
+                                assert!(!encoded, "refused before encoding");
+                                assert!(matches!(got, Err(Error::CacheFull(_))));
+                            } else if fails {
+                                assert!(encoded && matches!(got, Err(Error::Model(_))));
+                            } else if !fits(bytes) {
+                                refused_late += 1;
+                                assert!(encoded && matches!(got, Err(Error::CacheFull(_))));
+                            } else {
+                                // Evict the least recently used blocks not in use until it fits.
+                                while model.stats.bytes + bytes > BUDGET {
+                                    let (&victim, &(b, _)) = model
+                                        .held
+                                        .iter()
+                                        .filter(|(&h, _)| !pinned(&pins, h))
+                                        .min_by_key(|(_, &(_, used))| used)
+                                        .expect("room can be made: checked above");
+                                    model.held.remove(&victim);
+                                    model.stats.bytes -= b;
+                                    model.stats.blocks -= 1;
+                                    model.stats.evictions += 1;
+                                    evicting += 1;
+                                }
+                                model.held.insert(k, (bytes, now));
+                                model.stats.bytes += bytes;
+                                model.stats.blocks += 1;
+                                let block = got.expect("a block that fits is stored");
+                                assert_eq!(block.bytes(), bytes);
+                                if rng.gen_bool(0.5) {
+                                    pins.push((k, block));
+                                }
+                            }
+                            if model.stats.blocks == before.blocks
+                                && model.stats.evictions == before.evictions
+                            {
+                                // Nothing stored: nothing evicted either.
+                                assert_eq!(model.stats.bytes, before.bytes);
+                            }
+                        }
+                    }
+                }
+                // The cache is the model, after every step.
+                let stats = cache.stats();
+                assert_eq!(stats, model.stats, "seed {seed} step {step}");
+                assert!(stats.bytes <= BUDGET);
+                assert_eq!(
+                    model.held.values().map(|&(b, _)| b).sum::<usize>(),
+                    stats.bytes
+                );
+                for k in 0..KEYS {
+                    assert_eq!(
+                        cache.contains(&key(k)),
+                        model.held.contains_key(&k),
+                        "key {k}"
+                    );
+                }
+                for (k, _) in &pins {
+                    assert!(cache.contains(&key(*k)), "pinned block {k} was evicted");
+                }
+            }
+            // The run reached every branch it checks.
+            assert!(
+                refused_early > 0 && refused_late > 0 && evicting > 0,
+                "seed {seed}: {refused_early} early and {refused_late} late refusals, {evicting} evictions"
+            );
+        }
     }
 }
