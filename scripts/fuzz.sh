@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of every parser: scripts/fuzz.sh [SECONDS] [TARGET...]
+#
+# Runs each target of fuzz/ (default: all) for SECONDS (default 120) under libFuzzer with
+# AddressSanitizer, on stable Rust (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 allows them).
+# Installs cargo-fuzz when it is missing. Seeds come from the real model's header and the test
+# fixtures (scripts/fuzz-seeds.py), plus every saved finding in tests/fixtures/fuzz/<target>/;
+# the growing corpus stays in fuzz/corpus/<target>/ (git-ignored) between runs.
+#
+# Each input runs under an allocation bound proportional to its size (fuzz/src/bound.rs), a
+# 10-second timeout and a 2 GB RSS limit. A crash, a hang or an allocation past the bound fails
+# the run; the input is left in fuzz/artifacts/<target>/. To keep it as a regression test, copy it
+# to tests/fixtures/fuzz/<target>/ (tests/fuzz_regressions.rs replays every file there).
+#
+# Prints one line per target: executions, coverage (libFuzzer's cov and ft), corpus size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-120}
+shift || true
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  targets=(gguf gguf_tokenizer safetensors hf_config)
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "== installing cargo-fuzz"
+  cargo install --locked --quiet cargo-fuzz@0.13.2
+fi
+
+export RUSTC_BOOTSTRAP=1
+# The parsers need no kernels: build the crate CPU-only, whatever nvcc is around.
+export APE_ATTN_CPU_ONLY=1
+
+model=$(bash scripts/fetch-model.sh | tail -n 1)
+python3 scripts/fuzz-seeds.py "$model" fuzz/seeds tests/fixtures/kquants.json >/dev/null
+
+log_dir=fuzz/logs
+mkdir -p "$log_dir"
+echo "== building the fuzz targets"
+if ! cargo fuzz build --release --debug-assertions >"$log_dir/build.log" 2>&1; then
+  tail -n 40 "$log_dir/build.log" >&2
+  echo "cargo fuzz build failed" >&2
+  exit 1
+fi
+summary=()
+status=0
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t" "tests/fixtures/fuzz/$t"
+  log="$log_dir/$t.log"
+  echo "== $t: ${seconds}s"
+  if cargo fuzz run --release --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "tests/fixtures/fuzz/$t" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    >"$log" 2>&1; then
+    result=ok
+  else
+    result="FAILED (see $log; the input is in fuzz/artifacts/$t/)"
+    status=1
+    grep -E "panicked at|ERROR: |==ape-attn-fuzz==|Test unit written" "$log" | head -n 5 >&2 || true
+  fi
+  execs=$(grep -oE "stat::number_of_executed_units: [0-9]+" "$log" | tail -n 1 | grep -oE "[0-9]+$" || echo "?")
+  cov=$(grep -oE "cov: [0-9]+ ft: [0-9]+ corp: [0-9]+" "$log" | tail -n 1 || echo "cov: ?")
+  summary+=("$t: $execs executions, $cov, $result")
+done
+echo "== fuzz summary (${seconds}s per target)"
+printf '%s\n' "${summary[@]}"
+exit $status
