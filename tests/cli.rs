@@ -288,3 +288,227 @@ fn the_default_device_is_the_gpu_when_usable_else_the_cpu() {
         ),
     }
 }
+
+/// A directory under the system temp dir, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ape-cli-matrix-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, bytes).expect("write temp file");
+        p.to_str().expect("utf-8 path").to_string()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("utf-8 path").to_string()
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .expect("read temp dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One bad input: a clear line on stderr naming the problem, a non-zero exit, no panic, nothing
+/// on stdout.
+fn assert_refused(args: &[&str], needle: &str) {
+    let (code, out, err) = ape(args);
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?} panicked: {err}"
+    );
+    assert!(out.is_empty(), "{args:?} wrote to stdout: {out:?}");
+    assert_ne!(code, 0, "{args:?} must fail: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line expected, got {err:?}");
+    println!("{:?} -> {}", &args[..args.len().min(6)], lines[0]);
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: {:?} should mention {needle:?}",
+        lines[0]
+    );
+}
+
+/// The bad-input matrix: every way a user's files and arguments can be wrong, each refused with
+/// one clear line and a non-zero exit, no panic, and nothing written.
+#[test]
+fn bad_input_matrix() {
+    let dir = TempDir::new();
+    let passage = dir.file(
+        "passage.txt",
+        b"The Lantern Bakery was founded by Mira Kovac.\n",
+    );
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["run", "--context", &passage, "--question", "Who?"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let check = |args: Vec<String>, needle: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&args, needle);
+    };
+
+    // Model paths: missing, empty, truncated, wrong magic, a directory.
+    let real = std::fs::read(common::default_model()).expect("the default model");
+    let mut wrong_magic = real[..4096].to_vec();
+    wrong_magic[..4].copy_from_slice(b"GGUX");
+    let models = [
+        (dir.path("missing.gguf"), "missing.gguf"),
+        (dir.file("empty.gguf", b""), "truncated"),
+        (dir.file("truncated.gguf", &real[..100_000]), "truncated"),
+        (dir.file("header-only.gguf", &real[..1 << 21]), "truncated"),
+        (
+            dir.file("wrong-magic.gguf", &wrong_magic),
+            "not a GGUF file",
+        ),
+        (dir.path(""), "directory without config.json"),
+    ];
+    for (model, needle) in &models {
+        check(run(&["--model", model]), needle);
+        // --json is not left behind by a run that failed.
+        let json = dir.path("out.json");
+        check(
+            ["eval", "--docs", "1", "--model", model, "--json", &json]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            needle,
+        );
+        assert!(!std::path::Path::new(&json).exists());
+    }
+
+    // T and S: zero, negative, NaN, infinite, for every command that takes them.
+    for bad in ["0", "-0.5", "NaN", "inf", "-inf"] {
+        check(run(&["--temperature", bad]), "temperature T");
+        check(run(&["--scale", bad]), "scaling factor S");
+        check(
+            vec!["eval".into(), "--temperature".into(), bad.into()],
+            "temperature T",
+        );
+        check(
+            vec!["calibrate".into(), "--scales".into(), format!("0.9,{bad}")],
+            "scaling factor S",
+        );
+    }
+    check(run(&["--temperature", "warm"]), "invalid value");
+
+    // --max-tokens: zero, more than the window, more than a number.
+    check(run(&["--max-tokens", "0"]), "at least 1");
+    check(
+        vec!["demo".into(), "--max-tokens".into(), "0".into()],
+        "at least 1",
+    );
+    check(run(&["--max-tokens", "1000000000000"]), "window");
+    check(
+        run(&["--max-tokens", "99999999999999999999999"]),
+        "--max-tokens",
+    );
+
+    // Context files: binary, empty, blank, not UTF-8, a directory.
+    for (name, bytes, needle) in [
+        (
+            "binary.bin",
+            &b"\x7fELF\x02\x01\x01\0\0\0\0\0passage"[..],
+            "binary",
+        ),
+        (
+            "png.bin",
+            &b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"[..],
+            "not UTF-8",
+        ),
+        ("empty.txt", &b""[..], "empty"),
+        ("blank.txt", &b" \n\t\n"[..], "empty"),
+        ("latin1.txt", &b"caf\xe9 cr\xe8me"[..], "not UTF-8"),
+    ] {
+        let file = dir.file(name, bytes);
+        check(
+            ["run", "--context", &file, "--question", "Who?"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            needle,
+        );
+    }
+    check(
+        ["run", "--context", &dir.path(""), "--question", "Who?"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "directory",
+    );
+
+    // A question longer than the model's window.
+    let long = "word ".repeat(9000);
+    check(
+        ["run", "--context", &passage, "--question", &long]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "window",
+    );
+
+    // --device cuda where no GPU is usable.
+    if ape_attn::cuda::Device::new(0).is_err() {
+        check(run(&["--device", "cuda"]), "device");
+    }
+
+    // --json that cannot be written: a missing directory, a directory.
+    for (json, needle) in [
+        (dir.path("missing-dir/out.json"), "missing-dir/out.json"),
+        (dir.path(""), "directory"),
+    ] {
+        for cmd in ["eval", "calibrate"] {
+            check(
+                [cmd, "--docs", "2", "--json", &json]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                needle,
+            );
+        }
+    }
+
+    // Nothing was written beside the inputs.
+    let mut inputs: Vec<String> = [
+        "passage.txt",
+        "empty.gguf",
+        "truncated.gguf",
+        "header-only.gguf",
+        "wrong-magic.gguf",
+        "binary.bin",
+        "png.bin",
+        "empty.txt",
+        "blank.txt",
+        "latin1.txt",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    inputs.sort();
+    assert_eq!(dir.entries(), inputs);
+}

@@ -214,8 +214,32 @@ enum DeviceArg {
 const DEFAULT_SYSTEM: &str = "You are a helpful assistant. Answer the question using the passages.";
 const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The command line, or the exit for `--help`, `--version` and bad arguments. A bad argument is
+/// one line on stderr, like every other error of the command.
+fn parse_args() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    Cli::try_parse().map_err(|e| match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(e.exit_code().clamp(0, 255) as u8)
+        }
+        _ => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("ape: {line} (see --help)");
+            ExitCode::from(2)
+        }
+    })
+}
+
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let result = match cli.command {
         Command::Info => info(),
         Command::Eval {
             model,
@@ -445,6 +469,12 @@ fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
         usize,
         Box<dyn WeightSource>,
     ) = if path.is_dir() {
+        if !path.join("config.json").is_file() {
+            return Err(Error::Model(format!(
+                "{} is a directory without config.json: a model is a GGUF file or a Hugging Face checkpoint directory",
+                path.display()
+            )));
+        }
         let hf = HfModel::open(path)?;
         let json_path = path.join("tokenizer.json");
         let json = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
@@ -582,20 +612,47 @@ const DEMO_PASSAGES: [&str; 5] = [
 ];
 const DEMO_QUESTION: &str = "Who founded the Lantern Bakery, and in which town?";
 
+/// `--max-tokens` must ask for at least one token.
+fn check_max_tokens(max_tokens: usize) -> ape_attn::Result<()> {
+    if max_tokens == 0 {
+        return Err(Error::InvalidInput(
+            "--max-tokens must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `--max-tokens` must fit the model's window (checked once the model is loaded, before any work).
+fn check_max_tokens_fit<M: LlamaModel>(
+    engine: &Engine<M>,
+    max_tokens: usize,
+) -> ape_attn::Result<()> {
+    let window = engine.model.config().context_length;
+    if max_tokens > window {
+        return Err(Error::OutOfRange(format!(
+            "--max-tokens {max_tokens} is more than the model's window of {window} positions"
+        )));
+    }
+    Ok(())
+}
+
 fn demo(model: Option<PathBuf>, max_tokens: usize, device: DeviceArg) -> ape_attn::Result<()> {
+    check_max_tokens(max_tokens)?;
     let path = model_path(model)?;
     let loaded = load(&path, device)?;
-    println!("device: {}", loaded.device);
-    println!("model: {}", path.display());
+    let heading = format!("device: {}\nmodel: {}", loaded.device, path.display());
     let tokenizer = loaded.tokenizer;
-    with_engine!(loaded.backend, engine => demo_with(engine, &tokenizer, max_tokens))
+    with_engine!(loaded.backend, engine => demo_with(engine, &tokenizer, max_tokens, &heading))
 }
 
 fn demo_with<M: LlamaModel>(
     mut engine: Engine<M>,
     tokenizer: &Tokenizer,
     max_tokens: usize,
+    heading: &str,
 ) -> ape_attn::Result<()> {
+    check_max_tokens_fit(&engine, max_tokens)?;
+    println!("{heading}");
     let passages: Vec<String> = DEMO_PASSAGES.iter().map(|s| s.to_string()).collect();
     let prompt = build_prompt(tokenizer, DEFAULT_SYSTEM, &passages, DEMO_QUESTION)?;
     println!(
@@ -678,21 +735,45 @@ fn run(a: RunArgs) -> ape_attn::Result<()> {
     if a.question.trim().is_empty() {
         return Err(Error::InvalidInput("the question is empty".into()));
     }
+    check_max_tokens(a.max_tokens)?;
     let passages = a
         .contexts
         .iter()
-        .map(|p| {
-            std::fs::read_to_string(p).map_err(|source| Error::Io {
-                path: p.display().to_string(),
-                source,
-            })
-        })
+        .map(|p| read_passage(p))
         .collect::<ape_attn::Result<Vec<String>>>()?;
     let path = model_path(a.model.clone())?;
     let loaded = load(&path, a.device)?;
     let tokenizer = loaded.tokenizer;
     let device = loaded.device;
     with_engine!(loaded.backend, engine => run_with(engine, &tokenizer, &a, &passages, &device))
+}
+
+/// A context file's text: it must be UTF-8 text (no NUL or other control bytes but tabs, line
+/// and page breaks) and not empty.
+fn read_passage(path: &Path) -> ape_attn::Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let refuse = |why: &str| {
+        Err(Error::InvalidInput(format!(
+            "context file {}: {why}",
+            path.display()
+        )))
+    };
+    let Ok(text) = String::from_utf8(bytes) else {
+        return refuse("not UTF-8 text");
+    };
+    if text
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r' | '\x0c'))
+    {
+        return refuse("holds control bytes: a binary file, not text");
+    }
+    if text.trim().is_empty() {
+        return refuse("empty");
+    }
+    Ok(text)
 }
 
 fn run_with<M: LlamaModel>(
@@ -702,6 +783,7 @@ fn run_with<M: LlamaModel>(
     passages: &[String],
     device: &str,
 ) -> ape_attn::Result<()> {
+    check_max_tokens_fit(&engine, a.max_tokens)?;
     let prompt = build_prompt(tokenizer, &a.system, passages, &a.question)?;
     let total: usize = prompt.prefix.len() + prompt.contexts.iter().map(Vec::len).sum::<usize>();
     let bar = encoding_bar(&mut engine, total);
@@ -823,34 +905,65 @@ fn report(modes: &[Mode], results: &eval::Results) -> serde_json::Value {
     serde_json::Value::Array(json)
 }
 
-/// A `--json` file, created before the run so that a bad path fails at once, not after it.
+/// A `--json` output: a file beside the destination, created before the run so that a bad path
+/// fails at once, and renamed onto it when the results are written. A run that fails leaves
+/// nothing behind.
 struct JsonOut {
     path: PathBuf,
+    partial: PathBuf,
     file: std::fs::File,
+    /// Renamed onto `path`: nothing to clean up.
+    done: bool,
+}
+
+impl Drop for JsonOut {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
 }
 
 fn open_json(path: Option<PathBuf>) -> ape_attn::Result<Option<JsonOut>> {
     path.map(|path| {
-        let file = std::fs::File::create(&path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.display().to_string(),
             source,
-        })?;
-        Ok(JsonOut { path, file })
+        };
+        if path.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory",
+            )));
+        }
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".partial-{}", std::process::id()));
+        let partial = path.with_file_name(name);
+        let file = std::fs::File::create(&partial).map_err(io)?;
+        Ok(JsonOut {
+            path,
+            partial,
+            file,
+            done: false,
+        })
     })
     .transpose()
 }
 
 fn write_json(out: Option<JsonOut>, value: &serde_json::Value) -> ape_attn::Result<()> {
     use std::io::Write;
-    if let Some(mut out) = out {
-        let io = |source| Error::Io {
-            path: out.path.display().to_string(),
-            source,
-        };
-        serde_json::to_writer_pretty(&mut out.file, value).map_err(|e| io(e.into()))?;
-        out.file.write_all(b"\n").map_err(io)?;
-        eprintln!("wrote {}", out.path.display());
-    }
+    let Some(mut out) = out else {
+        return Ok(());
+    };
+    let io = |source| Error::Io {
+        path: out.path.display().to_string(),
+        source,
+    };
+    serde_json::to_writer_pretty(&mut out.file, value).map_err(|e| io(e.into()))?;
+    out.file.write_all(b"\n").map_err(io)?;
+    std::fs::rename(&out.partial, &out.path).map_err(io)?;
+    out.done = true;
+    eprintln!("wrote {}", out.path.display());
     Ok(())
 }
 
