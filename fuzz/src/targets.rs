@@ -105,6 +105,9 @@ pub fn hf_config(data: &[u8]) {
     let window_bytes = [2, c.n_layers, c.context_length, c.kv_dim(), 4]
         .into_iter()
         .try_fold(1usize, usize::checked_mul);
-    assert!(window_bytes.is_some(), "accepted a shape that overflows: {c:?}");
+    assert!(
+        window_bytes.is_some(),
+        "accepted a shape that overflows: {c:?}"
+    );
     assert_eq!(Some(c.kv_bytes(c.context_length, 4)), window_bytes);
 }
