@@ -1,4 +1,4 @@
-// The attention state of one query row over one group of keys, and its merge (DESIGN §2).
+// The attention state of one query row over one group of keys, and its merge (docs/DESIGN.md §2.2).
 //
 // L = LSE_j(c * s_j) (natural log), O = sum_j softmax_j(c * s) v_j; an empty group has
 // L = -inf and O = 0. Two states merge as m = max(La, Lb), L = m + ln(e^(La-m) + e^(Lb-m)),

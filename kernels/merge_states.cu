@@ -1,4 +1,4 @@
-// Merge of attention states (DESIGN §2), mirrors src/reference/merge_states.rs.
+// Merge of attention states (docs/DESIGN.md §2.2), mirrors src/reference/merge_states.rs.
 //
 // merge_states:          N stacked states v [n_states, n, d], s [n_states, n] -> v_out [n, d],
 //                        s_out [n]: L = m + ln sum_k e^(L_k - m), O = sum_k e^(L_k - L) O_k.

@@ -1,4 +1,4 @@
-// RoPE apply and shift (DESIGN §2), mirrors src/reference/rope.rs.
+// RoPE apply and shift (docs/DESIGN.md §2.5), mirrors src/reference/rope.rs.
 //
 // x is [n_tokens, n_heads, D]; pair i of every head at token t is rotated by angle(t) * theta_i:
 // (x, y) -> (x cos - y sin, x sin + y cos), with angle(t) = pos_offset + t (apply) or delta for

@@ -1,4 +1,4 @@
-// Segmented attention with the APE correction fused in (DESIGN §2), for the question's prefill and
+// Segmented attention with the APE correction fused in (docs/DESIGN.md §2.3), for the question's prefill and
 // for decode; mirrors src/reference/segmented_attention.rs.
 //
 // The keys are a list of segments read in place through descriptors {k, v, len, pos_offset, role,

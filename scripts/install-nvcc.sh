@@ -3,7 +3,7 @@
 # path of nvcc on its last line. Does nothing when that nvcc is already there.
 #
 # The versions are pinned to what the GPU machines' driver (CUDA 13.0) can load: a newer nvcc
-# emits PTX that a 13.0 driver refuses. See DESIGN.md section 4.
+# emits PTX that a 13.0 driver refuses. See docs/DESIGN.md §4.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

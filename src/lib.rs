@@ -16,7 +16,7 @@
 //! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by both,
 //!   validated on construction.
 //!
-//! The math is DESIGN §2: for a query row, Context keys form group `C` (scale `1/(T*sqrt(d))`),
+//! The math is docs/DESIGN.md §2: for a query row, Context keys form group `C` (scale `1/(T*sqrt(d))`),
 //! Causal keys group `O` (scale `1/sqrt(d)`, masked by absolute position); with `a = S*T*L_C` and
 //! `b = L_O`, `out = sigmoid(a-b) O_C + (1 - sigmoid(a-b)) O_O` and `LSE = ln(e^a + e^b)`.
 //!

@@ -1,6 +1,6 @@
 //! Parameters shared by the CPU reference and the CUDA kernels, validated once at construction.
 //!
-//! Notation (DESIGN §2): one query row `q`, keys `k_j`, values `v_j`, head dim `d`,
+//! Notation (docs/DESIGN.md §2): one query row `q`, keys `k_j`, values `v_j`, head dim `d`,
 //! `s_j = q.k_j / sqrt(d)`.
 
 use crate::error::{Error, Result};

@@ -1,4 +1,4 @@
-//! The encoding modes on the real model (CPU): the identities of DESIGN §5.4 and the cache.
+//! The encoding modes on the real model (CPU): the identities of docs/DESIGN.md §5.4 and the cache.
 
 mod common;
 #[path = "common/llama.rs"]

@@ -1,5 +1,5 @@
 //! The CPU oracle's segmented attention, APE combination and merge, checked against identities
-//! (DESIGN §5.1) on fresh random inputs, and against hand-computed tiny cases.
+//! (docs/DESIGN.md §5.1) on fresh random inputs, and against hand-computed tiny cases.
 
 mod common;
 

@@ -41,7 +41,7 @@ BANDWIDTH_BAR = 0.6
 
 
 # ---------------------------------------------------------------------------------------------
-# Floors. Every formula of the floor analysis (DESIGN §6: count the floor first) lives here.
+# Floors. Every formula of the floor analysis (docs/DESIGN.md §6: count the floor first) lives here.
 #
 # Rates come from the same run: the device-to-device copy (criterion, else peer.py) and a dense
 # bf16 GEMM (peer.py). Convention for bytes: the copy rate counts bytes read plus bytes written

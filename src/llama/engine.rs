@@ -1,4 +1,4 @@
-//! The four encoding modes, for prefill and generation, over the block cache (DESIGN §2):
+//! The four encoding modes, for prefill and generation, over the block cache (docs/DESIGN.md §2.4):
 //!
 //! - **Sequential**: one causal prefill of `[prefix, C_1..C_N, question]` at contiguous positions,
 //!   nothing cached (the baseline).

@@ -1,4 +1,4 @@
-//! The APE combination of the context group and the causal group (DESIGN §2).
+//! The APE combination of the context group and the causal group (docs/DESIGN.md §2.3).
 //!
 //! Given the context state `(L_C, O_C)` (logits scaled by `1/(T*sqrt(d))`) and the causal state
 //! `(L_O, O_O)` (scale `1/sqrt(d)`):

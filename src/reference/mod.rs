@@ -1,7 +1,7 @@
 //! The CPU reference: the numerical oracle for every kernel and every model path.
 //!
 //! Plain code written for clarity, f64 internally, f32 in and out. Each function documents the
-//! formula it implements (DESIGN §2) and is tested against identities in `tests/reference_*.rs`.
+//! formula it implements (docs/DESIGN.md §2) and is tested against identities in `tests/reference_*.rs`.
 //! A kernel and its oracle live at mirrored paths: `kernels/X.cu`, `src/cuda/X.rs`,
 //! `src/reference/X.rs`.
 //!
