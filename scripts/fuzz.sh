@@ -17,6 +17,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-120}
 shift || true
+if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...] (SECONDS: a whole number > 0)" >&2
+  exit 2
+fi
+# APE_FUZZ_SEED fixes libFuzzer's random seed (the test command's short pass uses 1).
+seed_flag=()
+if [ -n "${APE_FUZZ_SEED:-}" ]; then
+  seed_flag=(-seed="$APE_FUZZ_SEED")
+fi
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(gguf gguf_tokenizer safetensors hf_config)
@@ -49,7 +58,7 @@ for t in "${targets[@]}"; do
   log="$log_dir/$t.log"
   echo "== $t: ${seconds}s"
   if cargo fuzz run --release --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "tests/fixtures/fuzz/$t" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${seed_flag[@]}" \
     >"$log" 2>&1; then
     result=ok
   else

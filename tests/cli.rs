@@ -390,6 +390,12 @@ fn bad_input_matrix() {
     ];
     for (model, needle) in &models {
         check(run(&["--model", model]), needle);
+        if !model.ends_with('/') {
+            check(
+                vec!["inspect".into(), "--model".into(), model.clone()],
+                needle,
+            );
+        }
         // --json is not left behind by a run that failed.
         let json = dir.path("out.json");
         check(
@@ -402,20 +408,43 @@ fn bad_input_matrix() {
         assert!(!std::path::Path::new(&json).exists());
     }
 
+    // A device that never ends (read whole, it would hang and exhaust memory).
+    check(
+        run(&["--model", "/dev/zero"]),
+        "neither a file nor a directory",
+    );
+    check(
+        vec!["inspect".into(), "--model".into(), "/dev/zero".into()],
+        "not a regular file",
+    );
+
     // T and S: zero, negative, NaN, infinite, for every command that takes them.
     for bad in ["0", "-0.5", "NaN", "inf", "-inf"] {
         check(run(&["--temperature", bad]), "temperature T");
         check(run(&["--scale", bad]), "scaling factor S");
-        check(
-            vec!["eval".into(), "--temperature".into(), bad.into()],
-            "temperature T",
-        );
-        check(
-            vec!["calibrate".into(), "--scales".into(), format!("0.9,{bad}")],
-            "scaling factor S",
-        );
+        for (flag, needle) in [
+            ("--temperature", "temperature T"),
+            ("--scale", "scaling factor S"),
+        ] {
+            check(vec!["eval".into(), flag.into(), bad.into()], needle);
+        }
+        for (flag, needle) in [
+            ("--temperatures", "temperature T"),
+            ("--scales", "scaling factor S"),
+        ] {
+            check(
+                vec!["calibrate".into(), flag.into(), format!("0.9,{bad}")],
+                needle,
+            );
+        }
     }
+    // Arguments clap refuses: still one line, naming what is wrong.
     check(run(&["--temperature", "warm"]), "invalid value");
+    check(run(&["--mode", "fast"]), "possible values");
+    check(
+        vec!["run".into(), "--question".into(), "Who?".into()],
+        "--context",
+    );
 
     // --max-tokens: zero, more than the window, more than a number.
     check(run(&["--max-tokens", "0"]), "at least 1");
@@ -454,13 +483,18 @@ fn bad_input_matrix() {
             needle,
         );
     }
-    check(
-        ["run", "--context", &dir.path(""), "--question", "Who?"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        "directory",
-    );
+    for (context, needle) in [
+        (dir.path(""), "directory"),
+        ("/dev/zero".into(), "regular file"),
+    ] {
+        check(
+            ["run", "--context", &context, "--question", "Who?"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            needle,
+        );
+    }
 
     // A question longer than the model's window.
     let long = "word ".repeat(9000);
@@ -477,10 +511,17 @@ fn bad_input_matrix() {
         check(run(&["--device", "cuda"]), "device");
     }
 
-    // --json that cannot be written: a missing directory, a directory.
+    // --json that cannot be written: a missing directory, a directory, a directory's path, a
+    // read-only file (left as it was).
+    let read_only = dir.file("read-only.json", b"[]\n");
+    let mut perms = std::fs::metadata(&read_only).expect("stat").permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&read_only, perms).expect("chmod");
     for (json, needle) in [
         (dir.path("missing-dir/out.json"), "missing-dir/out.json"),
         (dir.path(""), "directory"),
+        (dir.path("not-yet/"), "directory"),
+        (read_only.clone(), "read-only"),
     ] {
         for cmd in ["eval", "calibrate"] {
             check(
@@ -493,9 +534,12 @@ fn bad_input_matrix() {
         }
     }
 
+    assert_eq!(std::fs::read(&read_only).expect("read"), b"[]\n");
+
     // Nothing was written beside the inputs.
     let mut inputs: Vec<String> = [
         "passage.txt",
+        "read-only.json",
         "empty.gguf",
         "truncated.gguf",
         "header-only.gguf",

@@ -1,7 +1,10 @@
 //! Every input the fuzzers found a bug with (tests/fixtures/fuzz/<target>/), replayed through the
 //! fuzz targets' own bodies (fuzz/src/targets.rs, included by path) under the same allocation
 //! bound (fuzz/src/bound.rs). A panic or an allocation past the bound fails this test as it
-//! failed the fuzzer. `scripts/fuzz.sh` also feeds these files to the fuzzers as seeds.
+//! failed the fuzzer. This release build has no overflow checks, so a finding that was an overflow
+//! panic must also break an invariant the target asserts (as the saved config.json does);
+//! `scripts/fuzz.sh`, in the test command too, replays these files as seeds in the fuzzers' own
+//! build, with overflow checks and AddressSanitizer.
 
 #[path = "../fuzz/src/bound.rs"]
 mod bound;

@@ -226,8 +226,20 @@ fn parse_args() -> Result<Cli, ExitCode> {
             ExitCode::from(e.exit_code().clamp(0, 255) as u8)
         }
         _ => {
+            // clap's message up to its usage block, on one line: the first line, then what it
+            // lists below it (the missing arguments, the possible values), without the tips.
             let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
+            let parts: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let line = if parts.is_empty() {
+                "invalid arguments".to_string()
+            } else {
+                parts.join(" ")
+            };
             eprintln!("ape: {line} (see --help)");
             ExitCode::from(2)
         }
@@ -386,6 +398,13 @@ fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
     if let Some(p) = given.or_else(|| std::env::var_os("APE_MODEL").map(PathBuf::from)) {
         if !p.exists() {
             return Err(Error::Model(format!("{} does not exist", p.display())));
+        }
+        // A device or a pipe (/dev/zero) would be read without end.
+        if !p.is_file() && !p.is_dir() {
+            return Err(Error::Model(format!(
+                "{} is neither a file nor a directory",
+                p.display()
+            )));
         }
         return Ok(p);
     }
@@ -748,19 +767,43 @@ fn run(a: RunArgs) -> ape_attn::Result<()> {
     with_engine!(loaded.backend, engine => run_with(engine, &tokenizer, &a, &passages, &device))
 }
 
+/// The largest context file read: 16 MiB of text is millions of tokens, past any window.
+const MAX_PASSAGE_BYTES: u64 = 16 << 20;
+
 /// A context file's text: it must be UTF-8 text (no NUL or other control bytes but tabs, line
 /// and page breaks) and not empty.
 fn read_passage(path: &Path) -> ape_attn::Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    use std::io::Read;
+    let io = |source| Error::Io {
         path: path.display().to_string(),
         source,
-    })?;
+    };
     let refuse = |why: &str| {
         Err(Error::InvalidInput(format!(
             "context file {}: {why}",
             path.display()
         )))
     };
+    // A device or a pipe (/dev/zero) would be read without end.
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return refuse("a directory, not a file");
+    }
+    if !meta.is_file() {
+        return refuse("not a regular file");
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_PASSAGE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_PASSAGE_BYTES {
+        return refuse(&format!(
+            "larger than {} MiB, more text than any model's window holds",
+            MAX_PASSAGE_BYTES >> 20
+        ));
+    }
     let Ok(text) = String::from_utf8(bytes) else {
         return refuse("not UTF-8 text");
     };
@@ -930,10 +973,17 @@ fn open_json(path: Option<PathBuf>) -> ape_attn::Result<Option<JsonOut>> {
             path: path.display().to_string(),
             source,
         };
-        if path.is_dir() {
+        if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::IsADirectory,
                 "is a directory",
+            )));
+        }
+        // The results replace the file by a rename, which a read-only file would not stop.
+        if std::fs::metadata(&path).is_ok_and(|m| m.permissions().readonly()) {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "is read-only",
             )));
         }
         let mut name = path.file_name().unwrap_or_default().to_os_string();

@@ -207,6 +207,13 @@ impl Gguf {
     /// Reads and parses a GGUF file.
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
+        // A device or a pipe (/dev/zero) would be read without end.
+        if !std::fs::metadata(path)
+            .map_err(Error::io_at(path))?
+            .is_file()
+        {
+            return Err(bad(format!("{} is not a regular file", path.display())));
+        }
         let bytes = std::fs::read(path).map_err(Error::io_at(path))?;
         Self::parse(bytes)
     }
