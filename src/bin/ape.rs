@@ -576,30 +576,18 @@ fn load_cpu(path: &Path) -> ape_attn::Result<(Engine<CpuModel>, Tokenizer)> {
     }
 }
 
+/// The chat prompt of the passages (each ending in one newline) and the question.
 fn build_prompt(
     tok: &Tokenizer,
     system: &str,
     passages: &[String],
     question: &str,
 ) -> ape_attn::Result<Prompt> {
-    if question.trim().is_empty() {
-        return Err(Error::InvalidInput("the question is empty".into()));
-    }
-    Ok(Prompt {
-        prefix: tok.encode_start(&format!(
-            "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
-        ))?,
-        // Passages and the question are text: control tokens written in them stay text.
-        contexts: passages
-            .iter()
-            .map(|p| tok.encode_text(&format!("{}\n", p.trim_end())))
-            .collect::<ape_attn::Result<_>>()?,
-        question: [
-            tok.encode_text(&format!("Question: {question}"))?,
-            tok.encode("<|im_end|>\n<|im_start|>assistant\n")?,
-        ]
-        .concat(),
-    })
+    let passages: Vec<String> = passages
+        .iter()
+        .map(|p| format!("{}\n", p.trim_end()))
+        .collect();
+    Prompt::chat(tok, system, &passages, question)
 }
 
 /// Shows a bar over the context tokens the engine encodes on cache misses.

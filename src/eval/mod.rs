@@ -24,21 +24,12 @@ pub const SYSTEM: &str = "Answer the question using the documents. Reply with th
 /// The prompt of an example: system prompt and user header as prefix, one context per document,
 /// the question and the assistant header.
 pub fn prompt(tok: &Tokenizer, ex: &Example) -> Result<Prompt> {
-    Ok(Prompt {
-        prefix: tok.encode_start(&format!(
-            "<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-        ))?,
-        contexts: ex
-            .documents
-            .iter()
-            .map(|d| tok.encode_text(&format!("Document: {d}\n")))
-            .collect::<Result<_>>()?,
-        question: [
-            tok.encode_text(&format!("Question: {}", ex.question))?,
-            tok.encode("<|im_end|>\n<|im_start|>assistant\n")?,
-        ]
-        .concat(),
-    })
+    let documents: Vec<String> = ex
+        .documents
+        .iter()
+        .map(|d| format!("Document: {d}\n"))
+        .collect();
+    Prompt::chat(tok, SYSTEM, &documents, &ex.question)
 }
 
 /// Per mode, per document count: the tallies.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::model::{LlamaModel, LogitRows, Past};
+use super::tokenizer::Tokenizer;
 use crate::cache::{BlockCache, BlockKey, Scheme};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, SegmentRole};
@@ -60,6 +61,37 @@ pub struct Prompt {
     pub contexts: Vec<Vec<u32>>,
     /// The question (and the assistant header that follows it).
     pub question: Vec<u32>,
+}
+
+impl Prompt {
+    /// The chat prompt of a question over passages (ChatML, the default model's template): the
+    /// system turn and the user header as the prefix, each passage's text as one context, and
+    /// the question with the assistant header. Passages and the question are encoded as text, so
+    /// control tokens written in them stay characters and cannot close the user's turn.
+    pub fn chat(
+        tok: &Tokenizer,
+        system: &str,
+        passages: &[String],
+        question: &str,
+    ) -> Result<Self> {
+        if question.trim().is_empty() {
+            return Err(Error::InvalidInput("the question is empty".into()));
+        }
+        Ok(Self {
+            prefix: tok.encode_start(&format!(
+                "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+            ))?,
+            contexts: passages
+                .iter()
+                .map(|p| tok.encode_text(p))
+                .collect::<Result<_>>()?,
+            question: [
+                tok.encode_text(&format!("Question: {question}"))?,
+                tok.encode("<|im_end|>\n<|im_start|>assistant\n")?,
+            ]
+            .concat(),
+        })
+    }
 }
 
 /// A prefilled request, ready to decode: the blocks it reads (pinned while this lives), the
