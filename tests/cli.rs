@@ -331,6 +331,11 @@ impl Drop for TempDir {
     }
 }
 
+/// `args` as owned strings.
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
 /// One bad input: a clear line on stderr naming the problem, a non-zero exit, no panic, nothing
 /// on stdout.
 fn assert_refused(args: &[&str], needle: &str) {
@@ -361,11 +366,8 @@ fn bad_input_matrix() {
         b"The Lantern Bakery was founded by Mira Kovac.\n",
     );
     let run = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["run", "--context", &passage, "--question", "Who?"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = owned(&["run", "--context", &passage, "--question", "Who?"]);
+        a.extend(owned(extra));
         a
     };
     let check = |args: Vec<String>, needle: &str| {
@@ -399,10 +401,7 @@ fn bad_input_matrix() {
         // --json is not left behind by a run that failed.
         let json = dir.path("out.json");
         check(
-            ["eval", "--docs", "1", "--model", model, "--json", &json]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            owned(&["eval", "--docs", "1", "--model", model, "--json", &json]),
             needle,
         );
         assert!(!std::path::Path::new(&json).exists());
@@ -476,10 +475,7 @@ fn bad_input_matrix() {
     ] {
         let file = dir.file(name, bytes);
         check(
-            ["run", "--context", &file, "--question", "Who?"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            owned(&["run", "--context", &file, "--question", "Who?"]),
             needle,
         );
     }
@@ -488,10 +484,7 @@ fn bad_input_matrix() {
         ("/dev/zero".into(), "regular file"),
     ] {
         check(
-            ["run", "--context", &context, "--question", "Who?"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            owned(&["run", "--context", &context, "--question", "Who?"]),
             needle,
         );
     }
@@ -499,10 +492,7 @@ fn bad_input_matrix() {
     // A question longer than the model's window.
     let long = "word ".repeat(9000);
     check(
-        ["run", "--context", &passage, "--question", &long]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        owned(&["run", "--context", &passage, "--question", &long]),
         "window",
     );
 
@@ -524,20 +514,14 @@ fn bad_input_matrix() {
         (read_only.clone(), "read-only"),
     ] {
         for cmd in ["eval", "calibrate"] {
-            check(
-                [cmd, "--docs", "2", "--json", &json]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                needle,
-            );
+            check(owned(&[cmd, "--docs", "2", "--json", &json]), needle);
         }
     }
 
     assert_eq!(std::fs::read(&read_only).expect("read"), b"[]\n");
 
     // Nothing was written beside the inputs.
-    let mut inputs: Vec<String> = [
+    let mut inputs: Vec<String> = owned(&[
         "passage.txt",
         "read-only.json",
         "empty.gguf",
@@ -549,10 +533,7 @@ fn bad_input_matrix() {
         "empty.txt",
         "blank.txt",
         "latin1.txt",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     inputs.sort();
     assert_eq!(dir.entries(), inputs);
 }
