@@ -107,7 +107,7 @@ pub enum Error {
 
 impl Error {
     /// The [`Error::Io`] of an I/O failure on `path`, for `map_err`.
-    pub(crate) fn io_at(path: &std::path::Path) -> impl Fn(std::io::Error) -> Self + Copy + '_ {
+    pub fn io_at(path: &std::path::Path) -> impl Fn(std::io::Error) -> Self + Copy + '_ {
         move |source| Error::Io {
             path: path.display().to_string(),
             source,

@@ -399,13 +399,6 @@ fn model_path(given: Option<PathBuf>) -> ape_attn::Result<PathBuf> {
         if !p.exists() {
             return Err(Error::Model(format!("{} does not exist", p.display())));
         }
-        // A device or a pipe (/dev/zero) would be read without end.
-        if !p.is_file() && !p.is_dir() {
-            return Err(Error::Model(format!(
-                "{} is neither a file nor a directory",
-                p.display()
-            )));
-        }
         return Ok(p);
     }
     let p = PathBuf::from(DEFAULT_MODEL);
@@ -496,10 +489,7 @@ fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
         }
         let hf = HfModel::open(path)?;
         let json_path = path.join("tokenizer.json");
-        let json = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
-            path: json_path.display().to_string(),
-            source,
-        })?;
+        let json = std::fs::read_to_string(&json_path).map_err(Error::io_at(&json_path))?;
         let tokenizer = Tokenizer::from_hf_json(&json, &hf.eos, hf.bos)?;
         (hf.config.clone(), tokenizer, 0, Box::new(hf))
     } else {
@@ -762,10 +752,7 @@ const MAX_PASSAGE_BYTES: u64 = 16 << 20;
 /// and page breaks) and not empty.
 fn read_passage(path: &Path) -> ape_attn::Result<String> {
     use std::io::Read;
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io = Error::io_at(path);
     let refuse = |why: &str| {
         Err(Error::InvalidInput(format!(
             "context file {}: {why}",
@@ -957,10 +944,7 @@ impl Drop for JsonOut {
 
 fn open_json(path: Option<PathBuf>) -> ape_attn::Result<Option<JsonOut>> {
     path.map(|path| {
-        let io = |source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = Error::io_at(&path);
         if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::IsADirectory,
@@ -993,10 +977,7 @@ fn write_json(out: Option<JsonOut>, value: &serde_json::Value) -> ape_attn::Resu
     let Some(mut out) = out else {
         return Ok(());
     };
-    let io = |source| Error::Io {
-        path: out.path.display().to_string(),
-        source,
-    };
+    let io = Error::io_at(&out.path);
     serde_json::to_writer_pretty(&mut out.file, value).map_err(|e| io(e.into()))?;
     out.file.write_all(b"\n").map_err(io)?;
     std::fs::rename(&out.partial, &out.path).map_err(io)?;
