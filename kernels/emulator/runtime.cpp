@@ -44,7 +44,16 @@
 #endif
 
 namespace ape_emu {
+
+// fail() with the kind of error the launch reports (kIllegalAddress, kMisaligned).
+[[noreturn]] void fail_kind(int kind, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
 namespace {
+
+// What ape_emu_launch returns for a failed launch: the kind of error, as a driver reports it.
+constexpr int kFailed = 1;          // any other error (a deadlock, a misused primitive)
+constexpr int kIllegalAddress = 2;  // an access outside every buffer, or outside shared memory
+constexpr int kMisaligned = 3;      // a misaligned address
 
 constexpr uint32_t kReverse = 1;      // APE_EMU_REVERSE
 constexpr uint32_t kLateCopies = 2;   // APE_EMU_LATE_COPIES
@@ -146,6 +155,10 @@ struct Slots {
   uint32_t a[32][4];
   uint32_t b[32][2];
   uint32_t word[32];
+  // An mma's A and B as f32, decoded by the first lane past the barrier for the others.
+  float fa[16][16];
+  float fb[16][8];
+  uint64_t decoded = ~uint64_t(0);  // the collective they belong to
 };
 
 struct Warp {
@@ -164,10 +177,7 @@ struct Cta {
   const Region* regions = nullptr;
   size_t n_regions = 0;
   std::vector<Warp> warps;
-  char* stacks = nullptr;
-  size_t stacks_bytes = 0;
-  unsigned char* smem_map = nullptr;
-  size_t smem_map_bytes = 0;
+  char* stacks = nullptr;  // one stack per thread, a guard page below each (CtaMemory's)
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
   Context scheduler;
@@ -175,16 +185,75 @@ struct Cta {
   int live = 0;
   int block_arrived = 0;
   bool failed = false;
+  int error_kind = 0;  // kFailed, kIllegalAddress or kMisaligned, once failed
   std::string error;
   Invoker invoke = nullptr;
   void** params = nullptr;
   uint32_t flags = 0;
-
-  ~Cta() {
-    if (stacks) munmap(stacks, stacks_bytes);
-    if (smem_map) munmap(smem_map, smem_map_bytes);
-  }
 };
+
+// A CTA's stacks and dynamic shared memory, mapped once and kept for later launches (mapping them
+// and protecting each stack's guard page was most of a small launch's cost).
+struct CtaMemory {
+  char* stacks = nullptr;
+  size_t n_stacks = 0;
+  unsigned char* smem_map = nullptr;  // smem_capacity bytes, then an inaccessible page
+  size_t smem_capacity = 0;
+};
+
+std::mutex g_memory_mu;
+std::vector<CtaMemory> g_memory;
+constexpr size_t kKeptMemory = 64;
+
+// Memory for a CTA of `n_threads` threads and `smem` bytes of dynamic shared memory.
+bool acquire_memory(size_t n_threads, size_t smem, CtaMemory* out) {
+  {
+    std::lock_guard<std::mutex> lock(g_memory_mu);
+    for (size_t i = 0; i < g_memory.size(); ++i) {
+      if (g_memory[i].n_stacks >= n_threads && g_memory[i].smem_capacity >= smem) {
+        *out = g_memory[i];
+        g_memory.erase(g_memory.begin() + long(i));
+        return true;
+      }
+    }
+  }
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  // Sized for any launch of the crate's kernels, so that one mapping serves them all.
+  CtaMemory m;
+  m.n_stacks = std::max<size_t>(n_threads, 256);
+  m.smem_capacity = (std::max<size_t>(smem, 64 * 1024) + page - 1) / page * page;
+  const size_t stacks_bytes = m.n_stacks * (kStackBytes + 4096);
+  void* stacks = mmap(nullptr, stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+  void* smem_map = mmap(nullptr, m.smem_capacity + page, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (stacks == MAP_FAILED || smem_map == MAP_FAILED) {
+    if (stacks != MAP_FAILED) munmap(stacks, stacks_bytes);
+    if (smem_map != MAP_FAILED) munmap(smem_map, m.smem_capacity + page);
+    return false;
+  }
+  m.stacks = static_cast<char*>(stacks);
+  for (size_t i = 0; i < m.n_stacks; ++i) {
+    mprotect(m.stacks + i * (kStackBytes + 4096), 4096, PROT_NONE);
+  }
+  m.smem_map = static_cast<unsigned char*>(smem_map);
+  mprotect(m.smem_map + m.smem_capacity, page, PROT_NONE);
+  *out = m;
+  return true;
+}
+
+void release_memory(const CtaMemory& m) {
+  {
+    std::lock_guard<std::mutex> lock(g_memory_mu);
+    if (g_memory.size() < kKeptMemory) {
+      g_memory.push_back(m);
+      return;
+    }
+  }
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  munmap(m.stacks, m.n_stacks * (kStackBytes + 4096));
+  munmap(m.smem_map, m.smem_capacity + page);
+}
 
 thread_local Cta* t_cta = nullptr;
 
@@ -221,10 +290,12 @@ bool in_smem(const void* p, size_t bytes) {
 
 void check_shared(const void* p, const char* what) {
   if (!in_smem(p, 16)) {
-    fail("%s: address %p is not in the CTA's %zu bytes of dynamic shared memory", what, p,
-         cta().smem_bytes);
+    fail_kind(kIllegalAddress, "%s: address %p is not in the CTA's %zu bytes of dynamic shared memory",
+              what, p, cta().smem_bytes);
   }
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("%s: address %p is not 16-byte aligned", what, p);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    fail_kind(kMisaligned, "%s: address %p is not 16-byte aligned", what, p);
+  }
 }
 
 void fiber_main(void* arg) {
@@ -292,6 +363,7 @@ bool run_cta(const uint3 block_idx, const uint3 grid_dim, const uint3 block_dim)
     c.warps[w].lanes = int(std::min<uint32_t>(32, n - 32 * w));
     c.warps[w].exited = 0;
     c.warps[w].arrived = 0;
+    for (Slots& sl : c.warps[w].slots) sl.decoded = ~uint64_t(0);
   }
   const bool reverse = c.flags & kReverse;
   while (c.live > 0) {
@@ -340,12 +412,23 @@ template <auto F> void invoke(void** p) {
   S::template call<F>(p, std::make_index_sequence<S::arity>());
 }
 
+// The byte size of each of a kernel's parameters, as a driver copies them at a launch.
+template <typename F> struct ParamSizes;
+template <typename... A> struct ParamSizes<void (*)(A...)> {
+  static constexpr size_t n = sizeof...(A);
+  static constexpr size_t sizes[sizeof...(A) + 1] = {sizeof(std::decay_t<A>)..., 0};
+};
+
 struct Kernel {
   const char* name;
   Invoker invoke;
+  const size_t* param_sizes;
+  size_t n_params;
 };
 
-#define APE_EMU_KERNEL(NAME) {#NAME, &invoke<&NAME>}
+#define APE_EMU_KERNEL(NAME)                                                     \
+  {#NAME, &invoke<&NAME>, ParamSizes<decltype(&NAME)>::sizes,                   \
+   ParamSizes<decltype(&NAME)>::n}
 #define APE_EMU_DTYPES(PREFIX) \
   APE_EMU_KERNEL(PREFIX##f32), APE_EMU_KERNEL(PREFIX##f16), APE_EMU_KERNEL(PREFIX##bf16)
 
@@ -388,24 +471,38 @@ const Kernel kKernels[] = {
 ThreadCoords& coords() { return me().coords; }
 unsigned char* dynamic_smem() { return cta().smem; }
 
-void fail(const char* fmt, ...) {
+namespace {
+
+[[noreturn]] void vfail(int kind, const char* fmt, va_list ap) {
   Cta& c = cta();
   if (!c.failed) {
     char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
     const ThreadCoords& t = me().coords;
     char where[128];
     snprintf(where, sizeof where, " (CTA (%u, %u, %u), thread %u)", t.block_idx.x, t.block_idx.y,
              t.block_idx.z, me().linear);
     c.error = std::string(buf) + where;
+    c.error_kind = kind;
     c.failed = true;
   }
   me().done = true;
   suspend();
   __builtin_unreachable();
+}
+
+}  // namespace
+
+void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vfail(kFailed, fmt, ap);
+}
+
+void fail_kind(int kind, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vfail(kind, fmt, ap);
 }
 
 void sync_block() {
@@ -426,10 +523,17 @@ void check_global(const void* p, size_t bytes, const char* what) {
   const Cta& c = cta();
   if (c.n_regions == 0) return;
   const auto b = reinterpret_cast<uintptr_t>(p);
-  for (size_t i = 0; i < c.n_regions; ++i) {
-    if (b >= c.regions[i].begin && b + bytes <= c.regions[i].end) return;
+  // The regions are sorted by their start (ape_emu_launch): the last one that starts at or before
+  // b holds the access, unless regions overlap, when an earlier one may.
+  const Region* first = c.regions;
+  const Region* it = std::upper_bound(first, first + c.n_regions, b,
+                                      [](uintptr_t a, const Region& r) { return a < r.begin; });
+  while (it != first) {
+    --it;
+    if (b + bytes <= it->end) return;
   }
-  fail("%s: %zu bytes at %p are outside every buffer of the launch", what, bytes, p);
+  fail_kind(kIllegalAddress, "%s: %zu bytes at %p are outside every buffer of the launch", what,
+            bytes, p);
 }
 
 uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask) {
@@ -448,7 +552,7 @@ uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask) {
 void cp_async_16(void* smem, const void* gmem, bool valid) {
   check_shared(smem, "cp.async destination");
   if (valid && reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
-    fail("cp.async source %p is not 16-byte aligned", gmem);
+    fail_kind(kMisaligned, "cp.async source %p is not 16-byte aligned", gmem);
   }
   if (valid) check_global(gmem, 16, "cp.async source");
   const Copy c{smem, gmem, valid};
@@ -505,23 +609,30 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   s.b[lane][0] = b0;
   s.b[lane][1] = b1;
   warp_barrier();
-  auto value = [bf16](uint32_t word, int high) {
-    const uint16_t bits = uint16_t(high ? word >> 16 : word & 0xffffu);
-    return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
-  };
-  // A(row, k) is in lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
-  // B(k, n) in lane 4 n + (k % 8) / 2, register k / 8, half k % 2.
-  auto A = [&](int row, int k) {
-    return value(s.a[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
-  };
-  auto B = [&](int k, int n) { return value(s.b[4 * n + (k % 8) / 2][k / 8], k % 2); };
+  if (s.decoded != me().collectives) {
+    auto value = [bf16](uint32_t word, int high) {
+      const uint16_t bits = uint16_t(high ? word >> 16 : word & 0xffffu);
+      return bf16 ? __bfloat162float(__nv_bfloat16{bits}) : __half2float(__half{bits});
+    };
+    // A(row, k) is in lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2;
+    // B(k, n) in lane 4 n + (k % 8) / 2, register k / 8, half k % 2.
+    for (int row = 0; row < 16; ++row) {
+      for (int k = 0; k < 16; ++k) {
+        s.fa[row][k] = value(s.a[4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+      }
+    }
+    for (int k = 0; k < 16; ++k) {
+      for (int n = 0; n < 8; ++n) s.fb[k][n] = value(s.b[4 * n + (k % 8) / 2][k / 8], k % 2);
+    }
+    s.decoded = me().collectives;
+  }
   const int group = lane / 4, tig = lane % 4;
   float d[4];
   for (int e = 0; e < 4; ++e) {
     const int row = group + 8 * (e / 2);
     const int col = 2 * tig + e % 2;
     float acc = c[e];
-    for (int k = 0; k < 16; ++k) acc = fmaf(A(row, k), B(k, col), acc);
+    for (int k = 0; k < 16; ++k) acc = fmaf(s.fa[row][k], s.fb[k][col], acc);
     d[e] = acc;
   }
   me().collectives += 1;
@@ -549,8 +660,31 @@ void set_error(char* err, size_t err_len, const std::string& msg) {
 // Runs kernel `name` over grid x block with `smem` bytes of dynamic shared memory; params[i]
 // points at the i-th argument. flags: APE_EMU_REVERSE (1), APE_EMU_LATE_COPIES (2). threads: OS
 // threads running CTAs (0: one per core). regions: n_regions (address, bytes) pairs, the global
-// buffers the kernel may read through cp.async and __ldg (none: unchecked). Returns 0, or 1 with
-// a message in err.
+// buffers the kernel may read through cp.async and __ldg (none: unchecked). Returns 0, or with a
+// message in err the kind of error: 2 for an access outside every buffer (or outside shared
+// memory), 3 for a misaligned address, 1 for anything else.
+// The number of kernel `name`'s parameters in *n and, when it is at most `max`, their byte sizes
+// in sizes[0..n]. Returns 0, or 1 when no kernel has that name.
+extern "C" int ape_emu_kernel_params(const char* name, size_t* sizes, size_t max, size_t* n) {
+  using namespace ape_emu;
+  for (const Kernel& k : kKernels) {
+    if (strcmp(k.name, name) != 0) continue;
+    *n = k.n_params;
+    for (size_t i = 0; i < k.n_params && i < max; ++i) sizes[i] = k.param_sizes[i];
+    return 0;
+  }
+  return 1;
+}
+
+// A memory fault (a load or store the OS refused) met by the running kernel: when the calling
+// thread runs a CTA's thread, that thread fails with `what`, an illegal address, and this does
+// not return. Returns 0 on any other thread. Called from a signal handler (the driver stand-in's).
+extern "C" int ape_emu_memory_fault(const char* what) {
+  using namespace ape_emu;
+  if (t_cta == nullptr || t_cta->current == nullptr) return 0;
+  fail_kind(kIllegalAddress, "%s", what);
+}
+
 extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint32_t* block,
                               size_t smem, void** params, uint32_t flags, uint32_t threads,
                               const uint64_t* regions, size_t n_regions, char* err,
@@ -589,10 +723,13 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
   std::string error;
+  int error_kind = kFailed;
   std::vector<Region> buffers;
   for (size_t i = 0; i < n_regions; ++i) {
     buffers.push_back({uintptr_t(regions[2 * i]), uintptr_t(regions[2 * i] + regions[2 * i + 1])});
   }
+  std::sort(buffers.begin(), buffers.end(),
+            [](const Region& a, const Region& b) { return a.begin < b.begin; });
   const uint3 grid_dim{grid[0], grid[1], grid[2]};
   const uint3 block_dim{block[0], block[1], block[2]};
 
@@ -605,30 +742,16 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
     c.n_regions = buffers.size();
     c.fibers.resize(n_threads);
     c.warps.resize((n_threads + 31) / 32);
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    c.stacks_bytes = n_threads * (kStackBytes + 4096);
-    void* stacks = mmap(nullptr, c.stacks_bytes, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    const size_t smem_rounded = (std::max<size_t>(smem, 1) + page - 1) / page * page;
-    c.smem_map_bytes = smem_rounded + page;
-    void* smem_map = mmap(nullptr, c.smem_map_bytes, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (stacks == MAP_FAILED || smem_map == MAP_FAILED) {
-      if (stacks != MAP_FAILED) munmap(stacks, c.stacks_bytes);
-      if (smem_map != MAP_FAILED) munmap(smem_map, c.smem_map_bytes);
+    CtaMemory memory;
+    if (!acquire_memory(n_threads, smem, &memory)) {
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!failed.exchange(true)) error = "cannot allocate the emulator's stacks";
       return;
     }
-    c.stacks = static_cast<char*>(stacks);
-    for (uint64_t i = 0; i < n_threads; ++i) {
-      mprotect(c.stacks + i * (kStackBytes + 4096), 4096, PROT_NONE);
-    }
-    c.smem_map = static_cast<unsigned char*>(smem_map);
-    mprotect(c.smem_map + smem_rounded, page, PROT_NONE);
+    c.stacks = memory.stacks;
     // The bytes just below the guard page, 128-byte aligned as CUDA's dynamic shared memory is.
     c.smem_bytes = smem;
-    c.smem = c.smem_map + smem_rounded - (smem + 127) / 128 * 128;
+    c.smem = memory.smem_map + memory.smem_capacity - (smem + 127) / 128 * 128;
     t_cta = &c;
     while (!failed.load()) {
       const uint64_t i = next.fetch_add(1);
@@ -637,11 +760,15 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
                             uint32_t(i / (uint64_t(grid[0]) * grid[1]))};
       if (!run_cta(block_idx, grid_dim, block_dim)) {
         std::lock_guard<std::mutex> lock(error_mutex);
-        if (!failed.exchange(true)) error = c.error;
+        if (!failed.exchange(true)) {
+          error = c.error;
+          error_kind = c.error_kind ? c.error_kind : kFailed;
+        }
         break;
       }
     }
     t_cta = nullptr;
+    release_memory(memory);
   };
 
   if (n_workers <= 1) {
@@ -653,7 +780,7 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
   }
   if (failed.load()) {
     set_error(err, err_len, std::string(name) + ": " + error);
-    return 1;
+    return error_kind;
   }
   return 0;
 }
