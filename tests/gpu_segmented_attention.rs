@@ -393,10 +393,12 @@ fn capturable_decode_replays_in_a_cuda_graph() {
             stream
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .unwrap();
-            let during = batch.prepare(dev, &sequences);
             // SAFETY: the segments prepared are alive until the end of this step, after the
             // replay is synchronised below.
             let launched = unsafe { batch.launch(dev, &q_buf, &mut out, &mut lse) };
+            // After the launch: a refused prepare() leaves the batch without a plan to launch
+            // (the graph's replays read the plan copied before).
+            let during = batch.prepare(dev, &sequences);
             let captured = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
             assert!(
                 during.is_err(),
