@@ -17,6 +17,45 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 
+/// Which benchmarks run, from the environment. `APE_BENCH_SET=quick`: the GPU session's quick
+/// phase (prefill 8K x 8K, a 64-row question over 32K keys and one decode row over 128K keys in
+/// 16 segments, a decode batch of 64 sequences x 4K keys, the device copy); otherwise all of
+/// them. `APE_BENCH_SHRINK=N` divides every key count, prefill row count and the copy by N, for
+/// the session's dry run on the emulated device; the ids name the shapes that ran.
+#[derive(Clone, Copy)]
+struct Plan {
+    quick: bool,
+    shrink: usize,
+}
+
+impl Plan {
+    fn from_env() -> Self {
+        let shrink = std::env::var("APE_BENCH_SHRINK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(1);
+        let quick = std::env::var("APE_BENCH_SET").is_ok_and(|v| v == "quick");
+        Plan { quick, shrink }
+    }
+
+    /// `n` divided by the shrink factor, at least 1.
+    fn s(&self, n: usize) -> usize {
+        (n / self.shrink).max(1)
+    }
+}
+
+/// "1GiB", "16MiB" or "4096B".
+fn bytes_label(n: usize) -> String {
+    if n >= 1 << 30 && n % (1 << 30) == 0 {
+        format!("{}GiB", n >> 30)
+    } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}MiB", n >> 20)
+    } else {
+        format!("{n}B")
+    }
+}
+
 /// Runs `f` `iters` times on the device's stream and returns the GPU time between two events.
 fn gpu_time(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
     let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
@@ -161,9 +200,15 @@ fn configure<'a>(
 
 /// Prefill: head dim 128, bf16, GQA 4 (32 heads, 8 KV heads); non-causal over the cached keys,
 /// 4 * rows * keys * heads * d FLOPs. Plain (T = S = 1, the peer's computation) and APE.
-fn bench_prefill(c: &mut Criterion, dev: &Device) {
+fn bench_prefill(c: &mut Criterion, dev: &Device, plan: Plan) {
     let mut g = configure(c, "prefill");
-    for (rows, keys) in [(1024, 8192), (1024, 32768), (4096, 32768), (8192, 65536)] {
+    let shapes: &[(usize, usize)] = if plan.quick {
+        &[(8192, 8192)]
+    } else {
+        &[(1024, 8192), (1024, 32768), (4096, 32768), (8192, 65536)]
+    };
+    for &(rows, keys) in shapes {
+        let (rows, keys) = (plan.s(rows), plan.s(keys));
         let p = problem(dev, rows, keys, 16);
         let (mut out, mut lse) = outputs(dev, &p);
         let flops = 4 * rows as u64 * keys as u64 * 32 * 128;
@@ -185,24 +230,32 @@ fn bench_prefill(c: &mut Criterion, dev: &Device) {
 
 /// A short question (64 rows) and decode (1 row) over 32K-128K cached keys in 16-256 segments:
 /// throughput is the K+V bytes read.
-fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
+fn bench_short_and_decode(c: &mut Criterion, dev: &Device, plan: Plan) {
     let mut g = configure(c, "short_question_and_decode");
-    for keys in [32768, 131072] {
-        for n_segments in [16, 256] {
-            for rows in [64, 1] {
-                let p = problem(dev, rows, keys, n_segments);
-                let (mut out, mut lse) = outputs(dev, &p);
-                let bytes = 2 * keys as u64 * 8 * 128 * 2;
-                g.throughput(Throughput::Bytes(bytes));
-                let ape = ApeParams::default();
-                let id = BenchmarkId::new(format!("rows{rows}"), format!("k{keys}_s{n_segments}"));
-                g.bench_with_input(id, &(), |b, _| {
-                    b.iter_custom(|iters| {
-                        gpu_time(dev, iters, || run(dev, &p, &ape, &mut out, &mut lse))
-                    })
-                });
+    let cases: Vec<(usize, usize, usize)> = if plan.quick {
+        vec![(64, 32768, 16), (1, 131072, 16)]
+    } else {
+        let mut v = Vec::new();
+        for keys in [32768, 131072] {
+            for n_segments in [16, 256] {
+                for rows in [64, 1] {
+                    v.push((rows, keys, n_segments));
+                }
             }
         }
+        v
+    };
+    for (rows, keys, n_segments) in cases {
+        let keys = plan.s(keys);
+        let p = problem(dev, rows, keys, n_segments);
+        let (mut out, mut lse) = outputs(dev, &p);
+        let bytes = 2 * keys as u64 * 8 * 128 * 2;
+        g.throughput(Throughput::Bytes(bytes));
+        let ape = ApeParams::default();
+        let id = BenchmarkId::new(format!("rows{rows}"), format!("k{keys}_s{n_segments}"));
+        g.bench_with_input(id, &(), |b, _| {
+            b.iter_custom(|iters| gpu_time(dev, iters, || run(dev, &p, &ape, &mut out, &mut lse)))
+        });
     }
     g.finish();
 }
@@ -213,9 +266,15 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device) {
 /// and launch; `graph`: prepare and the replay of a captured CUDA graph). Throughput: the K+V
 /// bytes of all sequences. Ids:
 /// `batch_decode/{batched|per_sequence|capturable|graph}/n{sequences}_k{keys per sequence}_s{segments}`.
-fn bench_batch_decode(c: &mut Criterion, dev: &Device) {
+fn bench_batch_decode(c: &mut Criterion, dev: &Device, plan: Plan) {
     let mut g = configure(c, "batch_decode");
-    for (n_seqs, keys, n_segments) in [(64, 4096, 4), (16, 16384, 4)] {
+    let shapes: &[(usize, usize, usize)] = if plan.quick {
+        &[(64, 4096, 4)]
+    } else {
+        &[(64, 4096, 4), (16, 16384, 4)]
+    };
+    for &(n_seqs, keys, n_segments) in shapes {
+        let keys = plan.s(keys);
         let problems: Vec<Problem> = (0..n_seqs)
             .map(|_| problem(dev, 1, keys, n_segments))
             .collect();
@@ -423,9 +482,30 @@ fn bench_block_attention_shift(c: &mut Criterion, dev: &Device) {
 
 /// Merge of 8 states of [4096, 32, 128] bf16 (bytes = read + written), RoPE shift of 32K keys
 /// x 8 heads x 128 (read + write), and a device-to-device copy of 1 GiB (read + write), the
-/// bandwidth peer measured in the same run.
-fn bench_memory_bound(c: &mut Criterion, dev: &Device) {
+/// bandwidth peer measured in the same run (the quick set: the copy alone).
+fn bench_memory_bound(c: &mut Criterion, dev: &Device, plan: Plan) {
     let mut g = configure(c, "memory_bound");
+    if !plan.quick {
+        bench_merge_and_rope(&mut g, dev);
+    }
+    let n = plan.s(1 << 30);
+    let src = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    let mut dst = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
+    g.throughput(Throughput::Bytes(2 * n as u64));
+    g.bench_function(format!("copy_d2d_{}", bytes_label(n)), |b| {
+        b.iter_custom(|iters| {
+            gpu_time(dev, iters, || {
+                dev.stream().memcpy_dtod(&src, &mut dst).expect("copy")
+            })
+        })
+    });
+    g.finish();
+}
+
+fn bench_merge_and_rope(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dev: &Device,
+) {
     let (n_states, rows, heads, d) = (8, 4096, 32, 128);
     let v = filled(dev, &[n_states, rows, heads, d], DType::BF16, 1);
     let s = filled(dev, &[n_states, rows, heads], DType::F32, 2);
@@ -451,19 +531,6 @@ fn bench_memory_bound(c: &mut Criterion, dev: &Device) {
             })
         })
     });
-
-    let n = 1usize << 30;
-    let src = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
-    let mut dst = dev.stream().alloc_zeros::<u8>(n).expect("alloc");
-    g.throughput(Throughput::Bytes(2 * n as u64));
-    g.bench_function("copy_d2d_1GiB", |b| {
-        b.iter_custom(|iters| {
-            gpu_time(dev, iters, || {
-                dev.stream().memcpy_dtod(&src, &mut dst).expect("copy")
-            })
-        })
-    });
-    g.finish();
 }
 
 /// Does a launch make the host wait for the stream? Each iteration queues a 64 MiB
@@ -524,13 +591,20 @@ fn benches(c: &mut Criterion) {
         }
     };
     println!("device: {}", dev.name().unwrap_or_default());
-    bench_memory_bound(c, &dev);
-    bench_host_sync(c, &dev);
-    bench_short_and_decode(c, &dev);
-    bench_split_sweep(c, &dev);
-    bench_batch_decode(c, &dev);
-    bench_block_attention_shift(c, &dev);
-    bench_prefill(c, &dev);
+    let plan = Plan::from_env();
+    bench_memory_bound(c, &dev, plan);
+    if !plan.quick {
+        bench_host_sync(c, &dev);
+    }
+    bench_short_and_decode(c, &dev, plan);
+    if !plan.quick {
+        bench_split_sweep(c, &dev);
+    }
+    bench_batch_decode(c, &dev, plan);
+    if !plan.quick {
+        bench_block_attention_shift(c, &dev);
+    }
+    bench_prefill(c, &dev, plan);
 }
 
 criterion_group!(kernel_benches, benches);

@@ -7,13 +7,18 @@
 #                 scripts/gpu/cut-model.py, checked here with `ape inspect` and a CPU forward pass
 #   fixtures/     the llama.cpp fixture the real-model test reads (APE_FIXTURES)
 #   session.sh, peer.py, summarize.py, BUILD_INFO
-# Carry gpu-bundle to the device and run `bash gpu-bundle/session.sh PHASE` there, one phase a
-# call (see session.sh and README.md, "On a GPU").
+# Carry gpu-bundle to the device and run `bash gpu-bundle/session.sh quick` there (DEVELOPERS.md).
+# The session's dry run on the emulated device (scripts/gpu/dry-run.sh) builds its own bundle
+# elsewhere: APE_BUNDLE_DIR (the folder), APE_BUNDLE_FEATURES (cargo features of the binaries,
+# to reuse the test command's build), APE_BUNDLE_XZ_PRESET (compression, default 9 extreme) and
+# APE_BUNDLE_LIMIT_MIB (0: no size limit; a bundle that only runs here need not travel).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=gpu-bundle
+out=${APE_BUNDLE_DIR:-gpu-bundle}
 layers=${APE_CUT_LAYERS:-8}
-limit_mib=60 # what travels must stay under 64 MiB; the rest is margin for the checkout
+limit_mib=${APE_BUNDLE_LIMIT_MIB:-60} # what travels must stay under 64 MiB; the rest is margin
+features=()
+[ -n "${APE_BUNDLE_FEATURES:-}" ] && features=(--features "$APE_BUNDLE_FEATURES")
 rm -rf "$out" && mkdir -p "$out/model" "$out/fixtures"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -38,28 +43,30 @@ for line in sys.stdin:
 }
 
 {
-  cargo test --release --no-run --message-format=json --test gpu_merge_states \
-    --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device
-  cargo bench --no-run --message-format=json --bench kernels --bench e2e
-  cargo build --release --message-format=json --example kv_pool_decode
+  cargo test --release "${features[@]}" --no-run --message-format=json --test gpu_merge_states \
+    --test gpu_segmented_attention --test gpu_rope --test gpu_llama_ops --test gpu_llama --test cuda_device \
+    --test gpu_driver --test gpu_driver_faults --test gpu_cublas
+  cargo bench "${features[@]}" --no-run --message-format=json --bench kernels --bench e2e
+  cargo build --release "${features[@]}" --message-format=json --example kv_pool_decode
 } | executables | while read -r name exe; do
   cp "$exe" "$stage/bin/$name"
   strip "$stage/bin/$name"
 done
 for t in gpu_merge_states gpu_segmented_attention gpu_rope gpu_llama_ops gpu_llama cuda_device kernels e2e \
-  kv_pool_decode; do
+  kv_pool_decode gpu_driver gpu_driver_faults gpu_cublas; do
   [ -x "$stage/bin/$t" ] || { echo "bundle.sh: $t was not built" >&2; exit 1; }
 done
 # xz's large window finds what the binaries share (gzip's 32 KiB one does not); the device
 # unpacks it with Python's lzma, which is always there.
-python3 - "$stage" "$out/bin.tar.xz" << 'PY'
+python3 - "$stage" "$out/bin.tar.xz" "${APE_BUNDLE_XZ_PRESET:-9e}" << 'PY'
 import lzma, sys, tarfile
-stage, dest = sys.argv[1:]
-with tarfile.open(dest, "w:xz", preset=9 | lzma.PRESET_EXTREME) as t:
+stage, dest, preset = sys.argv[1:]
+level = int(preset.rstrip("e")) | (lzma.PRESET_EXTREME if preset.endswith("e") else 0)
+with tarfile.open(dest, "w:xz", preset=level) as t:
     t.add(f"{stage}/bin", arcname="bin")
 PY
 
-cargo build --release --quiet --bin ape
+cargo build --release "${features[@]}" --quiet --bin ape
 ape=target/release/ape
 model=$(bash scripts/fetch-model.sh | tail -n 1)
 cut="$out/model/$(basename "$model" .gguf).first$layers.gguf"
@@ -84,7 +91,7 @@ ls -l "$out" "$out/model"
 bundle=$(du -sb "$out" | cut -f1)
 repo=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
 echo "gpu-bundle $((bundle / 1048576)) MiB + tracked files $((repo / 1048576)) MiB travel (limit 64 MiB)"
-if [ $((bundle + repo)) -gt $((limit_mib * 1048576)) ]; then
+if [ "$limit_mib" -gt 0 ] && [ $((bundle + repo)) -gt $((limit_mib * 1048576)) ]; then
   echo "bundle.sh: over ${limit_mib} MiB; cut fewer layers (APE_CUT_LAYERS)" >&2
   exit 1
 fi

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session's work on the device machine, run from the repository root, in phases that each
-# fit one device-tool call (a call is killed at 600 s, and at most 8 files come back from $OUT):
+# fit one device-tool call (a call is killed at 600 s, and at most 8 files come back from $OUT).
+# A session has 15 minutes of device time in all, the machine's start included: its one call is
+#   bash gpu-bundle/session.sh quick      at most 8 minutes: the GPU tests (reduced sweep), the GPU
+#                                         forward pass against the CPU on the cut model,
+#                                         compute-sanitizer memcheck on the attention tests, the
+#                                         core benchmarks with their peers, the summary last
+# and the phases below stay for a later call:
 #   bash gpu-bundle/session.sh test       GPU tests, ignored ones too, and the real model (cut)
 #   bash gpu-bundle/session.sh sanitize   compute-sanitizer memcheck and racecheck, reduced sweep
 #   bash gpu-bundle/session.sh bench      kernel benchmarks, SDPA accuracy, TTFT to 32K, peer, summary
@@ -17,6 +23,15 @@ set -uo pipefail
 # Budgets, in seconds. Each step runs under `timeout` with its budget, cut to what is left of the
 # phase's: no step runs past PHASE_BUDGET - RESERVE, so a hung kernel costs its own step only.
 PHASE_BUDGET=${APE_PHASE_BUDGET:-540} # a device call is killed at 600 s
+QUICK_BUDGET=465                      # quick: 8 minutes with the unpacking and the packing
+# quick (465). On an H100 each test binary takes seconds; the budgets bound a hang.
+T_Q_TEST=20          # each of the small test binaries
+T_Q_SEGMENTED=60     # gpu_segmented_attention, reduced sweep
+T_Q_LLAMA=60         # gpu_llama: the cut real model and a synthetic Llama-3-8B, GPU against CPU
+T_Q_MEMCHECK=70      # memcheck on gpu_segmented_attention, reduced sweep
+T_Q_KERNELS=90       # benches/kernels.rs, APE_BENCH_SET=quick (9 benchmarks)
+T_Q_PEER=45
+T_Q_SUMMARY=15
 RESERVE=15                            # kept at the end of a phase for packing
 KILL_AFTER=5                          # SIGKILL this long after a step's SIGTERM
 # test (520)
@@ -55,12 +70,13 @@ NCU_CASES=(prefill:prefill/plain/q4096_k32768
   decode:short_question_and_decode/rows1/k131072_s16)
 
 usage() {
-  echo "usage: bash gpu-bundle/session.sh test|sanitize|bench|e2e|profile|all" >&2
+  echo "usage: bash gpu-bundle/session.sh quick|test|sanitize|bench|e2e|profile|all" >&2
   exit 2
 }
 [ $# -eq 1 ] || usage
 tag=$1
 case $tag in
+  quick) phases=(quick) && PHASE_BUDGET=${APE_PHASE_BUDGET:-$QUICK_BUDGET} ;;
   test | sanitize | bench | e2e | profile) phases=("$tag") ;;
   all) phases=(test sanitize bench e2e profile) && PHASE_BUDGET=1000000000 ;;
   *) usage ;;
@@ -107,26 +123,30 @@ report() {
   for p in "${phases[@]}"; do
     [ -d "$work/$p" ] || continue
     case $p in
-      test)
-        echo -e "\n## test\n"
-        for f in "$work/test"/test_*.log; do
+      test | quick)
+        echo -e "\n## $p: tests\n"
+        for f in "$work/$p"/test_*.log; do
           [ -f "$f" ] || continue
           echo "- $(basename "$f" .log): $(grep -E '^test result' "$f" | tail -n 1)"
           # The names in libtest's last "failures:" list.
           awk '/^failures:$/ { k = 0; next } /^    [^ ]/ { a[++k] = $1 } END { for (i = 1; i <= k; i++) print "  - FAILED " a[i] }' "$f"
         done
         ;;
-      sanitize)
-        echo -e "\n## sanitize (APE_GPU_QUICK=1)\n"
-        for f in "$work/sanitize"/sanitizer_*.log; do
+    esac
+    case $p in
+      sanitize | quick)
+        echo -e "\n## $p: compute-sanitizer (APE_GPU_QUICK=1)\n"
+        for f in "$work/$p"/sanitizer_*.log; do
           [ -f "$f" ] || continue
           echo "- $(basename "$f" .log):$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$f" | tail -n 1 | tr -d '=');" \
             "$(grep -E '^test result' "$f" | tail -n 1)"
         done
         ;;
-      bench)
-        echo -e "\n## bench\n"
-        [ -s "$work/bench/summary.md" ] && cat "$work/bench/summary.md"
+    esac
+    case $p in
+      bench | quick)
+        echo -e "\n## $p: benchmarks\n"
+        [ -s "$work/$p/summary.md" ] && cat "$work/$p/summary.md"
         ;;
       e2e)
         echo -e "\n## e2e (ttft_ms; summarize.py puts these in a table when given a folder with e2e.jsonl)\n"
@@ -240,6 +260,11 @@ missing() {
   status=1
 }
 
+# The peer (PyTorch); the dry run on the emulated device names a stand-in.
+peer=${APE_SESSION_PEER:-$here/peer.py}
+# Extra libtest arguments for every test step (the dry run skips what it has just run).
+read -r -a test_args <<< "${APE_SESSION_TEST_ARGS:-}"
+
 touch "$work/steps.tsv"
 {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
@@ -285,6 +310,38 @@ for p in "${phases[@]}"; do
   mkdir -p "$dir"
   [ "$tag" = all ] || log "phase $p: at most ${PHASE_BUDGET}s"
   case $p in
+    quick)
+      # 1. Every GPU test binary but gpu_llama, reduced sweep (APE_GPU_QUICK=1), and the example.
+      export APE_GPU_QUICK=1
+      for t in cuda_device gpu_driver gpu_driver_faults gpu_cublas gpu_merge_states gpu_rope \
+        gpu_llama_ops gpu_segmented_attention; do
+        budget=$T_Q_TEST
+        [ "$t" = gpu_segmented_attention ] && budget=$T_Q_SEGMENTED
+        step "test_$t" "$budget" "$bin/$t" --include-ignored --test-threads=1 "${test_args[@]}"
+      done
+      step example_kv_pool_decode "$T_EXAMPLE" "$bin/kv_pool_decode"
+      # 2. The GPU forward pass against the CPU: the cut real model, a synthetic Llama-3-8B.
+      extra=()
+      [ -z "${APE_MODEL:-}" ] && extra=(--skip real_model)
+      step test_gpu_llama "$T_Q_LLAMA" "$bin/gpu_llama" --include-ignored --test-threads=1 \
+        "${extra[@]}" "${test_args[@]}"
+      # 3. memcheck on the attention tests, reduced sweep.
+      cs=$(find_tool compute-sanitizer)
+      if [ -z "$cs" ]; then
+        missing sanitizer_memcheck_gpu_segmented_attention "compute-sanitizer not found"
+      else
+        step sanitizer_memcheck_gpu_segmented_attention "$T_Q_MEMCHECK" "$cs" --tool memcheck \
+          --error-exitcode 99 "$bin/gpu_segmented_attention" --include-ignored --test-threads=1 \
+          "${test_args[@]}"
+      fi
+      unset APE_GPU_QUICK
+      # 4. The core benchmarks, then the peer on the same shapes, then the summary of both.
+      step kernels "$T_Q_KERNELS" env APE_BENCH_SET=quick CRITERION_HOME="$dir/criterion" \
+        "$bin/kernels" --bench
+      step peer "$T_Q_PEER" --stdout peer.json env PYTHONUNBUFFERED=1 python3 "$peer" --quick
+      step summary "$T_Q_SUMMARY" --stdout summary.md python3 "$here/summarize.py" --quick "$dir"
+      pack
+      ;;
     test)
       for spec in cuda_device:$T_CUDA_DEVICE gpu_merge_states:$T_MERGE_STATES gpu_rope:$T_ROPE \
         gpu_llama_ops:$T_LLAMA_OPS gpu_segmented_attention:$T_SEGMENTED gpu_llama:$T_LLAMA; do
@@ -318,7 +375,7 @@ for p in "${phases[@]}"; do
       step test_gpu_segmented_attention "$T_SDPA_CASES" \
         "$bin/gpu_segmented_attention" sdpa_comparison_cases --include-ignored --nocapture
       step e2e "$T_E2E" --stdout e2e.jsonl env APE_E2E_MAX="${APE_E2E_MAX:-$E2E_MAX_BENCH}" "$bin/e2e"
-      step peer "$T_PEER" --stdout peer.json env PYTHONUNBUFFERED=1 python3 "$here/peer.py"
+      step peer "$T_PEER" --stdout peer.json env PYTHONUNBUFFERED=1 python3 "$peer"
       step summary "$T_SUMMARY" --stdout summary.md python3 "$here/summarize.py" "$dir"
       for png in "$dir"/plot_*.png; do [ -f "$png" ] && cp "$png" "$out/"; done
       pack

@@ -21,7 +21,6 @@ SHORT_CASES = [(rows, keys, segs) for keys in (32768, 131072) for segs in (16, 2
                for rows in (64, 1)]
 MEMORY_BOUND = ["memory_bound/merge_states_8x4096x32x128_bf16",
                 "memory_bound/rope_shift_32768x8x128_bf16"]
-COPY_ID = "memory_bound/copy_d2d_1GiB"
 SHIFT_SHAPE = "rows64_k32768_s16"  # block_attention_shift/{fused,separate,unshifted}/<shape>
 SHIFT_VARIANTS = ("fused", "separate", "unshifted")
 # kernels.rs problem(): AttentionDims::new(32, 8, 128)
@@ -266,6 +265,28 @@ def shift_rows_keys(shape):
 # ---------------------------------------------------------------------------------------------
 # Plots: at most three PNG files (the device tool returns few files per call).
 
+def prefill_shapes(ours, pc):
+    """The prefill shapes this run measured (ours or the peer's), by rows then keys; the full
+    set's when it measured none (its table then says n/a)."""
+    found = {m.group(1) for k in list(ours) + list(pc)
+             for m in [re.match(r"prefill/(?:plain/|ape/)?(q\d+_k\d+)(?:/\w+)?$", k)] if m}
+    if not found:
+        return PREFILL_SHAPES
+    return sorted(found, key=lambda sh: tuple(int(x[1:]) for x in sh.split("_")))
+
+
+def copy_entry(entries, pattern):
+    """The device copy's entry: the largest the run made (1 GiB; the quick phase's dry run
+    copies less), or {}."""
+    found = []
+    for k, e in entries.items():
+        m = re.match(pattern, k)
+        if m:
+            n, unit = int(m.group(1)), m.group(2)
+            found.append((n << {"GiB": 30, "MiB": 20, "B": 0}[unit], e))
+    return max(found, key=lambda x: x[0])[1] if found else {}
+
+
 def make_plots(out, d):
     """Writes plot_ttft.png, plot_prefill.png, plot_bandwidth.png where their inputs exist.
     Returns the set of files written. Never raises: a plot that fails is reported and skipped."""
@@ -346,18 +367,19 @@ def grouped_bars(ax, groups, series, width):
 
 
 def plot_prefill(plt, FuncFormatter, d):
+    shapes = d["prefill_shapes"]
     series = [("ours plain", [d["ours"].get(f"prefill/plain/{s}", {}).get("tflops")
-                              for s in PREFILL_SHAPES]),
+                              for s in shapes]),
               ("ours APE", [d["ours"].get(f"prefill/ape/{s}", {}).get("tflops")
-                            for s in PREFILL_SHAPES]),
+                            for s in shapes]),
               ("SDPA flash", [d["pc"].get(f"prefill/{s}/flash", {}).get("tflops")
-                              for s in PREFILL_SHAPES]),
+                              for s in shapes]),
               ("SDPA cuDNN", [d["pc"].get(f"prefill/{s}/cudnn", {}).get("tflops")
-                              for s in PREFILL_SHAPES])]
+                              for s in shapes])]
     if all(v is None for _, vs in series for v in vs):
         return None
     fig, ax = plt.subplots(figsize=(9, 5))
-    grouped_bars(ax, [s.replace("_", " ") for s in PREFILL_SHAPES], series, 0.2)
+    grouped_bars(ax, [s.replace("_", " ") for s in shapes], series, 0.2)
     if d["gemm"]:
         ax.axhline(d["gemm"], color="k", linestyle="--",
                    label=f"dense bf16 GEMM\n{d['gemm']:.0f} TFLOP/s (floor rate)")
@@ -394,9 +416,12 @@ def plot_bandwidth(plt, FuncFormatter, d):
 # ---------------------------------------------------------------------------------------------
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: summarize.py OUT_DIR")
-    out = sys.argv[1]
+    # --quick: the session's quick phase; its tables list what it measured, without the rest.
+    quick = sys.argv[1:2] == ["--quick"]
+    args = sys.argv[2:] if quick else sys.argv[1:]
+    if len(args) != 1:
+        sys.exit("usage: summarize.py [--quick] OUT_DIR")
+    out = args[0]
     ours = load_criterion(out)
     peer = load_peer(out)
     pc = peer.get("cases") or {}
@@ -404,8 +429,9 @@ def main():
     e2e = load_e2e(out)
 
     # The two ceilings of this run, for every floor below.
-    copy = ours.get(COPY_ID, {}).get("gbps")
-    tcopy = pc.get("copy_d2d_1GiB/torch", {}).get("gbps")
+    copy = copy_entry(ours, r"memory_bound/copy_d2d_(\d+)(GiB|MiB|B)$").get("gbps")
+    tcopy = copy_entry(pc, r"copy_d2d_(\d+)(GiB|MiB|B)/torch$").get("gbps")
+    shapes = prefill_shapes(ours, pc)
     if copy:
         floor_copy, copy_src = copy, "criterion"
     else:
@@ -430,7 +456,7 @@ def main():
                                                           floor_copy, gemm)
     ttft_floor = {k: floor_of(*v) + v for k, v in ttft_floor.items()}  # (floor, bound, mem, comp)
 
-    plots = make_plots(out, {"ours": ours, "pc": pc, "ttft": ttft, "ttft_floor": ttft_floor,
+    plots = make_plots(out, {"ours": ours, "pc": pc, "prefill_shapes": shapes, "ttft": ttft, "ttft_floor": ttft_floor,
                              "copy": copy or tcopy, "gemm": gemm, "device": device,
                              "question": question})
 
@@ -447,7 +473,7 @@ def main():
 
     print("### Prefill (bf16, d 128, 32 heads / 8 KV heads, non-causal over cached keys), TFLOP/s\n")
     rows = []
-    for sh in PREFILL_SHAPES:
+    for sh in shapes:
         a = ours.get(f"prefill/plain/{sh}", {}).get("tflops")
         b = ours.get(f"prefill/ape/{sh}", {}).get("tflops")
         f = pc.get(f"prefill/{sh}/flash", {}).get("tflops")
@@ -459,7 +485,7 @@ def main():
 
     print(f"\nDevice-to-device copy: ours {fmt(copy, '.0f')} GB/s, torch {fmt(tcopy, '.0f')} GB/s\n")
     print("### Short question (64 rows) and decode (1 row), K+V read bandwidth, GB/s (APE, T=S=0.9)\n")
-    known = [short_id(*c) for c in SHORT_CASES]
+    known = [] if quick else [short_id(*c) for c in SHORT_CASES]
     extra = sorted(k for k in ours if k.startswith("short_question_and_decode/") and k not in known)
     rows = []
     for k in known + extra:
@@ -473,16 +499,17 @@ def main():
     table(["rows", "keys", "segments", "ours", "ours / copy", "SDPA flash (1 segment)"], rows)
     link("plot_bandwidth.png", "short question and decode bandwidth")
 
-    print("\n### Split-KV sweep: the plan's choice (auto) against fixed split counts, GB/s\n")
-    sweep = {}
-    for k, e in ours.items():
-        m = re.match(r"split_sweep/(rows\d+_k\d+_s\d+)/(auto|\d+)$", k)
-        if m:
-            sweep.setdefault(m.group(1), {})[m.group(2)] = e.get("gbps")
-    names = sorted({n for by in sweep.values() for n in by if n != "auto"}, key=int)
-    rows = [[sh, fmt(by.get("auto"), ".0f")] + [fmt(by.get(n), ".0f") for n in names]
-            for sh, by in sorted(sweep.items())]
-    table(["shape", "auto"] + [f"{n} splits" for n in names], rows)
+    if not quick:
+        print("\n### Split-KV sweep: the plan's choice (auto) against fixed split counts, GB/s\n")
+        sweep = {}
+        for k, e in ours.items():
+            m = re.match(r"split_sweep/(rows\d+_k\d+_s\d+)/(auto|\d+)$", k)
+            if m:
+                sweep.setdefault(m.group(1), {})[m.group(2)] = e.get("gbps")
+        names = sorted({n for by in sweep.values() for n in by if n != "auto"}, key=int)
+        rows = [[sh, fmt(by.get("auto"), ".0f")] + [fmt(by.get(n), ".0f") for n in names]
+                for sh, by in sorted(sweep.items())]
+        table(["shape", "auto"] + [f"{n} splits" for n in names], rows)
 
     print("\n### Batched decode: one launch for every sequence vs one launch per sequence\n")
     print("One decode row per sequence over its own cached keys (APE, d 128, 32 heads / 8 KV"
@@ -498,43 +525,47 @@ def main():
     for sh, by in sorted(batch.items()):
         b, p = by.get("batched"), by.get("per_sequence")
         c, g = by.get("capturable"), by.get("graph")
+        # peer.py's batched SDPA over the same sequences (its id has no segment count).
+        f = pc.get(f"batch_decode/{sh.rsplit('_', 1)[0]}/flash", {}).get("gbps")
         rows.append([sh, fmt(b, ".0f"), fmt(p, ".0f"), fmt(c, ".0f"), fmt(g, ".0f"),
-                     fmt(ratio(b, p), ".2f"), fmt(ratio(g, b), ".2f"),
-                     fmt(ratio(b, floor_copy), ".2f")])
-    table(["shape", "batched", "per sequence", "capturable", "graph",
-           "batched / per sequence", "graph / batched", "batched / copy"], rows)
+                     fmt(f, ".0f"), fmt(ratio(b, p), ".2f"), fmt(ratio(g, b), ".2f"),
+                     fmt(ratio(b, f), ".2f"), fmt(ratio(b, floor_copy), ".2f")])
+    table(["shape", "batched", "per sequence", "capturable", "graph", "SDPA flash",
+           "batched / per sequence", "graph / batched", "batched / flash", "batched / copy"],
+          rows)
 
-    print("\n### Host syncs: a 64 MiB copy then one small call, per iteration\n")
-    print("If a call makes the host wait for the stream, its launch time adds to each iteration;"
-          " if not, the iteration costs about the copy alone (benches/kernels.rs,"
-          " bench_host_sync).\n")
-    alone = ours.get("host_sync/copy64MiB_then_nothing", {}).get("ms")
-    rows = []
-    for then in ("nothing", "rms_norm", "attention", "upload"):
-        t = ours.get(f"host_sync/copy64MiB_then_{then}", {}).get("ms")
-        over = None if t is None or alone is None else (t - alone) * 1e3
-        rows.append([then, fmt(None if t is None else t * 1e3, ".1f"), fmt(over, ".1f")])
-    table(["then", "us per iteration", "us over the copy alone"], rows)
+    if not quick:
+        print("\n### Host syncs: a 64 MiB copy then one small call, per iteration\n")
+        print("If a call makes the host wait for the stream, its launch time adds to each iteration;"
+              " if not, the iteration costs about the copy alone (benches/kernels.rs,"
+              " bench_host_sync).\n")
+        alone = ours.get("host_sync/copy64MiB_then_nothing", {}).get("ms")
+        rows = []
+        for then in ("nothing", "rms_norm", "attention", "upload"):
+            t = ours.get(f"host_sync/copy64MiB_then_{then}", {}).get("ms")
+            over = None if t is None or alone is None else (t - alone) * 1e3
+            rows.append([then, fmt(None if t is None else t * 1e3, ".1f"), fmt(over, ".1f")])
+        table(["then", "us per iteration", "us over the copy alone"], rows)
 
-    print("\n### Memory-bound kernels, GB/s\n")
-    for k in MEMORY_BOUND:
-        g = ours.get(k, {}).get("gbps")
-        print(f"- {k.split('/')[1]}: {fmt(g, '.0f')} GB/s ({fmt(ratio(g, floor_copy), '.2f')} of copy)")
+        print("\n### Memory-bound kernels, GB/s\n")
+        for k in MEMORY_BOUND:
+            g = ours.get(k, {}).get("gbps")
+            print(f"- {k.split('/')[1]}: {fmt(g, '.0f')} GB/s ({fmt(ratio(g, floor_copy), '.2f')} of copy)")
 
-    print("\n### Block-Attention shift: read in place vs a separate RoPE shift kernel\n")
-    print("Question rows over 32K keys cached at position 0 in 16 blocks, each read at its offset."
-          " `fused`: the attention kernel reads the cached keys through the RoPE shift (it rotates"
-          " the query rows instead, split hi + lo); `separate`: the RoPE shift kernel on copies of"
-          " every block's K, then plain attention; `unshifted`: the same attention with no shift,"
-          " the floor of both.\n")
-    rows = []
-    for sh in shift_shapes(ours):
-        fu, se, un = (ours.get(f"block_attention_shift/{v}/{sh}", {}).get("ms")
-                      for v in SHIFT_VARIANTS)
-        rows.append([sh, fmt(fu, ".3f"), fmt(se, ".3f"), fmt(un, ".3f"),
-                     fmt(ratio(se, fu), ".2f"), fmt(ratio(fu, un), ".2f")])
-    table(["shape", "fused ms", "separate ms", "unshifted ms", "separate / fused",
-           "fused / unshifted"], rows)
+        print("\n### Block-Attention shift: read in place vs a separate RoPE shift kernel\n")
+        print("Question rows over 32K keys cached at position 0 in 16 blocks, each read at its offset."
+              " `fused`: the attention kernel reads the cached keys through the RoPE shift (it rotates"
+              " the query rows instead, split hi + lo); `separate`: the RoPE shift kernel on copies of"
+              " every block's K, then plain attention; `unshifted`: the same attention with no shift,"
+              " the floor of both.\n")
+        rows = []
+        for sh in shift_shapes(ours):
+            fu, se, un = (ours.get(f"block_attention_shift/{v}/{sh}", {}).get("ms")
+                          for v in SHIFT_VARIANTS)
+            rows.append([sh, fmt(fu, ".3f"), fmt(se, ".3f"), fmt(un, ".3f"),
+                         fmt(ratio(se, fu), ".2f"), fmt(ratio(fu, un), ".2f")])
+        table(["shape", "fused ms", "separate ms", "unshifted ms", "separate / fused",
+               "fused / unshifted"], rows)
 
     print("\n### Kernels: measured vs floor\n")
     print("Floor: FLOPs / dense bf16 GEMM rate (prefill), bytes moved / copy rate (the rest),"
@@ -546,7 +577,7 @@ def main():
         rows.append([case, fmt(ms, ".3f"), fmt(floor_ms, ".3f"), bound,
                      fmt(ratio(ms, floor_ms), ".2f"), fmt(ratio(peer_ms, floor_ms), ".2f")])
 
-    for sh in PREFILL_SHAPES:
+    for sh in shapes:
         m = re.match(r"q(\d+)_k(\d+)$", sh)
         # FLOPs from criterion's throughput; from the shape when our case is missing (kernels.rs
         # and peer.py both count 4 * rows * keys * heads * d).
@@ -566,71 +597,73 @@ def main():
         peer_ms = pc.get(f"short_question_and_decode/rows{m.group(1)}/k{m.group(2)}/flash",
                          {}).get("ms")
         floor_row(k, e, fl, "memory", peer_ms)
-    for k in MEMORY_BOUND:
-        e = ours.get(k, {})
-        floor_row(k, e, memory_floor_ms(e.get("bytes"), floor_copy), "memory")
-    for sh in shift_shapes(ours):
-        # Every variant against one floor: K and V read once, or the attention's FLOPs
-        # (4 * rows * keys * heads * d), whichever takes longer.
-        n_rows, keys = shift_rows_keys(sh)
-        mem = memory_floor_ms(kv_bytes(keys), floor_copy) if keys else None
-        flops = 4 * n_rows * keys * KERNEL_HEADS * KERNEL_HEAD_DIM if keys else None
-        comp = compute_floor_ms(flops, gemm)
-        fl, bound = max(((mem, "memory"), (comp, "compute")),
-                        key=lambda x: -1.0 if x[0] is None else x[0])
-        for variant in SHIFT_VARIANTS:
-            k = f"block_attention_shift/{variant}/{sh}"
-            floor_row(k, ours.get(k, {}), fl, bound)
+    if not quick:
+        for k in MEMORY_BOUND:
+            e = ours.get(k, {})
+            floor_row(k, e, memory_floor_ms(e.get("bytes"), floor_copy), "memory")
+        for sh in shift_shapes(ours):
+            # Every variant against one floor: K and V read once, or the attention's FLOPs
+            # (4 * rows * keys * heads * d), whichever takes longer.
+            n_rows, keys = shift_rows_keys(sh)
+            mem = memory_floor_ms(kv_bytes(keys), floor_copy) if keys else None
+            flops = 4 * n_rows * keys * KERNEL_HEADS * KERNEL_HEAD_DIM if keys else None
+            comp = compute_floor_ms(flops, gemm)
+            fl, bound = max(((mem, "memory"), (comp, "compute")),
+                            key=lambda x: -1.0 if x[0] is None else x[0])
+            for variant in SHIFT_VARIANTS:
+                k = f"block_attention_shift/{variant}/{sh}"
+                floor_row(k, ours.get(k, {}), fl, bound)
     table(["case", "measured ms", "floor ms", "bound", "measured / floor", "SDPA flash / floor"],
           rows)
 
-    print("\n### Accuracy vs an f64 reference on identical bf16 inputs (relative L2)\n")
-    ourerr = load_test_errors(out)
-    acc = peer.get("accuracy_rel_l2") or {}
-    show = lambda x: fmt(x, ".2e") if isinstance(x, float) else "n/a" if x is None else str(x)
-    table(["case", "ours", "SDPA flash", "SDPA cuDNN"],
-          [[name, show(ourerr.get(name)), show(acc.get(f"{name}/flash")),
-            show(acc.get(f"{name}/cudnn"))]
-           for name in ["ctx_256x4096", "causal_1024", "decode_1x8192"]])
+    if not quick:
+        print("\n### Accuracy vs an f64 reference on identical bf16 inputs (relative L2)\n")
+        ourerr = load_test_errors(out)
+        acc = peer.get("accuracy_rel_l2") or {}
+        show = lambda x: fmt(x, ".2e") if isinstance(x, float) else "n/a" if x is None else str(x)
+        table(["case", "ours", "SDPA flash", "SDPA cuDNN"],
+              [[name, show(ourerr.get(name)), show(acc.get(f"{name}/flash")),
+                show(acc.get(f"{name}/cudnn"))]
+               for name in ["ctx_256x4096", "causal_1024", "decode_1x8192"]])
 
-    contexts = sorted({c for _, c in ttft})
-    print(f"\n### Time to first token, {question}-token question, synthetic Llama-3-8B (ms)\n")
-    rows = []
-    for c in contexts:
-        s_, a_, b_ = (ttft.get((m, c)) for m, _ in E2E_MODES)
-        rows.append([str(c), fmt(s_, ".1f"), fmt(a_, ".1f"), fmt(b_, ".1f"),
-                     fmt(ratio(s_, a_), ".1f")])
-    if not rows:
-        rows = [["n/a"] * 5]
-    table(["context", "sequential", "APE", "Block-Attention", "sequential / APE"], rows)
-    link("plot_ttft.png", "time to first token")
+        contexts = sorted({c for _, c in ttft})
+        print(f"\n### Time to first token, {question}-token question, synthetic Llama-3-8B (ms)\n")
+        rows = []
+        for c in contexts:
+            s_, a_, b_ = (ttft.get((m, c)) for m, _ in E2E_MODES)
+            rows.append([str(c), fmt(s_, ".1f"), fmt(a_, ".1f"), fmt(b_, ".1f"),
+                         fmt(ratio(s_, a_), ".1f")])
+        if not rows:
+            rows = [["n/a"] * 5]
+        table(["context", "sequential", "APE", "Block-Attention", "sequential / APE"], rows)
+        link("plot_ttft.png", "time to first token")
 
-    print("\n### TTFT: measured vs floor (ms)\n")
-    print(f"Floor at Llama-3-8B shapes: the larger of bytes / copy rate and FLOPs / GEMM rate"
-          f" (formulas in summarize.py). Cached modes read the weights and the {E2E_PREFIX}-token"
-          f" prefix + contexts' K and V once; sequential prefills all of it causally."
-          f" Block-Attention's floor is APE's: the kernel reads the cached keys through the RoPE"
-          f" shift, with no copy.\n")
-    rows = []
-    for c in contexts:
-        for mode, label in E2E_MODES:
-            fl, bound, mem, comp = ttft_floor[(mode, c)]
-            ms = ttft.get((mode, c))
-            rows.append([str(c), label, fmt(ms, ".1f"), fmt(mem, ".1f"), fmt(comp, ".1f"),
-                         fmt(fl, ".1f"), fmt(ratio(ms, fl), ".2f"), bound])
-    if not rows:
-        rows = [["n/a"] * 8]
-    table(["context", "mode", "measured", "memory floor", "compute floor", "floor",
-           "measured / floor", "bound"], rows)
+        print("\n### TTFT: measured vs floor (ms)\n")
+        print(f"Floor at Llama-3-8B shapes: the larger of bytes / copy rate and FLOPs / GEMM rate"
+              f" (formulas in summarize.py). Cached modes read the weights and the {E2E_PREFIX}-token"
+              f" prefix + contexts' K and V once; sequential prefills all of it causally."
+              f" Block-Attention's floor is APE's: the kernel reads the cached keys through the RoPE"
+              f" shift, with no copy.\n")
+        rows = []
+        for c in contexts:
+            for mode, label in E2E_MODES:
+                fl, bound, mem, comp = ttft_floor[(mode, c)]
+                ms = ttft.get((mode, c))
+                rows.append([str(c), label, fmt(ms, ".1f"), fmt(mem, ".1f"), fmt(comp, ".1f"),
+                             fmt(fl, ".1f"), fmt(ratio(ms, fl), ".2f"), bound])
+        if not rows:
+            rows = [["n/a"] * 8]
+        table(["context", "mode", "measured", "memory floor", "compute floor", "floor",
+               "measured / floor", "bound"], rows)
 
-    print()
-    for r in e2e:
-        if r.get("bench") == "end_to_end_256":
-            try:
-                print(f"- prefill + {r['generated']} tokens at {r['context']}, {r['mode']}: "
-                      f"{r['total_ms']:.0f} ms (TTFT {r['ttft_ms']:.1f} ms)")
-            except (KeyError, TypeError, ValueError):
-                warn(f"e2e.jsonl: an end_to_end_256 line without its fields: {r}")
+        print()
+        for r in e2e:
+            if r.get("bench") == "end_to_end_256":
+                try:
+                    print(f"- prefill + {r['generated']} tokens at {r['context']}, {r['mode']}: "
+                          f"{r['total_ms']:.0f} ms (TTFT {r['ttft_ms']:.1f} ms)")
+                except (KeyError, TypeError, ValueError):
+                    warn(f"e2e.jsonl: an end_to_end_256 line without its fields: {r}")
 
 
 if __name__ == "__main__":
