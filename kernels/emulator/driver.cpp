@@ -54,6 +54,7 @@ extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint
                               const uint64_t* regions, size_t n_regions, char* err, size_t err_len);
 extern "C" int ape_emu_kernel_params(const char* name, size_t* sizes, size_t max, size_t* n);
 extern "C" int ape_emu_memory_fault(const char* what);
+extern "C" int ape_emu_launch_fault(const char* what);
 
 // The resources `ptxas -v` reported for each kernel (sm_90a), generated at build time.
 struct KernelResources {
@@ -403,15 +404,19 @@ std::string check_canaries() {
   return "";
 }
 
-// Faults: a kernel's access to a page that is not accessible fails its launch (illegal address);
-// host code that touches device memory is a bug of the host code, reported before the process
-// dies; any other fault goes to the handler that was there before.
-struct sigaction g_old_segv, g_old_bus;
+// Faults: a kernel's access to a page that is not accessible fails its launch (illegal address),
+// wherever the address points; host code that touches device memory is a bug of the host code,
+// reported before the process dies. An integer division by zero in a kernel, which a GPU does not
+// trap, fails its launch too (CUDA_ERROR_LAUNCH_FAILED). Any other fault goes to the handler that
+// was there before.
+struct sigaction g_old_segv, g_old_bus, g_old_fpe;
 
 void on_fault(int sig, siginfo_t* info, void* uctx) {
   const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
-  if (in_arena(addr)) {
-    char what[512];
+  char what[512];
+  if (sig == SIGFPE) {
+    ape_emu_launch_fault("an integer division by zero (a GPU gives an undefined value, no trap)");
+  } else if (in_arena(addr)) {
     snprintf(what, sizeof what, "a load or store at %#lx: %s", (unsigned long)addr,
              describe(addr).c_str());
     ape_emu_memory_fault(what);  // returns only off a kernel's thread
@@ -419,8 +424,12 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
     const int n = snprintf(msg, sizeof msg, "emulated device: host code touched %s\n", what + 2);
     if (n > 0) (void)!write(2, msg, size_t(std::min(n, int(sizeof msg) - 1)));
     abort();
+  } else {
+    snprintf(what, sizeof what, "a load or store at %#lx, outside the device's memory",
+             (unsigned long)addr);
+    ape_emu_memory_fault(what);  // returns only off a kernel's thread
   }
-  struct sigaction* old = sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+  struct sigaction* old = sig == SIGSEGV ? &g_old_segv : sig == SIGBUS ? &g_old_bus : &g_old_fpe;
   if (old->sa_flags & SA_SIGINFO) {
     old->sa_sigaction(sig, info, uctx);
   } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
@@ -438,6 +447,7 @@ void install_fault_handler() {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGSEGV, &sa, &g_old_segv);
   sigaction(SIGBUS, &sa, &g_old_bus);
+  sigaction(SIGFPE, &sa, &g_old_fpe);
 }
 
 }  // namespace

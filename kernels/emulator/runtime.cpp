@@ -685,6 +685,14 @@ extern "C" int ape_emu_memory_fault(const char* what) {
   fail_kind(kIllegalAddress, "%s", what);
 }
 
+// A trap of the CPU inside a kernel that a GPU would not take (an integer division by zero): the
+// launch fails, as the kernel's result would be undefined on a GPU. Returns 0 off a kernel thread.
+extern "C" int ape_emu_launch_fault(const char* what) {
+  using namespace ape_emu;
+  if (t_cta == nullptr || t_cta->current == nullptr) return 0;
+  fail_kind(kFailed, "%s", what);
+}
+
 extern "C" int ape_emu_launch(const char* name, const uint32_t* grid, const uint32_t* block,
                               size_t smem, void** params, uint32_t flags, uint32_t threads,
                               const uint64_t* regions, size_t n_regions, char* err,
