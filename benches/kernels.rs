@@ -20,8 +20,9 @@ use cudarc::driver::CudaGraph;
 /// Which benchmarks run, from the environment. `APE_BENCH_SET=quick`: the GPU session's quick
 /// phase (prefill 8K x 8K, a 64-row question over 32K keys and one decode row over 128K keys in
 /// 16 segments, a decode batch of 64 sequences x 4K keys, the device copy); otherwise all of
-/// them. `APE_BENCH_SHRINK=N` divides every key count, prefill row count and the copy by N, for
-/// the session's dry run on the emulated device; the ids name the shapes that ran.
+/// them. `APE_BENCH_SHRINK=N` divides every key count, prefill row count, batch size (to 2 at
+/// least) and the copy by N, for the session's dry run on the emulated device; the ids name the
+/// shapes that ran.
 #[derive(Clone, Copy)]
 struct Plan {
     quick: bool,
@@ -274,7 +275,7 @@ fn bench_batch_decode(c: &mut Criterion, dev: &Device, plan: Plan) {
         &[(64, 4096, 4), (16, 16384, 4)]
     };
     for &(n_seqs, keys, n_segments) in shapes {
-        let keys = plan.s(keys);
+        let (n_seqs, keys) = (plan.s(n_seqs).max(2), plan.s(keys));
         let problems: Vec<Problem> = (0..n_seqs)
             .map(|_| problem(dev, 1, keys, n_segments))
             .collect();

@@ -41,9 +41,11 @@ stage "kernels in this build"
 cargo run --release --quiet --features emulator --bin ape -- info
 
 stage "CPU-only build (no nvcc): must build, warn once, and report the kernels as not built"
-cpu_log=$(APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo build --bin ape 2>&1)
+# Without debug info: this build is run once, never debugged.
+cpu_only=(env APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only CARGO_PROFILE_DEV_DEBUG=0)
+cpu_log=$("${cpu_only[@]}" cargo build --bin ape 2>&1)
 echo "$cpu_log" | grep -F "warning: ape-attn@" | grep -F "CUDA kernels not built"
-APE_ATTN_CPU_ONLY=1 CARGO_TARGET_DIR=target/cpu-only cargo run --quiet --bin ape -- info \
+"${cpu_only[@]}" cargo run --quiet --bin ape -- info \
   | grep -F "kernels: not built"
 
 stage "the GPU session's summary script, on made-up results (plots are skipped without matplotlib)"

@@ -72,7 +72,7 @@ rows = {
     "prefill": r"^\| q32_k32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "short question": r"^\| 64 \| 128 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "decode": r"^\| 1 \| 512 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
-    "batch": r"^\| n64_k16_s4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+    "batch": r"^\| n2_k16_s4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "copy": r"Device-to-device copy: ours [\d.]+ GB/s, torch [\d.]+ GB/s",
 }
 for what, pattern in rows.items():

@@ -6,8 +6,8 @@ bf16 GEMM (the compute rate of summarize.py's floors), and SDPA's accuracy on th
     python3 peer.py [--quick]
 
 --quick: the shapes of the session's quick phase (APE_BENCH_SET=quick in benches/kernels.rs),
-without the accuracy cases. APE_BENCH_SHRINK=N divides the keys, the prefill rows and the copy
-by N, as it does in benches/kernels.rs. The shapes are `plan()`'s, which the session's dry run
+without the accuracy cases. APE_BENCH_SHRINK=N divides the keys, the prefill rows, the batch
+size (to 2 at least) and the copy by N, as it does in benches/kernels.rs. The shapes are `plan()`'s, which the session's dry run
 (scripts/gpu/dry-run/peer.py) reads without PyTorch."""
 import json
 import os
@@ -33,7 +33,7 @@ def plan(quick):
         batch = []
     return {"prefill": [(s(r), s(k)) for r, k in prefill],
             "short": [(r, s(k)) for r, k in short],
-            "batch": [(n, s(k)) for n, k in batch],
+            "batch": [(max(2, s(n)), s(k)) for n, k in batch],
             "copy_bytes": s(1 << 30)}
 
 

@@ -35,7 +35,7 @@ T_Q_SUMMARY=15
 RESERVE=15                            # kept at the end of a phase for packing
 KILL_AFTER=5                          # SIGKILL this long after a step's SIGTERM
 # test (520)
-T_CUDA_DEVICE=30
+T_CUDA_DEVICE=30 # and each of gpu_driver, gpu_driver_faults, gpu_cublas
 T_EXAMPLE=10 # examples/kv_pool_decode.rs: one batched decode step against the oracle
 T_MERGE_STATES=60
 T_ROPE=60
@@ -343,7 +343,8 @@ for p in "${phases[@]}"; do
       pack
       ;;
     test)
-      for spec in cuda_device:$T_CUDA_DEVICE gpu_merge_states:$T_MERGE_STATES gpu_rope:$T_ROPE \
+      for spec in cuda_device:$T_CUDA_DEVICE gpu_driver:$T_CUDA_DEVICE gpu_driver_faults:$T_CUDA_DEVICE \
+        gpu_cublas:$T_CUDA_DEVICE gpu_merge_states:$T_MERGE_STATES gpu_rope:$T_ROPE \
         gpu_llama_ops:$T_LLAMA_OPS gpu_segmented_attention:$T_SEGMENTED gpu_llama:$T_LLAMA; do
         t=${spec%%:*}
         extra=()
