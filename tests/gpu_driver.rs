@@ -13,16 +13,9 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
 };
 
-/// The kernels' parameter block (`ape::LlamaOpsParams`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LlamaOpsParams {
-    n: u64,
-    width: u32,
-    eps: f32,
-}
-// SAFETY: #[repr(C)] plain data with the kernels' layout (16 bytes).
-unsafe impl DeviceRepr for LlamaOpsParams {}
+#[path = "common/driver.rs"]
+mod driver;
+use driver::{kernels, LlamaOpsParams};
 
 /// The attention kernels' launch block (`ape::SegmentedAttentionLaunch`, 96 bytes).
 #[repr(C)]
@@ -34,12 +27,6 @@ unsafe impl DeviceRepr for LaunchBlock {}
 /// An H100's limits (an H200's are the same).
 const DEFAULT_SMEM: u32 = 48 * 1024;
 const OPTIN_SMEM: i32 = 227 * 1024;
-
-fn kernels(ctx: &Arc<CudaContext>) -> Arc<cudarc::driver::CudaModule> {
-    let image = include_bytes!(env!("APE_ATTN_FATBIN"));
-    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-        .expect("the crate's fatbin loads")
-}
 
 /// `fill_uniform_f32(y, seed, scale, offset, params)` over `n` elements of `y` with `cfg`.
 fn fill(

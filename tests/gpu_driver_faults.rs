@@ -7,17 +7,11 @@
 
 use cudarc::driver::result;
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, DriverError, LaunchConfig, PushKernelArg};
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LlamaOpsParams {
-    n: u64,
-    width: u32,
-    eps: f32,
-}
-// SAFETY: #[repr(C)] plain data with the kernels' layout (`ape::LlamaOpsParams`, 16 bytes).
-unsafe impl DeviceRepr for LlamaOpsParams {}
+#[path = "common/driver.rs"]
+mod driver;
+use driver::{kernels, LlamaOpsParams};
 
 fn code(r: Result<(), DriverError>) -> Option<CUresult> {
     r.err().map(|DriverError(c)| c)
@@ -84,10 +78,7 @@ fn the_emulated_device_catches_accesses_outside_live_allocations() {
         // A kernel told its buffer has one element more than it has: the write past the end is
         // an illegal address, and the context's error is sticky from then on.
         let stream = ctx.new_stream().expect("stream");
-        let image = include_bytes!(env!("APE_ATTN_FATBIN"));
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-            .expect("module");
+        let module = kernels(&ctx);
         let f = module.load_function("fill_uniform_f32").expect("kernel");
         let p = LlamaOpsParams {
             n: n as u64 + 1,

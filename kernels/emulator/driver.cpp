@@ -1767,12 +1767,11 @@ CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream) {
   return enqueue(s, std::move(op), api_.name);
 }
 
-CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) {
-  API("cuEventSynchronize");
-  NEED_CTX(ctx);
-  NEED_EVENT(e, ctx, hEvent);
+// cuEventSynchronize and cuEventQuery: the emulated device finishes the work up to the event
+// when asked, so a query never says "not ready".
+CUresult finish_event(CUctx_st* ctx, const std::shared_ptr<CUevent_st>& e, const char* api) {
   if (e->captured) {
-    return fail(CUDA_ERROR_CAPTURED_EVENT, "cuEventSynchronize on an event recorded in a capture");
+    return fail(CUDA_ERROR_CAPTURED_EVENT, "%s on an event recorded in a capture", api);
   }
   if (e->recorded && !e->done) {
     if (auto s = e->stream.lock()) flush(s.get(), e->seq);
@@ -1780,18 +1779,18 @@ CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) {
   return ctx->sticky;
 }
 
+CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) {
+  API("cuEventSynchronize");
+  NEED_CTX(ctx);
+  NEED_EVENT(e, ctx, hEvent);
+  return finish_event(ctx, e, api_.name);
+}
+
 CUresult CUDAAPI cuEventQuery(CUevent hEvent) {
   API("cuEventQuery");
   NEED_CTX(ctx);
   NEED_EVENT(e, ctx, hEvent);
-  if (e->captured) {
-    return fail(CUDA_ERROR_CAPTURED_EVENT, "cuEventQuery on an event recorded in a capture");
-  }
-  // The emulated device finishes the work when asked.
-  if (e->recorded && !e->done) {
-    if (auto s = e->stream.lock()) flush(s.get(), e->seq);
-  }
-  return ctx->sticky;
+  return finish_event(ctx, e, api_.name);
 }
 
 CUresult CUDAAPI cuEventElapsedTime(float* pMilliseconds, CUevent hStart, CUevent hEnd) {
