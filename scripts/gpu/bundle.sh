@@ -89,7 +89,11 @@ echo "model $(basename "$cut"): the first $layers blocks of $(basename "$model")
 
 ls -l "$out" "$out/model"
 bundle=$(du -sb "$out" | cut -f1)
-repo=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+# The tracked files that exist (one deleted but not yet committed does not travel).
+repo=$(git ls-files -z | python3 -c '
+import os, sys
+names = sys.stdin.buffer.read().split(b"\0")
+print(sum(os.path.getsize(n) for n in names if n and os.path.isfile(n)))')
 echo "gpu-bundle $((bundle / 1048576)) MiB + tracked files $((repo / 1048576)) MiB travel (limit 64 MiB)"
 if [ "$limit_mib" -gt 0 ] && [ $((bundle + repo)) -gt $((limit_mib * 1048576)) ]; then
   echo "bundle.sh: over ${limit_mib} MiB; cut fewer layers (APE_CUT_LAYERS)" >&2
