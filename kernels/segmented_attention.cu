@@ -54,7 +54,7 @@
 
 namespace ape {
 
-// Mirrored by SegmentDesc in src/cuda/segmented_attention.rs.
+// Mirrored by SegmentDesc in src/cuda/segmented_attention/layout.rs.
 struct SegmentDesc {
   uint64_t k;           // device pointer to [len, n_kv_heads, D]
   uint64_t v;           // device pointer to [len, n_kv_heads, D]
@@ -67,7 +67,7 @@ struct SegmentDesc {
 };
 static_assert(sizeof(SegmentDesc) == 40, "SegmentDesc layout");
 
-// Mirrored by SegmentedAttentionParams in src/cuda/segmented_attention.rs.
+// Mirrored by SegmentedAttentionParams in src/cuda/segmented_attention/layout.rs.
 struct SegmentedAttentionParams {
   uint32_t n_rows;           // query rows
   uint32_t n_heads;          // query heads
@@ -92,7 +92,7 @@ struct SegmentedAttentionParams {
 };
 static_assert(sizeof(SegmentedAttentionParams) == 80, "SegmentedAttentionParams layout");
 
-// Mirrored by SegmentedAttentionLaunch in src/cuda/segmented_attention.rs. A launch covers one or
+// Mirrored by SegmentedAttentionLaunch in src/cuda/segmented_attention/layout.rs. A launch covers one or
 // more sequences (a batch), each with its own rows, segments and APE parameters. With one, its
 // parameters travel here, by value; a batch's are in the `seqs` array, and `work[blockIdx.x]`
 // names the sequence of each thread block.

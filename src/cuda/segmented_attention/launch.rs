@@ -1,0 +1,249 @@
+//! The CUDA launch: the layout over the segments' device addresses, its upload and the two
+//! kernels.
+
+use super::*;
+
+pub(crate) fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
+    match (dtype, head_dim) {
+        (DType::BF16, 64) => (
+            "segmented_attention_bf16_d64",
+            "segmented_attention_combine_bf16_d64",
+        ),
+        (DType::BF16, _) => (
+            "segmented_attention_bf16_d128",
+            "segmented_attention_combine_bf16_d128",
+        ),
+        (_, 64) => (
+            "segmented_attention_f16_d64",
+            "segmented_attention_combine_f16_d64",
+        ),
+        _ => (
+            "segmented_attention_f16_d128",
+            "segmented_attention_combine_f16_d128",
+        ),
+    }
+}
+
+/// The layout of a launch of validated sequences on a device ([`launch_layout`] over their
+/// segments' device addresses), and the guards that record the segments' reads on `stream` when
+/// dropped (keep them until the launch is queued).
+pub(crate) fn device_layout<'a, K: KvTensor>(
+    stream: &'a CudaStream,
+    sequences: &[BatchSequence<'a, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<(LaunchLayout, Vec<SyncOnDrop<'a>>)> {
+    let (refs, guards) = device_segment_refs(stream, sequences, dims, dtype);
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
+    );
+    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, num_splits)?;
+    Ok((layout, guards))
+}
+
+/// The device addresses of validated sequences' segments, in order, and the guards that record
+/// their reads on `stream` when dropped.
+pub(super) fn device_segment_refs<'a, K: KvTensor>(
+    stream: &'a CudaStream,
+    sequences: &[BatchSequence<'a, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+) -> (Vec<SegmentRef>, Vec<SyncOnDrop<'a>>) {
+    let n_segments: usize = sequences.iter().map(|s| s.segments.len()).sum();
+    let mut guards = Vec::with_capacity(2 * n_segments);
+    let mut refs = Vec::with_capacity(n_segments);
+    // Bytes per row of K or V; validation checked both tensors' rows against dims.
+    let row_bytes = (dims.n_kv_heads * dims.head_dim * dtype.size()) as u64;
+    for s in sequences.iter().flat_map(|q| q.segments) {
+        let ((k_start, len), (v_start, _)) = (s.k.row_span(), s.v.row_span());
+        let (k, k_sync) = s.k.tensor().device_buffer().device_ptr(stream);
+        let (v, v_sync) = s.v.tensor().device_buffer().device_ptr(stream);
+        guards.push(k_sync);
+        guards.push(v_sync);
+        refs.push(SegmentRef {
+            k: k + k_start as u64 * row_bytes,
+            v: v + v_start as u64 * row_bytes,
+            len,
+            pos_offset: s.pos_offset,
+            role: s.role,
+            rope_shift: s.rope_shift,
+        });
+    }
+    (refs, guards)
+}
+
+/// The two kernels of a launch: the attention kernel with its grid and dynamic shared memory,
+/// and the combine kernel with its grid when the launch has one.
+pub(crate) struct AttentionKernels<'a> {
+    pub main: &'a CudaFunction,
+    pub grid: (u32, u32, u32),
+    pub smem: usize,
+    pub combine: Option<(&'a CudaFunction, (u32, u32, u32))>,
+}
+
+/// A launch's parameter arrays on the device (descriptors, RoPE table, per-sequence parameters,
+/// work list) and its by-value parameters.
+pub(crate) struct KernelParams<'a> {
+    pub descs: CudaView<'a, u8>,
+    pub rope_cs: CudaView<'a, u8>,
+    pub seqs: CudaView<'a, u8>,
+    pub work: CudaView<'a, u8>,
+    pub launch: &'a SegmentedAttentionLaunch,
+}
+
+/// Enqueues the attention kernel and then, if any, the combine kernel on `stream`: the one place
+/// that knows their argument lists (kernels/segmented_attention.cu).
+///
+/// # Safety
+/// The arguments must form a valid launch: `params` and the workspace (`o_part`, `lse_part`)
+/// laid out for the grids by [`launch_layout`] (or a [`FixedShape`] and its image), every
+/// sequence's rows within `q`, `out` and `lse`, and every descriptor pointing at live K/V of its
+/// length.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn enqueue(
+    stream: &CudaStream,
+    kernels: &AttentionKernels,
+    q: &Tensor,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    params: &KernelParams,
+    o_part: &mut CudaViewMut<'_, f32>,
+    lse_part: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: kernels.grid,
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: kernels.smem as u32,
+    };
+    let mut launch = stream.launch_builder(kernels.main);
+    launch
+        .arg(q.device_buffer())
+        .arg(&params.descs)
+        .arg(&params.rope_cs)
+        .arg(out.buf_mut())
+        .arg(lse.buf_mut())
+        .arg(&mut *o_part)
+        .arg(&mut *lse_part)
+        .arg(&params.seqs)
+        .arg(&params.work)
+        .arg(params.launch);
+    // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
+    // lse_part, seqs, work, launch); the caller vouches for their sizes and contents.
+    unsafe { launch.launch(cfg) }?;
+    if let Some((combine, grid)) = kernels.combine {
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(combine);
+        launch
+            .arg(o_part)
+            .arg(lse_part)
+            .arg(out.buf_mut())
+            .arg(lse.buf_mut())
+            .arg(&params.seqs)
+            .arg(params.launch);
+        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
+        // seqs, launch): the workspace the launch above wrote for every split sequence (every
+        // split writes every valid row), and the grid's y within the sequences (caller).
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Launches validated sequences.
+pub(super) fn launch<K: KvTensor>(
+    device: &Device,
+    q: &Tensor,
+    sequences: &[BatchSequence<'_, K>],
+    dims: &AttentionDims,
+    out: &mut Tensor,
+    lse: &mut Tensor,
+    options: &SegmentedAttentionOptions,
+) -> Result<()> {
+    if q.shape()[0] == 0 {
+        return Ok(());
+    }
+    let stream = device.stream();
+    // The guards record the segments' reads on the stream when dropped: keep them until the
+    // launch is queued.
+    let (layout, read_guards) = device_layout(
+        stream,
+        sequences,
+        dims,
+        q.dtype(),
+        device.sm_count(),
+        options.num_splits,
+    )?;
+
+    // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes_into). Parts a
+    // launch does not read (no shifts; one sequence) get a valid pointer all the same.
+    let mut bytes = spare_upload();
+    let offsets = layout.upload_bytes_into(&mut bytes);
+    // From pageable memory, the copy has left `bytes` when the call returns.
+    let upload = stream.clone_htod(&bytes)?;
+    let part = |i: usize, non_empty: bool| {
+        if non_empty {
+            upload.slice(offsets[i]..)
+        } else {
+            upload.slice(..)
+        }
+    };
+    let descs = upload.slice(..);
+    let rope_cs = part(1, !layout.rope_table.is_empty());
+    let seqs = part(2, !layout.seqs.is_empty());
+    let work = part(3, !layout.work.is_empty());
+
+    let f = device.function_with_smem(layout.main, layout.smem_limit as u32)?;
+    let combine_fn = match layout.combine_grid {
+        Some(_) => Some(device.function(layout.combine)?),
+        None => None,
+    };
+    device.with_workspace(layout.o_len + layout.lse_len, |ws| {
+        let (mut o_part, mut lse_part) = ws.split_at_mut(layout.o_len);
+        let kernels = AttentionKernels {
+            main: &f,
+            grid: layout.grid,
+            smem: layout.smem,
+            combine: combine_fn.as_ref().zip(layout.combine_grid),
+        };
+        let params = KernelParams {
+            descs,
+            rope_cs,
+            seqs,
+            work,
+            launch: &layout.launch,
+        };
+        // SAFETY: validate() checked every tensor's shape, dtype and device against `dims`, and
+        // that the sequences' rows add up to q's; each sequence's parameters (q_row0, seg0,
+        // part0, work0) index within those rows, the descriptors, the workspace and the grid
+        // (launch_layout); the descriptors point at the segments' K/V buffers, which hold len *
+        // n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of rope_cs,
+        // which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the shifts'
+        // head_dim); a batch's work list has one entry per thread block, and the combine grid's
+        // y is the number of sequences. The segment buffers are freed stream-ordered, so they
+        // outlive the launch even if dropped now.
+        unsafe {
+            enqueue(
+                stream,
+                &kernels,
+                q,
+                out,
+                lse,
+                &params,
+                &mut o_part,
+                &mut lse_part,
+            )
+        }
+    })?;
+    drop(read_guards);
+    layout.recycle();
+    recycle_upload(bytes);
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The launch layout: the kernel's `#[repr(C)]` blocks (descriptors, per-sequence parameters,
+//! the by-value launch block), the RoPE table and the upload image, shared by the CUDA launcher
+//! and the kernel emulator.
+
+use super::*;
+
+/// Mirrors `ape::SegmentDesc`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub(crate) struct SegmentDesc {
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) len: u32,
+    pub(super) pos_offset: u32,
+    pub(super) role: u32,
+    pub(super) first_tile: u32,
+    pub(super) rope_row: i32,
+    pub(super) rope_layout: u32,
+}
+const _: () = assert!(std::mem::size_of::<SegmentDesc>() == 40);
+
+/// Mirrors `ape::SegmentedAttentionParams`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct SegmentedAttentionParams {
+    pub(super) n_rows: u32,
+    pub(super) n_heads: u32,
+    pub(super) n_kv_heads: u32,
+    pub(super) group: u32,
+    pub(super) q_pos_offset: u32,
+    pub(super) n_segments: u32,
+    pub(super) n_ctx_tiles: u32,
+    pub(super) n_causal_tiles: u32,
+    pub(super) n_ctx_splits: u32,
+    pub(super) n_causal_splits: u32,
+    pub(super) whole: u32,
+    pub(super) variant: u32,
+    pub(super) ctx_scale_log2: f32,
+    pub(super) causal_scale_log2: f32,
+    pub(super) temperature: f32,
+    pub(super) scale: f32,
+    pub(super) q_row0: u32,
+    pub(super) seg0: u32,
+    pub(super) part0: u32,
+    pub(super) work0: u32,
+}
+const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 80);
+
+impl SegmentedAttentionParams {
+    /// A sequence without rows: a thread block sent to it leaves at once, and the combine kernel
+    /// skips it (whole).
+    pub(super) fn idle() -> Self {
+        Self {
+            group: 1,
+            whole: 1,
+            ..Self::zeroed()
+        }
+    }
+}
+
+/// Mirrors `ape::SegmentedAttentionLaunch`: the one sequence's parameters, or (a batch) the count
+/// of the `seqs` array's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub(crate) struct SegmentedAttentionLaunch {
+    pub(super) first: SegmentedAttentionParams,
+    pub(super) n_sequences: u32,
+    pub(super) pad: [u32; 3],
+}
+const _: () = assert!(std::mem::size_of::<SegmentedAttentionLaunch>() == 96);
+// SAFETY: #[repr(C)] plain-data struct with the same layout as the kernel's struct.
+unsafe impl DeviceRepr for SegmentedAttentionLaunch {}
+
+/// Threads per block of the combine kernel (one warp per (row, head)).
+pub(crate) const COMBINE_THREADS: u32 = 256;
+
+/// Everything a launch takes besides the buffers: what the CUDA launcher and the kernel emulator
+/// both hand the kernels.
+#[derive(Clone, Debug)]
+pub(crate) struct LaunchLayout {
+    /// Descriptors, sequence after sequence, each sequence's in its tile order (one zeroed
+    /// descriptor when every segment is empty).
+    pub descs: Vec<SegmentDesc>,
+    /// RoPE shift table, `head_dim / 2` (cos, sin) pairs per row; empty without shifts.
+    pub rope_table: Vec<f32>,
+    /// A batch's per-sequence parameters and each thread block's sequence (`blockIdx.x`); both
+    /// empty for one sequence, whose parameters travel in `launch`.
+    pub seqs: Vec<SegmentedAttentionParams>,
+    pub work: Vec<u32>,
+    pub launch: SegmentedAttentionLaunch,
+    pub main: &'static str,
+    pub combine: &'static str,
+    /// The main kernel's grid: (thread blocks of all sequences, KV heads, 1); x may be 0 (no
+    /// rows at all: nothing to launch).
+    pub grid: (u32, u32, u32),
+    /// Dynamic shared memory of this launch, and the most any launch of `main` takes.
+    pub smem: usize,
+    pub smem_limit: usize,
+    /// Split mode's workspace: partial outputs, then partial LSEs (f32 elements).
+    pub o_len: usize,
+    pub lse_len: usize,
+    /// The combine kernel's grid (one y per sequence), when some sequence runs split.
+    pub combine_grid: Option<(u32, u32, u32)>,
+}
+
+impl LaunchLayout {
+    /// The launch's parameter arrays in one upload, each part 16-byte aligned: descriptors, RoPE
+    /// table, sequence parameters, work list, written into `bytes` (cleared first; its capacity
+    /// is reused); returns the byte offset of each part.
+    pub(crate) fn upload_bytes_into(&self, bytes: &mut Vec<u8>) -> [usize; 4] {
+        let mut offsets = [0usize; 4];
+        let parts: [&[u8]; 4] = [
+            bytemuck::cast_slice(&self.descs),
+            bytemuck::cast_slice(&self.rope_table),
+            bytemuck::cast_slice(&self.seqs),
+            bytemuck::cast_slice(&self.work),
+        ];
+        let total: usize = parts.iter().map(|p| p.len().next_multiple_of(16)).sum();
+        bytes.clear();
+        bytes.reserve(total);
+        for (i, part) in parts.into_iter().enumerate() {
+            bytes.resize(bytes.len().next_multiple_of(16), 0);
+            offsets[i] = bytes.len();
+            bytes.extend_from_slice(part);
+        }
+        offsets
+    }
+
+    /// Hands the layout's RoPE table back for the thread's next launch (a large batch's is
+    /// megabytes, faulted in page by page when allocated anew).
+    pub(crate) fn recycle(self) {
+        crate::cuda::rope_shift_table::recycle(self.rope_table);
+    }
+}
+
+thread_local! {
+    /// The upload image buffer of the thread's last launch, reused by its next.
+    static SPARE_UPLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An upload image buffer, empty, with the capacity of the thread's last launch's.
+pub(crate) fn spare_upload() -> Vec<u8> {
+    SPARE_UPLOAD.take()
+}
+
+/// Hands an upload image back (once its copy has been queued) for the thread's next launch.
+pub(crate) fn recycle_upload(bytes: Vec<u8>) {
+    keep_larger(&SPARE_UPLOAD, bytes);
+}
+
+/// Puts the larger of `buffer` and the thread's spare back as the spare (a launch may hand back a
+/// smaller buffer than the spare it did not take: a table of a launch without shifts).
+pub(crate) fn keep_larger<T: 'static>(
+    spare: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    buffer: Vec<T>,
+) {
+    let kept = spare.take();
+    spare.set(if buffer.capacity() >= kept.capacity() {
+        buffer
+    } else {
+        kept
+    });
+}
+
+/// Dynamic shared memory of the attention kernel at `head_dim`: Q, two K and two V tiles; and
+/// with RoPE shifts, one more tile for the rotated rows' lo parts (the function's limit).
+pub(crate) fn smem_bytes(head_dim: usize) -> (usize, usize) {
+    let plain = (BLOCK_M + 4 * BLOCK_N) * head_dim * 2;
+    (plain, plain + BLOCK_M * head_dim * 2)
+}
+
+/// Plans a launch of one or more sequences and lays out its descriptors, RoPE table and
+/// parameters. Pure: the inputs are already validated ([`check_problem`] for each sequence).
+pub(crate) fn launch_layout(
+    sequences: &[SequenceRef],
+    dims: &AttentionDims,
+    dtype: DType,
+    sm_count: usize,
+    num_splits: Option<usize>,
+) -> Result<LaunchLayout> {
+    if sequences.is_empty() {
+        return Err(Error::Shape("a launch needs at least one sequence".into()));
+    }
+    let lens: Vec<Vec<(usize, SegmentRole)>> = sequences
+        .iter()
+        .map(|q| q.segments.iter().map(|s| (s.len, s.role)).collect())
+        .collect();
+    let shapes: Vec<(usize, &[(usize, SegmentRole)])> = sequences
+        .iter()
+        .zip(&lens)
+        .map(|(q, l)| (q.n_rows, l.as_slice()))
+        .collect();
+    let plans = plan_batch(&shapes, dims, sm_count, num_splits)?;
+    let ordered: Vec<&SegmentRef> = sequences
+        .iter()
+        .zip(&plans)
+        .flat_map(|(q, p)| p.order.iter().map(|&i| &q.segments[i]))
+        .collect();
+    let shifts: Vec<Option<RopeShift>> = ordered.iter().map(|s| s.rope_shift).collect();
+    let (table, rope_rows) = rope_table(&shifts);
+    let first_tiles = plans.iter().flat_map(|p| p.first_tile.iter().copied());
+    let mut descs: Vec<SegmentDesc> = ordered
+        .iter()
+        .zip(first_tiles)
+        .zip(&rope_rows)
+        .map(|((s, first_tile), &rope_row)| SegmentDesc {
+            k: s.k,
+            v: s.v,
+            len: s.len as u32,
+            pos_offset: s.pos_offset as u32,
+            role: s.role as u32,
+            first_tile,
+            rope_row,
+            rope_layout: s.rope_shift.map_or(0, |r| r.rope.layout as u32),
+        })
+        .collect();
+    if descs.is_empty() {
+        descs.push(SegmentDesc::zeroed());
+    }
+
+    let inv_sqrt_d = 1.0 / (dims.head_dim as f64).sqrt();
+    let log2e = std::f64::consts::LOG2_E;
+    // The grid's x: every sequence's thread blocks, at most 2^31 - 1 (checked before the work
+    // list is built: it holds one entry per thread block).
+    let n_work = plans.iter().try_fold(0u64, |sum, p| {
+        sum.checked_add(u64::from(p.q_tiles) * u64::from(p.n_splits()))
+    });
+    let n_work = match n_work {
+        Some(n) if n <= i32::MAX as u64 => n as u32,
+        _ => {
+            return Err(Error::OutOfRange(
+                "the launch needs more than 2^31 - 1 thread blocks".into(),
+            ))
+        }
+    };
+    let (mut q_row0, mut seg0, mut part0, mut work0) = (0usize, 0usize, 0usize, 0usize);
+    let mut seqs = Vec::with_capacity(sequences.len());
+    let mut work: Vec<u32> = Vec::new();
+    for (i, (q, plan)) in sequences.iter().zip(&plans).enumerate() {
+        let n = q.n_rows * dims.n_heads;
+        let blocks = plan.q_tiles as usize * plan.n_splits() as usize;
+        let ape = &q.ape;
+        seqs.push(SegmentedAttentionParams {
+            n_rows: q.n_rows as u32,
+            n_heads: dims.n_heads as u32,
+            n_kv_heads: dims.n_kv_heads as u32,
+            group: dims.group_size() as u32,
+            q_pos_offset: q.pos_offset as u32,
+            n_segments: plan.order.len() as u32,
+            n_ctx_tiles: plan.n_ctx_tiles,
+            n_causal_tiles: plan.n_causal_tiles,
+            n_ctx_splits: plan.n_ctx_splits,
+            n_causal_splits: plan.n_causal_splits,
+            whole: plan.whole as u32,
+            variant: match ape.variant() {
+                ApeVariant::Released => 0,
+                ApeVariant::ScaledMass => 1,
+            },
+            ctx_scale_log2: (log2e * inv_sqrt_d / ape.temperature() as f64) as f32,
+            causal_scale_log2: (log2e * inv_sqrt_d) as f32,
+            temperature: ape.temperature(),
+            scale: ape.scale(),
+            q_row0: u32_of(q_row0, "query rows before a sequence")?,
+            seg0: u32_of(seg0, "segments before a sequence")?,
+            part0: u32_of(part0, "partial states before a sequence")?,
+            work0: u32_of(work0, "thread blocks before a sequence")?,
+        });
+        if sequences.len() > 1 {
+            work.extend(std::iter::repeat_n(i as u32, blocks));
+        }
+        q_row0 += q.n_rows;
+        seg0 += plan.order.len();
+        if !plan.whole {
+            part0 += plan.n_splits() as usize * n;
+        }
+        work0 += blocks;
+    }
+    debug_assert_eq!(work0, n_work as usize);
+    // Partial states: O [part0, head_dim] then LSE [part0] (whole mode reads neither, but the
+    // kernel takes valid pointers).
+    let o_len = (part0 * dims.head_dim).max(1);
+    let lse_len = part0.max(1);
+
+    let (main, combine) = kernel_names(dtype, dims.head_dim);
+    // The function's limit is set once, to the larger size (with RoPE shifts).
+    let (smem_plain, smem_limit) = smem_bytes(dims.head_dim);
+    let smem = if table.is_empty() {
+        smem_plain
+    } else {
+        smem_limit
+    };
+    let grid = (n_work, dims.n_kv_heads as u32, 1);
+    // Sequences without rows always run whole (plan), so a split sequence has rows.
+    let combine_grid = if plans.iter().all(|p| p.whole) {
+        None
+    } else {
+        let most = sequences
+            .iter()
+            .zip(&plans)
+            .filter(|(_, p)| !p.whole)
+            .map(|(q, _)| q.n_rows * dims.n_heads)
+            .max()
+            .unwrap_or(0);
+        let blocks = u32_of(
+            (most * 32).div_ceil(COMBINE_THREADS as usize),
+            "combine blocks",
+        )?;
+        (blocks > 0).then_some((blocks, sequences.len() as u32, 1))
+    };
+    let launch = SegmentedAttentionLaunch {
+        first: seqs[0],
+        n_sequences: sequences.len() as u32,
+        pad: [0; 3],
+    };
+    if sequences.len() == 1 {
+        seqs.clear();
+    }
+    Ok(LaunchLayout {
+        descs,
+        rope_table: table,
+        seqs,
+        work,
+        launch,
+        main,
+        combine,
+        grid,
+        smem,
+        smem_limit,
+        o_len,
+        lse_len,
+        combine_grid,
+    })
+}
+
+/// A segment as [`launch_host_bytes`] takes it: `(len, pos_offset, role, rope_shift)`.
+#[doc(hidden)]
+pub type HostSegment = (usize, usize, SegmentRole, Option<RopeShift>);
+
+/// The host half of a batched launch without a device, for `benches/host.rs`: the segments'
+/// references (fake addresses), the plan, the descriptors, the RoPE table, the sequences'
+/// parameters and the upload image, as the launcher builds them; returns the upload's size in
+/// bytes. `sequences` are `(n_rows, pos_offset, segments, ape)`, assumed valid. Not a stable API.
+#[doc(hidden)]
+pub fn launch_host_bytes(
+    sequences: &[(usize, usize, &[HostSegment], ApeParams)],
+    dims: &AttentionDims,
+    dtype: DType,
+    sm_count: usize,
+) -> Result<usize> {
+    let refs: Vec<SegmentRef> = sequences
+        .iter()
+        .flat_map(|(_, _, segments, _)| segments.iter())
+        .enumerate()
+        .map(|(i, &(len, pos_offset, role, rope_shift))| SegmentRef {
+            k: 0x1000_0000 + (i as u64) * 0x10_0000,
+            v: 0x8000_0000 + (i as u64) * 0x10_0000,
+            len,
+            pos_offset,
+            role,
+            rope_shift,
+        })
+        .collect();
+    let seq_refs = sequence_refs(
+        &refs,
+        sequences
+            .iter()
+            .map(|&(n_rows, pos, segments, ape)| (n_rows, pos, segments.len(), ape)),
+    );
+    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, None)?;
+    let mut bytes = spare_upload();
+    layout.upload_bytes_into(&mut bytes);
+    let size = bytes.len();
+    layout.recycle();
+    recycle_upload(bytes);
+    Ok(size)
+}

@@ -1,0 +1,372 @@
+//! Unit tests of the planning, the layout and the fixed shapes (no device).
+
+use super::*;
+use crate::params::{RopeConfig, RopeLayout};
+
+fn dims(h: usize, kv: usize) -> AttentionDims {
+    AttentionDims::new(h, kv, 128).expect("valid")
+}
+
+#[test]
+fn context_tiles_come_first_and_empty_segments_are_dropped() {
+    let segs = [
+        (10, SegmentRole::Causal),
+        (0, SegmentRole::Context),
+        (130, SegmentRole::Context),
+        (64, SegmentRole::Causal),
+        (1, SegmentRole::Context),
+    ];
+    let p = plan(1000, &dims(32, 8), &segs, 132, Some(1)).expect("valid");
+    assert_eq!(p.order, vec![2, 4, 0, 3]);
+    // 130 keys = 3 tiles, 1 key = 1 tile, 10 = 1, 64 = 1.
+    assert_eq!(p.first_tile, vec![0, 3, 4, 5]);
+    assert_eq!((p.n_ctx_tiles, p.n_causal_tiles), (4, 2));
+    assert!(p.whole);
+    assert_eq!(p.q_tiles, (1000usize * 4).div_ceil(64) as u32);
+}
+
+#[test]
+fn large_prefill_runs_whole_and_decode_splits_within_groups() {
+    let segs: Vec<(usize, SegmentRole)> = (0..16)
+        .map(|_| (2048, SegmentRole::Context))
+        .chain([(64, SegmentRole::Causal)])
+        .collect();
+    // 4096 rows * 4 heads per KV head / 64 = 256 query tiles * 8 KV heads: plenty.
+    let p = plan(4096, &dims(32, 8), &segs, 132, None).expect("valid");
+    assert!(p.whole);
+    // One decode row: 1 query tile * 8 KV heads = 8 blocks: split.
+    let p = plan(1, &dims(32, 8), &segs, 132, None).expect("valid");
+    assert!(!p.whole);
+    assert!(p.n_ctx_splits >= 1 && p.n_causal_splits == 1);
+    assert!(p.n_ctx_splits <= p.n_ctx_tiles);
+    // One wave at BLOCKS_PER_SM blocks per SM, not more.
+    assert_eq!(8 * p.n_splits() as usize, BLOCKS_PER_SM * 132);
+}
+
+/// Invariants on many shapes: every non-empty group gets a split, no group gets more splits
+/// than tiles, automatic plans never exceed one wave (unless both groups need one each), and
+/// the tile numbering is the running sum of the lengths.
+#[test]
+fn plan_invariants_hold_on_many_shapes() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n) as usize
+    };
+    for _ in 0..2000 {
+        let n_kv = 1 + next(8);
+        let dims = AttentionDims::new(n_kv * (1 + next(8)), n_kv, 64).expect("valid");
+        let segs: Vec<(usize, SegmentRole)> = (0..next(20))
+            .map(|_| {
+                let role = if next(2) == 0 {
+                    SegmentRole::Context
+                } else {
+                    SegmentRole::Causal
+                };
+                (next(3000), role)
+            })
+            .collect();
+        let rows = 1 + next(3000);
+        let sms = 1 + next(150);
+        let forced = if next(3) == 0 {
+            Some(1 + next(100))
+        } else {
+            None
+        };
+        let p = plan(rows, &dims, &segs, sms, forced).expect("valid");
+        let mut tile = 0u32;
+        for (&i, &first) in p.order.iter().zip(&p.first_tile) {
+            assert_eq!(first, tile);
+            tile += segs[i].0.div_ceil(BLOCK_N) as u32;
+        }
+        assert_eq!(tile, p.n_ctx_tiles + p.n_causal_tiles);
+        if p.whole {
+            continue;
+        }
+        assert!(p.n_ctx_splits <= p.n_ctx_tiles && p.n_causal_splits <= p.n_causal_tiles);
+        assert_eq!(p.n_ctx_splits > 0, p.n_ctx_tiles > 0);
+        assert_eq!(p.n_causal_splits > 0, p.n_causal_tiles > 0);
+        if forced.is_none() {
+            let ctas = p.q_tiles as usize * dims.n_kv_heads * p.n_splits() as usize;
+            assert!(ctas <= (BLOCKS_PER_SM * sms).max(2 * p.q_tiles as usize * dims.n_kv_heads));
+        }
+    }
+}
+
+#[test]
+fn batch_plans_share_one_wave() {
+    let d = dims(32, 8);
+    let long: Vec<(usize, SegmentRole)> = vec![(32 * 1024, SegmentRole::Context)];
+    let short: Vec<(usize, SegmentRole)> = vec![(1024, SegmentRole::Context)];
+    // A batch of one is plan()'s plan.
+    for rows in [1, 64, 4096] {
+        let one = plan_batch(&[(rows, &long[..])], &d, 132, None).expect("valid");
+        assert_eq!(one, vec![plan(rows, &d, &long, 132, None).expect("valid")]);
+    }
+    // Forced splits apply to every sequence as they would alone.
+    let both = [(1, &long[..]), (64, &short[..])];
+    let forced = plan_batch(&both, &d, 132, Some(5)).expect("valid");
+    for ((rows, segs), p) in both.iter().zip(&forced) {
+        assert_eq!(p, &plan(*rows, &d, segs, 132, Some(5)).expect("valid"));
+    }
+    // Two decode rows: the wave is shared in proportion to the keys (32:1), within one wave.
+    let auto = plan_batch(&[(1, &long[..]), (1, &short[..])], &d, 132, None).expect("valid");
+    let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
+    assert!(ctas as usize <= BLOCKS_PER_SM * 132, "{auto:?}");
+    assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
+    // A sequence of two tiles (too short to split) runs whole beside ones that split.
+    let two: Vec<(usize, SegmentRole)> = vec![(50, SegmentRole::Context), (1, SegmentRole::Causal)];
+    let mixed = plan_batch(&[(1, &long[..]), (1, &two[..])], &d, 132, None).expect("valid");
+    assert!(!mixed[0].whole && mixed[1].whole, "{mixed:?}");
+    // Enough query tiles for a wave: every sequence runs whole.
+    let many: Vec<(usize, &[(usize, SegmentRole)])> = (0..40).map(|_| (1, &long[..])).collect();
+    assert!(plan_batch(&many, &d, 132, None)
+        .expect("valid")
+        .iter()
+        .all(|p| p.whole));
+}
+
+#[test]
+fn a_batch_layout_indexes_each_sequence() {
+    let d = dims(8, 2);
+    let seg = |len, role| SegmentRef {
+        k: 0x1000,
+        v: 0x2000,
+        len,
+        pos_offset: 0,
+        role,
+        rope_shift: None,
+    };
+    let a = [seg(500, SegmentRole::Context), seg(1, SegmentRole::Causal)];
+    let b = [seg(0, SegmentRole::Context), seg(70, SegmentRole::Causal)];
+    let c = [seg(3000, SegmentRole::Context)];
+    let seq = |n_rows, segments| SequenceRef {
+        n_rows,
+        pos_offset: 600,
+        segments,
+        ape: ApeParams::default(),
+    };
+    let seqs = [
+        seq(1, &a[..]),
+        seq(0, &b[..]),
+        seq(70, &b[..]),
+        seq(1, &c[..]),
+    ];
+    let l = launch_layout(&seqs, &d, DType::BF16, 132, None).expect("valid");
+    assert_eq!(l.seqs.len(), 4);
+    // The empty segment is dropped: 2 + 1 + 1 + 1 descriptors.
+    assert_eq!(l.descs.len(), 5);
+    let (mut rows, mut segs, mut parts, mut blocks) = (0u32, 0u32, 0u32, 0u32);
+    for (i, p) in l.seqs.iter().enumerate() {
+        assert_eq!(
+            (p.q_row0, p.seg0, p.part0, p.work0),
+            (rows, segs, parts, blocks)
+        );
+        let splits = if p.whole == 1 {
+            1
+        } else {
+            p.n_ctx_splits + p.n_causal_splits
+        };
+        let n = (p.n_rows * p.group).div_ceil(BLOCK_M as u32) * splits;
+        let mine = l.work.iter().filter(|&&w| w == i as u32).count() as u32;
+        assert_eq!(mine, n);
+        assert!(l.work[blocks as usize..(blocks + n) as usize]
+            .iter()
+            .all(|&w| w == i as u32));
+        rows += p.n_rows;
+        segs += p.n_segments;
+        if p.whole == 0 {
+            parts += splits * p.n_rows * p.n_heads;
+        }
+        blocks += n;
+    }
+    assert_eq!(l.grid, (blocks, 2, 1));
+    assert_eq!(l.lse_len, parts as usize);
+    assert_eq!(l.o_len, parts as usize * 128);
+    assert_eq!(l.combine_grid.map(|g| g.1), Some(4));
+    // One sequence: its parameters travel by value, no arrays.
+    let one = launch_layout(&seqs[..1], &d, DType::BF16, 132, None).expect("valid");
+    assert!(one.seqs.is_empty() && one.work.is_empty());
+    assert_eq!(one.launch.n_sequences, 1);
+    assert!(launch_layout(&[], &d, DType::BF16, 132, None).is_err());
+    // A sequence without rows never splits, even when splits are forced: beside a whole
+    // sequence, nothing is left to combine (a combine grid of x = 0 would be refused).
+    let long = [seg(200, SegmentRole::Context)];
+    let short = [seg(10, SegmentRole::Causal)];
+    let l = launch_layout(
+        &[seq(1, &short[..]), seq(0, &long[..])],
+        &d,
+        DType::BF16,
+        132,
+        Some(2),
+    )
+    .expect("valid");
+    assert!(l.seqs.iter().all(|p| p.whole == 1));
+    assert_eq!(l.combine_grid, None);
+    assert_eq!(l.grid.0, 1);
+}
+
+/// The capacity bounds of FixedShape::new: on many random batches within a capacity (and on
+/// batches that fill it), with chosen and forced splits, the plan always fits the fixed
+/// shape, and its image puts every part at the shape's offsets, the idle sequence after the
+/// real ones and the surplus thread blocks on it. Slack is measured too: a capacity an engine
+/// sizes for its decode batch does not launch many times the thread blocks it needs.
+#[test]
+fn every_batch_within_a_capacity_fits_its_fixed_shape() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1)) as usize
+    };
+    let shift = RopeShift {
+        rope: RopeConfig::new(64, 10_000.0, RopeLayout::Neox).expect("valid"),
+        delta: 5,
+    };
+    for case in 0..3000 {
+        let n_kv = 1 + next(8);
+        let dims = AttentionDims::new(n_kv * [1, 2, 4, 8, 80][next(5)], n_kv, 64).expect("valid");
+        let sms = 1 + next(150);
+        let forced = (next(3) == 0).then(|| 1 + next(12));
+        let most_rows = if next(2) == 0 { 64 } else { 3000 };
+        let cap = BatchCapacity {
+            sequences: 1 + next(40),
+            rows: 1 + next(most_rows),
+            segments: 1 + next(60),
+        };
+        let shape = FixedShape::new(&cap, &dims, sms, forced).expect("valid capacity");
+        // A batch within the capacity; every other one fills it.
+        let full = case % 2 == 0;
+        let n_seqs = if full {
+            cap.sequences
+        } else {
+            1 + next(cap.sequences as u64)
+        };
+        let mut rows = vec![0usize; n_seqs];
+        let total_rows = if full {
+            cap.rows
+        } else {
+            next(cap.rows as u64 + 1)
+        };
+        for _ in 0..total_rows {
+            rows[next(n_seqs as u64)] += 1;
+        }
+        let mut n_segs = vec![0usize; n_seqs];
+        let total_segs = if full {
+            cap.segments
+        } else {
+            next(cap.segments as u64 + 1)
+        };
+        for _ in 0..total_segs {
+            n_segs[next(n_seqs as u64)] += 1;
+        }
+        let refs: Vec<Vec<SegmentRef>> = n_segs
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| SegmentRef {
+                        k: 0x1000,
+                        v: 0x2000,
+                        len: next(2000),
+                        pos_offset: 0,
+                        role: if next(2) == 0 {
+                            SegmentRole::Context
+                        } else {
+                            SegmentRole::Causal
+                        },
+                        rope_shift: (next(4) == 0).then_some(shift),
+                    })
+                    .collect()
+            })
+            .collect();
+        let seqs: Vec<SequenceRef> = rows
+            .iter()
+            .zip(&refs)
+            .map(|(&n_rows, segments)| SequenceRef {
+                n_rows,
+                pos_offset: 3000,
+                segments,
+                ape: ApeParams::default(),
+            })
+            .collect();
+        cap.check_fits(rows.iter().copied().zip(n_segs.iter().copied()))
+            .expect("within the capacity");
+        let layout = launch_layout(&seqs, &dims, DType::BF16, sms, forced).expect("valid");
+        let image = shape
+            .image(&layout)
+            .unwrap_or_else(|e| panic!("{e}: {cap:?} {dims:?} sms {sms} {forced:?}"));
+        assert_eq!(image.len(), shape.bytes);
+        let at = |i: usize, len: usize| &image[shape.offsets[i]..shape.offsets[i] + len];
+        let size = std::mem::size_of::<SegmentDesc>();
+        assert_eq!(
+            at(0, layout.descs.len() * size),
+            bytemuck::cast_slice::<_, u8>(&layout.descs)
+        );
+        let params: &[SegmentedAttentionParams] = bytemuck::cast_slice(at(2, shape.seq_slots * 80));
+        let work: &[u32] = bytemuck::cast_slice(at(3, shape.blocks as usize * 4));
+        let real = work.iter().filter(|&&w| (w as usize) < n_seqs).count();
+        assert_eq!(real, layout.grid.0 as usize);
+        assert!(work[real..].iter().all(|&w| w as usize == n_seqs));
+        assert!(params[n_seqs..]
+            .iter()
+            .all(|p| p.whole == 1 && p.n_rows == 0));
+        assert_eq!(shape.launch_params().n_sequences as usize, shape.seq_slots);
+        if forced.is_none() && cap.rows <= 64 && full {
+            // A decode-sized capacity, full: at most one wave of surplus.
+            assert!(
+                shape.blocks as usize - real
+                    <= (BLOCKS_PER_SM * sms).div_ceil(n_kv) + cap.sequences,
+                "{} blocks for {real}: {cap:?}",
+                shape.blocks
+            );
+        }
+    }
+    let d = dims(8, 2);
+    let cap = |sequences, rows, segments| BatchCapacity {
+        sequences,
+        rows,
+        segments,
+    };
+    assert!(FixedShape::new(&cap(0, 1, 1), &d, 132, None).is_err());
+    assert!(FixedShape::new(&cap(1, 0, 1), &d, 132, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 0), &d, 132, None).is_err());
+    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, 132, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 1), &d, 132, Some(0)).is_err());
+    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, 132, None).is_err());
+    let c = cap(2, 10, 3);
+    assert!(c.check_fits([(5, 1), (5, 2)].into_iter()).is_ok());
+    assert!(matches!(
+        c.check_fits([(5, 1), (6, 2)].into_iter()),
+        Err(Error::OutOfRange(_))
+    ));
+    assert!(matches!(
+        c.check_fits([(5, 2), (5, 2)].into_iter()),
+        Err(Error::OutOfRange(_))
+    ));
+    assert!(matches!(
+        c.check_fits([(1, 0); 3].into_iter()),
+        Err(Error::OutOfRange(_))
+    ));
+    assert!(matches!(
+        c.check_fits(std::iter::empty()),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn forced_splits_are_clamped_to_the_tiles_and_zero_is_an_error() {
+    let segs = [(64, SegmentRole::Context), (64, SegmentRole::Causal)];
+    let p = plan(1, &dims(8, 8), &segs, 132, Some(50)).expect("valid");
+    assert_eq!((p.n_ctx_splits, p.n_causal_splits), (1, 1));
+    assert!(plan(1, &dims(8, 8), &segs, 132, Some(0)).is_err());
+    // Only one group: its splits take everything.
+    let segs = [(640, SegmentRole::Context)];
+    let p = plan(1, &dims(8, 8), &segs, 132, Some(4)).expect("valid");
+    assert_eq!((p.n_ctx_splits, p.n_causal_splits), (4, 0));
+    // No keys at all: a whole pass that writes -inf and zeros.
+    let p = plan(3, &dims(8, 8), &[], 132, None).expect("valid");
+    assert!(p.whole && p.n_ctx_tiles == 0 && p.n_causal_tiles == 0);
+}

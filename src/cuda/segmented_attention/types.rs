@@ -1,0 +1,107 @@
+//! The public types of a launch: segments read in place, the query, a batch's sequences,
+//! the launch options.
+
+use super::*;
+
+/// One KV block on the device, read in place: `k` and `v` are `[len, n_kv_heads, head_dim]`.
+///
+/// `T` is the tensor type: for the launchers here, a [`Tensor`] or [`TensorRows`] (rows of a
+/// larger tensor, such as a KV pool; see [`KvTensor`]); the GPU forward pass
+/// ([`crate::llama::gpu::DeviceOps`]) uses the same struct for its other devices.
+#[derive(Debug)]
+pub struct Segment<'a, T = Tensor> {
+    /// Keys, `[len, n_kv_heads, head_dim]`.
+    pub k: &'a T,
+    /// Values, same shape and dtype as `k`.
+    pub v: &'a T,
+    /// Absolute position of the first token (causal masking).
+    pub pos_offset: usize,
+    /// Masking and APE group.
+    pub role: SegmentRole,
+    /// Read the keys rotated by this many RoPE positions (Block-Attention: a block cached at
+    /// position 0 used at its offset); `None` reads them as stored. The cache is not modified.
+    pub rope_shift: Option<RopeShift>,
+}
+
+impl<T> Clone for Segment<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Segment<'_, T> {}
+
+/// What a [`Segment`]'s K and V can be for the launchers here: a whole [`Tensor`]
+/// (`[len, n_kv_heads, head_dim]`), or [`TensorRows`], some rows of a larger one (an engine's KV
+/// pool, a preallocated block being filled), read in place.
+pub trait KvTensor {
+    /// The tensor holding the rows: `[rows, n_kv_heads, head_dim]`.
+    fn tensor(&self) -> &Tensor;
+    /// `(first row, rows)` the segment reads.
+    fn row_span(&self) -> (usize, usize);
+}
+
+impl KvTensor for Tensor {
+    fn tensor(&self) -> &Tensor {
+        self
+    }
+    fn row_span(&self) -> (usize, usize) {
+        (0, self.shape().first().copied().unwrap_or(0))
+    }
+}
+
+impl KvTensor for TensorRows<'_> {
+    fn tensor(&self) -> &Tensor {
+        TensorRows::tensor(self)
+    }
+    fn row_span(&self) -> (usize, usize) {
+        (self.start(), self.len())
+    }
+}
+
+/// Query rows on the device: `data` is `[n_rows, n_heads, head_dim]`, row `r` at position
+/// `pos_offset + r`. `T` as for [`Segment`].
+#[derive(Debug)]
+pub struct Query<'a, T = Tensor> {
+    /// The rows.
+    pub data: &'a T,
+    /// Absolute position of row 0.
+    pub pos_offset: usize,
+}
+
+impl<T> Clone for Query<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Query<'_, T> {}
+
+/// One sequence of a batched launch ([`segmented_attention_batch_into`]): its rows of the packed
+/// query (`n_rows` consecutive rows, after those of the sequences before it; row `r` at position
+/// `pos_offset + r`), the segments they attend to, and its APE parameters. Sequences may share
+/// segments (two requests over the same cached passage).
+#[derive(Debug)]
+pub struct BatchSequence<'a, T = Tensor> {
+    /// Rows of the packed query this sequence owns (0: none).
+    pub n_rows: usize,
+    /// Absolute position of the sequence's first row.
+    pub pos_offset: usize,
+    /// Its KV segments.
+    pub segments: &'a [Segment<'a, T>],
+    /// Its APE parameters ([`ApeParams::plain`] for sequential and Block-Attention requests).
+    pub ape: ApeParams,
+}
+
+impl<T> Clone for BatchSequence<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for BatchSequence<'_, T> {}
+
+/// Launch options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentedAttentionOptions {
+    /// Split the keys across this many thread blocks per query tile; `None` chooses from the
+    /// problem size and the number of SMs. `Some(1)` forces the single-pass (fused) path.
+    pub num_splits: Option<usize>,
+}

@@ -1,0 +1,246 @@
+//! Validation of a launch's inputs before anything runs: shapes, dtypes, head dims, positions,
+//! shifts and the batch's limits.
+
+use super::*;
+
+/// Checks the packed query, the outputs, the batch's rows and every sequence ([`validate_io`],
+/// [`check_batch_rows`], [`validate_sequences`]). `prefix(i)` names sequence `i` in messages.
+pub(super) fn validate<K: KvTensor>(
+    device: &Device,
+    q: &Tensor,
+    sequences: &[BatchSequence<'_, K>],
+    dims: &AttentionDims,
+    out: &Tensor,
+    lse: &Tensor,
+    prefix: impl Fn(usize) -> String,
+) -> Result<()> {
+    validate_io(device, q, dims, out, lse)?;
+    check_batch_rows(q.shape()[0], sequences.iter().map(|s| s.n_rows))?;
+    validate_sequences(device, sequences, dims, q.dtype(), prefix)
+}
+
+/// Checks the dims and the packed query and outputs: q `[n_rows, n_heads, head_dim]` in bf16 or
+/// f16, out the same, lse `[n_rows, n_heads]` f32, all on `device`.
+pub(crate) fn validate_io(
+    device: &Device,
+    q: &Tensor,
+    dims: &AttentionDims,
+    out: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
+    dims.validate()?;
+    check_head_dim(dims.head_dim)?;
+    let dtype = q.dtype();
+    check_dtype(dtype)?;
+    let qs = q.shape();
+    if qs.len() != 3 || qs[1] != dims.n_heads || qs[2] != dims.head_dim {
+        return Err(Error::Shape(format!(
+            "query has shape {qs:?}, expected [n_rows, {}, {}]",
+            dims.n_heads, dims.head_dim
+        )));
+    }
+    q.check_device(device, "query")?;
+    out.check_shape(qs, "out")?;
+    out.check_dtype(dtype, "out")?;
+    out.check_device(device, "out")?;
+    lse.check_shape(&qs[..2], "lse")?;
+    lse.check_dtype(DType::F32, "lse")?;
+    lse.check_device(device, "lse")
+}
+
+/// Checks every sequence's segments (shapes, `dtype`, devices) and problem ([`check_problem`]).
+/// `prefix(i)` names sequence `i` in messages.
+pub(crate) fn validate_sequences<K: KvTensor>(
+    device: &Device,
+    sequences: &[BatchSequence<'_, K>],
+    dims: &AttentionDims,
+    dtype: DType,
+    prefix: impl Fn(usize) -> String,
+) -> Result<()> {
+    for (j, seq) in sequences.iter().enumerate() {
+        for (i, s) in seq.segments.iter().enumerate() {
+            let name = |t: &str| format!("{}segment {i} {t}", prefix(j));
+            let len = s.k.row_span().1;
+            for (x, what) in [(s.k.tensor(), "k"), (s.v.tensor(), "v")] {
+                let shape = x.shape();
+                if shape.len() != 3 || shape[1] != dims.n_kv_heads || shape[2] != dims.head_dim {
+                    return Err(Error::Shape(format!(
+                        "{} has shape {shape:?}, expected [rows, {}, {}]",
+                        name(what),
+                        dims.n_kv_heads,
+                        dims.head_dim
+                    )));
+                }
+                x.check_dtype(dtype, &name(what))?;
+                x.check_device(device, &name(what))?;
+            }
+            if s.v.row_span().1 != len {
+                return Err(Error::Shape(format!(
+                    "{} reads {len} rows of K but {} of V",
+                    name("k"),
+                    s.v.row_span().1
+                )));
+            }
+        }
+        let extents: Vec<SegmentExtent> = seq
+            .segments
+            .iter()
+            .map(|s| SegmentExtent {
+                len: s.k.row_span().1,
+                pos_offset: s.pos_offset,
+                rope_shift: s.rope_shift,
+            })
+            .collect();
+        check_problem(seq.n_rows, seq.pos_offset, dims, &extents, &prefix(j))?;
+    }
+    Ok(())
+}
+
+/// The most sequences one batched launch takes (the combine kernel's grid has one y per sequence).
+pub const MAX_BATCH_SEQUENCES: usize = 65_535;
+
+/// A batch's row counts must add up to the packed query's rows, and it must have at most
+/// [`MAX_BATCH_SEQUENCES`] sequences.
+pub(crate) fn check_batch_rows(
+    total_rows: usize,
+    rows: impl ExactSizeIterator<Item = usize>,
+) -> Result<()> {
+    let n = rows.len();
+    if n > MAX_BATCH_SEQUENCES {
+        return Err(Error::OutOfRange(format!(
+            "{n} sequences exceed the batch limit of {MAX_BATCH_SEQUENCES}"
+        )));
+    }
+    let mut sum = 0usize;
+    for r in rows {
+        sum = sum
+            .checked_add(r)
+            .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
+    }
+    if sum != total_rows {
+        return Err(Error::Shape(format!(
+            "the sequences own {sum} rows, the query has {total_rows}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_head_dim(head_dim: usize) -> Result<()> {
+    if SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedHeadDim {
+            op: "segmented_attention",
+            head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        })
+    }
+}
+
+pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F32 {
+        Err(Error::DType(
+            "segmented_attention takes bf16 or f16 inputs, got f32".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A segment's extent in positions and its shift: what the limits below are about.
+pub(crate) struct SegmentExtent {
+    pub len: usize,
+    pub pos_offset: usize,
+    pub rope_shift: Option<RopeShift>,
+}
+
+/// The kernel's limits on a problem whose shapes are already consistent: 31-bit positions,
+/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim. `prefix`
+/// starts the messages (a batch's "sequence i: ").
+pub(crate) fn check_problem(
+    n_rows: usize,
+    q_pos_offset: usize,
+    dims: &AttentionDims,
+    segments: &[SegmentExtent],
+    prefix: &str,
+) -> Result<()> {
+    if dims.n_kv_heads > 65_535 {
+        return Err(Error::OutOfRange(format!(
+            "{} KV heads exceed the grid limit of 65535",
+            dims.n_kv_heads
+        )));
+    }
+    let fits = |end: usize, what: String| -> Result<()> {
+        if end > i32::MAX as usize {
+            Err(Error::OutOfRange(format!(
+                "{what}: position {end} exceeds the kernel's 31-bit positions"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    // The kernel also forms positions of padding rows up to one tile past the last row.
+    fits(
+        q_pos_offset.saturating_add(n_rows + BLOCK_M),
+        format!("{prefix}query rows"),
+    )?;
+    u32_of(n_rows.saturating_mul(dims.n_heads), "n_rows * n_heads")?;
+    u32_of(
+        n_rows
+            .saturating_mul(dims.group_size())
+            .saturating_add(BLOCK_M),
+        "n_rows * group",
+    )?;
+    for (i, s) in segments.iter().enumerate() {
+        fits(
+            s.pos_offset.saturating_add(s.len),
+            format!("{prefix}segment {i}"),
+        )?;
+        if let Some(shift) = &s.rope_shift {
+            shift.validate_for(dims.head_dim, &format!("{prefix}segment {i}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// A segment as a launch sees it: the addresses of its K and V (device pointers, or host
+/// addresses for the kernel emulator) and how to read them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegmentRef {
+    pub k: u64,
+    pub v: u64,
+    pub len: usize,
+    pub pos_offset: usize,
+    pub role: SegmentRole,
+    pub rope_shift: Option<RopeShift>,
+}
+
+/// A sequence as a launch sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SequenceRef<'a> {
+    pub n_rows: usize,
+    pub pos_offset: usize,
+    pub segments: &'a [SegmentRef],
+    pub ape: ApeParams,
+}
+
+/// The sequences of a launch, `(n_rows, pos_offset, n_segments, ape)` each, over their segments
+/// in `refs` (each sequence's `n_segments`, in order).
+pub(crate) fn sequence_refs(
+    refs: &[SegmentRef],
+    sequences: impl IntoIterator<Item = (usize, usize, usize, ApeParams)>,
+) -> Vec<SequenceRef<'_>> {
+    let mut at = 0;
+    sequences
+        .into_iter()
+        .map(|(n_rows, pos_offset, n_segments, ape)| {
+            at += n_segments;
+            SequenceRef {
+                n_rows,
+                pos_offset,
+                segments: &refs[at - n_segments..at],
+                ape,
+            }
+        })
+        .collect()
+}
