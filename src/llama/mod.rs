@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod cpu;
+mod cuda_ops;
 pub mod engine;
 pub mod gguf;
 pub mod gpu;
