@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod gpu;
 pub mod hf;
 pub mod model;
+pub mod open;
 pub mod quant;
 pub mod tokenizer;
 pub mod weights;
