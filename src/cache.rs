@@ -12,7 +12,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::llama::model::KvBlock;
+
+/// What the cache needs to know about a block (a forward pass's K and V of some tokens).
+pub trait KvBlock {
+    /// Tokens in the block.
+    fn len(&self) -> usize;
+    /// True for a block of no tokens.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes the block holds.
+    fn bytes(&self) -> usize;
+}
 
 /// How a cached block was encoded (part of its key).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

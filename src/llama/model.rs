@@ -75,17 +75,7 @@ pub trait LlamaModel {
     fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()>;
 }
 
-/// What the cache needs to know about a block.
-pub trait KvBlock {
-    /// Tokens in the block.
-    fn len(&self) -> usize;
-    /// True for a block of no tokens.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Bytes the block holds.
-    fn bytes(&self) -> usize;
-}
+pub use crate::cache::KvBlock;
 
 /// The checks every forward pass makes before any work: the new tokens and every past block fit
 /// the model's window, and every token id is in the vocabulary.
