@@ -556,7 +556,7 @@ struct CUctx_st {
   std::map<CUmodule, std::unique_ptr<CUmod_st>> modules;
   std::map<CUgraph, std::shared_ptr<CUgraph_st>> graphs;
   std::map<CUgraphExec, std::unique_ptr<CUgraphExec_st>> execs;
-  std::map<std::string, size_t> limits;
+  std::map<int, size_t> limits;
 };
 
 namespace {
@@ -1276,7 +1276,7 @@ CUresult CUDAAPI cuCtxGetLimit(size_t* pvalue, CUlimit limit) {
   API("cuCtxGetLimit");
   NEED_CTX(ctx);
   if (pvalue == nullptr) return fail(CUDA_ERROR_INVALID_VALUE, "cuCtxGetLimit: null");
-  auto it = ctx->limits.find(std::to_string(int(limit)));
+  auto it = ctx->limits.find(int(limit));
   *pvalue = it == ctx->limits.end() ? (limit == CU_LIMIT_STACK_SIZE ? 1024 : 0) : it->second;
   return CUDA_SUCCESS;
 }
@@ -1284,7 +1284,7 @@ CUresult CUDAAPI cuCtxGetLimit(size_t* pvalue, CUlimit limit) {
 CUresult CUDAAPI cuCtxSetLimit(CUlimit limit, size_t value) {
   API("cuCtxSetLimit");
   NEED_CTX(ctx);
-  ctx->limits[std::to_string(int(limit))] = value;
+  ctx->limits[int(limit)] = value;
   return CUDA_SUCCESS;
 }
 
