@@ -5,7 +5,7 @@ Usage: fuzz-seeds.py MODEL.gguf OUT [KQUANTS.json]
 
 Seeds come from the real model's header (its metadata and tensor directory, the vocabulary cut
 to a few hundred tokens so that one run stays fast) and from the test fixtures (the k-quant blocks
-of tests/fixtures/kquants.json). Every seed is a well-formed input that the code under test
+of ape-llama/tests/fixtures/kquants.json). Every seed is a well-formed input that the code under test
 accepts, so the fuzzer starts from the deep paths, not from the first check.
 """
 

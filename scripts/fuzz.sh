@@ -4,13 +4,13 @@
 # Runs each target of fuzz/ (default: all) for SECONDS (default 120) under libFuzzer with
 # AddressSanitizer, on stable Rust (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 allows them).
 # Installs cargo-fuzz when it is missing. Seeds come from the real model's header and the test
-# fixtures (scripts/fuzz-seeds.py), plus every saved finding in tests/fixtures/fuzz/<target>/;
+# fixtures (scripts/fuzz-seeds.py), plus every saved finding in ape-llama/tests/fixtures/fuzz/<target>/;
 # the growing corpus stays in fuzz/corpus/<target>/ (git-ignored) between runs.
 #
 # Each input runs under an allocation bound proportional to its size (fuzz/src/bound.rs), a
 # 10-second timeout and a 2 GB RSS limit. A crash, a hang or an allocation past the bound fails
 # the run; the input is left in fuzz/artifacts/<target>/. To keep it as a regression test, copy it
-# to tests/fixtures/fuzz/<target>/ (tests/fuzz_regressions.rs replays every file there).
+# to ape-llama/tests/fixtures/fuzz/<target>/ (ape-llama/tests/fuzz_regressions.rs replays every file there).
 #
 # Prints one line per target: executions, coverage (libFuzzer's cov and ft), corpus size.
 set -euo pipefail
@@ -41,7 +41,7 @@ export RUSTC_BOOTSTRAP=1
 export APE_ATTN_CPU_ONLY=1
 
 model=$(bash scripts/fetch-model.sh | tail -n 1)
-python3 scripts/fuzz-seeds.py "$model" fuzz/seeds tests/fixtures/kquants.json >/dev/null
+python3 scripts/fuzz-seeds.py "$model" fuzz/seeds ape-llama/tests/fixtures/kquants.json >/dev/null
 
 log_dir=fuzz/logs
 mkdir -p "$log_dir"
@@ -54,10 +54,10 @@ fi
 summary=()
 status=0
 for t in "${targets[@]}"; do
-  mkdir -p "fuzz/corpus/$t" "tests/fixtures/fuzz/$t"
+  mkdir -p "fuzz/corpus/$t" "ape-llama/tests/fixtures/fuzz/$t"
   log="$log_dir/$t.log"
   echo "== $t: ${seconds}s"
-  if cargo fuzz run --release --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "tests/fixtures/fuzz/$t" -- \
+  if cargo fuzz run --release --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "ape-llama/tests/fixtures/fuzz/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${seed_flag[@]}" \
     >"$log" 2>&1; then
     result=ok

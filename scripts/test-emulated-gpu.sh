@@ -2,7 +2,8 @@
 # The GPU code path end to end on the emulated CUDA device (docs/EMULATED-DEVICE.md): the same
 # binaries a GPU runs, with target/emulated-device/ first on the library path, so cudarc loads
 # the stand-ins for libcuda and libcublas instead of the real ones. In order:
-#   1. every test in tests/gpu_*.rs and tests/cuda_device.rs, the ignored ones included
+#   1. every test in tests/gpu_*.rs, ape-llama/tests/gpu_*.rs and tests/cuda_device.rs, the
+#      ignored ones included
 #      (APE_GPU_QUICK=1: the attention tests' reduced sweep; tests/emulated_*.rs run the full
 #      one on the kernel emulator), the real model with it (APE_MODEL);
 #   2. examples/kv_pool_decode.rs;
@@ -27,7 +28,7 @@ dev=$(bash scripts/build-emulated-device.sh | tail -n 1) || { echo "building the
 export LD_LIBRARY_PATH="$dev${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export APE_GPU_QUICK=1
 export APE_MODEL=${APE_MODEL:-$(bash scripts/fetch-model.sh | tail -n 1)}
-export APE_FIXTURES=${APE_FIXTURES:-$root/tests/fixtures}
+export APE_FIXTURES=${APE_FIXTURES:-$root/ape-llama/tests/fixtures}
 # The same features as scripts/test.sh's `cargo test`, so its binaries are reused.
 features=(--release --features emulator)
 logs=$root/target/emulated-gpu-logs
@@ -42,9 +43,8 @@ fail() { failed=$((failed + 1)); failures+=("$1"); echo "FAILED: $1 (log: ${3:-}
 echo "== emulated device: $dev"
 
 # 1. The GPU tests. Each binary's libtest line is read: all passed, none failed, none ignored.
-tests=(cuda_device)
-for f in tests/gpu_*.rs; do tests+=("$(basename "$f" .rs)"); done
-for t in "${tests[@]}"; do
+for f in tests/cuda_device.rs tests/gpu_*.rs ape-llama/tests/gpu_*.rs; do
+  t=$(basename "$f" .rs)
   log=$logs/test_$t.log
   start=$SECONDS
   cargo test "${features[@]}" --test "$t" -- --include-ignored > "$log" 2>&1
@@ -54,9 +54,9 @@ for t in "${tests[@]}"; do
   read -r n_pass n_fail n_ignored < <(echo "$line" |
     sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 \2 \3/')
   if [ "$rc" -eq 0 ] && [ "${n_fail:-1}" = 0 ] && [ "${n_ignored:-1}" = 0 ] && [ "${n_pass:-0}" -gt 0 ]; then
-    pass "tests/$t.rs ($n_pass tests)" "$n_pass"
+    pass "$f ($n_pass tests)" "$n_pass"
   else
-    fail "tests/$t.rs (rc $rc, ${n_fail:-?} failed, ${n_ignored:-?} ignored)" 40 "$log"
+    fail "$f (rc $rc, ${n_fail:-?} failed, ${n_ignored:-?} ignored)" 40 "$log"
   fi
 done
 

@@ -8,13 +8,13 @@
 //!   computes.
 //! - [`cuda`]: the device handle, device tensors and the safe kernel launchers.
 //! - `emulator` (feature `emulator`): the same kernels compiled for the CPU and launched the same
-//!   way, so that they are tested against the oracle on machines without a GPU; its `EmulatedOps`
-//!   runs the whole GPU forward pass on them.
-//! - [`llama`]: GGUF and Hugging Face loading, the tokenizer, the CPU forward pass, the GPU forward
-//!   pass (written once against [`llama::gpu::DeviceOps`]), the four encoding modes, and the
-//!   [`cache`] of encoded blocks.
-//! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by both,
-//!   validated on construction.
+//!   way, so that they are tested against the oracle on machines without a GPU.
+//! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by all
+//!   three, validated on construction.
+//!
+//! This crate depends only on what the kernels need (cudarc, half, bytemuck, thiserror). The
+//! model built on it (loading, the block KV cache, the CPU and GPU forward passes in the four
+//! encoding modes, the evaluation and the `ape` command) is the workspace's `ape-llama` crate.
 //!
 //! The math is docs/DESIGN.md §2: for a query row, Context keys form group `C` (scale `1/(T*sqrt(d))`),
 //! Causal keys group `O` (scale `1/sqrt(d)`, masked by absolute position); with `a = S*T*L_C` and
@@ -46,18 +46,15 @@
 
 #![deny(missing_docs)]
 
-pub mod cache;
 pub mod cuda;
 #[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
-pub mod eval;
-pub mod llama;
 mod params;
 pub mod reference;
 
 pub use error::{Error, Result};
 pub use params::{
-    ApeParams, ApeVariant, AttentionDims, Llama3RopeScaling, RopeConfig, RopeLayout, RopeShift,
-    SegmentRole,
+    check_positive, ApeParams, ApeVariant, AttentionDims, Llama3RopeScaling, RopeConfig,
+    RopeLayout, RopeShift, SegmentRole,
 };

@@ -156,7 +156,9 @@ impl Default for ApeParams {
     }
 }
 
-pub(crate) fn check_positive(name: &'static str, value: f64) -> Result<()> {
+/// Errors ([`Error::InvalidParameter`]) unless `value` is finite and positive; `name` is the
+/// parameter as the user knows it.
+pub fn check_positive(name: &'static str, value: f64) -> Result<()> {
     if value.is_finite() && value > 0.0 {
         Ok(())
     } else {

@@ -31,7 +31,15 @@ fn every_design_reference_names_a_heading() {
         .collect();
     let mut paths = vec![root.join("README.md")];
     for dir in [
-        "src", "kernels", "tests", "scripts", "benches", "examples", "fuzz/src", "docs",
+        "src",
+        "kernels",
+        "tests",
+        "scripts",
+        "benches",
+        "examples",
+        "fuzz/src",
+        "docs",
+        "ape-llama",
     ] {
         files(&root.join(dir), &mut paths);
     }

@@ -1,5 +1,5 @@
 //! The fuzz targets' bodies and the allocation bound they run under. The bodies live here, not in
-//! the target files, so that `tests/fuzz_regressions.rs` replays saved inputs through exactly the
+//! the target files, so that `ape-llama/tests/fuzz_regressions.rs` replays saved inputs through exactly the
 //! code libFuzzer ran (it includes both files by path).
 
 pub mod bound;

@@ -1,14 +1,14 @@
 //! One function per fuzz target: any input must return normally (an `Err` inside is fine); a
 //! panic, a hang, an out-of-bounds read or an allocation above the bound is a finding.
 
-use ape_attn::llama::cpu::CpuModel;
-use ape_attn::llama::gguf::Gguf;
-use ape_attn::llama::hf::{
+use ape_attn::ApeParams;
+use ape_llama::cpu::CpuModel;
+use ape_llama::gguf::Gguf;
+use ape_llama::hf::{
     parse_config_json, safetensors_f32, safetensors_header_len, safetensors_metadata,
 };
-use ape_attn::llama::model::{LlamaModel, LogitRows};
-use ape_attn::llama::tokenizer::Tokenizer;
-use ape_attn::ApeParams;
+use ape_llama::model::{LlamaModel, LogitRows};
+use ape_llama::tokenizer::Tokenizer;
 
 /// The GGUF reader end to end: header, metadata, tensor directory, every tensor dequantised
 /// (every supported type), the config, the CPU model's load and one token through it. (The

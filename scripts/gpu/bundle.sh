@@ -81,7 +81,7 @@ $ape run --model "$cut" --context "$stage/context.txt" --question "What is the c
   || { echo "bundle.sh: the CPU forward pass fails on $cut" >&2; exit 1; }
 echo "cut model, top logits at the first answer position:" && cat "$stage/logits.txt"
 
-cp tests/fixtures/smollm2_llamacpp.json "$out/fixtures/"
+cp ape-llama/tests/fixtures/smollm2_llamacpp.json "$out/fixtures/"
 cp scripts/gpu/session.sh scripts/gpu/peer.py scripts/gpu/summarize.py "$out/"
 $ape info > "$out/BUILD_INFO"
 echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')" >> "$out/BUILD_INFO"

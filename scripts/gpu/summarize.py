@@ -4,7 +4,7 @@ floor: the time the work would take at the copy bandwidth and GEMM rate measured
 Usage: summarize.py OUT_DIR
 
 Inputs, each optional (what is missing shows as n/a): criterion/ (benches/kernels.rs),
-peer.json (scripts/gpu/peer.py), e2e.jsonl (benches/e2e.rs), test_*.log and device.txt
+peer.json (scripts/gpu/peer.py), e2e.jsonl (ape-llama/benches/e2e.rs), test_*.log and device.txt
 (scripts/gpu/session.sh). The tables never depend on matplotlib; the plots are skipped without it.
 """
 import json
@@ -13,7 +13,7 @@ import re
 import sys
 
 # ---------------------------------------------------------------------------------------------
-# Shapes of the benchmarks, as benches/kernels.rs and benches/e2e.rs build them.
+# Shapes of the benchmarks, as benches/kernels.rs and ape-llama/benches/e2e.rs build them.
 
 PREFILL_SHAPES = ["q1024_k8192", "q1024_k32768", "q4096_k32768", "q8192_k65536"]
 # (rows, keys, segments) of short_question_and_decode, in the order kernels.rs runs them.
@@ -27,7 +27,7 @@ SHIFT_VARIANTS = ("fused", "separate", "unshifted")
 KERNEL_HEADS, KERNEL_KV_HEADS, KERNEL_HEAD_DIM = 32, 8, 128
 BF16_BYTES = 2
 
-# benches/e2e.rs llama3_8b(): Llama-3-8B shapes with synthetic bf16 weights.
+# ape-llama/benches/e2e.rs llama3_8b(): Llama-3-8B shapes with synthetic bf16 weights.
 LLAMA3_8B = {"layers": 32, "dim": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128,
              "ffn": 14336, "vocab": 128256}
 E2E_PREFIX = 32    # e2e.rs: every prompt starts with a 32-token prefix, cached like a context

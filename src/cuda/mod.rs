@@ -24,7 +24,7 @@ pub use segmented_attention::{
     SegmentedAttentionOptions,
 };
 #[cfg(feature = "emulator")]
-pub(crate) use tensor::{check_reshape, element_count, row_range};
+pub use tensor::{check_reshape, element_count, row_range};
 pub use tensor::{BufferRejected, DType, Tensor, TensorRows};
 
 /// Launch shape of the grid-stride kernels: one thread per item, 256 per block, at most 2^16

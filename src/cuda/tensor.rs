@@ -110,7 +110,8 @@ impl<'a> TensorRows<'a> {
     }
 }
 
-pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
+/// The number of elements of a tensor of `shape`, or an error when it overflows `usize`.
+pub fn element_count(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -118,7 +119,7 @@ pub(crate) fn element_count(shape: &[usize]) -> Result<usize> {
 }
 
 /// Errors unless a tensor of `shape` (`len` elements) can be seen as `to`.
-pub(crate) fn check_reshape(shape: &[usize], len: usize, to: &[usize]) -> Result<()> {
+pub fn check_reshape(shape: &[usize], len: usize, to: &[usize]) -> Result<()> {
     if element_count(to)? != len {
         return Err(Error::Shape(format!("cannot reshape {shape:?} to {to:?}")));
     }
@@ -127,7 +128,7 @@ pub(crate) fn check_reshape(shape: &[usize], len: usize, to: &[usize]) -> Result
 
 /// Rows `start..start + count` of the first dim of a tensor of `shape` (`len` elements): the
 /// shape of those rows, and the elements per row.
-pub(crate) fn row_range(
+pub fn row_range(
     shape: &[usize],
     len: usize,
     start: usize,
@@ -198,8 +199,9 @@ impl Tensor {
     }
 
     /// A tensor whose contents are left as the allocator found them: for outputs that a kernel
-    /// overwrites whole before anything reads them (no memset launch).
-    pub(crate) fn uninit(device: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
+    /// overwrites whole before anything reads them (no memset launch). Reading it before then
+    /// gives stale numbers.
+    pub fn uninit(device: &Device, shape: &[usize], dtype: DType) -> Result<Self> {
         // SAFETY: device memory of a plain byte type; callers write every element before reading
         // (see the call sites), and reading stale bytes would give wrong numbers, not undefined
         // behaviour on the host.
@@ -426,18 +428,20 @@ impl Tensor {
     }
 
     /// The tensor's bytes: the start of its buffer, which a wrapped buffer
-    /// ([`Tensor::from_device_buffer`]) may outlast.
-    pub(crate) fn data(&self) -> CudaView<'_, u8> {
+    /// ([`Tensor::from_device_buffer`]) may outlast. For operations outside this crate (a GEMM
+    /// through cuBLAS, a copy) to read.
+    pub fn data(&self) -> CudaView<'_, u8> {
         self.buf.slice(0..self.len() * self.dtype.size())
     }
 
-    /// The device buffer, for a kernel to write.
-    pub(crate) fn buf_mut(&mut self) -> &mut CudaSlice<u8> {
+    /// The device buffer, for a kernel or an operation outside this crate to write (its first
+    /// `len() * dtype().size()` bytes are the tensor's).
+    pub fn buf_mut(&mut self) -> &mut CudaSlice<u8> {
         &mut self.buf
     }
 
     /// Errors unless the tensor was allocated on `device`.
-    pub(crate) fn check_device(&self, device: &Device, what: &str) -> Result<()> {
+    pub fn check_device(&self, device: &Device, what: &str) -> Result<()> {
         if self.buf.context().as_ref() == device.context().as_ref() {
             Ok(())
         } else {
@@ -450,7 +454,7 @@ impl Tensor {
     }
 
     /// Errors unless the dtype is `dtype`.
-    pub(crate) fn check_dtype(&self, dtype: DType, what: &str) -> Result<()> {
+    pub fn check_dtype(&self, dtype: DType, what: &str) -> Result<()> {
         if self.dtype == dtype {
             Ok(())
         } else {

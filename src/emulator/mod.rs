@@ -20,18 +20,16 @@
 //! runs the emulated kernels on it. The mirrored paths: `src/reference/X.rs` (oracle),
 //! `src/cuda/X.rs` (GPU launcher), `src/emulator/X.rs` (emulated launcher).
 //!
-//! [`EmulatedOps`] puts these launchers behind [`crate::llama::gpu::DeviceOps`], so the GPU
-//! forward pass ([`crate::llama::gpu::GpuModel`]) runs on the emulator too, GEMMs on the CPU.
+//! The `ape-llama` crate puts these launchers behind its GPU forward pass's device operations
+//! (`EmulatedOps`), so the whole model runs on the emulator too, GEMMs on the CPU.
 
 mod capturable_batch;
-mod device_ops;
 mod llama_ops;
 mod merge_states;
 mod rope;
 mod segmented_attention;
 
 pub use capturable_batch::capturable_batch;
-pub use device_ops::{EmulatedOps, HostTensor};
 pub use llama_ops::{embedding, fill_uniform, rms_norm, silu_mul};
 pub use merge_states::{merge_state_in_place, merge_states};
 pub use rope::{rope_apply, rope_shift};

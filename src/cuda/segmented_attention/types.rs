@@ -7,7 +7,7 @@ use super::*;
 ///
 /// `T` is the tensor type: for the launchers here, a [`Tensor`] or [`TensorRows`] (rows of a
 /// larger tensor, such as a KV pool; see [`KvTensor`]); the GPU forward pass
-/// ([`crate::llama::gpu::DeviceOps`]) uses the same struct for its other devices.
+/// (`DeviceOps` in the ape-llama crate) uses the same struct for its other devices.
 #[derive(Debug)]
 pub struct Segment<'a, T = Tensor> {
     /// Keys, `[len, n_kv_heads, head_dim]`.

@@ -1,0 +1,343 @@
+//! The CPU forward pass: f32 weights (dequantised at load), multithreaded GEMMs, and the CPU
+//! reference for attention, so every encoding mode goes through the same segmented attention the
+//! GPU kernels implement.
+
+use rayon::prelude::*;
+
+use super::config::LlamaConfig;
+use super::gguf::Gguf;
+use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::weights::{Weight, WeightSource};
+use ape_attn::reference::{self, llama_ops, rope};
+use ape_attn::{ApeParams, SegmentRole};
+use ape_attn::{Error, Result};
+
+/// One transformer block's weights, matrices `[out, in]` row-major.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate: Vec<f32>,
+    w_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+/// A Llama model on the CPU.
+pub struct CpuModel {
+    config: LlamaConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// `None`: tied to the embedding.
+    output: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for CpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// K and V of a run of tokens on the CPU, every layer `[len, n_kv_heads, head_dim]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuBlock {
+    len: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl KvBlock for CpuBlock {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+    }
+}
+
+impl CpuBlock {
+    /// Layer `l`'s keys.
+    pub fn k(&self, l: usize) -> &[f32] {
+        &self.k[l]
+    }
+
+    /// Layer `l`'s values.
+    pub fn v(&self, l: usize) -> &[f32] {
+        &self.v[l]
+    }
+}
+
+/// Dot product with eight independent accumulators (vectorises; f32).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y[n, out] = x[n, in] W^T` with `W` `[out, in]` row-major.
+fn matmul(x: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), n * din);
+    debug_assert_eq!(w.len(), dout * din);
+    let mut y = vec![0.0f32; n * dout];
+    if n == 0 || dout == 0 {
+        return y;
+    }
+    if n <= 4 {
+        // A few rows (decode): the GEMM's packing of W would cost more than the product. Each
+        // output is a dot product with a contiguous row of W; rows are split across threads.
+        let chunk = 64;
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
+            for (o, yj) in out.iter_mut().enumerate() {
+                let idx = c * chunk + o;
+                let (i, j) = (idx / dout, idx % dout);
+                *yj = dot(&x[i * din..(i + 1) * din], &w[j * din..(j + 1) * din]);
+            }
+        });
+        return y;
+    }
+    // SAFETY: x holds n * din, w holds dout * din and y holds n * dout f32 (checked by the
+    // callers' shapes, asserted above in debug builds); the strides describe exactly those
+    // row-major layouts (W read transposed: element (k, j) at j * din + k).
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            din,
+            dout,
+            1.0,
+            x.as_ptr(),
+            din as isize,
+            1,
+            w.as_ptr(),
+            1,
+            din as isize,
+            0.0,
+            y.as_mut_ptr(),
+            dout as isize,
+            1,
+        );
+    }
+    y
+}
+
+impl CpuModel {
+    /// Loads a GGUF `llama` model, dequantising every weight to f32.
+    pub fn load(g: &Gguf) -> Result<Self> {
+        Self::load_with_progress(g, |_, _| {})
+    }
+
+    /// [`CpuModel::load`], calling `progress(layers_done, n_layers)` as layers load.
+    pub fn load_with_progress(g: &Gguf, progress: impl FnMut(usize, usize)) -> Result<Self> {
+        Self::from_source(LlamaConfig::from_gguf(g)?, g, progress)
+    }
+
+    /// Loads the weights of a model of shape `c` from any file format.
+    pub fn from_source(
+        c: LlamaConfig,
+        src: &dyn WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
+        let embed = src.load(Weight::Embedding, &[c.vocab_size, d])?;
+        let output = match src.has(Weight::Output) {
+            true => Some(src.load(Weight::Output, &[c.vocab_size, d])?),
+            false => None,
+        };
+        let layers = (0..c.n_layers)
+            .map(|l| {
+                progress(l, c.n_layers);
+                Ok(Layer {
+                    attn_norm: src.load(Weight::AttnNorm(l), &[d])?,
+                    wq: src.load(Weight::Q(l), &[d, d])?,
+                    wk: src.load(Weight::K(l), &[kv, d])?,
+                    wv: src.load(Weight::V(l), &[kv, d])?,
+                    wo: src.load(Weight::O(l), &[d, d])?,
+                    ffn_norm: src.load(Weight::FfnNorm(l), &[d])?,
+                    w_gate: src.load(Weight::Gate(l), &[h, d])?,
+                    w_up: src.load(Weight::Up(l), &[h, d])?,
+                    w_down: src.load(Weight::Down(l), &[d, h])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            output_norm: src.load(Weight::OutputNorm, &[d])?,
+            config: c,
+            embed,
+            layers,
+            output,
+        })
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        q: &[f32],
+        pos: usize,
+        own: (&[f32], &[f32]),
+        past: &[Past<'_, CpuBlock>],
+        ape: &ApeParams,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let dims = c.attention_dims()?;
+        let n = q.len() / (c.n_heads * c.head_dim);
+        let mut segments: Vec<reference::Segment> = past
+            .iter()
+            .map(|p| reference::Segment {
+                k: &p.kv.k[l],
+                v: &p.kv.v[l],
+                len: p.kv.len,
+                pos_offset: p.pos_offset,
+                role: p.role,
+                rope_shift: None,
+            })
+            .collect();
+        segments.push(reference::Segment {
+            k: own.0,
+            v: own.1,
+            len: n,
+            pos_offset: pos,
+            role: SegmentRole::Causal,
+            rope_shift: None,
+        });
+        // Rows are independent: split them across threads.
+        let row = c.n_heads * c.head_dim;
+        let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+        let parts: Vec<Result<Vec<f32>>> = q
+            .par_chunks(chunk * row)
+            .enumerate()
+            .map(|(i, qc)| {
+                let query = reference::Query {
+                    data: qc,
+                    n_rows: qc.len() / row,
+                    pos_offset: pos + i * chunk,
+                };
+                reference::segmented_attention(&query, &segments, &dims, ape).map(|o| o.out)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(n * row);
+        for p in parts {
+            out.extend(p?);
+        }
+        Ok(out)
+    }
+}
+
+impl LlamaModel for CpuModel {
+    type Block = CpuBlock;
+
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        past: &[Past<'_, CpuBlock>],
+        ape: &ApeParams,
+        logits: LogitRows,
+    ) -> Result<ForwardOutput<CpuBlock>> {
+        let c = &self.config;
+        let (n, d, kvd) = (tokens.len(), c.dim, c.kv_dim());
+        check_inputs(c, tokens, pos, past)?;
+        for p in past {
+            if p.kv.k.len() != c.n_layers {
+                return Err(Error::Shape(
+                    "a past block has the wrong number of layers".into(),
+                ));
+            }
+        }
+        let mut x = Vec::with_capacity(n * d);
+        for &t in tokens {
+            x.extend_from_slice(&self.embed[t as usize * d..(t as usize + 1) * d]);
+        }
+        let mut block = CpuBlock {
+            len: n,
+            k: Vec::with_capacity(c.n_layers),
+            v: Vec::with_capacity(c.n_layers),
+        };
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = llama_ops::rms_norm(&x, &w.attn_norm, c.rms_eps)?;
+            let mut q = matmul(&h, &w.wq, n, d, d);
+            let mut k = matmul(&h, &w.wk, n, d, kvd);
+            let v = matmul(&h, &w.wv, n, d, kvd);
+            rope::apply(&mut q, n, c.n_heads, &c.rope, pos as i64)?;
+            rope::apply(&mut k, n, c.n_kv_heads, &c.rope, pos as i64)?;
+            let o = self.attention(l, &q, pos, (&k, &v), past, ape)?;
+            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, d, d)) {
+                *xi += oi;
+            }
+            let h = llama_ops::rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
+            let gate = matmul(&h, &w.w_gate, n, d, c.hidden_dim);
+            let up = matmul(&h, &w.w_up, n, d, c.hidden_dim);
+            let a = llama_ops::silu_mul(&gate, &up)?;
+            for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n, c.hidden_dim, d)) {
+                *xi += yi;
+            }
+            block.k.push(k);
+            block.v.push(v);
+        }
+        let rows = match logits {
+            LogitRows::None => 0..0,
+            LogitRows::Last => n.saturating_sub(1)..n,
+            LogitRows::All => 0..n,
+        };
+        let logits = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let h = llama_ops::rms_norm(
+                &x[rows.start * d..rows.end * d],
+                &self.output_norm,
+                c.rms_eps,
+            )?;
+            let out = self.output.as_deref().unwrap_or(&self.embed);
+            matmul(&h, out, rows.len(), d, c.vocab_size)
+        };
+        Ok(ForwardOutput { logits, kv: block })
+    }
+
+    fn block_bytes(&self, n_tokens: usize) -> usize {
+        self.config.kv_bytes(n_tokens, std::mem::size_of::<f32>())
+    }
+
+    fn append_block(&self, block: &mut CpuBlock, more: CpuBlock) -> Result<()> {
+        if block.k.len() != more.k.len() {
+            return Err(Error::Shape("blocks of different depths".into()));
+        }
+        for (a, b) in block
+            .k
+            .iter_mut()
+            .zip(more.k)
+            .chain(block.v.iter_mut().zip(more.v))
+        {
+            a.extend(b);
+        }
+        block.len += more.len;
+        Ok(())
+    }
+
+    fn shift_block(&self, block: &CpuBlock, delta: i64) -> Result<CpuBlock> {
+        let c = &self.config;
+        let mut shifted = block.clone();
+        for k in &mut shifted.k {
+            rope::shift(k, block.len, c.n_kv_heads, &c.rope, delta)?;
+        }
+        Ok(shifted)
+    }
+}

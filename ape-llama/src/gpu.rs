@@ -1,0 +1,627 @@
+//! The GPU forward pass: bf16 weights on the device, cuBLAS GEMMs (bf16 in, f32 accumulate), and
+//! the crate's kernels for everything else: embedding, RMSNorm, RoPE, `silu * up`, and the
+//! segmented attention for every mode. Activations are bf16 but for the residual stream, which
+//! stays f32 across the layers (a bf16 residual costs the real model's logits a correlation of
+//! 0.998 against the f32 CPU pass; f32 keeps it above 0.9996). It implements [`LlamaModel`], so the engine's four modes
+//! run on it unchanged.
+//!
+//! A block's K/V are a list of chunks in position order, each `[len, n_kv_heads, head_dim]` per
+//! layer; every chunk is one segment for the attention kernel. Appending a decode step adds a
+//! chunk instead of copying the block (small chunks are merged once there are many), and a
+//! Block-Attention shift copies nothing: it records the shift on the block's chunks, and the
+//! attention kernel reads their keys rotated ([`RopeShift`]) from the cached tensors.
+//!
+//! The pass is written once against [`DeviceOps`], the operations it needs from a device:
+//! [`CudaOps`] runs them on a GPU (cuBLAS and the crate's kernels); with the `emulator` feature,
+//! `emulated_ops::EmulatedOps` runs the same kernels on the kernel emulator and the GEMMs on
+//! the CPU, so the whole GPU forward pass (segment lists, chunks, shifts, merges) is tested
+//! against the CPU forward pass on machines without a GPU (`tests/emulated_llama.rs`).
+//!
+//! Status: on a GPU, tested only by the ignored tests in `tests/gpu_llama.rs`; see issue #4.
+
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::GemmConfig;
+
+pub use super::cuda_ops::CudaOps;
+
+use super::config::LlamaConfig;
+use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::weights::{Weight, WeightSource};
+use ape_attn::cuda::{self, DType, Device, Query, Segment, Tensor};
+use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeShift, SegmentRole};
+use ape_attn::{Error, Result};
+
+/// A tensor of a [`DeviceOps`]: dense, row-major; bf16, but for the residual stream and the
+/// logits (f32).
+pub trait DeviceTensor: std::fmt::Debug + Sized {
+    /// Shape.
+    fn shape(&self) -> &[usize];
+    /// Element type.
+    fn dtype(&self) -> DType;
+    /// The same data under another shape with as many elements (no copy).
+    fn reshape(self, shape: &[usize]) -> Result<Self>;
+    /// Bytes the tensor holds.
+    fn bytes(&self) -> usize;
+}
+
+impl DeviceTensor for Tensor {
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+
+    fn reshape(self, shape: &[usize]) -> Result<Self> {
+        Tensor::reshape(self, shape)
+    }
+
+    fn bytes(&self) -> usize {
+        self.len() * self.dtype().size()
+    }
+}
+
+/// The operations the GPU forward pass needs from a device, on bf16 tensors and the f32 residual
+/// stream. Each is one of the crate's kernels (oracle in [`ape_attn::reference`]) or a GEMM. Implemented by [`CudaOps`] (a GPU)
+/// and, with the `emulator` feature, by `emulated_ops::EmulatedOps` (the kernel emulator).
+pub trait DeviceOps {
+    /// The device's tensor.
+    type Tensor: DeviceTensor;
+
+    /// `data` (f32, row-major) rounded to bf16, on the device.
+    fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    /// Synthetic weights generated on the device: `offset + scale * u`, `u` uniform in `[-1, 1)`
+    /// from `seed` (`fill_uniform`).
+    fn uniform(&self, shape: &[usize], seed: u32, scale: f32, offset: f32) -> Result<Self::Tensor>;
+    /// The tensor's values, as f32.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Rows `ids` of `table` (`[vocab, d]`) as a new residual stream (f32, exact).
+    fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
+    /// RMSNorm of every row of `x` (the f32 residual stream, or bf16) with weight `w`, as bf16.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, element-wise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// RoPE of `x` (`[n, heads, head_dim]`) in place, row `t` to position `pos + t`.
+    fn rope_apply(&self, x: &mut Self::Tensor, rope: &RopeConfig, pos: i64) -> Result<()>;
+    /// Rotates `x` (`[n, heads, head_dim]`, already at its positions) by `delta` more positions.
+    fn rope_shift(&self, x: &mut Self::Tensor, rope: &RopeConfig, delta: i64) -> Result<()>;
+    /// `x[n, in] W^T` with `W` `[out, in]`, a new `[n, out]` of `dtype` (bf16 for activations,
+    /// f32 for the logits): f32 accumulation, one rounding.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, dtype: DType) -> Result<Self::Tensor>;
+    /// `residual[n, out] += x[n, in] W^T`, the residual stream f32: no rounding to bf16.
+    fn add_linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        residual: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// The segmented attention's output (`[n_rows, n_heads, head_dim]`).
+    fn segmented_attention(
+        &self,
+        query: &Query<'_, Self::Tensor>,
+        segments: &[Segment<'_, Self::Tensor>],
+        dims: &AttentionDims,
+        ape: &ApeParams,
+    ) -> Result<Self::Tensor>;
+    /// Rows `start..start + count` of the first dim, copied.
+    fn copy_rows(&self, t: &Self::Tensor, start: usize, count: usize) -> Result<Self::Tensor>;
+    /// Rows `[a; b; ...]` of tensors alike but for their first dim, in one new tensor.
+    fn concat(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
+    /// A copy.
+    fn try_clone(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// Checks `y[n, out] = x[n, in] W^T` shapes; returns `(n, in, out)`.
+pub(crate) fn linear_dims(x: &[usize], w: &[usize], y: &[usize]) -> Result<(usize, usize, usize)> {
+    if x.len() != 2 || w.len() != 2 || x[1] != w[1] || y != [x[0], w[0]] {
+        return Err(Error::Shape(format!("linear: x {x:?}, W {w:?}, y {y:?}")));
+    }
+    Ok((x[0], x[1], w[0]))
+}
+
+/// The output shape `[n, out]` of `x[n, in] W^T`, the shapes checked.
+pub(crate) fn linear_shape(x: &[usize], w: &[usize]) -> Result<[usize; 2]> {
+    let (Some(&n), Some(&dout)) = (x.first(), w.first()) else {
+        return Err(Error::Shape(format!("linear: x {x:?}, W {w:?}")));
+    };
+    linear_dims(x, w, &[n, dout])?;
+    Ok([n, dout])
+}
+
+/// Checks `y (+)= x W^T` (shapes; `x` and `W` bf16; `y` bf16 or f32, and f32 when accumulating:
+/// the residual stream) and returns the cuBLAS call ([`linear_gemm_config`]).
+pub(crate) fn check_linear<T: DeviceTensor>(
+    x: &T,
+    w: &T,
+    y: &T,
+    accumulate: bool,
+) -> Result<GemmConfig<f32>> {
+    let (n, din, dout) = linear_dims(x.shape(), w.shape(), y.shape())?;
+    if x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+        return Err(Error::DType(format!(
+            "linear: x is {:?} and W {:?}, expected BF16",
+            x.dtype(),
+            w.dtype()
+        )));
+    }
+    match (y.dtype(), accumulate) {
+        (DType::F32, _) | (DType::BF16, false) => {}
+        (other, true) => {
+            return Err(Error::DType(format!(
+                "the residual is {other:?}, expected F32"
+            )))
+        }
+        (other, false) => {
+            return Err(Error::DType(format!(
+                "linear y is {other:?}, not BF16 or F32"
+            )))
+        }
+    }
+    linear_gemm_config(n, din, dout, accumulate)
+}
+
+/// The shape of the concatenation of `parts` along their first dim.
+pub(crate) fn concat_shape<'a>(parts: impl IntoIterator<Item = &'a [usize]>) -> Result<Vec<usize>> {
+    let mut out: Option<Vec<usize>> = None;
+    for s in parts {
+        match &mut out {
+            None if !s.is_empty() => out = Some(s.to_vec()),
+            Some(o) if s.len() == o.len() && s[1..] == o[1..] => o[0] += s[0],
+            _ => {
+                return Err(Error::Shape(format!(
+                    "concat: a part of shape {s:?} does not stack with {out:?}"
+                )))
+            }
+        }
+    }
+    out.ok_or_else(|| Error::Shape("concat of no tensors".into()))
+}
+
+/// The cuBLAS call for `y[n, out] (+)= x[n, in] W^T` on row-major data (alpha and beta as the
+/// f32 compute type takes them). cuBLAS is column-major, so the row-major `y` is the column-major
+/// `C = Y^T` (`out x n`, ld `out`), and `C = op_T(A) B` with `A` = `W` seen column-major
+/// (`in x out`, ld `in`) and `B` = `x` seen column-major (`in x n`, ld `in`).
+pub(crate) fn linear_gemm_config(
+    n: usize,
+    din: usize,
+    dout: usize,
+    accumulate: bool,
+) -> Result<GemmConfig<f32>> {
+    let to_i32 = |v: usize| {
+        i32::try_from(v).map_err(|_| Error::OutOfRange(format!("GEMM dim {v} exceeds i32")))
+    };
+    let (n, din, dout) = (to_i32(n)?, to_i32(din)?, to_i32(dout)?);
+    Ok(GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: dout,
+        n,
+        k: din,
+        alpha: 1.0,
+        lda: din,
+        ldb: din,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        ldc: dout,
+    })
+}
+
+struct GpuLayer<T> {
+    attn_norm: T,
+    wq: T,
+    wk: T,
+    wv: T,
+    wo: T,
+    ffn_norm: T,
+    w_gate: T,
+    w_up: T,
+    w_down: T,
+}
+
+/// A Llama model on one device: a GPU by default ([`CudaOps`]), or any [`DeviceOps`].
+pub struct GpuModel<D: DeviceOps = CudaOps> {
+    ops: D,
+    config: LlamaConfig,
+    dims: AttentionDims,
+    embed: D::Tensor,
+    layers: Vec<GpuLayer<D::Tensor>>,
+    output_norm: D::Tensor,
+    output: Option<D::Tensor>,
+}
+
+impl<D: DeviceOps> std::fmt::Debug for GpuModel<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One run of tokens' K/V, every layer.
+struct Chunk<T> {
+    len: usize,
+    k: Vec<Arc<T>>,
+    v: Vec<Arc<T>>,
+    /// RoPE positions the keys are read rotated by (Block-Attention); the tensors hold them as
+    /// computed.
+    rope_shift: i64,
+}
+
+/// K and V of a run of tokens on the device (see the module docs).
+pub struct GpuBlock<T = Tensor> {
+    len: usize,
+    chunks: Vec<Chunk<T>>,
+}
+
+impl<T> std::fmt::Debug for GpuBlock<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBlock")
+            .field("len", &self.len)
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
+}
+
+impl<T: DeviceTensor> KvBlock for GpuBlock<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .flat_map(|c| c.k.iter().chain(&c.v))
+            .map(|t| t.bytes())
+            .sum()
+    }
+}
+
+/// Chunks beyond this many are merged (all but the first) on append.
+const MAX_CHUNKS: usize = 16;
+
+/// The shapes of every weight (`[out, in]` or `[n]`).
+fn weight_shapes(c: &LlamaConfig) -> Vec<(Weight, Vec<usize>)> {
+    let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
+    let mut w = vec![
+        (Weight::Embedding, vec![c.vocab_size, d]),
+        (Weight::OutputNorm, vec![d]),
+    ];
+    for l in 0..c.n_layers {
+        w.extend([
+            (Weight::AttnNorm(l), vec![d]),
+            (Weight::Q(l), vec![d, d]),
+            (Weight::K(l), vec![kv, d]),
+            (Weight::V(l), vec![kv, d]),
+            (Weight::O(l), vec![d, d]),
+            (Weight::FfnNorm(l), vec![d]),
+            (Weight::Gate(l), vec![h, d]),
+            (Weight::Up(l), vec![h, d]),
+            (Weight::Down(l), vec![d, h]),
+        ]);
+    }
+    w
+}
+
+impl GpuModel<CudaOps> {
+    /// Uploads the weights of a model of shape `config` from any file format to GPU `dev`, as
+    /// bf16.
+    pub fn from_source(
+        dev: Arc<Device>,
+        config: LlamaConfig,
+        src: &dyn WeightSource,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        Self::from_source_on(CudaOps::new(dev)?, config, src, progress)
+    }
+
+    /// Synthetic weights of any Llama shape, generated on GPU `dev` (see [`Self::synthetic_on`]).
+    pub fn synthetic(dev: Arc<Device>, config: LlamaConfig, seed: u32) -> Result<Self> {
+        Self::synthetic_on(CudaOps::new(dev)?, config, seed)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        self.ops.device()
+    }
+}
+
+impl<D: DeviceOps> GpuModel<D> {
+    /// Uploads the weights of a model of shape `config` from any file format through `ops`, as
+    /// bf16. `progress(layer, n_layers)` is called as each layer starts.
+    pub fn from_source_on(
+        ops: D,
+        config: LlamaConfig,
+        src: &dyn WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        check_config(&config)?;
+        let n_layers = config.n_layers;
+        let output = if src.has(Weight::Output) {
+            let shape = [config.vocab_size, config.dim];
+            Some(ops.upload(&shape, &src.load(Weight::Output, &shape)?)?)
+        } else {
+            None
+        };
+        Self::build(ops, config, output, |ops, w, shape| {
+            if let Weight::AttnNorm(l) = w {
+                progress(l, n_layers);
+            }
+            ops.upload(shape, &src.load(w, shape)?)
+        })
+    }
+
+    /// Synthetic weights of any Llama shape, generated on the device from `seed` (uniform, scaled
+    /// by `1/sqrt(fan_in)`; norms 1; output tied to the embedding): for benchmarks at shapes no
+    /// file here has.
+    pub fn synthetic_on(ops: D, config: LlamaConfig, seed: u32) -> Result<Self> {
+        check_config(&config)?;
+        let mut k = 0u32;
+        Self::build(ops, config, None, |ops, _w, shape| {
+            k += 1;
+            let (scale, offset) = match shape {
+                [_] => (0.0, 1.0),
+                [_, fan_in] => (1.0 / (*fan_in as f32).sqrt(), 0.0),
+                _ => (0.0, 0.0),
+            };
+            ops.uniform(
+                shape,
+                seed.wrapping_mul(7919).wrapping_add(k),
+                scale,
+                offset,
+            )
+        })
+    }
+
+    fn build(
+        ops: D,
+        config: LlamaConfig,
+        output: Option<D::Tensor>,
+        mut make: impl FnMut(&D, Weight, &[usize]) -> Result<D::Tensor>,
+    ) -> Result<Self> {
+        let dims = config.attention_dims()?;
+        let mut tensors: Vec<(Weight, D::Tensor)> = Vec::new();
+        for (w, shape) in weight_shapes(&config) {
+            tensors.push((w, make(&ops, w, &shape)?));
+        }
+        let mut take = |w: Weight| -> Result<D::Tensor> {
+            let i = tensors
+                .iter()
+                .position(|(x, _)| *x == w)
+                .ok_or_else(|| Error::Model(format!("missing weight {w:?}")))?;
+            Ok(tensors.swap_remove(i).1)
+        };
+        let embed = take(Weight::Embedding)?;
+        let output_norm = take(Weight::OutputNorm)?;
+        let layers = (0..config.n_layers)
+            .map(|l| {
+                Ok(GpuLayer {
+                    attn_norm: take(Weight::AttnNorm(l))?,
+                    wq: take(Weight::Q(l))?,
+                    wk: take(Weight::K(l))?,
+                    wv: take(Weight::V(l))?,
+                    wo: take(Weight::O(l))?,
+                    ffn_norm: take(Weight::FfnNorm(l))?,
+                    w_gate: take(Weight::Gate(l))?,
+                    w_up: take(Weight::Up(l))?,
+                    w_down: take(Weight::Down(l))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            ops,
+            config,
+            dims,
+            embed,
+            layers,
+            output_norm,
+            output,
+        })
+    }
+
+    /// The device operations the model runs on.
+    pub fn ops(&self) -> &D {
+        &self.ops
+    }
+}
+
+/// The model shapes the GPU forward pass supports (its attention kernel's head dims), checked
+/// before any weight is loaded.
+fn check_config(config: &LlamaConfig) -> Result<()> {
+    config.attention_dims()?;
+    if !cuda::segmented_attention::SUPPORTED_HEAD_DIMS.contains(&config.head_dim) {
+        return Err(Error::UnsupportedHeadDim {
+            op: "GPU forward pass",
+            head_dim: config.head_dim,
+            supported: cuda::segmented_attention::SUPPORTED_HEAD_DIMS,
+        });
+    }
+    Ok(())
+}
+
+impl<D: DeviceOps> LlamaModel for GpuModel<D> {
+    type Block = GpuBlock<D::Tensor>;
+
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        past: &[Past<'_, Self::Block>],
+        ape: &ApeParams,
+        logits: LogitRows,
+    ) -> Result<ForwardOutput<Self::Block>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Shape(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
+        check_inputs(c, tokens, pos, past)?;
+        let ops = &self.ops;
+        let mut x = ops.embedding(tokens, &self.embed)?;
+        let mut chunk = Chunk {
+            len: n,
+            k: Vec::with_capacity(c.n_layers),
+            v: Vec::with_capacity(c.n_layers),
+            rope_shift: 0,
+        };
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = ops.rms_norm(&x, &w.attn_norm, c.rms_eps)?;
+            let mut q = ops
+                .linear(&h, &w.wq, DType::BF16)?
+                .reshape(&[n, c.n_heads, c.head_dim])?;
+            let mut k =
+                ops.linear(&h, &w.wk, DType::BF16)?
+                    .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            let v = ops
+                .linear(&h, &w.wv, DType::BF16)?
+                .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            // Activations are freed as soon as they are used (h here, q after the attention): at
+            // 128K tokens and 8B shapes each is 1 GiB, and the FFN's peak comes next.
+            drop(h);
+            ops.rope_apply(&mut q, &c.rope, pos as i64)?;
+            ops.rope_apply(&mut k, &c.rope, pos as i64)?;
+            let mut segments = Vec::new();
+            for p in past {
+                let mut offset = p.pos_offset;
+                for ch in &p.kv.chunks {
+                    segments.push(Segment {
+                        k: &*ch.k[l],
+                        v: &*ch.v[l],
+                        pos_offset: offset,
+                        role: p.role,
+                        rope_shift: (ch.rope_shift != 0).then_some(RopeShift {
+                            rope: c.rope,
+                            delta: ch.rope_shift,
+                        }),
+                    });
+                    offset += ch.len;
+                }
+            }
+            segments.push(Segment {
+                k: &k,
+                v: &v,
+                pos_offset: pos,
+                role: SegmentRole::Causal,
+                rope_shift: None,
+            });
+            let query = Query {
+                data: &q,
+                pos_offset: pos,
+            };
+            let o = ops.segmented_attention(&query, &segments, &self.dims, ape)?;
+            drop(segments);
+            drop(q);
+            ops.add_linear(&o.reshape(&[n, c.dim])?, &w.wo, &mut x)?;
+            // gate and up (the largest activations: 3.7 GB each for 128K tokens at 8B shapes)
+            // are freed before the down projection.
+            let a = {
+                let h = ops.rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
+                let gate = ops.linear(&h, &w.w_gate, DType::BF16)?;
+                let up = ops.linear(&h, &w.w_up, DType::BF16)?;
+                ops.silu_mul(&gate, &up)?
+            };
+            ops.add_linear(&a, &w.w_down, &mut x)?;
+            chunk.k.push(Arc::new(k));
+            chunk.v.push(Arc::new(v));
+        }
+        let logits = match logits {
+            LogitRows::None => Vec::new(),
+            rows => {
+                let last = if rows == LogitRows::Last {
+                    ops.copy_rows(&x, n - 1, 1)?
+                } else {
+                    x
+                };
+                let h = ops.rms_norm(&last, &self.output_norm, c.rms_eps)?;
+                let out = self.output.as_ref().unwrap_or(&self.embed);
+                // f32 logits: bf16's spacing (0.125 at 16 to 32) would blur near-ties.
+                ops.download(&ops.linear(&h, out, DType::F32)?)?
+            }
+        };
+        Ok(ForwardOutput {
+            logits,
+            kv: GpuBlock {
+                len: n,
+                chunks: vec![chunk],
+            },
+        })
+    }
+
+    /// O(1): the chunks share the block's tensors and carry the shift (`R(a) R(b) = R(a + b)`).
+    fn shift_block(&self, block: &Self::Block, delta: i64) -> Result<Self::Block> {
+        let chunks = block
+            .chunks
+            .iter()
+            .map(|ch| {
+                Ok(Chunk {
+                    len: ch.len,
+                    k: ch.k.clone(),
+                    v: ch.v.clone(),
+                    rope_shift: ch.rope_shift.checked_add(delta).ok_or_else(|| {
+                        Error::OutOfRange(format!("RoPE shift {} + {delta}", ch.rope_shift))
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuBlock {
+            len: block.len,
+            chunks,
+        })
+    }
+
+    fn block_bytes(&self, n_tokens: usize) -> usize {
+        // bf16, the projections' dtype.
+        self.config.kv_bytes(n_tokens, DType::BF16.size())
+    }
+
+    fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()> {
+        block.len += more.len;
+        block.chunks.extend(more.chunks);
+        if block.chunks.len() > MAX_CHUNKS {
+            // Merge every chunk after the first (the prompt) into one. The block keeps its chunks
+            // until the merge has succeeded, so an error (out of memory) leaves it whole.
+            let tail = &block.chunks[1..];
+            let layers = self.config.n_layers;
+            let mut merged = Chunk {
+                len: tail.iter().map(|c| c.len).sum(),
+                k: Vec::with_capacity(layers),
+                v: Vec::with_capacity(layers),
+                rope_shift: 0,
+            };
+            for l in 0..layers {
+                // The merged chunk holds its keys as read: shifted chunks are rotated first.
+                let rotated: Vec<Option<D::Tensor>> = tail
+                    .iter()
+                    .map(|c| {
+                        (c.rope_shift != 0)
+                            .then(|| {
+                                let mut k = self.ops.try_clone(&c.k[l])?;
+                                self.ops
+                                    .rope_shift(&mut k, &self.config.rope, c.rope_shift)?;
+                                Ok(k)
+                            })
+                            .transpose()
+                    })
+                    .collect::<Result<_>>()?;
+                let ks: Vec<&D::Tensor> = tail
+                    .iter()
+                    .zip(&rotated)
+                    .map(|(c, r)| r.as_ref().unwrap_or(c.k[l].as_ref()))
+                    .collect();
+                let vs: Vec<&D::Tensor> = tail.iter().map(|c| c.v[l].as_ref()).collect();
+                merged.k.push(Arc::new(self.ops.concat(&ks)?));
+                merged.v.push(Arc::new(self.ops.concat(&vs)?));
+            }
+            block.chunks.truncate(1);
+            block.chunks.push(merged);
+        }
+        Ok(())
+    }
+}

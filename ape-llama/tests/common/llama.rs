@@ -1,0 +1,272 @@
+//! The GPU forward pass's cases, written once for every device it runs on: a GPU
+//! (`tests/gpu_llama.rs`, needs a CUDA device) and the kernel emulator
+//! (`tests/emulated_llama.rs`). Each case builds a [`GpuModel`] on the device's [`DeviceOps`] and
+//! compares it with the CPU forward pass: correlation > 0.999 per logit row, and the same top-1
+//! wherever the CPU's margin exceeds 0.1.
+#![allow(dead_code)]
+
+use ape_attn::{ApeParams, SegmentRole};
+use ape_llama::config::LlamaConfig;
+use ape_llama::cpu::CpuModel;
+use ape_llama::engine::{Engine, Mode, Prompt, Sampling};
+use ape_llama::gguf::Gguf;
+use ape_llama::gpu::{DeviceOps, GpuModel};
+use ape_llama::model::{KvBlock, LlamaModel, LogitRows, Past};
+
+use crate::common::gguf_writer::Writer;
+use crate::common::seeded;
+
+/// dim 128, 2 heads of 64, 1 KV head, 2 layers, hidden 256, vocab 64.
+fn small_model() -> Gguf {
+    small_model_with_window(4096)
+}
+
+/// [`small_model`] with a window of `context_length` positions.
+pub fn small_model_with_window(context_length: u32) -> Gguf {
+    let mut r = seeded("small_model");
+    let (d, kv, h, vocab, layers) = (128, 64, 256, 64, 2);
+    let mut w = Writer::default();
+    w.str("general.architecture", "llama")
+        .u32("llama.embedding_length", d as u32)
+        .u32("llama.attention.head_count", 2)
+        .u32("llama.attention.head_count_kv", 1)
+        .u32("llama.block_count", layers)
+        .u32("llama.feed_forward_length", h as u32)
+        .u32("llama.context_length", context_length)
+        .u32("llama.vocab_size", vocab as u32)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .f32("llama.rope.freq_base", 10000.0);
+    let mut m = |name: &str, dims: &[usize], scale: f32| {
+        let n = dims.iter().product();
+        let v: Vec<f32> = if dims.len() == 1 {
+            vec![1.0; n]
+        } else {
+            r.uniform(n, scale)
+        };
+        w.f32_tensor(name, dims, &v);
+    };
+    m("token_embd.weight", &[d, vocab], 1.0);
+    m("output_norm.weight", &[d], 0.0);
+    for l in 0..layers {
+        let s = 1.0 / (d as f32).sqrt();
+        m(&format!("blk.{l}.attn_norm.weight"), &[d], 0.0);
+        m(&format!("blk.{l}.ffn_norm.weight"), &[d], 0.0);
+        m(&format!("blk.{l}.attn_q.weight"), &[d, d], s);
+        m(&format!("blk.{l}.attn_k.weight"), &[d, kv], s);
+        m(&format!("blk.{l}.attn_v.weight"), &[d, kv], s);
+        m(&format!("blk.{l}.attn_output.weight"), &[d, d], s);
+        m(&format!("blk.{l}.ffn_gate.weight"), &[d, h], s);
+        m(&format!("blk.{l}.ffn_up.weight"), &[d, h], s);
+        m(
+            &format!("blk.{l}.ffn_down.weight"),
+            &[h, d],
+            1.0 / (h as f32).sqrt(),
+        );
+    }
+    Gguf::parse(w.bytes()).expect("parses")
+}
+
+fn correlation(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let mb = b.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let cov: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - ma) * (y as f64 - mb))
+        .sum();
+    let va: f64 = a.iter().map(|&x| (x as f64 - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|&y| (y as f64 - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+/// Correlation > 0.999 per row, and the same top-1 wherever the CPU's margin exceeds 0.1.
+fn assert_close(gpu: &[f32], cpu: &[f32], vocab: usize, what: &str) {
+    assert_eq!(gpu.len(), cpu.len());
+    for (t, (g, c)) in gpu.chunks(vocab).zip(cpu.chunks(vocab)).enumerate() {
+        let r = correlation(g, c);
+        assert!(r > 0.999, "{what}: row {t} correlation {r}");
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
+        if c[order[0]] - c[order[1]] > 0.1 {
+            let top = (0..vocab)
+                .max_by(|&a, &b| g[a].total_cmp(&g[b]))
+                .expect("vocab");
+            assert_eq!(top, order[0], "{what}: row {t} top-1");
+        }
+    }
+}
+
+/// The model on `ops`.
+fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
+    let cfg = LlamaConfig::from_gguf(g).expect("config");
+    GpuModel::from_source_on(ops, cfg, g, |_, _| {}).expect("model on the device")
+}
+
+/// Prefill of 150 tokens at positions 0 and 1000.
+pub fn forward_matches_cpu_forward<D: DeviceOps>(ops: D) {
+    let g = small_model();
+    let cpu = CpuModel::load(&g).expect("cpu");
+    let dev = load(ops, &g);
+    let vocab = dev.config().vocab_size;
+    let tokens: Vec<u32> = (0..150).map(|i| (i * 7 % 64) as u32).collect();
+    for pos in [0usize, 1000] {
+        let a = dev
+            .forward(&tokens, pos, &[], &ApeParams::plain(), LogitRows::All)
+            .expect("device forward");
+        let b = cpu
+            .forward(&tokens, pos, &[], &ApeParams::plain(), LogitRows::All)
+            .expect("cpu forward");
+        assert_close(&a.logits, &b.logits, vocab, &format!("prefill at {pos}"));
+        // What the cache is told to expect before encoding is what the block holds.
+        assert_eq!(dev.block_bytes(tokens.len()), a.kv.bytes());
+        assert_eq!(cpu.block_bytes(tokens.len()), b.kv.bytes());
+    }
+}
+
+/// The four modes through the engine, 20 decode steps each, then generation.
+pub fn the_four_modes_and_decode_match<D: DeviceOps>(ops: D) {
+    let g = small_model();
+    let mut cpu = Engine::new(CpuModel::load(&g).expect("cpu"), "m", 1 << 30);
+    let mut dev = Engine::new(load(ops, &g), "m", 1 << 30);
+    let vocab = dev.model.config().vocab_size;
+    let prompt = Prompt {
+        prefix: (0..12).collect(),
+        contexts: vec![
+            (10..80).map(|i| i % 64).collect(),
+            (20..33).collect(),
+            (1..100).map(|i| i % 64).collect(),
+        ],
+        question: (40..60).collect(),
+    };
+    for mode in [
+        Mode::Sequential,
+        Mode::Parallel,
+        Mode::Ape(ApeParams::default()),
+        Mode::BlockAttention,
+    ] {
+        let mut a = dev.prefill(mode, &prompt).expect("device prefill");
+        let mut b = cpu.prefill(mode, &prompt).expect("cpu prefill");
+        assert_close(&a.logits, &b.logits, vocab, mode.name());
+        // 20 decode steps: more than MAX_CHUNKS, so the question block's chunks get merged.
+        for step in 0..20u32 {
+            let la = dev.decode_step(&mut a, step % 64).expect("device step");
+            let lb = cpu.decode_step(&mut b, step % 64).expect("cpu step");
+            assert_close(&la, &lb, vocab, &format!("{} step {step}", mode.name()));
+        }
+    }
+    let out = dev
+        .generate(
+            Mode::Ape(ApeParams::default()),
+            &prompt,
+            Sampling::Greedy,
+            8,
+            &[],
+        )
+        .expect("generate");
+    assert_eq!(out.tokens.len(), 8);
+}
+
+/// A block grown by decode steps, shifted (Block-Attention), then grown past MAX_CHUNKS so that its
+/// shifted chunks are rotated and merged, then read by a question: the same logits on both models.
+fn shifted_block_then_appended<M: LlamaModel>(m: &M) -> Vec<f32> {
+    let plain = ApeParams::plain();
+    fn past<B>(b: &B, pos: usize) -> [Past<'_, B>; 1] {
+        [Past {
+            kv: b,
+            pos_offset: pos,
+            role: SegmentRole::Causal,
+        }]
+    }
+    let mut block = m
+        .forward(&[1, 2, 3, 4, 5], 0, &[], &plain, LogitRows::None)
+        .expect("prompt")
+        .kv;
+    for t in 0..6u32 {
+        let step = m
+            .forward(
+                &[t + 7],
+                block.len(),
+                &past(&block, 0),
+                &plain,
+                LogitRows::None,
+            )
+            .expect("step");
+        m.append_block(&mut block, step.kv).expect("append");
+    }
+    let delta = 300;
+    let mut block = m.shift_block(&block, delta as i64).expect("shift");
+    for t in 0..20u32 {
+        let pos = delta + block.len();
+        let step = m
+            .forward(
+                &[t + 20],
+                pos,
+                &past(&block, delta),
+                &plain,
+                LogitRows::None,
+            )
+            .expect("step");
+        m.append_block(&mut block, step.kv).expect("append");
+    }
+    let q_pos = delta + block.len();
+    m.forward(
+        &[50, 51, 52],
+        q_pos,
+        &past(&block, delta),
+        &plain,
+        LogitRows::All,
+    )
+    .expect("question")
+    .logits
+}
+
+/// A shifted block grown past MAX_CHUNKS and read by a question, on both models.
+pub fn shifted_blocks_match_when_grown_and_merged<D: DeviceOps>(ops: D) {
+    let g = small_model();
+    let cpu = CpuModel::load(&g).expect("cpu");
+    let dev = load(ops, &g);
+    let a = shifted_block_then_appended(&dev);
+    let b = shifted_block_then_appended(&cpu);
+    assert_close(
+        &a,
+        &b,
+        dev.config().vocab_size,
+        "shifted block, grown and merged",
+    );
+}
+
+/// Synthetic weights generated on the device, at shape `cfg`: a forward pass gives finite logits.
+pub fn synthetic_model_runs<D: DeviceOps>(ops: D, cfg: LlamaConfig) {
+    let vocab = cfg.vocab_size;
+    let m = GpuModel::synthetic_on(ops, cfg, 7).expect("synthetic");
+    let tokens: Vec<u32> = (0..64).map(|i| i * 1000 % vocab as u32).collect();
+    let out = m
+        .forward(&tokens, 0, &[], &ApeParams::default(), LogitRows::Last)
+        .expect("forward");
+    assert_eq!(out.logits.len(), vocab);
+    assert!(out.logits.iter().all(|x| x.is_finite()));
+    let spread = out.logits.iter().fold(0f32, |a, x| a.max(x.abs()));
+    assert!(spread > 0.0, "the logits are not all zero");
+}
+
+/// The real model (a GGUF at `path`) on the llama.cpp fixture's prompts.
+pub fn forward_matches_cpu_on_the_real_model<D: DeviceOps>(ops: D, path: &std::path::Path) {
+    let g = Gguf::open(path).expect("model");
+    let cpu = CpuModel::load(&g).expect("cpu");
+    let dev = load(ops, &g);
+    let vocab = dev.config().vocab_size;
+    let fixture = crate::common::llamacpp_fixture();
+    for p in fixture["prompts"].as_array().expect("prompts") {
+        let ids = crate::common::fixture_ids(&p["ids"]);
+        let a = dev
+            .forward(&ids, 0, &[], &ApeParams::plain(), LogitRows::All)
+            .expect("device")
+            .logits;
+        let b = cpu
+            .forward(&ids, 0, &[], &ApeParams::plain(), LogitRows::All)
+            .expect("cpu")
+            .logits;
+        assert_close(&a, &b, vocab, "real model");
+    }
+}

@@ -1,0 +1,284 @@
+//! The encoding modes on the real model (CPU): the identities of docs/DESIGN.md §5.4 and the cache.
+
+mod common;
+#[path = "common/llama.rs"]
+mod llama;
+
+use ape_attn::{ApeParams, Error};
+use ape_llama::cpu::CpuModel;
+use ape_llama::engine::{Engine, Mode, Prompt, Sampling};
+use ape_llama::gguf::Gguf;
+use ape_llama::model::{LlamaModel, LogitRows};
+use ape_llama::tokenizer::Tokenizer;
+
+fn engine() -> (Engine<CpuModel>, Tokenizer) {
+    let g = Gguf::open(common::default_model()).expect("model parses");
+    let tok = Tokenizer::from_gguf(&g).expect("tokenizer");
+    let model = CpuModel::load(&g).expect("model loads");
+    (Engine::new(model, "smollm2-135m-q4_1", 1 << 30), tok)
+}
+
+fn prompt(tok: &Tokenizer, passages: &[&str], question: &str) -> Prompt {
+    let enc = |s: &str| tok.encode(s).expect("encode");
+    Prompt {
+        prefix: enc("<|im_start|>system\nAnswer from the passages.<|im_end|>\n<|im_start|>user\n"),
+        contexts: passages.iter().map(|p| enc(&format!("{p}\n"))).collect(),
+        question: enc(&format!(
+            "Question: {question}<|im_end|>\n<|im_start|>assistant\n"
+        )),
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const PASSAGES: [&str; 3] = [
+    "Mira Kovac founded the Lantern Bakery in 1987 in the town of Esterhill.",
+    "The Lantern Bakery is known for a dark rye bread baked with caraway.",
+    "Esterhill lies on the river Vel, two hours north of the capital.",
+];
+
+#[test]
+fn sequential_equals_ape_and_parallel_with_one_context_and_plain_params() {
+    let (mut e, tok) = engine();
+    let p = prompt(&tok, &PASSAGES[..1], "Who founded the Lantern Bakery?");
+    let seq = e.prefill(Mode::Sequential, &p).expect("sequential").logits;
+    let ape = e
+        .prefill(Mode::Ape(ApeParams::plain()), &p)
+        .expect("ape")
+        .logits;
+    let par = e.prefill(Mode::Parallel, &p).expect("parallel").logits;
+    let scale = seq.iter().fold(0f32, |m, x| m.max(x.abs()));
+    println!(
+        "max |seq - ape| {} (logit scale {scale})",
+        max_diff(&seq, &ape)
+    );
+    assert!(max_diff(&seq, &ape) < 1e-3 * scale);
+    assert!(max_diff(&ape, &par) < 1e-5 * scale);
+}
+
+#[test]
+fn block_rerotation_equals_prefill_at_the_real_offset() {
+    let (e, tok) = engine();
+    let ids = tok.encode(PASSAGES[1]).expect("encode");
+    let m = &e.model;
+    let plain = ApeParams::plain();
+    for offset in [1usize, 37, 1000] {
+        let at_zero = m
+            .forward(&ids, 0, &[], &plain, LogitRows::None)
+            .expect("forward")
+            .kv;
+        let shifted = m.shift_block(&at_zero, offset as i64).expect("shift");
+        let direct = m
+            .forward(&ids, offset, &[], &plain, LogitRows::None)
+            .expect("forward")
+            .kv;
+        for l in 0..m.config().n_layers {
+            let scale = direct.k(l).iter().fold(0f32, |a, x| a.max(x.abs()));
+            let (dk, dv) = (
+                max_diff(shifted.k(l), direct.k(l)),
+                max_diff(shifted.v(l), direct.v(l)),
+            );
+            assert!(
+                dk < 1e-3 * scale,
+                "layer {l} offset {offset}: K differs by {dk} (scale {scale})"
+            );
+            assert!(
+                dv < 1e-3 * scale.max(1.0),
+                "layer {l} offset {offset}: V differs by {dv}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_request_in_any_order_encodes_nothing_and_ape_ignores_the_order() {
+    let (mut e, tok) = engine();
+    let p = prompt(&tok, &PASSAGES, "Where is the Lantern Bakery?");
+    let mut reversed = p.clone();
+    reversed.contexts.reverse();
+    for mode in [Mode::Ape(ApeParams::default()), Mode::BlockAttention] {
+        let first = e.prefill(mode, &p).expect("prefill");
+        let misses = e.cache.stats().misses;
+        assert!(first.tokens_encoded > p.question.len());
+        let again = e.prefill(mode, &reversed).expect("prefill");
+        assert_eq!(
+            e.cache.stats().misses,
+            misses,
+            "{mode:?}: the second request encoded a block"
+        );
+        assert_eq!(again.tokens_encoded, p.question.len());
+        if let Mode::Ape(_) = mode {
+            // Contexts share positions and form one group: their order does not matter.
+            let scale = first.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(max_diff(&first.logits, &again.logits) < 1e-4 * scale);
+        }
+    }
+    assert!(e.cache.stats().hits > 0);
+}
+
+#[test]
+fn generation_stops_and_sampling_is_reproducible() {
+    let (mut e, tok) = engine();
+    let p = prompt(&tok, &PASSAGES, "Who founded the Lantern Bakery?");
+    let greedy = e
+        .generate(
+            Mode::Ape(ApeParams::default()),
+            &p,
+            Sampling::Greedy,
+            12,
+            &tok.stop_tokens,
+        )
+        .expect("generate");
+    assert!(!greedy.tokens.is_empty() && greedy.tokens.len() <= 12);
+    assert!(greedy.tokens.iter().all(|t| !tok.stop_tokens.contains(t)));
+    let again = e
+        .generate(
+            Mode::Ape(ApeParams::default()),
+            &p,
+            Sampling::Greedy,
+            12,
+            &tok.stop_tokens,
+        )
+        .expect("generate");
+    assert_eq!(greedy.tokens, again.tokens);
+    let s = Sampling::Temperature {
+        temperature: 0.8,
+        seed: 7,
+    };
+    let a = e
+        .generate(Mode::Sequential, &p, s, 8, &[])
+        .expect("generate");
+    let b = e
+        .generate(Mode::Sequential, &p, s, 8, &[])
+        .expect("generate");
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.tokens.len(), 8);
+    let bad = Sampling::Temperature {
+        temperature: 0.0,
+        seed: 1,
+    };
+    assert!(matches!(
+        e.generate(Mode::Sequential, &p, bad, 4, &[]),
+        Err(Error::InvalidParameter { .. })
+    ));
+    println!(
+        "greedy answer: {:?}",
+        tok.decode(&greedy.tokens).expect("decode")
+    );
+}
+
+#[test]
+fn bad_requests_are_errors() {
+    let (mut e, tok) = engine();
+    let mut p = prompt(&tok, &PASSAGES[..1], "Who?");
+    p.question.clear();
+    assert!(e.prefill(Mode::Parallel, &p).is_err());
+    let window = e.model.config().context_length;
+    let long = Prompt {
+        prefix: vec![],
+        contexts: vec![vec![100; window]],
+        question: vec![100],
+    };
+    assert!(matches!(
+        e.prefill(Mode::BlockAttention, &long),
+        Err(Error::OutOfRange(_))
+    ));
+    let bad_token = Prompt {
+        prefix: vec![],
+        contexts: vec![],
+        question: vec![u32::MAX],
+    };
+    assert!(matches!(
+        e.prefill(Mode::Sequential, &bad_token),
+        Err(Error::OutOfRange(_))
+    ));
+}
+
+/// Generation that reaches the model's window stops there and returns what it has (it used to fail
+/// the whole request).
+#[test]
+fn generation_stops_at_the_window() {
+    let window = 24;
+    let model = CpuModel::load(&llama::small_model_with_window(window)).expect("model loads");
+    let mut e = Engine::new(model, "small", 1 << 30);
+    let p = Prompt {
+        prefix: vec![1, 2, 3, 4],
+        contexts: vec![vec![5, 6, 7, 8, 9, 10]],
+        question: vec![11, 12, 13, 14, 15],
+    };
+    for mode in [
+        Mode::Sequential,
+        Mode::Ape(ApeParams::default()),
+        Mode::BlockAttention,
+    ] {
+        let g = e
+            .generate(mode, &p, Sampling::Greedy, 100, &[])
+            .expect("generate");
+        // Positions 15..24 take the fed tokens; the last token is sampled at position 23's
+        // logits and not fed.
+        assert_eq!(g.tokens.len(), window as usize - 15 + 1, "{mode:?}");
+        assert!(g.window_full);
+        let g = e
+            .generate(mode, &p, Sampling::Greedy, 3, &[])
+            .expect("generate");
+        assert_eq!(g.tokens.len(), 3);
+        assert!(!g.window_full);
+    }
+}
+
+/// Block-Attention reads cached blocks through shifted views; the cached blocks stay pinned while
+/// the request runs, so another request cannot evict them (and the cache's byte count stays true).
+#[test]
+fn block_attention_pins_the_blocks_it_reads() {
+    let load = || CpuModel::load(&llama::small_model_with_window(4096)).expect("model loads");
+    let p = Prompt {
+        prefix: vec![1, 2, 3],
+        contexts: vec![vec![5; 40], vec![6; 40]],
+        question: vec![7, 8],
+    };
+    let mut probe = Engine::new(load(), "small", 1 << 30);
+    drop(probe.prefill(Mode::BlockAttention, &p).expect("prefill"));
+    let bytes = probe.cache.stats().bytes;
+    // A cache that holds exactly this request's blocks.
+    let mut e = Engine::new(load(), "small", bytes);
+    let state = e.prefill(Mode::BlockAttention, &p).expect("prefill");
+    let other = Prompt {
+        contexts: vec![vec![9; 40]],
+        ..p.clone()
+    };
+    assert!(matches!(
+        e.prefill(Mode::BlockAttention, &other),
+        Err(Error::CacheFull(_))
+    ));
+    assert_eq!(e.cache.stats().evictions, 0);
+    drop(state);
+    // Unpinned: the same request now evicts what it needs.
+    assert!(e.prefill(Mode::BlockAttention, &other).is_ok());
+    assert!(e.cache.stats().evictions > 0);
+}
+
+/// The shared prefix is encoded alone from position 0 in every mode: an APE request and a
+/// Block-Attention request over the same prefix share its block.
+#[test]
+fn ape_and_block_attention_share_the_prefix_block() {
+    let model = CpuModel::load(&llama::small_model_with_window(4096)).expect("model loads");
+    let mut e = Engine::new(model, "small", 1 << 30);
+    let p = Prompt {
+        prefix: vec![1, 2, 3, 4, 5],
+        contexts: vec![vec![6; 20], vec![7; 30]],
+        question: vec![8, 9],
+    };
+    let ape = e
+        .prefill(Mode::Ape(ApeParams::default()), &p)
+        .expect("prefill");
+    assert_eq!(ape.tokens_encoded, 5 + 20 + 30 + 2);
+    let blocks = e.prefill(Mode::BlockAttention, &p).expect("prefill");
+    // The contexts are encoded again (alone, not after the prefix); the prefix is a hit.
+    assert_eq!(blocks.tokens_encoded, 20 + 30 + 2);
+}
