@@ -6,9 +6,10 @@
 //! head dim 128): one sequence with 16 or 256 segments, and decode batches of 64 and 256
 //! sequences, plain (APE) and with every cached block read shifted (Block-Attention, each
 //! sequence at its own offsets, so the shifts are distinct: 4095 of them, sequence 0's first
-//! block sitting at position 0).
+//! block sitting at position 0). The segments' references are built once, with fake addresses
+//! (nothing reads them); what is timed is the layout built from them and its upload image.
 
-use ape_attn::cuda::segmented_attention::{launch_host_bytes, HostSegment};
+use ape_attn::cuda::segmented_attention::{launch_host_bytes, SegmentRef, SequenceRef};
 use ape_attn::cuda::DType;
 use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -16,26 +17,47 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 const SMS: usize = 132;
 
 /// `n_blocks` cached blocks of `block_len` keys (shifted by their offset when `shift`), then the
-/// sequence's own `own` keys; the sequence starts at `base`.
+/// sequence's own `own` keys; the sequence starts at `base`. Addresses are 0 (see `fake_addresses`).
 fn sequence(
     n_blocks: usize,
     block_len: usize,
     own: usize,
     base: usize,
     shift: Option<RopeConfig>,
-) -> Vec<HostSegment> {
-    let mut segs: Vec<HostSegment> = (0..n_blocks)
+) -> Vec<SegmentRef> {
+    let seg = |len, pos_offset, role, rope_shift| SegmentRef {
+        k: 0,
+        v: 0,
+        len,
+        pos_offset,
+        role,
+        rope_shift,
+    };
+    let mut segs: Vec<SegmentRef> = (0..n_blocks)
         .map(|i| {
             let pos = base + i * block_len;
             let rope_shift = shift.map(|rope| RopeShift {
                 rope,
                 delta: pos as i64,
             });
-            (block_len, pos, SegmentRole::Context, rope_shift)
+            seg(block_len, pos, SegmentRole::Context, rope_shift)
         })
         .collect();
-    segs.push((own, base + n_blocks * block_len, SegmentRole::Causal, None));
+    segs.push(seg(
+        own,
+        base + n_blocks * block_len,
+        SegmentRole::Causal,
+        None,
+    ));
     segs
+}
+
+/// Gives every segment of the launch its own fake K and V addresses, 1 MiB apart.
+fn fake_addresses(segs: &mut [Vec<SegmentRef>]) {
+    for (i, s) in segs.iter_mut().flatten().enumerate() {
+        s.k = 0x1000_0000 + (i as u64) * 0x10_0000;
+        s.v = 0x8000_0000 + (i as u64) * 0x10_0000;
+    }
 }
 
 fn bench_host(c: &mut Criterion) {
@@ -54,14 +76,20 @@ fn bench_host(c: &mut Criterion) {
     for (name, n_seqs, rows, n_blocks, block_len, shifted) in cases {
         // Each sequence starts at its own offset (a different system prompt length), so a
         // shifted batch has n_seqs * n_blocks - 1 distinct nonzero shifts.
-        let segs: Vec<Vec<HostSegment>> = (0..n_seqs)
+        let mut segs: Vec<Vec<SegmentRef>> = (0..n_seqs)
             .map(|i| sequence(n_blocks, block_len, 40, 7 * i, shifted.then_some(rope)))
             .collect();
-        let sequences: Vec<(usize, usize, &[HostSegment], ApeParams)> = segs
+        fake_addresses(&mut segs);
+        let sequences: Vec<SequenceRef> = segs
             .iter()
             .map(|s| {
                 let own = s.last().expect("own keys");
-                (rows, own.1 + own.0 - rows, s.as_slice(), ape)
+                SequenceRef {
+                    n_rows: rows,
+                    pos_offset: own.pos_offset + own.len - rows,
+                    segments: s,
+                    ape,
+                }
             })
             .collect();
         g.throughput(Throughput::Elements(n_seqs as u64));

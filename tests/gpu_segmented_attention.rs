@@ -9,7 +9,7 @@ mod common;
 
 use ape_attn::cuda::{self, BatchCapacity, DType, SegmentedAttentionOptions, Tensor};
 use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
-use attention::{assert_ok, check, round, Backend, Case, HostSegment};
+use attention::{assert_ok, check, round, Backend, Case, CaseSegment};
 use common::{hash_fill, seeded, Gpu};
 
 /// A case's segments' K and V on the device.
@@ -713,7 +713,7 @@ fn sdpa_comparison_cases() {
         let n_segs = if causal { 1 } else { 4 };
         let per = keys / n_segs;
         let segments = (0..n_segs)
-            .map(|i| HostSegment {
+            .map(|i| CaseSegment {
                 k: k[i * per * row..(i + 1) * per * row].to_vec(),
                 v: v[i * per * row..(i + 1) * per * row].to_vec(),
                 len: per,

@@ -5,8 +5,8 @@
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
-    smem_bytes, BatchCapacity, FixedShape, SegmentExtent, SegmentRef, SegmentedAttentionOptions,
-    COMBINE_THREADS, THREADS,
+    smem_bytes, BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, COMBINE_THREADS,
+    THREADS,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -112,40 +112,8 @@ pub(super) fn run(
 ) -> Result<AttentionOutput> {
     check_head_dim(dims.head_dim)?;
     check_dtype(dtype)?;
-    for (i, s) in sequences.iter().enumerate() {
-        let extents: Vec<SegmentExtent> = s
-            .segments
-            .iter()
-            .map(|s| SegmentExtent {
-                len: s.len,
-                pos_offset: s.pos_offset,
-                rope_shift: s.rope_shift,
-            })
-            .collect();
-        check_problem(s.n_rows, s.pos_offset, dims, &extents, &prefix(i))?;
-    }
-    let fixed = match fixed {
-        Some(c) => {
-            // As CapturableBatch: new(), then prepare().
-            let shape = FixedShape::new(c, dims, emulator.sm_count, options.num_splits)?;
-            c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
-            Some(shape)
-        }
-        None => None,
-    };
-    let n_rows: usize = match &fixed {
-        Some(shape) => shape.capacity.rows,
-        None => sequences.iter().map(|s| s.n_rows).sum(),
-    };
-    let n = n_rows * dims.n_heads;
-    if n_rows == 0 {
-        return Ok(AttentionOutput {
-            out: Vec::new(),
-            lse: Vec::new(),
-        });
-    }
-
-    let mut q = to_dtype(q, dtype);
+    // The segments as the kernels read them: rounded to `dtype`, at the host addresses that the
+    // descriptors hold. Their refs are checked, then laid out.
     let mut kv: Vec<(Aligned, Aligned)> = sequences
         .iter()
         .flat_map(|q| q.segments)
@@ -170,6 +138,31 @@ pub(super) fn run(
             .iter()
             .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
     );
+    for (i, s) in seq_refs.iter().enumerate() {
+        check_problem(s, dims, &prefix(i))?;
+    }
+    let fixed = match fixed {
+        Some(c) => {
+            // As CapturableBatch: new(), then prepare().
+            let shape = FixedShape::new(c, dims, emulator.sm_count, options.num_splits)?;
+            c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
+            Some(shape)
+        }
+        None => None,
+    };
+    let n_rows: usize = match &fixed {
+        Some(shape) => shape.capacity.rows,
+        None => sequences.iter().map(|s| s.n_rows).sum(),
+    };
+    let n = n_rows * dims.n_heads;
+    if n_rows == 0 {
+        return Ok(AttentionOutput {
+            out: Vec::new(),
+            lse: Vec::new(),
+        });
+    }
+
+    let mut q = to_dtype(q, dtype);
     let layout = launch_layout(
         &seq_refs,
         dims,

@@ -40,7 +40,7 @@ pub trait Backend {
 }
 
 #[derive(Clone)]
-pub struct HostSegment {
+pub struct CaseSegment {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     pub len: usize,
@@ -56,7 +56,7 @@ pub struct Case {
     pub n_rows: usize,
     pub q_pos: usize,
     pub q: Vec<f32>,
-    pub segments: Vec<HostSegment>,
+    pub segments: Vec<CaseSegment>,
     pub ape: ApeParams,
     pub splits: Option<usize>,
 }
@@ -112,7 +112,7 @@ pub fn make_case(
     splits: Option<usize>,
 ) -> Case {
     let row = dims.n_kv_heads * dims.head_dim;
-    let seg = |r: &mut Seeded, len: usize, pos: usize, role| HostSegment {
+    let seg = |r: &mut Seeded, len: usize, pos: usize, role| CaseSegment {
         k: round(r.uniform(len * row, 2.0), dtype),
         v: round(r.uniform(len * row, 1.0), dtype),
         len,
@@ -456,7 +456,7 @@ pub fn block_attention_case(
     let mut segments = Vec::new();
     let mut offset = 0usize;
     for &len in block_lens {
-        segments.push(HostSegment {
+        segments.push(CaseSegment {
             k: round(r.uniform(len * row, 2.0), dtype),
             v: round(r.uniform(len * row, 1.0), dtype),
             len,
@@ -469,7 +469,7 @@ pub fn block_attention_case(
         });
         offset += len;
     }
-    segments.push(HostSegment {
+    segments.push(CaseSegment {
         k: round(r.uniform(n_rows * row, 2.0), dtype),
         v: round(r.uniform(n_rows * row, 1.0), dtype),
         len: n_rows,
@@ -570,7 +570,7 @@ pub fn fused_shift_against_separate_shift(b: &dyn Backend) {
             None,
         );
         let fused = check(b, &mut r, &case, 64);
-        let shape = |s: &HostSegment| [s.len, dims.n_kv_heads, dims.head_dim];
+        let shape = |s: &CaseSegment| [s.len, dims.n_kv_heads, dims.head_dim];
         let separate = Case {
             segments: case
                 .segments
@@ -580,7 +580,7 @@ pub fn fused_shift_against_separate_shift(b: &dyn Backend) {
                         Some(shift) => b.shift_keys(&s.k, shape(s), DType::BF16, &shift),
                         None => s.k.clone(),
                     };
-                    HostSegment {
+                    CaseSegment {
                         k,
                         v: s.v.clone(),
                         len: s.len,

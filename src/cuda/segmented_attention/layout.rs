@@ -4,7 +4,8 @@
 
 use super::*;
 
-/// Mirrors `ape::SegmentDesc`.
+/// Mirrors `ape::SegmentDesc`: the ABI form of a [`SegmentRef`], built in one place
+/// ([`launch_layout`]), with the segment's place in its sequence's tile order and RoPE table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
 pub(crate) struct SegmentDesc {
@@ -181,16 +182,7 @@ pub(crate) fn launch_layout(
     if sequences.is_empty() {
         return Err(Error::Shape("a launch needs at least one sequence".into()));
     }
-    let lens: Vec<Vec<(usize, SegmentRole)>> = sequences
-        .iter()
-        .map(|q| q.segments.iter().map(|s| (s.len, s.role)).collect())
-        .collect();
-    let shapes: Vec<(usize, &[(usize, SegmentRole)])> = sequences
-        .iter()
-        .zip(&lens)
-        .map(|(q, l)| (q.n_rows, l.as_slice()))
-        .collect();
-    let plans = plan_batch(&shapes, dims, sm_count, num_splits)?;
+    let plans = plan_batch(sequences, dims, sm_count, num_splits)?;
     let ordered: Vec<&SegmentRef> = sequences
         .iter()
         .zip(&plans)
@@ -332,41 +324,18 @@ pub(crate) fn launch_layout(
     })
 }
 
-/// A segment as [`launch_host_bytes`] takes it: `(len, pos_offset, role, rope_shift)`.
-#[doc(hidden)]
-pub type HostSegment = (usize, usize, SegmentRole, Option<RopeShift>);
-
-/// The host half of a batched launch without a device, for `benches/host.rs`: the segments'
-/// references (fake addresses), the plan, the descriptors, the RoPE table, the sequences'
-/// parameters and the upload image, as the launcher builds them; returns the upload's size in
-/// bytes. `sequences` are `(n_rows, pos_offset, segments, ape)`, assumed valid. Not a stable API.
+/// The host half of a batched launch without a device, for `benches/host.rs`: the plan, the
+/// descriptors, the RoPE table, the sequences' parameters and the upload image, as the launcher
+/// builds them from its [`SequenceRef`]s (whose addresses may be fake: nothing reads them);
+/// returns the upload's size in bytes. `sequences` are assumed valid. Not a stable API.
 #[doc(hidden)]
 pub fn launch_host_bytes(
-    sequences: &[(usize, usize, &[HostSegment], ApeParams)],
+    sequences: &[SequenceRef],
     dims: &AttentionDims,
     dtype: DType,
     sm_count: usize,
 ) -> Result<usize> {
-    let refs: Vec<SegmentRef> = sequences
-        .iter()
-        .flat_map(|(_, _, segments, _)| segments.iter())
-        .enumerate()
-        .map(|(i, &(len, pos_offset, role, rope_shift))| SegmentRef {
-            k: 0x1000_0000 + (i as u64) * 0x10_0000,
-            v: 0x8000_0000 + (i as u64) * 0x10_0000,
-            len,
-            pos_offset,
-            role,
-            rope_shift,
-        })
-        .collect();
-    let seq_refs = sequence_refs(
-        &refs,
-        sequences
-            .iter()
-            .map(|&(n_rows, pos, segments, ape)| (n_rows, pos, segments.len(), ape)),
-    );
-    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, None)?;
+    let layout = launch_layout(sequences, dims, dtype, sm_count, None)?;
     let mut bytes = spare_upload();
     layout.upload_bytes_into(&mut bytes);
     let size = bytes.len();

@@ -42,7 +42,8 @@ pub(super) fn u32_of(x: usize, what: &str) -> Result<u32> {
 /// RoPE shifts, and up to 255 registers at head dim 128; `__launch_bounds__(128, 2)`).
 pub const BLOCKS_PER_SM: usize = 2;
 
-/// Plans a launch from the segments' lengths and roles. Pure: no device needed.
+/// Plans a launch from the segments' lengths and roles (their addresses are not read). Pure: no
+/// device needed.
 ///
 /// Whole mode when the query tiles times KV heads already fill one wave
 /// (`BLOCKS_PER_SM * sm_count` thread blocks), or when asked with `num_splits = Some(1)`.
@@ -52,7 +53,7 @@ pub const BLOCKS_PER_SM: usize = 2;
 pub fn plan(
     n_rows: usize,
     dims: &AttentionDims,
-    segments: &[(usize, SegmentRole)],
+    segments: &[SegmentRef],
     sm_count: usize,
     num_splits: Option<usize>,
 ) -> Result<Plan> {
@@ -62,20 +63,20 @@ pub fn plan(
             segments
                 .iter()
                 .enumerate()
-                .filter(|(_, (len, r))| *r == role && *len > 0)
+                .filter(|(_, s)| s.role == role && s.len > 0)
                 .map(|(i, _)| i),
         );
     }
     let mut first_tile = Vec::with_capacity(order.len());
     let (mut n_ctx_tiles, mut n_causal_tiles) = (0u64, 0u64);
     for &i in &order {
-        let (len, role) = segments[i];
-        let tiles = len.div_ceil(BLOCK_N) as u64;
+        let s = &segments[i];
+        let tiles = s.len.div_ceil(BLOCK_N) as u64;
         first_tile.push(u32_of(
             (n_ctx_tiles + n_causal_tiles) as usize,
             "tile index",
         )?);
-        match role {
+        match s.role {
             SegmentRole::Context => n_ctx_tiles += tiles,
             SegmentRole::Causal => n_causal_tiles += tiles,
         }
@@ -143,7 +144,8 @@ pub fn plan(
     Ok(p)
 }
 
-/// Plans a batched launch: one [`Plan`] per sequence (`(n_rows, segments)` as for [`plan`]).
+/// Plans a batched launch: one [`Plan`] per sequence (its `n_rows` and `segments` as for
+/// [`plan`]).
 ///
 /// A batch of one is planned as [`plan`] plans it. With `num_splits` set, every sequence gets
 /// it. Otherwise, when the sequences' query tiles times KV heads already fill one wave, every
@@ -151,7 +153,7 @@ pub fn plan(
 /// work (query tiles times key tiles), and each splits its keys to fill its share, as [`plan`]
 /// does for the whole wave.
 pub fn plan_batch(
-    sequences: &[(usize, &[(usize, SegmentRole)])],
+    sequences: &[SequenceRef],
     dims: &AttentionDims,
     sm_count: usize,
     num_splits: Option<usize>,
@@ -159,18 +161,19 @@ pub fn plan_batch(
     if sequences.len() == 1 || num_splits.is_some() {
         return sequences
             .iter()
-            .map(|(rows, segs)| plan(*rows, dims, segs, sm_count, num_splits))
+            .map(|q| plan(q.n_rows, dims, q.segments, sm_count, num_splits))
             .collect();
     }
     let wave = (BLOCKS_PER_SM * sm_count.max(1)) as u128;
     // (query tiles, key tiles) of each sequence.
     let sizes: Vec<(u128, u128)> = sequences
         .iter()
-        .map(|(rows, segs)| {
-            let packed = (*rows as u128) * dims.group_size() as u128;
-            let tiles: u128 = segs
+        .map(|q| {
+            let packed = (q.n_rows as u128) * dims.group_size() as u128;
+            let tiles: u128 = q
+                .segments
                 .iter()
-                .map(|(len, _)| len.div_ceil(BLOCK_N) as u128)
+                .map(|s| s.len.div_ceil(BLOCK_N) as u128)
                 .sum();
             (packed.div_ceil(BLOCK_M as u128), tiles)
         })
@@ -181,14 +184,14 @@ pub fn plan_batch(
     sequences
         .iter()
         .zip(&sizes)
-        .map(|((rows, segs), &(qt, kt))| {
+        .map(|(q, &(qt, kt))| {
             let wanted = if base >= wave || work == 0 || qt == 0 {
                 1
             } else {
                 let share = wave * qt * kt / work;
                 (share / (qt * n_kv)).min(kt.div_ceil(2)).max(1)
             };
-            plan(*rows, dims, segs, sm_count, Some(wanted as usize))
+            plan(q.n_rows, dims, q.segments, sm_count, Some(wanted as usize))
         })
         .collect()
 }

@@ -7,14 +7,36 @@ fn dims(h: usize, kv: usize) -> AttentionDims {
     AttentionDims::new(h, kv, 128).expect("valid")
 }
 
+/// A segment of `len` keys at position 0 (fake addresses: planning and layout do not read them).
+fn seg(len: usize, role: SegmentRole) -> SegmentRef {
+    SegmentRef {
+        k: 0x1000,
+        v: 0x2000,
+        len,
+        pos_offset: 0,
+        role,
+        rope_shift: None,
+    }
+}
+
+/// A sequence of `n_rows` rows at position 600.
+fn seq(n_rows: usize, segments: &[SegmentRef]) -> SequenceRef<'_> {
+    SequenceRef {
+        n_rows,
+        pos_offset: 600,
+        segments,
+        ape: ApeParams::default(),
+    }
+}
+
 #[test]
 fn context_tiles_come_first_and_empty_segments_are_dropped() {
     let segs = [
-        (10, SegmentRole::Causal),
-        (0, SegmentRole::Context),
-        (130, SegmentRole::Context),
-        (64, SegmentRole::Causal),
-        (1, SegmentRole::Context),
+        seg(10, SegmentRole::Causal),
+        seg(0, SegmentRole::Context),
+        seg(130, SegmentRole::Context),
+        seg(64, SegmentRole::Causal),
+        seg(1, SegmentRole::Context),
     ];
     let p = plan(1000, &dims(32, 8), &segs, 132, Some(1)).expect("valid");
     assert_eq!(p.order, vec![2, 4, 0, 3]);
@@ -27,9 +49,9 @@ fn context_tiles_come_first_and_empty_segments_are_dropped() {
 
 #[test]
 fn large_prefill_runs_whole_and_decode_splits_within_groups() {
-    let segs: Vec<(usize, SegmentRole)> = (0..16)
-        .map(|_| (2048, SegmentRole::Context))
-        .chain([(64, SegmentRole::Causal)])
+    let segs: Vec<SegmentRef> = (0..16)
+        .map(|_| seg(2048, SegmentRole::Context))
+        .chain([seg(64, SegmentRole::Causal)])
         .collect();
     // 4096 rows * 4 heads per KV head / 64 = 256 query tiles * 8 KV heads: plenty.
     let p = plan(4096, &dims(32, 8), &segs, 132, None).expect("valid");
@@ -58,14 +80,14 @@ fn plan_invariants_hold_on_many_shapes() {
     for _ in 0..2000 {
         let n_kv = 1 + next(8);
         let dims = AttentionDims::new(n_kv * (1 + next(8)), n_kv, 64).expect("valid");
-        let segs: Vec<(usize, SegmentRole)> = (0..next(20))
+        let segs: Vec<SegmentRef> = (0..next(20))
             .map(|_| {
                 let role = if next(2) == 0 {
                     SegmentRole::Context
                 } else {
                     SegmentRole::Causal
                 };
-                (next(3000), role)
+                seg(next(3000), role)
             })
             .collect();
         let rows = 1 + next(3000);
@@ -79,7 +101,7 @@ fn plan_invariants_hold_on_many_shapes() {
         let mut tile = 0u32;
         for (&i, &first) in p.order.iter().zip(&p.first_tile) {
             assert_eq!(first, tile);
-            tile += segs[i].0.div_ceil(BLOCK_N) as u32;
+            tile += segs[i].len.div_ceil(BLOCK_N) as u32;
         }
         assert_eq!(tile, p.n_ctx_tiles + p.n_causal_tiles);
         if p.whole {
@@ -98,30 +120,33 @@ fn plan_invariants_hold_on_many_shapes() {
 #[test]
 fn batch_plans_share_one_wave() {
     let d = dims(32, 8);
-    let long: Vec<(usize, SegmentRole)> = vec![(32 * 1024, SegmentRole::Context)];
-    let short: Vec<(usize, SegmentRole)> = vec![(1024, SegmentRole::Context)];
+    let long = [seg(32 * 1024, SegmentRole::Context)];
+    let short = [seg(1024, SegmentRole::Context)];
     // A batch of one is plan()'s plan.
     for rows in [1, 64, 4096] {
-        let one = plan_batch(&[(rows, &long[..])], &d, 132, None).expect("valid");
+        let one = plan_batch(&[seq(rows, &long)], &d, 132, None).expect("valid");
         assert_eq!(one, vec![plan(rows, &d, &long, 132, None).expect("valid")]);
     }
     // Forced splits apply to every sequence as they would alone.
-    let both = [(1, &long[..]), (64, &short[..])];
+    let both = [seq(1, &long), seq(64, &short)];
     let forced = plan_batch(&both, &d, 132, Some(5)).expect("valid");
-    for ((rows, segs), p) in both.iter().zip(&forced) {
-        assert_eq!(p, &plan(*rows, &d, segs, 132, Some(5)).expect("valid"));
+    for (s, p) in both.iter().zip(&forced) {
+        assert_eq!(
+            p,
+            &plan(s.n_rows, &d, s.segments, 132, Some(5)).expect("valid")
+        );
     }
     // Two decode rows: the wave is shared in proportion to the keys (32:1), within one wave.
-    let auto = plan_batch(&[(1, &long[..]), (1, &short[..])], &d, 132, None).expect("valid");
+    let auto = plan_batch(&[seq(1, &long), seq(1, &short)], &d, 132, None).expect("valid");
     let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
     assert!(ctas as usize <= BLOCKS_PER_SM * 132, "{auto:?}");
     assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
     // A sequence of two tiles (too short to split) runs whole beside ones that split.
-    let two: Vec<(usize, SegmentRole)> = vec![(50, SegmentRole::Context), (1, SegmentRole::Causal)];
-    let mixed = plan_batch(&[(1, &long[..]), (1, &two[..])], &d, 132, None).expect("valid");
+    let two = [seg(50, SegmentRole::Context), seg(1, SegmentRole::Causal)];
+    let mixed = plan_batch(&[seq(1, &long), seq(1, &two)], &d, 132, None).expect("valid");
     assert!(!mixed[0].whole && mixed[1].whole, "{mixed:?}");
     // Enough query tiles for a wave: every sequence runs whole.
-    let many: Vec<(usize, &[(usize, SegmentRole)])> = (0..40).map(|_| (1, &long[..])).collect();
+    let many: Vec<SequenceRef> = (0..40).map(|_| seq(1, &long)).collect();
     assert!(plan_batch(&many, &d, 132, None)
         .expect("valid")
         .iter()
@@ -131,23 +156,9 @@ fn batch_plans_share_one_wave() {
 #[test]
 fn a_batch_layout_indexes_each_sequence() {
     let d = dims(8, 2);
-    let seg = |len, role| SegmentRef {
-        k: 0x1000,
-        v: 0x2000,
-        len,
-        pos_offset: 0,
-        role,
-        rope_shift: None,
-    };
     let a = [seg(500, SegmentRole::Context), seg(1, SegmentRole::Causal)];
     let b = [seg(0, SegmentRole::Context), seg(70, SegmentRole::Causal)];
     let c = [seg(3000, SegmentRole::Context)];
-    let seq = |n_rows, segments| SequenceRef {
-        n_rows,
-        pos_offset: 600,
-        segments,
-        ape: ApeParams::default(),
-    };
     let seqs = [
         seq(1, &a[..]),
         seq(0, &b[..]),
@@ -358,12 +369,12 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
 
 #[test]
 fn forced_splits_are_clamped_to_the_tiles_and_zero_is_an_error() {
-    let segs = [(64, SegmentRole::Context), (64, SegmentRole::Causal)];
+    let segs = [seg(64, SegmentRole::Context), seg(64, SegmentRole::Causal)];
     let p = plan(1, &dims(8, 8), &segs, 132, Some(50)).expect("valid");
     assert_eq!((p.n_ctx_splits, p.n_causal_splits), (1, 1));
     assert!(plan(1, &dims(8, 8), &segs, 132, Some(0)).is_err());
     // Only one group: its splits take everything.
-    let segs = [(640, SegmentRole::Context)];
+    let segs = [seg(640, SegmentRole::Context)];
     let p = plan(1, &dims(8, 8), &segs, 132, Some(4)).expect("valid");
     assert_eq!((p.n_ctx_splits, p.n_causal_splits), (4, 0));
     // No keys at all: a whole pass that writes -inf and zeros.

@@ -1,5 +1,6 @@
 //! The public types of a launch: segments read in place, the query, a batch's sequences,
-//! the launch options.
+//! the launch options; and the one host-side description of a launch's segments and sequences
+//! ([`SegmentRef`], [`SequenceRef`]) that validation, planning and the layout share.
 
 use super::*;
 
@@ -104,4 +105,60 @@ pub struct SegmentedAttentionOptions {
     /// Split the keys across this many thread blocks per query tile; `None` chooses from the
     /// problem size and the number of SMs. `Some(1)` forces the single-pass (fused) path.
     pub num_splits: Option<usize>,
+}
+
+/// A segment as a launch sees it: the addresses of its K and V and how to read them. The one
+/// host-side description of a segment: the launchers build it from a [`Segment`] (the CUDA
+/// launcher from its tensors' device pointers, the kernel emulator from host buffers), the
+/// launch's limits are checked on it, [`plan`] and [`plan_batch`] plan from it, and the launch
+/// layout turns it into the kernel's descriptor (`SegmentDesc`, its ABI form).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SegmentRef {
+    /// Address of the keys' first row (`len` rows of `n_kv_heads * head_dim` elements,
+    /// contiguous): a device pointer, or a host address on the kernel emulator.
+    pub k: u64,
+    /// Address of the values' first row, as `k`.
+    pub v: u64,
+    /// Rows (tokens) of K and V.
+    pub len: usize,
+    /// Absolute position of the first token (causal masking).
+    pub pos_offset: usize,
+    /// Masking and APE group.
+    pub role: SegmentRole,
+    /// Read the keys rotated by this many RoPE positions; `None` reads them as stored.
+    pub rope_shift: Option<RopeShift>,
+}
+
+/// A sequence as a launch sees it: a [`BatchSequence`] over [`SegmentRef`]s.
+#[derive(Clone, Copy, Debug)]
+pub struct SequenceRef<'a> {
+    /// Rows of the packed query this sequence owns (0: none).
+    pub n_rows: usize,
+    /// Absolute position of the sequence's first row.
+    pub pos_offset: usize,
+    /// Its segments.
+    pub segments: &'a [SegmentRef],
+    /// Its APE parameters.
+    pub ape: ApeParams,
+}
+
+/// The sequences of a launch, `(n_rows, pos_offset, n_segments, ape)` each, over their segments
+/// in `refs` (each sequence's `n_segments`, in order).
+pub(crate) fn sequence_refs(
+    refs: &[SegmentRef],
+    sequences: impl IntoIterator<Item = (usize, usize, usize, ApeParams)>,
+) -> Vec<SequenceRef<'_>> {
+    let mut at = 0;
+    sequences
+        .into_iter()
+        .map(|(n_rows, pos_offset, n_segments, ape)| {
+            at += n_segments;
+            SequenceRef {
+                n_rows,
+                pos_offset,
+                segments: &refs[at - n_segments..at],
+                ape,
+            }
+        })
+        .collect()
 }

@@ -82,16 +82,27 @@ pub(crate) fn validate_sequences<K: KvTensor>(
                 )));
             }
         }
-        let extents: Vec<SegmentExtent> = seq
+        // The addresses are read after validation (launch.rs: reading them queues waits on the
+        // stream when cudarc tracks events), and the checks do not use them.
+        let refs: Vec<SegmentRef> = seq
             .segments
             .iter()
-            .map(|s| SegmentExtent {
+            .map(|s| SegmentRef {
+                k: 0,
+                v: 0,
                 len: s.k.row_span().1,
                 pos_offset: s.pos_offset,
+                role: s.role,
                 rope_shift: s.rope_shift,
             })
             .collect();
-        check_problem(seq.n_rows, seq.pos_offset, dims, &extents, &prefix(j))?;
+        let seq_ref = SequenceRef {
+            n_rows: seq.n_rows,
+            pos_offset: seq.pos_offset,
+            segments: &refs,
+            ape: seq.ape,
+        };
+        check_problem(&seq_ref, dims, &prefix(j))?;
     }
     Ok(())
 }
@@ -147,23 +158,11 @@ pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
     }
 }
 
-/// A segment's extent in positions and its shift: what the limits below are about.
-pub(crate) struct SegmentExtent {
-    pub len: usize,
-    pub pos_offset: usize,
-    pub rope_shift: Option<RopeShift>,
-}
-
-/// The kernel's limits on a problem whose shapes are already consistent: 31-bit positions,
-/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim. `prefix`
-/// starts the messages (a batch's "sequence i: ").
-pub(crate) fn check_problem(
-    n_rows: usize,
-    q_pos_offset: usize,
-    dims: &AttentionDims,
-    segments: &[SegmentExtent],
-    prefix: &str,
-) -> Result<()> {
+/// The kernel's limits on a sequence whose shapes are already consistent: 31-bit positions,
+/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim (the
+/// segments' addresses are not read). `prefix` starts the messages (a batch's "sequence i: ").
+pub(crate) fn check_problem(seq: &SequenceRef, dims: &AttentionDims, prefix: &str) -> Result<()> {
+    let (n_rows, q_pos_offset, segments) = (seq.n_rows, seq.pos_offset, seq.segments);
     if dims.n_kv_heads > 65_535 {
         return Err(Error::OutOfRange(format!(
             "{} KV heads exceed the grid limit of 65535",
@@ -201,46 +200,4 @@ pub(crate) fn check_problem(
         }
     }
     Ok(())
-}
-
-/// A segment as a launch sees it: the addresses of its K and V (device pointers, or host
-/// addresses for the kernel emulator) and how to read them.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct SegmentRef {
-    pub k: u64,
-    pub v: u64,
-    pub len: usize,
-    pub pos_offset: usize,
-    pub role: SegmentRole,
-    pub rope_shift: Option<RopeShift>,
-}
-
-/// A sequence as a launch sees it.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct SequenceRef<'a> {
-    pub n_rows: usize,
-    pub pos_offset: usize,
-    pub segments: &'a [SegmentRef],
-    pub ape: ApeParams,
-}
-
-/// The sequences of a launch, `(n_rows, pos_offset, n_segments, ape)` each, over their segments
-/// in `refs` (each sequence's `n_segments`, in order).
-pub(crate) fn sequence_refs(
-    refs: &[SegmentRef],
-    sequences: impl IntoIterator<Item = (usize, usize, usize, ApeParams)>,
-) -> Vec<SequenceRef<'_>> {
-    let mut at = 0;
-    sequences
-        .into_iter()
-        .map(|(n_rows, pos_offset, n_segments, ape)| {
-            at += n_segments;
-            SequenceRef {
-                n_rows,
-                pos_offset,
-                segments: &refs[at - n_segments..at],
-                ape,
-            }
-        })
-        .collect()
 }
