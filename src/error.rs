@@ -74,7 +74,7 @@ pub enum Error {
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
 
-    /// The block cache cannot hold a block within its budget.
+    /// The block cache (ape-llama's) cannot hold a block within its budget.
     #[error("block cache full: {0}")]
     CacheFull(String),
 
@@ -83,7 +83,7 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    /// A model file is corrupt, truncated, or of a kind this crate does not support.
+    /// A model file is corrupt, truncated, or of a kind ape-llama does not support.
     #[error("model file: {0}")]
     Model(String),
 

@@ -9,7 +9,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t}
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::gpu::{check_linear, concat_shape, linear_shape, DeviceOps};
+use super::device_ops::{check_linear, concat_shape, linear_shape, DeviceOps};
 use ape_attn::cuda::{self, llama_ops, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};

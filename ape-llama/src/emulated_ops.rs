@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
-use crate::gpu::{check_linear, concat_shape, linear_shape, DeviceOps, DeviceTensor};
+use crate::device_ops::{check_linear, concat_shape, linear_shape, DeviceOps, DeviceTensor};
 use ape_attn::cuda::{
     check_reshape, element_count, row_range, DType, Query, Segment, SegmentedAttentionOptions,
 };
@@ -380,7 +380,7 @@ fn rope_shape(x: &HostTensor) -> Result<[usize; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::linear_gemm_config;
+    use crate::device_ops::linear_gemm_config;
 
     /// The CUDA path's GEMM call, read as cuBLAS defines it, is `y = x W^T` on row-major data.
     #[test]

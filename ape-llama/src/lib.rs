@@ -24,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod cpu;
 mod cuda_ops;
+mod device_ops;
 #[cfg(feature = "emulator")]
 pub mod emulated_ops;
 pub mod engine;
