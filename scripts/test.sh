@@ -34,6 +34,14 @@ stage "cargo clippy -D warnings"
 cargo clippy --release --all-targets -- -D warnings
 cargo clippy --release --all-targets --features emulator -- -D warnings
 
+stage "the kernel crate depends on what kernels need, nothing of the model's"
+kernel_deps=$(cargo tree -p ape-attn -e normal --features emulator --prefix none --format '{p}')
+echo "$kernel_deps" | awk '{print $1}' | sort -u | tr '\n' ' ' && echo
+if echo "$kernel_deps" | grep -E '^(clap|indicatif|tokenizers|safetensors|serde|serde_json|rayon|matrixmultiply) '; then
+  echo "ape-attn must not depend on the model's crates (they belong in ape-llama/)" >&2
+  exit 1
+fi
+
 stage "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features emulator
 
