@@ -58,3 +58,8 @@ pub use params::{
     check_positive, ApeParams, ApeVariant, AttentionDims, Llama3RopeScaling, RopeConfig,
     RopeLayout, RopeShift, SegmentRole,
 };
+
+/// The README's Rust example, compiled by `cargo test --doc` (not run: it needs a GPU).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeExample;

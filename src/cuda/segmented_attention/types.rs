@@ -24,6 +24,28 @@ pub struct Segment<'a, T = Tensor> {
     pub rope_shift: Option<RopeShift>,
 }
 
+impl<'a, T> Segment<'a, T> {
+    /// `k` and `v` as a segment starting at absolute position `pos_offset`, read as stored.
+    pub fn new(k: &'a T, v: &'a T, pos_offset: usize, role: SegmentRole) -> Self {
+        Self {
+            k,
+            v,
+            pos_offset,
+            role,
+            rope_shift: None,
+        }
+    }
+
+    /// The same segment with its keys read rotated by `rope_shift` (Block-Attention: a block
+    /// cached at position 0, read at its offset).
+    pub fn with_rope_shift(self, rope_shift: RopeShift) -> Self {
+        Self {
+            rope_shift: Some(rope_shift),
+            ..self
+        }
+    }
+}
+
 impl<T> Clone for Segment<'_, T> {
     fn clone(&self) -> Self {
         *self
