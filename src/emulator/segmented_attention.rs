@@ -5,8 +5,8 @@
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
-    smem_bytes, BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, COMBINE_THREADS,
-    THREADS,
+    smem_bytes, BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef,
+    COMBINE_THREADS, THREADS,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -95,6 +95,16 @@ pub(super) fn validate_batch(
     Ok(())
 }
 
+/// The sequences over their segments' refs (`refs`: every sequence's, in order).
+fn seq_refs<'r>(refs: &'r [SegmentRef], sequences: &[BatchSequence]) -> Vec<SequenceRef<'r>> {
+    sequence_refs(
+        refs,
+        sequences
+            .iter()
+            .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
+    )
+}
+
 /// Launches validated sequences (`prefix` names one in messages): as the batched CUDA launcher
 /// does, or with `fixed`, as a [`crate::cuda::CapturableBatch`] of that capacity does (fixed
 /// grids, parameter image and workspace; outputs of `fixed.rows` rows, the rows past the
@@ -112,33 +122,21 @@ pub(super) fn run(
 ) -> Result<AttentionOutput> {
     check_head_dim(dims.head_dim)?;
     check_dtype(dtype)?;
-    // The segments as the kernels read them: rounded to `dtype`, at the host addresses that the
-    // descriptors hold. Their refs are checked, then laid out.
-    let mut kv: Vec<(Aligned, Aligned)> = sequences
+    // The segments as a launch sees them: checked first, before anything is converted; their
+    // addresses are filled in below.
+    let mut refs: Vec<SegmentRef> = sequences
         .iter()
         .flat_map(|q| q.segments)
-        .map(|s| (to_dtype(s.k, dtype), to_dtype(s.v, dtype)))
-        .collect();
-    let refs: Vec<SegmentRef> = sequences
-        .iter()
-        .flat_map(|q| q.segments)
-        .zip(kv.iter_mut())
-        .map(|(s, (k, v))| SegmentRef {
-            k: k.addr(),
-            v: v.addr(),
+        .map(|s| SegmentRef {
+            k: 0,
+            v: 0,
             len: s.len,
             pos_offset: s.pos_offset,
             role: s.role,
             rope_shift: s.rope_shift,
         })
         .collect();
-    let seq_refs = sequence_refs(
-        &refs,
-        sequences
-            .iter()
-            .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
-    );
-    for (i, s) in seq_refs.iter().enumerate() {
+    for (i, s) in seq_refs(&refs, sequences).iter().enumerate() {
         check_problem(s, dims, &prefix(i))?;
     }
     let fixed = match fixed {
@@ -162,7 +160,18 @@ pub(super) fn run(
         });
     }
 
+    // K and V as the kernels read them: rounded to `dtype`, at the host addresses the
+    // descriptors hold.
     let mut q = to_dtype(q, dtype);
+    let mut kv: Vec<(Aligned, Aligned)> = sequences
+        .iter()
+        .flat_map(|q| q.segments)
+        .map(|s| (to_dtype(s.k, dtype), to_dtype(s.v, dtype)))
+        .collect();
+    for (r, (k, v)) in refs.iter_mut().zip(kv.iter_mut()) {
+        (r.k, r.v) = (k.addr(), v.addr());
+    }
+    let seq_refs = seq_refs(&refs, sequences);
     let layout = launch_layout(
         &seq_refs,
         dims,

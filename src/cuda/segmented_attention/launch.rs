@@ -60,19 +60,15 @@ pub(super) fn device_segment_refs<'a, K: KvTensor>(
     // Bytes per row of K or V; validation checked both tensors' rows against dims.
     let row_bytes = (dims.n_kv_heads * dims.head_dim * dtype.size()) as u64;
     for s in sequences.iter().flat_map(|q| q.segments) {
-        let ((k_start, len), (v_start, _)) = (s.k.row_span(), s.v.row_span());
+        let (k_start, v_start) = (s.k.row_span().0, s.v.row_span().0);
         let (k, k_sync) = s.k.tensor().device_buffer().device_ptr(stream);
         let (v, v_sync) = s.v.tensor().device_buffer().device_ptr(stream);
         guards.push(k_sync);
         guards.push(v_sync);
-        refs.push(SegmentRef {
-            k: k + k_start as u64 * row_bytes,
-            v: v + v_start as u64 * row_bytes,
-            len,
-            pos_offset: s.pos_offset,
-            role: s.role,
-            rope_shift: s.rope_shift,
-        });
+        refs.push(s.at(
+            k + k_start as u64 * row_bytes,
+            v + v_start as u64 * row_bytes,
+        ));
     }
     (refs, guards)
 }

@@ -53,6 +53,21 @@ impl<T> Clone for Segment<'_, T> {
 }
 impl<T> Copy for Segment<'_, T> {}
 
+impl<K: KvTensor> Segment<'_, K> {
+    /// The segment as a launch sees it, its K and V read from `k` and `v` (device addresses of
+    /// its first rows; 0 for the checks, which do not read them).
+    pub(crate) fn at(&self, k: u64, v: u64) -> SegmentRef {
+        SegmentRef {
+            k,
+            v,
+            len: self.k.row_span().1,
+            pos_offset: self.pos_offset,
+            role: self.role,
+            rope_shift: self.rope_shift,
+        }
+    }
+}
+
 /// What a [`Segment`]'s K and V can be for the launchers here: a whole [`Tensor`]
 /// (`[len, n_kv_heads, head_dim]`), or [`TensorRows`], some rows of a larger one (an engine's KV
 /// pool, a preallocated block being filled), read in place.

@@ -84,18 +84,7 @@ pub(crate) fn validate_sequences<K: KvTensor>(
         }
         // The addresses are read after validation (launch.rs: reading them queues waits on the
         // stream when cudarc tracks events), and the checks do not use them.
-        let refs: Vec<SegmentRef> = seq
-            .segments
-            .iter()
-            .map(|s| SegmentRef {
-                k: 0,
-                v: 0,
-                len: s.k.row_span().1,
-                pos_offset: s.pos_offset,
-                role: s.role,
-                rope_shift: s.rope_shift,
-            })
-            .collect();
+        let refs: Vec<SegmentRef> = seq.segments.iter().map(|s| s.at(0, 0)).collect();
         let seq_ref = SequenceRef {
             n_rows: seq.n_rows,
             pos_offset: seq.pos_offset,
