@@ -189,6 +189,13 @@ impl<B: KvBlock> BlockCache<B> {
         self.stats
     }
 
+    /// Forgets every block (blocks in use stay alive with their users); the counters stay.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.stats.bytes = 0;
+        self.stats.blocks = 0;
+    }
+
     /// True when `key` is cached.
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.entries.contains_key(key)

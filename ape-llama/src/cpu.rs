@@ -6,8 +6,11 @@ use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
-use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::model::{
+    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past,
+};
 use super::weights::{Weight, WeightSource};
+use crate::store::StoredDType;
 use ape_attn::reference::{self, llama_ops, rope};
 use ape_attn::{ApeParams, SegmentRole};
 use ape_attn::{Error, Result};
@@ -330,6 +333,47 @@ impl LlamaModel for CpuModel {
         }
         block.len += more.len;
         Ok(())
+    }
+
+    fn block_format(&self) -> BlockFormat {
+        let c = &self.config;
+        BlockFormat {
+            // The revision changes with the pass's numerics (weights dequantised to f32, f32
+            // projections, the f64 reference's attention).
+            encoder: "cpu-f32-1".into(),
+            dtype: StoredDType::F32,
+            layers: c.n_layers,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn save_block(&self, block: &CpuBlock) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(block.bytes());
+        for (k, v) in block.k.iter().zip(&block.v) {
+            out.extend_from_slice(bytemuck::cast_slice(k));
+            out.extend_from_slice(bytemuck::cast_slice(v));
+        }
+        Ok(out)
+    }
+
+    fn load_block(&self, n_tokens: usize, fill: &mut Fill<'_>) -> Result<CpuBlock> {
+        let c = &self.config;
+        let n = n_tokens * c.kv_dim();
+        let mut block = CpuBlock {
+            len: n_tokens,
+            k: Vec::with_capacity(c.n_layers),
+            v: Vec::with_capacity(c.n_layers),
+        };
+        for _ in 0..c.n_layers {
+            let mut k = vec![0.0f32; n];
+            fill(bytemuck::cast_slice_mut(&mut k))?;
+            let mut v = vec![0.0f32; n];
+            fill(bytemuck::cast_slice_mut(&mut v))?;
+            block.k.push(k);
+            block.v.push(v);
+        }
+        Ok(block)
     }
 
     fn shift_block(&self, block: &CpuBlock, delta: i64) -> Result<CpuBlock> {

@@ -102,6 +102,10 @@ impl CudaOps {
 impl DeviceOps for CudaOps {
     type Tensor = Tensor;
 
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
     fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         Tensor::from_f32(&self.dev, shape, data, DType::BF16)
     }

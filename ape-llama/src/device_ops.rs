@@ -49,6 +49,10 @@ pub trait DeviceOps {
     /// The device's tensor.
     type Tensor: DeviceTensor;
 
+    /// The device's kind (`cuda`, `emulator`): part of the name of the computation a stored block
+    /// comes from.
+    fn name(&self) -> &'static str;
+
     /// `data` (f32, row-major) rounded to bf16, on the device.
     fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// Synthetic weights generated on the device: `offset + scale * u`, `u` uniform in `[-1, 1)`

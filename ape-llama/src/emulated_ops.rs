@@ -206,6 +206,10 @@ pub(crate) fn gemm_column_major(
 impl DeviceOps for EmulatedOps {
     type Tensor = HostTensor;
 
+    fn name(&self) -> &'static str {
+        "emulator"
+    }
+
     fn upload(&self, shape: &[usize], data: &[f32]) -> Result<HostTensor> {
         HostTensor::new(shape, DType::BF16, data)
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::model::{LlamaModel, LogitRows, Past};
 use super::tokenizer::Tokenizer;
 use crate::cache::{BlockCache, BlockKey, Scheme};
+use crate::store::{BlockSpec, BlockStore, Source, StoredScheme};
 use ape_attn::{ApeParams, SegmentRole};
 use ape_attn::{Error, Result};
 
@@ -110,6 +111,28 @@ pub struct Prefilled<B> {
     pub logits: Vec<f32>,
     /// Tokens encoded by this request (cache misses and the question), for reporting.
     pub tokens_encoded: usize,
+    /// Where each cached block this request read came from, in prompt order.
+    pub sources: Vec<BlockSource>,
+}
+
+/// Which part of the prompt a cached block holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The shared prefix.
+    Prefix,
+    /// Context `i` (0-based, in the prompt's order).
+    Context(usize),
+}
+
+/// Where one block of a request came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSource {
+    /// Which part of the prompt.
+    pub part: Part,
+    /// Its tokens.
+    pub tokens: usize,
+    /// The tier it was read from, or [`Source::Encoded`].
+    pub source: Source,
 }
 
 impl<B> Prefilled<B> {
@@ -167,15 +190,18 @@ pub struct Generation {
     /// Generation stopped because the model's window was full (not at a stop token or the token
     /// limit).
     pub window_full: bool,
+    /// Where each cached block came from, in prompt order (empty in sequential mode).
+    pub sources: Vec<BlockSource>,
 }
 
-/// A model with its block cache.
+/// A model with its block cache, and the block store below it.
 pub struct Engine<M: LlamaModel> {
     /// The model.
     pub model: M,
-    /// Cached blocks.
+    /// Cached blocks (the memory tier).
     pub cache: BlockCache<M::Block>,
     model_id: String,
+    store: Option<Arc<BlockStore>>,
     on_encode: Option<Box<dyn FnMut(usize)>>,
 }
 
@@ -196,7 +222,40 @@ impl<M: LlamaModel> Engine<M> {
             model,
             cache: BlockCache::new(cache_bytes),
             model_id: model_id.into(),
+            store: None,
             on_encode: None,
+        }
+    }
+
+    /// The engine with `store` below its memory cache: a miss in memory reads the block from
+    /// the store's tiers before encoding it, and what is encoded is written to them.
+    pub fn with_store(mut self, store: Arc<BlockStore>) -> Self {
+        self.set_store(Some(store));
+        self
+    }
+
+    /// Replaces the block store (`None`: memory only).
+    pub fn set_store(&mut self, store: Option<Arc<BlockStore>>) {
+        self.store = store.filter(|s| !s.is_empty());
+    }
+
+    /// The block store, if any.
+    pub fn store(&self) -> Option<&Arc<BlockStore>> {
+        self.store.as_ref()
+    }
+
+    /// What a block's K and V depend on, for the store.
+    fn spec(&self, scheme: Scheme, prefix: &[u32], tokens: &[u32], pos: usize) -> BlockSpec {
+        BlockSpec {
+            model: model_fingerprint(&self.model_id),
+            format: self.model.block_format(),
+            scheme: match scheme {
+                Scheme::Alone => StoredScheme::Alone,
+                Scheme::AfterPrefix => StoredScheme::AfterPrefix,
+            },
+            pos,
+            prefix: prefix.to_vec(),
+            tokens: tokens.to_vec(),
         }
     }
 
@@ -205,8 +264,9 @@ impl<M: LlamaModel> Engine<M> {
         self.on_encode = Some(Box::new(f));
     }
 
-    /// The block for `tokens` encoded by `scheme`, from the cache or encoded now at `pos` after
-    /// `prefix` (whose block, for [`Scheme::AfterPrefix`], is `prefix_block`).
+    /// The block for `tokens` encoded by `scheme`: from memory, from the store, or encoded now
+    /// at `pos` after `prefix` (whose block, for [`Scheme::AfterPrefix`], is `prefix_block`) and
+    /// written to the store. Says where it came from.
     fn cached(
         &mut self,
         scheme: Scheme,
@@ -214,7 +274,7 @@ impl<M: LlamaModel> Engine<M> {
         tokens: &[u32],
         pos: usize,
         encoded: &mut usize,
-    ) -> Result<Arc<M::Block>> {
+    ) -> Result<(Arc<M::Block>, Source)> {
         let (prefix, prefix_block) = prefix;
         let key = BlockKey {
             model: self.model_id.clone(),
@@ -222,11 +282,15 @@ impl<M: LlamaModel> Engine<M> {
             prefix: prefix.to_vec(),
             tokens: tokens.to_vec(),
         };
+        let spec = self
+            .store
+            .as_ref()
+            .map(|_| self.spec(scheme, prefix, tokens, pos));
         let model = &self.model;
-        let mut misses = 0;
+        let store = self.store.as_deref();
+        let mut source = Source::Memory;
         let expected = model.block_bytes(tokens.len());
-        let block = self.cache.get_or_encode(key, expected, || {
-            misses = tokens.len();
+        let encode = || -> Result<M::Block> {
             let past: Vec<Past<'_, M::Block>> = prefix_block
                 .into_iter()
                 .map(|b| Past {
@@ -238,12 +302,41 @@ impl<M: LlamaModel> Engine<M> {
             Ok(model
                 .forward(tokens, pos, &past, &ApeParams::plain(), LogitRows::None)?
                 .kv)
+        };
+        let block = self.cache.get_or_encode(key, expected, || {
+            let (Some(store), Some(spec)) = (store, spec.as_ref()) else {
+                source = Source::Encoded;
+                return encode();
+            };
+            let mut build =
+                |fill: &mut crate::store::Fill<'_>| model.load_block(tokens.len(), fill);
+            if let Some((b, from)) = store.load(spec, &mut build) {
+                source = from;
+                return Ok(b);
+            }
+            // Encode it once: wait for whoever else is encoding it, then look again.
+            let claim = store.claim(spec);
+            if claim.waited() {
+                if let Some((b, from)) = store.load(spec, &mut build) {
+                    source = from;
+                    return Ok(b);
+                }
+            }
+            let b = encode()?;
+            source = Source::Encoded;
+            match model.save_block(&b) {
+                Ok(data) => store.save(spec, &data, claim),
+                Err(e) => crate::store::warn(format!("block not stored: {e}")),
+            }
+            Ok(b)
         })?;
-        *encoded += misses;
-        if let (Some(f), true) = (self.on_encode.as_mut(), misses > 0) {
-            f(misses);
+        if source == Source::Encoded {
+            *encoded += tokens.len();
+            if let Some(f) = self.on_encode.as_mut() {
+                f(tokens.len());
+            }
         }
-        Ok(block)
+        Ok((block, source))
     }
 
     /// Prefills `prompt` in `mode`: contexts come from the cache (encoded on a miss), the question
@@ -272,6 +365,7 @@ impl<M: LlamaModel> Engine<M> {
         let mut encoded = 0;
         let mut blocks: Vec<(Arc<M::Block>, usize, SegmentRole)> = Vec::new();
         let mut pinned: Vec<Arc<M::Block>> = Vec::new();
+        let mut sources = Vec::new();
         let q_pos = match mode {
             Mode::Sequential => {
                 let mut all = prompt.prefix.clone();
@@ -287,22 +381,39 @@ impl<M: LlamaModel> Engine<M> {
                     ape,
                     logits: out.logits,
                     tokens_encoded: all.len(),
+                    sources,
                 });
             }
             Mode::Parallel | Mode::Ape(_) => {
                 let p = prompt.prefix.len();
                 let prefix_block = if p > 0 {
-                    let b =
+                    let (b, source) =
                         self.cached(Scheme::Alone, (&[], None), &prompt.prefix, 0, &mut encoded)?;
+                    sources.push(BlockSource {
+                        part: Part::Prefix,
+                        tokens: p,
+                        source,
+                    });
                     blocks.push((b.clone(), 0, SegmentRole::Causal));
                     Some(b)
                 } else {
                     None
                 };
                 let mut longest = 0;
-                for c in prompt.contexts.iter().filter(|c| !c.is_empty()) {
+                for (i, c) in prompt
+                    .contexts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.is_empty())
+                {
                     let after = (prompt.prefix.as_slice(), prefix_block.as_ref());
-                    let b = self.cached(Scheme::AfterPrefix, after, c, p, &mut encoded)?;
+                    let (b, source) =
+                        self.cached(Scheme::AfterPrefix, after, c, p, &mut encoded)?;
+                    sources.push(BlockSource {
+                        part: Part::Context(i),
+                        tokens: c.len(),
+                        source,
+                    });
                     blocks.push((b, p, SegmentRole::Context));
                     longest = longest.max(c.len());
                 }
@@ -312,7 +423,17 @@ impl<M: LlamaModel> Engine<M> {
                 let mut offset = 0;
                 let parts = std::iter::once(&prompt.prefix).chain(&prompt.contexts);
                 for (i, c) in parts.enumerate().filter(|(_, c)| !c.is_empty()) {
-                    let b = self.cached(Scheme::Alone, (&[], None), c, 0, &mut encoded)?;
+                    let (b, source) =
+                        self.cached(Scheme::Alone, (&[], None), c, 0, &mut encoded)?;
+                    sources.push(BlockSource {
+                        part: if i == 0 {
+                            Part::Prefix
+                        } else {
+                            Part::Context(i - 1)
+                        },
+                        tokens: c.len(),
+                        source,
+                    });
                     let shifted = if offset == 0 {
                         b
                     } else {
@@ -352,6 +473,7 @@ impl<M: LlamaModel> Engine<M> {
             ape,
             logits: out.logits,
             tokens_encoded: encoded + prompt.question.len(),
+            sources,
         })
     }
 
@@ -411,6 +533,7 @@ impl<M: LlamaModel> Engine<M> {
             decode_time: decode_start.elapsed(),
             tokens_encoded: state.tokens_encoded,
             window_full,
+            sources: state.sources,
         })
     }
 
@@ -455,6 +578,29 @@ impl<M: LlamaModel> Engine<M> {
         }
         Ok((tokens, false))
     }
+}
+
+/// The model's fingerprint from its id: the id is the fingerprint in hex (as
+/// [`crate::open::ModelFiles::id`]); any other id is hashed.
+fn model_fingerprint(id: &str) -> [u8; 32] {
+    let hex = id.as_bytes();
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    if hex.len() == 64 {
+        let mut out = [0u8; 32];
+        let parsed = out.iter_mut().zip(hex.chunks_exact(2)).all(|(o, pair)| {
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(a), Some(b)) => {
+                    *o = a << 4 | b;
+                    true
+                }
+                _ => false,
+            }
+        });
+        if parsed {
+            return out;
+        }
+    }
+    *blake3::hash(id.as_bytes()).as_bytes()
 }
 
 /// The splitmix64 finaliser of `x + golden ratio`: a bijection on u64 with well-mixed bits.

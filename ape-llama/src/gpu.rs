@@ -25,8 +25,11 @@ pub use super::cuda_ops::CudaOps;
 pub use super::device_ops::{DeviceOps, DeviceTensor};
 
 use super::config::LlamaConfig;
-use super::model::{check_inputs, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past};
+use super::model::{
+    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past,
+};
 use super::weights::{Weight, WeightSource};
+use crate::store::StoredDType;
 use ape_attn::cuda::{self, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeShift, SegmentRole};
 use ape_attn::{Error, Result};
@@ -402,6 +405,68 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
     fn block_bytes(&self, n_tokens: usize) -> usize {
         // bf16, the projections' dtype.
         self.config.kv_bytes(n_tokens, DType::BF16.size())
+    }
+
+    fn block_format(&self) -> BlockFormat {
+        let c = &self.config;
+        BlockFormat {
+            // The device's name: the emulator's GEMMs round unlike cuBLAS's.
+            encoder: format!("{}-bf16-1", self.ops.name()),
+            dtype: StoredDType::BF16,
+            layers: c.n_layers,
+            kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    /// Blocks as encoded (one chunk, not shifted); the bf16 values are exact in f32 and back.
+    fn save_block(&self, block: &Self::Block) -> Result<Vec<u8>> {
+        let [chunk] = block.chunks.as_slice() else {
+            return Err(Error::InvalidInput(format!(
+                "only a block as encoded is stored, this one has {} chunks",
+                block.chunks.len()
+            )));
+        };
+        if chunk.rope_shift != 0 {
+            return Err(Error::InvalidInput(
+                "only a block as encoded is stored, this one is shifted".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(block.bytes());
+        for (k, v) in chunk.k.iter().zip(&chunk.v) {
+            for t in [k, v] {
+                for x in self.ops.download(t)? {
+                    out.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_block(&self, n_tokens: usize, fill: &mut Fill<'_>) -> Result<Self::Block> {
+        let c = &self.config;
+        let shape = [n_tokens, c.n_kv_heads, c.head_dim];
+        let mut raw = vec![0u16; n_tokens * c.kv_dim()];
+        let mut chunk = Chunk {
+            len: n_tokens,
+            k: Vec::with_capacity(c.n_layers),
+            v: Vec::with_capacity(c.n_layers),
+            rope_shift: 0,
+        };
+        for _ in 0..c.n_layers {
+            for dst in [&mut chunk.k, &mut chunk.v] {
+                fill(bytemuck::cast_slice_mut(&mut raw))?;
+                let values: Vec<f32> = raw
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(u16::from_le(b)).to_f32())
+                    .collect();
+                dst.push(Arc::new(self.ops.upload(&shape, &values)?));
+            }
+        }
+        Ok(GpuBlock {
+            len: n_tokens,
+            chunks: vec![chunk],
+        })
     }
 
     fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()> {

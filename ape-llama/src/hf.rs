@@ -221,7 +221,7 @@ pub fn parse_config_json(text: &str) -> Result<HfConfigJson> {
             )));
         }
     }
-    if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(bad(
             "config.json: hidden_size is not a multiple of num_attention_heads",
         ));

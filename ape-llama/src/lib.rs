@@ -35,5 +35,6 @@ pub mod hf;
 pub mod model;
 pub mod open;
 pub mod quant;
+pub mod store;
 pub mod tokenizer;
 pub mod weights;

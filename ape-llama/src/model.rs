@@ -73,7 +73,23 @@ pub trait LlamaModel {
 
     /// Appends `more`'s tokens to `block` (the question's keys growing during generation).
     fn append_block(&self, block: &mut Self::Block, more: Self::Block) -> Result<()>;
+
+    /// How this pass's blocks are stored ([`crate::store`]): the dtype and layout of their K and
+    /// V, and the name of the computation with a revision that changes whenever its numerics do,
+    /// so that a store never serves a block this pass would not have computed.
+    fn block_format(&self) -> BlockFormat;
+
+    /// A freshly encoded block's K and V in the stored layout: for each layer, K then V, each
+    /// `[len, n_kv_heads, head_dim]` row-major in [`BlockFormat::dtype`].
+    fn save_block(&self, block: &Self::Block) -> Result<Vec<u8>>;
+
+    /// A block of `n_tokens` tokens from stored data in the layout of [`LlamaModel::save_block`]:
+    /// `fill` is called with the block's own buffers in order and fills them (one read into the
+    /// destination).
+    fn load_block(&self, n_tokens: usize, fill: &mut Fill<'_>) -> Result<Self::Block>;
 }
+
+pub use crate::store::{BlockFormat, Fill};
 
 pub use crate::cache::KvBlock;
 

@@ -73,7 +73,7 @@ impl GgmlType {
 /// Bytes of a tensor of `n` elements whose rows have `ne0` elements.
 pub fn byte_len(ty: GgmlType, ne0: usize, n: usize) -> Result<usize, String> {
     let (values, bytes) = ty.block();
-    if ne0 % values != 0 {
+    if !ne0.is_multiple_of(values) {
         return Err(format!(
             "row length {ne0} is not a multiple of the {ty:?} block of {values}"
         ));
@@ -90,7 +90,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// Dequantises `n` elements from `raw` (which must hold exactly their bytes).
 pub fn dequantize(ty: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>, String> {
     let (values, bytes) = ty.block();
-    if n % values != 0 || raw.len() != n / values * bytes {
+    if !n.is_multiple_of(values) || raw.len() != n / values * bytes {
         return Err(format!("{} bytes do not hold {n} {ty:?} values", raw.len()));
     }
     let mut out = Vec::with_capacity(n);

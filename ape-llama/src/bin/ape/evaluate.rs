@@ -135,6 +135,7 @@ pub(crate) fn eval_command(
     modes: &[Mode],
     max_answer_tokens: usize,
     json: Option<PathBuf>,
+    store: Option<PathBuf>,
 ) -> ape_attn::Result<()> {
     if examples.is_empty() {
         return Err(Error::InvalidInput(
@@ -143,7 +144,14 @@ pub(crate) fn eval_command(
     }
     let json = open_json(json)?;
     let path = model_path(model)?;
-    let (mut engine, tokenizer) = load_cpu(&path)?;
+    // The evaluation keeps its passages in memory unless told where to keep them.
+    let store = ape_llama::store::BlockStore::open(&ape_llama::store::StoreOptions {
+        dir: store,
+        disk_budget: 8 << 30,
+        redis: None,
+    })
+    .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    let (mut engine, tokenizer) = load_cpu(&path, Arc::new(store))?;
     println!(
         "{} examples x {} modes on {} (CPU)",
         examples.len(),
@@ -184,7 +192,7 @@ pub(crate) fn calibrate_command(a: CalibrateArgs) -> ape_attn::Result<()> {
         ApeParams::new(1.0, s)?;
     }
     let path = model_path(a.model)?;
-    let (mut engine, tokenizer) = load_cpu(&path)?;
+    let (mut engine, tokenizer) = load_cpu(&path, Arc::new(Default::default()))?;
     let cal = dataset::generate(a.seed, &a.docs, a.per_position, a.candidates)?;
     let held = dataset::generate(
         a.seed.wrapping_add(1000),

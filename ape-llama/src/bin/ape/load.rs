@@ -1,6 +1,7 @@
 //! Finding and loading the model onto the chosen device.
 
 use super::*;
+use ape_llama::store::BlockStore;
 
 /// The model path: given, `$APE_MODEL`, or the default model (fetched on first use by the
 /// project's script when run from the repository).
@@ -70,7 +71,13 @@ pub(crate) struct Loaded {
     pub(crate) device: String,
 }
 
-pub(crate) fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
+/// Loads the model at `path` on `device`, its engine reading and writing `store` below its
+/// memory cache.
+pub(crate) fn load(
+    path: &Path,
+    device: DeviceArg,
+    store: Arc<BlockStore>,
+) -> ape_attn::Result<Loaded> {
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -89,14 +96,18 @@ pub(crate) fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
         tokenizer,
         weights: source,
         id,
+        ..
     } = ape_llama::open::open(path)?;
     let cpu = |why: &str| -> ape_attn::Result<(Backend, String)> {
         Ok((
-            Backend::Cpu(Box::new(Engine::new(
-                CpuModel::from_source(config.clone(), source.as_ref(), &progress)?,
-                id.clone(),
-                2 << 30,
-            ))),
+            Backend::Cpu(Box::new(
+                Engine::new(
+                    CpuModel::from_source(config.clone(), source.as_ref(), &progress)?,
+                    id.clone(),
+                    2 << 30,
+                )
+                .with_store(store.clone()),
+            )),
             format!("CPU ({} threads){why}", rayon::current_num_threads()),
         ))
     };
@@ -104,11 +115,14 @@ pub(crate) fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
         let dev = Arc::new(Device::new(0)?);
         let name = dev.name()?;
         Ok((
-            Backend::Gpu(Box::new(Engine::new(
-                GpuModel::from_source(dev, config.clone(), source.as_ref(), &progress)?,
-                id.clone(),
-                16 << 30,
-            ))),
+            Backend::Gpu(Box::new(
+                Engine::new(
+                    GpuModel::from_source(dev, config.clone(), source.as_ref(), &progress)?,
+                    id.clone(),
+                    16 << 30,
+                )
+                .with_store(store.clone()),
+            )),
             format!("GPU 0, {name} (the GPU forward pass has not been validated on a GPU yet)"),
         ))
     };
@@ -124,11 +138,14 @@ pub(crate) fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
             use {ape_attn::emulator::EmulatorOptions, ape_llama::emulated_ops::EmulatedOps};
             let ops = EmulatedOps::new(EmulatorOptions::default());
             (
-                Backend::Emulated(Box::new(Engine::new(
-                    GpuModel::from_source_on(ops, config.clone(), source.as_ref(), &progress)?,
-                    id.clone(),
-                    2 << 30,
-                ))),
+                Backend::Emulated(Box::new(
+                    Engine::new(
+                        GpuModel::from_source_on(ops, config.clone(), source.as_ref(), &progress)?,
+                        id.clone(),
+                        2 << 30,
+                    )
+                    .with_store(store.clone()),
+                )),
                 "the GPU forward pass on the kernel emulator (CPU)".to_string(),
             )
         }
@@ -142,10 +159,13 @@ pub(crate) fn load(path: &Path, device: DeviceArg) -> ape_attn::Result<Loaded> {
 }
 
 /// The model on the CPU (evaluation and calibration run there).
-pub(crate) fn load_cpu(path: &Path) -> ape_attn::Result<(Engine<CpuModel>, Tokenizer)> {
+pub(crate) fn load_cpu(
+    path: &Path,
+    store: Arc<BlockStore>,
+) -> ape_attn::Result<(Engine<CpuModel>, Tokenizer)> {
     let Loaded {
         backend, tokenizer, ..
-    } = load(path, DeviceArg::Cpu)?;
+    } = load(path, DeviceArg::Cpu, store)?;
     match backend {
         Backend::Cpu(engine) => Ok((*engine, tokenizer)),
         _ => Err(Error::NoDevice("evaluation runs on the CPU".into())),

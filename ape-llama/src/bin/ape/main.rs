@@ -20,9 +20,11 @@ use std::sync::Arc;
 #[macro_use]
 mod load;
 mod answer;
+mod cache;
 mod evaluate;
 
 use answer::*;
+use cache::*;
 use evaluate::*;
 use load::*;
 
@@ -71,7 +73,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
         device: DeviceArg,
     },
-    /// Answer a question over your passages (one file each).
+    /// Answer a question over your passages (one file each). Passages are encoded once and kept
+    /// in the block store: a later run over the same passages (in any order or subset) reads
+    /// them instead of encoding them.
     #[command(after_help = MODES_HELP)]
     Run {
         /// GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct, fetched by
@@ -114,6 +118,13 @@ enum Command {
         /// System prompt.
         #[arg(long, default_value = DEFAULT_SYSTEM)]
         system: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// The block store: what it holds, emptying it, filling it ahead of the questions.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
     },
     /// Measure how much of sequential encoding's accuracy each mode keeps, on a generated
     /// multi-document QA set about fictional entities (seeded).
@@ -145,6 +156,9 @@ enum Command {
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Keep the encoded passages in this folder (default: this process's memory only).
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
     },
     /// Search APE's T and S on a calibration split, then report held-out results.
     Calibrate {
@@ -220,6 +234,55 @@ enum DeviceArg {
 const DEFAULT_SYSTEM: &str = "You are a helpful assistant. Answer the question using the passages.";
 const DEFAULT_MODEL: &str = ".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Per tier: blocks, bytes, hits, misses, evictions, corrupt blocks dropped.
+    Stats {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Remove the stored blocks of a tier (all: disk, and Redis when given).
+    Clear {
+        /// Which tier.
+        #[arg(long, value_enum, default_value_t = TierArg::All)]
+        tier: TierArg,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Encode passages into the store ahead of the questions (the blocks a question in this
+    /// mode, with this system prompt, reads).
+    Warm {
+        /// GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A passage file; repeat for several.
+        #[arg(long = "context", required = true)]
+        contexts: Vec<PathBuf>,
+        /// The mode whose blocks to encode (ape and parallel share theirs).
+        #[arg(long, value_enum, default_value_t = ModeArg::Ape)]
+        mode: ModeArg,
+        /// Where to encode (auto: GPU 0 when one is usable, else the CPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// System prompt (part of the key of APE's blocks).
+        #[arg(long, default_value = DEFAULT_SYSTEM)]
+        system: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+impl ModeArg {
+    fn mode(self, ape: ApeParams) -> Mode {
+        match self {
+            ModeArg::Sequential => Mode::Sequential,
+            ModeArg::Parallel => Mode::Parallel,
+            ModeArg::Ape => Mode::Ape(ape),
+            ModeArg::BlockAttention => Mode::BlockAttention,
+        }
+    }
+}
+
 /// The command line, or the exit for `--help`, `--version` and bad arguments. A bad argument is
 /// one line on stderr, like every other error of the command.
 fn parse_args() -> Result<Cli, ExitCode> {
@@ -269,6 +332,7 @@ fn main() -> ExitCode {
             scale,
             max_answer_tokens,
             json,
+            store,
         } => (|| {
             let ape = ApeParams::new(temperature, scale)?;
             let examples = dataset::generate(seed, &docs, per_position, candidates)?;
@@ -278,8 +342,27 @@ fn main() -> ExitCode {
                 Mode::Ape(ape),
                 Mode::BlockAttention,
             ];
-            eval_command(model, &examples, &modes, max_answer_tokens, json)
+            eval_command(model, &examples, &modes, max_answer_tokens, json, store)
         })(),
+        Command::Cache { command } => match command {
+            CacheCommand::Stats { store } => cache_stats(&store),
+            CacheCommand::Clear { tier, store } => cache_clear(&store, tier),
+            CacheCommand::Warm {
+                model,
+                contexts,
+                mode,
+                device,
+                system,
+                store,
+            } => cache_warm(WarmArgs {
+                model,
+                contexts,
+                mode: mode.mode(ApeParams::default()),
+                device,
+                system,
+                store,
+            }),
+        },
         Command::Calibrate {
             model,
             docs,
@@ -324,17 +407,13 @@ fn main() -> ExitCode {
             print_logits,
             device,
             system,
+            store,
         } => (|| {
             let mut ape = ApeParams::new(temperature, scale)?;
             if scaled_mass {
                 ape = ape.with_variant(ApeVariant::ScaledMass);
             }
-            let mode = match mode {
-                ModeArg::Sequential => Mode::Sequential,
-                ModeArg::Parallel => Mode::Parallel,
-                ModeArg::Ape => Mode::Ape(ape),
-                ModeArg::BlockAttention => Mode::BlockAttention,
-            };
+            let mode = mode.mode(ape);
             let sampling = match sampling_temperature {
                 None => Sampling::Greedy,
                 Some(temperature) => Sampling::Temperature { temperature, seed },
@@ -349,6 +428,7 @@ fn main() -> ExitCode {
                 print_logits,
                 device,
                 system,
+                store,
             })
         })(),
     };
