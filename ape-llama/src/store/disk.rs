@@ -33,6 +33,28 @@ const STATS: &str = "stats.json";
 /// A leftover in tmp/ whose writer cannot be checked is removed after this long.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
+/// Blocks are written in pieces of this size.
+const WRITE_PIECE: usize = 64 << 10;
+
+/// A planted fault for the crash tests: with `APE_STORE_CRASH_AFTER=N` in the environment, the
+/// process aborts at the Nth step of writing blocks (a piece written, the flush, the rename),
+/// as a kill at that moment would leave things. Without it, nothing happens.
+fn crash_point() {
+    use std::sync::OnceLock;
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    static STEPS: AtomicU64 = AtomicU64::new(0);
+    let limit = LIMIT.get_or_init(|| {
+        std::env::var("APE_STORE_CRASH_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if let Some(limit) = *limit {
+        if STEPS.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
+            std::process::abort();
+        }
+    }
+}
+
 /// A block file's name and size, and when it was last used.
 #[derive(Clone, Copy, Debug)]
 struct Held {
@@ -335,13 +357,18 @@ impl DiskTier {
             .join(format!("{key}.{}.{serial}.tmp", std::process::id()));
         let result = (|| {
             let mut f = File::create(&tmp)?;
-            f.write_all(bytes)?;
+            for piece in bytes.chunks(WRITE_PIECE) {
+                f.write_all(piece)?;
+                crash_point();
+            }
             f.sync_all()?;
+            crash_point();
             drop(f);
             let dest = self.path(key);
             let parent = dest.parent().unwrap_or(&self.dir);
             fs::create_dir_all(parent)?;
             fs::rename(&tmp, &dest)?;
+            crash_point();
             // The rename itself reaches the disk with its folder's entry.
             File::open(parent)?.sync_all()
         })();
