@@ -32,6 +32,16 @@ fn shifted_blocks_match_when_grown_and_merged() {
     llama::shifted_blocks_match_when_grown_and_merged(ops());
 }
 
+/// One schedule throughout: the comparison is bit for bit.
+#[test]
+fn stored_blocks_answer_as_encoded_ones_on_the_emulator() {
+    let g = llama::small_model_with_window(4096);
+    llama::stored_blocks_answer_as_encoded_ones(
+        || llama::load(EmulatedOps::new(EmulatorOptions::default()), &g),
+        "emulator",
+    );
+}
+
 /// Llama-3-8B's attention shape (head dim 128, GQA 4, NeoX RoPE at base 500000) at a width the
 /// emulator runs in seconds.
 #[test]

@@ -39,6 +39,13 @@ fn shifted_blocks_match_when_grown_and_merged() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn stored_blocks_answer_as_encoded_ones_on_the_gpu() {
+    let g = llama::small_model_with_window(4096);
+    llama::stored_blocks_answer_as_encoded_ones(|| llama::load(ops(), &g), "gpu");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn synthetic_llama3_8b_layers_run() {
     let rope = RopeConfig::new(128, 500_000.0, RopeLayout::Neox).expect("rope");
     let cfg = LlamaConfig {

@@ -282,3 +282,10 @@ fn ape_and_block_attention_share_the_prefix_block() {
     // The contexts are encoded again (alone, not after the prefix); the prefix is a hit.
     assert_eq!(blocks.tokens_encoded, 20 + 30 + 2);
 }
+
+/// The CPU pass's blocks read back from the store give the encoded blocks' logits bit for bit.
+#[test]
+fn stored_blocks_answer_as_encoded_ones_on_the_cpu() {
+    let g = llama::small_model_with_window(4096);
+    llama::stored_blocks_answer_as_encoded_ones(|| CpuModel::load(&g).expect("model"), "cpu");
+}

@@ -560,6 +560,83 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn spec(t: u32) -> BlockSpec {
+        BlockSpec {
+            model: [2; 32],
+            format: BlockFormat {
+                encoder: "test".into(),
+                dtype: StoredDType::F32,
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 2,
+            },
+            scheme: StoredScheme::Alone,
+            pos: 0,
+            prefix: vec![],
+            tokens: vec![t; 8],
+        }
+    }
+
+    /// What the engine does on a miss: look up, claim, look up again if the claim waited,
+    /// encode and save. Returns where the block came from.
+    fn get(store: &BlockStore, s: &BlockSpec, encodes: &AtomicUsize) -> (Vec<u8>, Source) {
+        let n = s.format.data_bytes(s.tokens.len());
+        let mut build = |fill: &mut Fill<'_>| {
+            let mut b = vec![0u8; n];
+            fill(&mut b)?;
+            Ok(b)
+        };
+        if let Some(hit) = store.load(s, &mut build) {
+            return hit;
+        }
+        let claim = store.claim(s);
+        if claim.waited() {
+            if let Some(hit) = store.load(s, &mut build) {
+                return hit;
+            }
+        }
+        encodes.fetch_add(1, Ordering::SeqCst);
+        // A slow encoder: the others arrive while it works.
+        std::thread::sleep(Duration::from_millis(50));
+        let data = vec![s.tokens[0] as u8; n];
+        store.save(s, &data, claim);
+        (data, Source::Encoded)
+    }
+
+    /// Eight threads miss on the same block at once, twice over: it is encoded once, and every
+    /// thread gets the same bytes.
+    #[test]
+    fn threads_that_miss_together_encode_once() {
+        let dir = std::env::temp_dir().join(format!("ape-store-threads-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = BlockStore::open(&StoreOptions {
+            dir: Some(dir.clone()),
+            disk_budget: 1 << 20,
+            redis: None,
+        })
+        .expect("open");
+        for t in [5, 6] {
+            let s = spec(t);
+            let encodes = AtomicUsize::new(0);
+            let got: Vec<(Vec<u8>, Source)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| scope.spawn(|| get(&store, &s, &encodes)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("thread"))
+                    .collect()
+            });
+            assert_eq!(encodes.load(Ordering::SeqCst), 1, "block {t}");
+            assert!(got.iter().all(|(d, _)| *d == got[0].0));
+            assert_eq!(got.iter().filter(|(_, s)| *s == Source::Encoded).count(), 1);
+            assert_eq!(got.iter().filter(|(_, s)| *s == Source::Disk).count(), 7);
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn sizes_parse_with_units() {

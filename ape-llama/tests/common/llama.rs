@@ -98,7 +98,7 @@ fn assert_close(gpu: &[f32], cpu: &[f32], vocab: usize, what: &str) {
 }
 
 /// The model on `ops`.
-fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
+pub fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
     let cfg = LlamaConfig::from_gguf(g).expect("config");
     GpuModel::from_source_on(ops, cfg, g, |_, _| {}).expect("model on the device")
 }
@@ -269,4 +269,75 @@ pub fn forward_matches_cpu_on_the_real_model<D: DeviceOps>(ops: D, path: &std::p
             .logits;
         assert_close(&a, &b, vocab, "real model");
     }
+}
+
+/// Blocks read back from a block store give exactly the logits of blocks just encoded: for each
+/// cached mode, an engine encodes the passages into a fresh store and decodes a few tokens; a
+/// second engine (a new model, an empty memory cache, the same store) reads every block from
+/// disk and must produce the same logits, bit for bit, at the prefill and at every step.
+pub fn stored_blocks_answer_as_encoded_ones<M: LlamaModel>(
+    mut load: impl FnMut() -> M,
+    what: &str,
+) {
+    use ape_llama::store::{BlockStore, Source, StoreOptions};
+    let dir = std::env::temp_dir().join(format!("ape-stored-{what}-{}", std::process::id()));
+    let store = |mode: Mode| {
+        let opts = StoreOptions {
+            dir: Some(dir.join(mode.name())),
+            disk_budget: 1 << 30,
+            redis: None,
+        };
+        std::sync::Arc::new(BlockStore::open(&opts).expect("store"))
+    };
+    let prompt = Prompt {
+        prefix: (0..12).collect(),
+        contexts: vec![
+            (10..80).map(|i| i % 64).collect(),
+            (20..33).collect(),
+            (1..100).map(|i| i % 64).collect(),
+        ],
+        question: (40..60).collect(),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    for mode in [
+        Mode::Parallel,
+        Mode::Ape(ApeParams::default()),
+        Mode::BlockAttention,
+    ] {
+        let run = |engine: &mut Engine<M>| {
+            let mut state = engine.prefill(mode, &prompt).expect("prefill");
+            let mut logits = vec![state.logits.clone()];
+            for step in 0..4u32 {
+                logits.push(engine.decode_step(&mut state, step + 7).expect("step"));
+            }
+            (
+                logits,
+                state.sources.iter().map(|s| s.source).collect::<Vec<_>>(),
+            )
+        };
+        let s = store(mode);
+        let mut first = Engine::new(load(), "m", 1 << 30).with_store(s.clone());
+        let (encoded, from) = run(&mut first);
+        assert!(
+            from.iter()
+                .all(|&f| f == Source::Encoded || mode == Mode::BlockAttention),
+            "{what} {}: {from:?}",
+            mode.name()
+        );
+        drop(first);
+        s.flush();
+        let mut second = Engine::new(load(), "m", 1 << 30).with_store(store(mode));
+        let (stored, from) = run(&mut second);
+        assert!(
+            from.len() == prompt.contexts.len() + 1 && from.iter().all(|&f| f == Source::Disk),
+            "{what} {}: {from:?}",
+            mode.name()
+        );
+        assert!(
+            encoded == stored,
+            "{what} {}: stored blocks changed the logits",
+            mode.name()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
