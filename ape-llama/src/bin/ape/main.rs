@@ -132,8 +132,8 @@ enum Command {
         /// GGUF model (default: SmolLM2-135M-Instruct).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Document counts to evaluate.
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 3, 5, 10])]
+        /// Document counts to evaluate, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,5,10")]
         docs: Vec<usize>,
         /// Examples per position of the relevant document.
         #[arg(long, default_value_t = 2)]
@@ -165,8 +165,8 @@ enum Command {
         /// GGUF model (default: SmolLM2-135M-Instruct).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Document counts of both splits.
-        #[arg(long, value_delimiter = ',', default_values_t = [2usize, 3, 5])]
+        /// Document counts of both splits, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2,3,5")]
         docs: Vec<usize>,
         /// Examples per position of the relevant document, per split.
         #[arg(long, default_value_t = 1)]
@@ -174,11 +174,11 @@ enum Command {
         /// Candidate answers per question.
         #[arg(long, default_value_t = 4)]
         candidates: usize,
-        /// Temperatures to try.
-        #[arg(long, value_delimiter = ',', default_values_t = [0.5f32, 0.6, 0.7, 0.8, 0.9, 1.0])]
+        /// Temperatures to try, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.6,0.7,0.8,0.9,1.0")]
         temperatures: Vec<f32>,
-        /// Scaling factors to try.
-        #[arg(long, value_delimiter = ',', default_values_t = [0.5f32, 0.7, 0.9, 1.0, 1.2])]
+        /// Scaling factors to try, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,1.0,1.2")]
         scales: Vec<f32>,
         /// What to optimise.
         #[arg(long, value_enum, default_value_t = ObjectiveArg::Kl)]
