@@ -6,7 +6,7 @@
 //! only then encodes; a Redis hit is written to disk; what is encoded is written to every tier by
 //! a background thread, so the answer never waits for a write.
 //!
-//! A stored block is self-describing ([`format`]): its key is a BLAKE3 hash of everything its K
+//! A stored block is self-describing (module [`format`](mod@format)): its key is a BLAKE3 hash of everything its K
 //! and V depend on ([`BlockSpec`]), its header repeats all of it, and a checksum covers header and
 //! data. A block that fails any check is deleted, counted and encoded again, never served.
 //!
