@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser: scripts/fuzz.sh [SECONDS] [TARGET...]
 #
+# The targets (fuzz/fuzz_targets/): gguf (GGUF reader, dequantisation, CPU model load),
+# gguf_tokenizer (the tokenizer a GGUF describes), safetensors (header and tensors), hf_config
+# (config.json), block_file (a stored KV block read against the block asked for: only the exact
+# block of that key loads, and any flipped byte of a valid block is refused).
+#
 # Runs each target of fuzz/ (default: all) for SECONDS (default 120) under libFuzzer with
 # AddressSanitizer, on stable Rust (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 allows them).
 # Installs cargo-fuzz when it is missing. Seeds come from the real model's header and the test
-# fixtures (scripts/fuzz-seeds.py), plus every saved finding in ape-llama/tests/fixtures/fuzz/<target>/;
+# fixtures (scripts/fuzz-seeds.py), plus every file in ape-llama/tests/fixtures/fuzz/<target>/
+# (saved findings, and block_file's valid blocks);
 # the growing corpus stays in fuzz/corpus/<target>/ (git-ignored) between runs.
 #
 # Each input runs under an allocation bound proportional to its size (fuzz/src/bound.rs), a
@@ -28,7 +34,7 @@ if [ -n "${APE_FUZZ_SEED:-}" ]; then
 fi
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf gguf_tokenizer safetensors hf_config)
+  targets=(gguf gguf_tokenizer safetensors hf_config block_file)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -5,9 +5,13 @@ mod common;
 use std::process::Command;
 
 fn ape(args: &[&str]) -> (i32, String, String) {
+    // The block store in a folder of the test binary's own, not the default .cache/ape/blocks.
+    let store = std::env::temp_dir().join(format!("ape-cli-test-store-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_ape"))
         .args(args)
         .env("APE_MODEL", common::default_model())
+        .env("APE_STORE", store)
+        .env_remove("APE_REDIS")
         .output()
         .expect("ape runs");
     (
@@ -442,6 +446,45 @@ fn bad_input_matrix() {
         "--context",
     );
 
+    // The block store's flags: a budget that is no size, a folder that cannot be made or holds
+    // other files, a Redis URL that does not parse; `cache clear` of a tier that is off.
+    check(run(&["--store-budget", "lots"]), "--store-budget");
+    check(run(&["--store-budget", "-1G"]), "--store-budget");
+    check(run(&["--store", "/dev/null/blocks"]), "/dev/null/blocks");
+    let foreign = dir.path("mine");
+    std::fs::create_dir_all(&foreign).expect("folder");
+    std::fs::write(format!("{foreign}/notes.txt"), "mine").expect("file");
+    check(run(&["--store", &foreign]), "holds other files");
+    check(run(&["--redis", "http://nowhere"]), "redis URL");
+    check(
+        owned(&["cache", "clear", "--tier", "redis"]),
+        "no Redis tier",
+    );
+    check(
+        owned(&["cache", "clear", "--tier", "disk", "--no-store"]),
+        "no disk tier",
+    );
+    check(
+        owned(&[
+            "cache",
+            "warm",
+            "--context",
+            &passage,
+            "--mode",
+            "sequential",
+        ]),
+        "caches nothing",
+    );
+    check(
+        owned(&["cache", "warm", "--context", &passage, "--no-store"]),
+        "nothing to warm",
+    );
+    assert_eq!(
+        std::fs::read_dir(&foreign).expect("folder").count(),
+        1,
+        "nothing written"
+    );
+
     // --max-tokens: zero, more than the window, more than a number.
     check(run(&["--max-tokens", "0"]), "at least 1");
     check(
@@ -520,6 +563,7 @@ fn bad_input_matrix() {
     // Nothing was written beside the inputs.
     let mut inputs: Vec<String> = owned(&[
         "passage.txt",
+        "mine",
         "read-only.json",
         "empty.gguf",
         "truncated.gguf",

@@ -16,11 +16,12 @@ static ALLOC: bound::BoundedAlloc = bound::BoundedAlloc;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("gguf", targets::gguf),
     ("gguf_tokenizer", targets::gguf_tokenizer),
     ("safetensors", targets::safetensors),
     ("hf_config", targets::hf_config),
+    ("block_file", targets::block_file),
 ];
 
 #[test]

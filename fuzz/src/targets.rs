@@ -8,6 +8,9 @@ use ape_llama::hf::{
     parse_config_json, safetensors_f32, safetensors_header_len, safetensors_metadata,
 };
 use ape_llama::model::{LlamaModel, LogitRows};
+use ape_llama::store::format::{
+    decode, BlockFormat, BlockSpec, StoredDType, StoredScheme, CHECKSUM_BYTES,
+};
 use ape_llama::tokenizer::Tokenizer;
 
 /// The GGUF reader end to end: header, metadata, tensor directory, every tensor dequantised
@@ -110,4 +113,150 @@ pub fn hf_config(data: &[u8]) {
         "accepted a shape that overflows: {c:?}"
     );
     assert_eq!(Some(c.kv_bytes(c.context_length, 4)), window_bytes);
+}
+
+const ENCODERS: [&str; 4] = ["cpu-f32-1", "gpu-bf16-1", "", "x"];
+
+/// Takes the next `n` bytes of `input`, if there are that many.
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if input.len() < n {
+        return None;
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Some(head)
+}
+
+fn u16_of(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+/// The expected spec the input's first bytes describe, and the mode byte.
+fn spec_of(input: &mut &[u8]) -> Option<(u8, BlockSpec)> {
+    let h = take(input, 5)?;
+    let (mode, a, b, pos, model) = (h[0], h[1], h[2], h[3], h[4]);
+    let n_prefix = usize::from(b >> 3 & 3);
+    let n_tokens = usize::from(b >> 5);
+    let ids = take(input, 2 * (n_prefix + n_tokens))?;
+    let mut ids = ids.chunks_exact(2).map(|c| u32::from(u16_of(c)));
+    let prefix: Vec<u32> = ids.by_ref().take(n_prefix).collect();
+    let tokens: Vec<u32> = ids.collect();
+    let spec = BlockSpec {
+        model: [model; 32],
+        format: BlockFormat {
+            encoder: ENCODERS[usize::from(a >> 5 & 3)].to_string(),
+            dtype: if a >> 3 & 1 == 0 {
+                StoredDType::F32
+            } else {
+                StoredDType::BF16
+            },
+            layers: 1 + usize::from(a % 3),
+            kv_heads: 1 + usize::from(a >> 2 & 1),
+            head_dim: 1 + usize::from(b % 8),
+        },
+        scheme: if a >> 4 & 1 == 0 {
+            StoredScheme::Alone
+        } else {
+            StoredScheme::AfterPrefix
+        },
+        pos: usize::from(pos),
+        prefix,
+        tokens,
+    };
+    Some((mode, spec))
+}
+
+/// A candidate that loads is exactly the block of `spec` with the data it loaded as.
+fn check_loaded(candidate: &[u8], spec: &BlockSpec) {
+    let Ok(data) = decode(candidate, spec) else {
+        return;
+    };
+    assert_eq!(
+        data.len(),
+        spec.format.data_bytes(spec.tokens.len()),
+        "loaded data of another size than the spec's"
+    );
+    let stored = spec.encode(&data).expect("encode the loaded data");
+    assert!(
+        stored == candidate,
+        "a block loaded that is not the spec's block with its data ({} bytes loaded, {} expected)",
+        candidate.len(),
+        stored.len()
+    );
+    assert_eq!(candidate[16..48], spec.key(), "loaded under another key");
+}
+
+/// The stored KV block (`ape_llama::store::format`) read back against the block a reader asks
+/// for.
+///
+/// The input's first bytes choose a small expected `BlockSpec`; the rest is a candidate stored
+/// block, or the data of one. Three modes (bits of the first byte):
+///
+/// - plain: `decode(candidate, spec)`;
+/// - checksum fixed (bit 0): the candidate's last 32 bytes are replaced by the BLAKE3 of the bytes
+///   before them first, so that the header and length checks are what decides;
+/// - mutated (bit 1, over bit 0): a valid block of the spec is encoded from the rest of the input,
+///   one byte of it is xored with a nonzero value the input chooses, and the result must not load.
+///
+/// In the first two modes, a candidate that loads must be byte for byte the block of that spec
+/// with the data it loaded as (`spec.encode(&data)`): a block never loads under another key, nor
+/// with data of another size.
+///
+/// Input layout (little-endian):
+///
+/// ```text
+/// 0     mode: bit 0 fix the checksum, bit 1 mutate a valid block
+/// 1     layers 1 + b % 3 | kv heads 1 + (b >> 2 & 1) | dtype b >> 3 & 1 | scheme b >> 4 & 1
+///       | encoder name ENCODERS[b >> 5 & 3]
+/// 2     head dim 1 + b % 8 | prefix tokens b >> 3 & 3 | tokens (b >> 5), 0 to 7
+/// 3     position
+/// 4     model fingerprint: 32 times this byte
+/// 5     2 bytes per prefix token id, then 2 per token id (u16)
+///       mutated mode only: 2 bytes offset (modulo the block's length), 1 byte xor (0 means 1)
+/// ...   the candidate block (mutated mode: its data, repeated or cut to the size the spec needs)
+/// ```
+pub fn block_file(data: &[u8]) {
+    let mut input = data;
+    let Some((mode, spec)) = spec_of(&mut input) else {
+        return;
+    };
+    if mode & 2 != 0 {
+        let Some(m) = take(&mut input, 3) else {
+            return;
+        };
+        let (at, xor) = (usize::from(u16_of(m)), m[2].max(1));
+        let n = spec.format.data_bytes(spec.tokens.len());
+        let block_data: Vec<u8> = if input.is_empty() {
+            vec![0; n]
+        } else {
+            input.iter().copied().cycle().take(n).collect()
+        };
+        let stored = spec.encode(&block_data).expect("encode a valid block");
+        assert_eq!(
+            stored.len(),
+            spec.stored_bytes(),
+            "stored_bytes is not the block's length"
+        );
+        assert_eq!(
+            decode(&stored, &spec).expect("a valid block loads"),
+            block_data,
+            "a valid block loads as other data"
+        );
+        let mut bad = stored;
+        let at = at % bad.len();
+        bad[at] ^= xor;
+        assert!(
+            decode(&bad, &spec).is_err(),
+            "a block with byte {at} xored with {xor:#04x} still loads"
+        );
+    } else if mode & 1 != 0 {
+        let mut candidate = input.to_vec();
+        if let Some(body) = candidate.len().checked_sub(CHECKSUM_BYTES) {
+            let sum = blake3::hash(&candidate[..body]);
+            candidate[body..].copy_from_slice(sum.as_bytes());
+        }
+        check_loaded(&candidate, &spec);
+    } else {
+        check_loaded(input, &spec);
+    }
 }

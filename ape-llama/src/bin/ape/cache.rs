@@ -16,11 +16,12 @@ pub(crate) struct StoreArgs {
     #[arg(long, env = "APE_STORE", value_name = "DIR")]
     pub(crate) store: Option<PathBuf>,
     /// No disk tier: passages are kept in this process's memory only (and in Redis, if given).
-    #[arg(long, conflicts_with = "store")]
+    /// Overrides --store and APE_STORE.
+    #[arg(long)]
     pub(crate) no_store: bool,
     /// The disk tier's size limit; the least recently used blocks are removed beyond it (e.g.
     /// 8G, 500M).
-    #[arg(long, env = "APE_STORE_BUDGET", default_value = "8G", value_parser = parse_budget)]
+    #[arg(long, env = "APE_STORE_BUDGET", default_value = "8G", value_parser = parse_budget, allow_hyphen_values = true)]
     pub(crate) store_budget: u64,
     /// A Redis server shared by every process pointed at it (redis://127.0.0.1:6379): a passage
     /// one process encoded is read by all.
