@@ -10,6 +10,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::device_ops::{check_linear, concat_shape, linear_shape, DeviceOps};
+use crate::store::Fill;
 use ape_attn::cuda::{self, llama_ops, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};
@@ -118,6 +119,33 @@ impl DeviceOps for CudaOps {
 
     fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
         t.to_f32(&self.dev)
+    }
+
+    fn upload_bf16_bytes(
+        &self,
+        shape: &[usize],
+        count: usize,
+        fill: &mut Fill<'_>,
+    ) -> Result<Vec<Tensor>> {
+        let bytes = cuda::element_count(shape)? * DType::BF16.size();
+        let stream = self.dev.stream();
+        // SAFETY: every byte is written by `fill` below before anything reads it, and an
+        // error drops the buffer unread.
+        let mut staging = unsafe { stream.context().alloc_pinned::<u8>((bytes * count).max(1)) }?;
+        fill(&mut staging.as_mut_slice()?[..bytes * count])?;
+        let tensors = (|| {
+            let host = staging.as_slice()?;
+            (0..count)
+                .map(|i| {
+                    let mut t = Tensor::uninit(&self.dev, shape, DType::BF16)?;
+                    stream.memcpy_htod(&host[i * bytes..(i + 1) * bytes], t.buf_mut())?;
+                    Ok(t)
+                })
+                .collect::<Result<Vec<_>>>()
+        })();
+        // The copies read the staging memory until they finish: wait before it is freed.
+        stream.synchronize()?;
+        tensors
     }
 
     fn embedding(&self, ids: &[u32], table: &Tensor) -> Result<Tensor> {

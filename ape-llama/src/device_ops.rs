@@ -6,7 +6,8 @@
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
-use ape_attn::cuda::{DType, Query, Segment, Tensor};
+use crate::store::Fill;
+use ape_attn::cuda::{element_count, DType, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};
 
@@ -60,6 +61,29 @@ pub trait DeviceOps {
     fn uniform(&self, shape: &[usize], seed: u32, scale: f32, offset: f32) -> Result<Self::Tensor>;
     /// The tensor's values, as f32.
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// `count` bf16 tensors of `shape` from their raw bytes (little-endian, one tensor after the
+    /// other), which `fill` writes into one host buffer: page-locked on a GPU, then one copy per
+    /// tensor, no conversion (a stored block read from the block store).
+    fn upload_bf16_bytes(
+        &self,
+        shape: &[usize],
+        count: usize,
+        fill: &mut Fill<'_>,
+    ) -> Result<Vec<Self::Tensor>> {
+        let n = element_count(shape)?;
+        let mut raw = vec![0u16; n * count];
+        fill(bytemuck::cast_slice_mut(&mut raw))?;
+        raw.chunks_exact(n.max(1))
+            .take(count)
+            .map(|t| {
+                let values: Vec<f32> = t
+                    .iter()
+                    .map(|&b| half::bf16::from_bits(u16::from_le(b)).to_f32())
+                    .collect();
+                self.upload(shape, &values)
+            })
+            .collect()
+    }
     /// Rows `ids` of `table` (`[vocab, d]`) as a new residual stream (f32, exact).
     fn embedding(&self, ids: &[u32], table: &Self::Tensor) -> Result<Self::Tensor>;
     /// RMSNorm of every row of `x` (the f32 residual stream, or bf16) with weight `w`, as bf16.

@@ -446,22 +446,28 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
     fn load_block(&self, n_tokens: usize, fill: &mut Fill<'_>) -> Result<Self::Block> {
         let c = &self.config;
         let shape = [n_tokens, c.n_kv_heads, c.head_dim];
-        let mut raw = vec![0u16; n_tokens * c.kv_dim()];
+        // Layer by layer, K then V: the stored order.
+        let mut tensors = self
+            .ops
+            .upload_bf16_bytes(&shape, 2 * c.n_layers, fill)?
+            .into_iter()
+            .map(Arc::new);
         let mut chunk = Chunk {
             len: n_tokens,
             k: Vec::with_capacity(c.n_layers),
             v: Vec::with_capacity(c.n_layers),
             rope_shift: 0,
         };
-        for _ in 0..c.n_layers {
-            for dst in [&mut chunk.k, &mut chunk.v] {
-                fill(bytemuck::cast_slice_mut(&mut raw))?;
-                let values: Vec<f32> = raw
-                    .iter()
-                    .map(|&b| half::bf16::from_bits(u16::from_le(b)).to_f32())
-                    .collect();
-                dst.push(Arc::new(self.ops.upload(&shape, &values)?));
-            }
+        while let (Some(k), Some(v)) = (tensors.next(), tensors.next()) {
+            chunk.k.push(k);
+            chunk.v.push(v);
+        }
+        if chunk.k.len() != c.n_layers {
+            return Err(Error::Shape(format!(
+                "{} of {} layers uploaded",
+                chunk.k.len(),
+                c.n_layers
+            )));
         }
         Ok(GpuBlock {
             len: n_tokens,
