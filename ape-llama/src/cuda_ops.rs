@@ -9,7 +9,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t}
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 
-use super::device_ops::{check_linear, concat_shape, linear_shape, DeviceOps};
+use super::device_ops::{check_linear, concat_shape, elements, linear_shape, DeviceOps};
 use crate::store::Fill;
 use ape_attn::cuda::{self, llama_ops, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
@@ -127,12 +127,15 @@ impl DeviceOps for CudaOps {
         count: usize,
         fill: &mut Fill<'_>,
     ) -> Result<Vec<Tensor>> {
-        let bytes = cuda::element_count(shape)? * DType::BF16.size();
+        let bytes = elements(shape)? * DType::BF16.size();
+        let total = bytes
+            .checked_mul(count)
+            .ok_or_else(|| Error::OutOfRange(format!("{count} tensors of {shape:?}")))?;
         let stream = self.dev.stream();
         // SAFETY: every byte is written by `fill` below before anything reads it, and an
         // error drops the buffer unread.
-        let mut staging = unsafe { stream.context().alloc_pinned::<u8>((bytes * count).max(1)) }?;
-        fill(&mut staging.as_mut_slice()?[..bytes * count])?;
+        let mut staging = unsafe { stream.context().alloc_pinned::<u8>(total.max(1)) }?;
+        fill(&mut staging.as_mut_slice()?[..total])?;
         let tensors = (|| {
             let host = staging.as_slice()?;
             (0..count)

@@ -7,7 +7,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
 use crate::store::Fill;
-use ape_attn::cuda::{element_count, DType, Query, Segment, Tensor};
+use ape_attn::cuda::{DType, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};
 
@@ -70,8 +70,11 @@ pub trait DeviceOps {
         count: usize,
         fill: &mut Fill<'_>,
     ) -> Result<Vec<Self::Tensor>> {
-        let n = element_count(shape)?;
-        let mut raw = vec![0u16; n * count];
+        let n = elements(shape)?;
+        let total = n
+            .checked_mul(count)
+            .ok_or_else(|| Error::OutOfRange(format!("{count} tensors of {shape:?}")))?;
+        let mut raw = vec![0u16; total];
         fill(bytemuck::cast_slice_mut(&mut raw))?;
         raw.chunks_exact(n.max(1))
             .take(count)
@@ -118,6 +121,14 @@ pub trait DeviceOps {
     fn concat(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
     /// A copy.
     fn try_clone(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// Elements of a tensor of `shape`, checked for overflow.
+pub(crate) fn elements(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::OutOfRange(format!("a tensor of {shape:?} has too many elements")))
 }
 
 /// Checks `y[n, out] = x[n, in] W^T` shapes; returns `(n, in, out)`.

@@ -244,21 +244,6 @@ impl<M: LlamaModel> Engine<M> {
         self.store.as_ref()
     }
 
-    /// What a block's K and V depend on, for the store.
-    fn spec(&self, scheme: Scheme, prefix: &[u32], tokens: &[u32], pos: usize) -> BlockSpec {
-        BlockSpec {
-            model: model_fingerprint(&self.model_id),
-            format: self.model.block_format(),
-            scheme: match scheme {
-                Scheme::Alone => StoredScheme::Alone,
-                Scheme::AfterPrefix => StoredScheme::AfterPrefix,
-            },
-            pos,
-            prefix: prefix.to_vec(),
-            tokens: tokens.to_vec(),
-        }
-    }
-
     /// Calls `f(tokens)` after each block is encoded on a cache miss (for progress bars).
     pub fn on_encode(&mut self, f: impl FnMut(usize) + 'static) {
         self.on_encode = Some(Box::new(f));
@@ -282,10 +267,7 @@ impl<M: LlamaModel> Engine<M> {
             prefix: prefix.to_vec(),
             tokens: tokens.to_vec(),
         };
-        let spec = self
-            .store
-            .as_ref()
-            .map(|_| self.spec(scheme, prefix, tokens, pos));
+        let model_id = self.model_id.as_str();
         let model = &self.model;
         let store = self.store.as_deref();
         let mut source = Source::Memory;
@@ -304,9 +286,21 @@ impl<M: LlamaModel> Engine<M> {
                 .kv)
         };
         let block = self.cache.get_or_encode(key, expected, || {
-            let (Some(store), Some(spec)) = (store, spec.as_ref()) else {
+            let Some(store) = store else {
                 source = Source::Encoded;
                 return encode();
+            };
+            // What the block's K and V depend on: the store's key.
+            let spec = &BlockSpec {
+                model: model_fingerprint(model_id),
+                format: model.block_format(),
+                scheme: match scheme {
+                    Scheme::Alone => StoredScheme::Alone,
+                    Scheme::AfterPrefix => StoredScheme::AfterPrefix,
+                },
+                pos,
+                prefix: prefix.to_vec(),
+                tokens: tokens.to_vec(),
             };
             let mut build =
                 |fill: &mut crate::store::Fill<'_>| model.load_block(tokens.len(), fill);

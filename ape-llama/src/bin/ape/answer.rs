@@ -173,12 +173,12 @@ pub(crate) fn demo_with<M: LlamaModel>(
         );
     }
     println!(
-        "\nEach mode's first request starts with an empty cache and an empty block store: TTFT \
-         includes encoding the passages, and 'encoded' counts the tokens run through the model \
-         before the first answer token (passages, system prompt and question). The second \
-         request is what a new process sees: nothing in memory, the blocks the first request \
-         wrote to its disk store; it encodes only the question. Sequential mode caches nothing. \
-         (The demo's stores are temporary; `ape run` keeps blocks in .cache/ape/blocks.)"
+        "\nEach mode's first request starts with an empty cache and an empty block store: its TTFT
+includes encoding the passages, and 'encoded' counts the tokens run through the model before the
+first answer token (system prompt, passages and question). The second request is what a new
+process sees: nothing in memory, the blocks the first one wrote in its store on disk; it encodes
+only the question. Sequential mode caches nothing. The demo's stores are temporary; `ape run`
+keeps its blocks in .cache/ape/blocks."
     );
     Ok(())
 }
