@@ -60,7 +60,7 @@ fi
 summary=()
 status=0
 for t in "${targets[@]}"; do
-  mkdir -p "fuzz/corpus/$t" "ape-llama/tests/fixtures/fuzz/$t"
+  mkdir -p "fuzz/corpus/$t" "fuzz/seeds/$t" "ape-llama/tests/fixtures/fuzz/$t"
   log="$log_dir/$t.log"
   echo "== $t: ${seconds}s"
   if cargo fuzz run --release --debug-assertions "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" "ape-llama/tests/fixtures/fuzz/$t" -- \

@@ -77,7 +77,7 @@ grep -q "llama.block_count = U64($layers)" "$stage/inspect.txt" \
   || { echo "bundle.sh: $cut does not report $layers blocks" >&2; exit 1; }
 echo "The capital of France is Paris." > "$stage/context.txt"
 $ape run --model "$cut" --context "$stage/context.txt" --question "What is the capital of France?" \
-  --mode sequential --print-logits 3 > "$stage/logits.txt" \
+  --mode sequential --no-store --print-logits 3 > "$stage/logits.txt" \
   || { echo "bundle.sh: the CPU forward pass fails on $cut" >&2; exit 1; }
 echo "cut model, top logits at the first answer position:" && cat "$stage/logits.txt"
 
