@@ -99,4 +99,4 @@ read -r unit_passed unit_failed unit_ignored < <(awk '/^test result:/ {
 read -r emu_passed emu_failed < <(tail -n 1 "$logs/emulated-gpu.log" | awk '{ print $1 + 0, $3 + 0 }')
 stage "done: $((unit_passed + emu_passed)) passed, $((unit_failed + emu_failed)) failed" \
   "($unit_passed cargo tests, $unit_ignored of them ignored here and run on the emulated device;" \
-  "$emu_passed emulated-device checks; fmt, clippy, docs, the CPU-only build and ${fuzz_targets:-every} fuzz target passed)"
+  "$emu_passed emulated-device checks; fmt, clippy, docs, the CPU-only build and ${fuzz_targets:-every} fuzz targets passed)"
