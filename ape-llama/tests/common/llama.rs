@@ -97,6 +97,19 @@ fn assert_close(gpu: &[f32], cpu: &[f32], vocab: usize, what: &str) {
     }
 }
 
+/// A prefix, three passages of 13 to 99 tokens and a question, in the small model's vocabulary.
+fn three_passages() -> Prompt {
+    Prompt {
+        prefix: (0..12).collect(),
+        contexts: vec![
+            (10..80).map(|i| i % 64).collect(),
+            (20..33).collect(),
+            (1..100).map(|i| i % 64).collect(),
+        ],
+        question: (40..60).collect(),
+    }
+}
+
 /// The model on `ops`.
 pub fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
     let cfg = LlamaConfig::from_gguf(g).expect("config");
@@ -130,15 +143,7 @@ pub fn the_four_modes_and_decode_match<D: DeviceOps>(ops: D) {
     let mut cpu = Engine::new(CpuModel::load(&g).expect("cpu"), "m", 1 << 30);
     let mut dev = Engine::new(load(ops, &g), "m", 1 << 30);
     let vocab = dev.model.config().vocab_size;
-    let prompt = Prompt {
-        prefix: (0..12).collect(),
-        contexts: vec![
-            (10..80).map(|i| i % 64).collect(),
-            (20..33).collect(),
-            (1..100).map(|i| i % 64).collect(),
-        ],
-        question: (40..60).collect(),
-    };
+    let prompt = three_passages();
     for mode in [
         Mode::Sequential,
         Mode::Parallel,
@@ -289,15 +294,7 @@ pub fn stored_blocks_answer_as_encoded_ones<M: LlamaModel>(
         };
         std::sync::Arc::new(BlockStore::open(&opts).expect("store"))
     };
-    let prompt = Prompt {
-        prefix: (0..12).collect(),
-        contexts: vec![
-            (10..80).map(|i| i % 64).collect(),
-            (20..33).collect(),
-            (1..100).map(|i| i % 64).collect(),
-        ],
-        question: (40..60).collect(),
-    };
+    let prompt = three_passages();
     let _ = std::fs::remove_dir_all(&dir);
     for mode in [
         Mode::Parallel,

@@ -201,11 +201,7 @@ pub(crate) fn run(a: RunArgs) -> ape_attn::Result<()> {
         return Err(Error::InvalidInput("the question is empty".into()));
     }
     check_max_tokens(a.max_tokens)?;
-    let passages = a
-        .contexts
-        .iter()
-        .map(|p| read_passage(p))
-        .collect::<ape_attn::Result<Vec<String>>>()?;
+    let passages = read_passages(&a.contexts)?;
     let store = a.store.open(true)?;
     let path = model_path(a.model.clone())?;
     let loaded = load(&path, a.device, store.clone())?;
@@ -215,6 +211,11 @@ pub(crate) fn run(a: RunArgs) -> ape_attn::Result<()> {
     // The blocks this run encoded reach the store before the process ends.
     store.flush();
     Ok(())
+}
+
+/// Every context file's text ([`read_passage`]), in order.
+pub(crate) fn read_passages(paths: &[PathBuf]) -> ape_attn::Result<Vec<String>> {
+    paths.iter().map(|p| read_passage(p)).collect()
 }
 
 /// The largest context file read: 16 MiB of text is millions of tokens, past any window.

@@ -211,11 +211,7 @@ pub(crate) fn cache_warm(a: WarmArgs) -> ape_attn::Result<()> {
             "sequential mode caches nothing: warm for parallel, ape or block-attention".into(),
         ));
     }
-    let passages = a
-        .contexts
-        .iter()
-        .map(|p| read_passage(p))
-        .collect::<ape_attn::Result<Vec<String>>>()?;
+    let passages = read_passages(&a.contexts)?;
     let store = a.store.open(true)?;
     if store.is_empty() {
         return Err(Error::InvalidInput(
