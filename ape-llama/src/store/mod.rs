@@ -335,7 +335,11 @@ impl BlockStore {
             .as_deref()
             .map(|u| redis::RedisTier::open(u).map(Arc::new))
             .transpose()?;
-        Ok(Self {
+        Ok(Self::with_tiers(disk, redis))
+    }
+
+    fn with_tiers(disk: Option<disk::DiskTier>, redis: Option<Arc<redis::RedisTier>>) -> Self {
+        Self {
             tiers: Arc::new(Tiers {
                 disk,
                 redis,
@@ -343,7 +347,7 @@ impl BlockStore {
             }),
             inflight: Arc::new(Inflight::default()),
             writer: Mutex::new(None),
-        })
+        }
     }
 
     /// The disk tier, if any.
@@ -507,15 +511,7 @@ impl BlockStore {
 impl Default for BlockStore {
     /// A store of no tiers: blocks live in the engine's memory only.
     fn default() -> Self {
-        Self {
-            tiers: Arc::new(Tiers {
-                disk: None,
-                redis: None,
-                pending: AtomicU64::new(0),
-            }),
-            inflight: Arc::new(Inflight::default()),
-            writer: Mutex::new(None),
-        }
+        Self::with_tiers(None, None)
     }
 }
 
