@@ -95,18 +95,11 @@ pub struct TierCounters {
     pub write_errors: u64,
 }
 
-/// [`TierCounters`] updated from several threads.
+/// [`TierCounters`] updated from several threads, one atomic per [`Count`].
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    writes: AtomicU64,
-    evictions: AtomicU64,
-    corrupt: AtomicU64,
-    write_errors: AtomicU64,
-}
+pub(crate) struct Counters([AtomicU64; 6]);
 
-/// Which counter.
+/// Which counter (its index in [`Counters`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Count {
     Hit,
@@ -119,40 +112,29 @@ pub(crate) enum Count {
 
 impl Counters {
     pub(crate) fn add(&self, c: Count, n: u64) {
-        let a = match c {
-            Count::Hit => &self.hits,
-            Count::Miss => &self.misses,
-            Count::Write => &self.writes,
-            Count::Eviction => &self.evictions,
-            Count::Corrupt => &self.corrupt,
-            Count::WriteError => &self.write_errors,
-        };
-        a.fetch_add(n, Ordering::Relaxed);
+        self.0[c as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters, each read by `read`.
+    fn read(&self, read: impl Fn(&AtomicU64) -> u64) -> TierCounters {
+        let at = |c: Count| read(&self.0[c as usize]);
+        TierCounters {
+            hits: at(Count::Hit),
+            misses: at(Count::Miss),
+            writes: at(Count::Write),
+            evictions: at(Count::Eviction),
+            corrupt: at(Count::Corrupt),
+            write_errors: at(Count::WriteError),
+        }
     }
 
     pub(crate) fn get(&self) -> TierCounters {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        TierCounters {
-            hits: l(&self.hits),
-            misses: l(&self.misses),
-            writes: l(&self.writes),
-            evictions: l(&self.evictions),
-            corrupt: l(&self.corrupt),
-            write_errors: l(&self.write_errors),
-        }
+        self.read(|a| a.load(Ordering::Relaxed))
     }
 
     /// The counts so far, and zero again (what a flush hands on).
     pub(crate) fn take(&self) -> TierCounters {
-        let t = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
-        TierCounters {
-            hits: t(&self.hits),
-            misses: t(&self.misses),
-            writes: t(&self.writes),
-            evictions: t(&self.evictions),
-            corrupt: t(&self.corrupt),
-            write_errors: t(&self.write_errors),
-        }
+        self.read(|a| a.swap(0, Ordering::Relaxed))
     }
 }
 
