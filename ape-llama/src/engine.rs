@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::model::{LlamaModel, LogitRows, Past};
+use super::model::{LlamaModel, LogitRows, Past, Step};
 use super::tokenizer::Tokenizer;
 use crate::cache::{BlockCache, BlockKey, Scheme};
 use crate::store::{BlockSpec, BlockStore, Source, StoredScheme};
@@ -502,6 +502,46 @@ impl<M: LlamaModel> Engine<M> {
         self.model.append_block(&mut state.tail, out.kv)?;
         state.next_pos += 1;
         Ok(out.logits)
+    }
+
+    /// Feeds `tokens[i]` to `states[i]` for every sequence at once, as one batched forward pass
+    /// ([`LlamaModel::forward_batch`]: the weights are read once for all of them), and returns
+    /// each sequence's next logits in order. Each sequence attends only to its own blocks.
+    pub fn decode_batch(
+        &self,
+        states: &mut [&mut Prefilled<M::Block>],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        if states.len() != tokens.len() {
+            return Err(Error::Shape(format!(
+                "decode_batch: {} sequences but {} tokens",
+                states.len(),
+                tokens.len()
+            )));
+        }
+        let pasts: Vec<Vec<Past<'_, M::Block>>> = states.iter().map(|s| s.past()).collect();
+        let steps: Vec<Step<'_, M::Block>> = states
+            .iter()
+            .zip(&pasts)
+            .zip(tokens)
+            .map(|((s, past), t)| Step {
+                tokens: std::slice::from_ref(t),
+                pos: s.next_pos,
+                past,
+                ape: s.ape,
+                logits: LogitRows::Last,
+            })
+            .collect();
+        let outs = self.model.forward_batch(&steps)?;
+        drop(steps);
+        drop(pasts);
+        let mut logits = Vec::with_capacity(outs.len());
+        for (state, out) in states.iter_mut().zip(outs) {
+            self.model.append_block(&mut state.tail, out.kv)?;
+            state.next_pos += 1;
+            logits.push(out.logits);
+        }
+        Ok(logits)
     }
 
     /// Prefills, then generates up to `max_tokens` tokens, stopping at any of `stop`.

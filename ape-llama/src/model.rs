@@ -43,6 +43,30 @@ pub struct ForwardOutput<B> {
     pub kv: B,
 }
 
+/// One sequence's share of a batched forward pass ([`LlamaModel::forward_batch`]): its new tokens
+/// at positions `pos..pos + tokens.len()`, the blocks they attend to, its APE parameters and which
+/// of its rows get logits.
+#[derive(Debug)]
+pub struct Step<'a, B> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// Position of the first new token.
+    pub pos: usize,
+    /// The cached blocks this sequence attends to (its own earlier tokens included).
+    pub past: &'a [Past<'a, B>],
+    /// Its APE correction (`ApeParams::plain()` for plain attention).
+    pub ape: ApeParams,
+    /// Which of its rows get logits.
+    pub logits: LogitRows,
+}
+
+impl<B> Clone for Step<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for Step<'_, B> {}
+
 /// A Llama forward pass over new tokens that attend to cached blocks in place.
 pub trait LlamaModel {
     /// The K/V of a run of tokens across all layers: what the block cache stores.
@@ -62,6 +86,24 @@ pub trait LlamaModel {
         ape: &ApeParams,
         logits: LogitRows,
     ) -> Result<ForwardOutput<Self::Block>>;
+
+    /// Several sequences' forward passes as one: every row of every sequence goes through each
+    /// weight matrix together (a batch of decode steps reads the weights once), while each
+    /// sequence's rows attend only to its own `past` and its own new tokens. The outputs are in
+    /// the order of `steps`, each as [`LlamaModel::forward`] would return it for that sequence
+    /// alone (up to the rounding of a different summation order in the matrix products). An
+    /// invalid step fails the whole call before any work.
+    ///
+    /// The default runs the sequences one after another.
+    fn forward_batch(
+        &self,
+        steps: &[Step<'_, Self::Block>],
+    ) -> Result<Vec<ForwardOutput<Self::Block>>> {
+        steps
+            .iter()
+            .map(|s| self.forward(s.tokens, s.pos, s.past, &s.ape, s.logits))
+            .collect()
+    }
 
     /// The block with its keys re-rotated by `delta` positions (Block-Attention: a block prefilled
     /// at position 0 moved to its real offset). Values are unchanged.

@@ -8,7 +8,7 @@ use ape_attn::{ApeParams, Error};
 use ape_llama::cpu::CpuModel;
 use ape_llama::engine::{Engine, Mode, Prompt, Sampling};
 use ape_llama::gguf::Gguf;
-use ape_llama::model::{LlamaModel, LogitRows};
+use ape_llama::model::{KvBlock, LlamaModel, LogitRows, Step};
 use ape_llama::tokenizer::Tokenizer;
 
 fn engine() -> (Engine<CpuModel>, Tokenizer) {
@@ -288,4 +288,135 @@ fn ape_and_block_attention_share_the_prefix_block() {
 fn stored_blocks_answer_as_encoded_ones_on_the_cpu() {
     let g = llama::small_model_with_window(4096);
     llama::stored_blocks_answer_as_encoded_ones(|| CpuModel::load(&g).expect("model"), "cpu");
+}
+
+/// Index of the largest logit and its margin over the runner-up.
+fn top1(logits: &[f32]) -> (u32, f32) {
+    let mut best = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in logits.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x, best.1);
+        } else if x > best.2 {
+            best.2 = x;
+        }
+    }
+    (best.0 as u32, best.1 - best.2)
+}
+
+#[test]
+fn a_batch_of_decode_steps_answers_as_each_sequence_alone() {
+    let (mut e, tok) = engine();
+    // Three sequences in three modes, each over its own passages and of its own length.
+    let requests = [
+        (
+            Mode::Ape(ApeParams::default()),
+            prompt(&tok, &PASSAGES, "Who founded the Lantern Bakery?"),
+        ),
+        (
+            Mode::BlockAttention,
+            prompt(&tok, &PASSAGES[1..], "What bread is the bakery known for?"),
+        ),
+        (
+            Mode::Sequential,
+            prompt(&tok, &PASSAGES[2..], "Where does Esterhill lie?"),
+        ),
+    ];
+    let steps = 8;
+    // Alone: greedy decoding one sequence at a time.
+    let mut alone = Vec::new();
+    for (mode, p) in &requests {
+        let mut state = e.prefill(*mode, p).expect("prefill");
+        let mut logits = vec![state.logits.clone()];
+        for _ in 0..steps {
+            let next = top1(logits.last().expect("logits")).0;
+            logits.push(e.decode_step(&mut state, next).expect("decode"));
+        }
+        alone.push(logits);
+    }
+    // Together: one batched forward per step, fed the tokens chosen alone so that the logits
+    // compare step by step.
+    let mut states: Vec<_> = requests
+        .iter()
+        .map(|(mode, p)| e.prefill(*mode, p).expect("prefill"))
+        .collect();
+    let mut worst = 0f32;
+    let mut near_ties = Vec::new();
+    for step in 0..steps {
+        let tokens: Vec<u32> = alone.iter().map(|l| top1(&l[step]).0).collect();
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        let batch = e.decode_batch(&mut refs, &tokens).expect("batched decode");
+        assert_eq!(batch.len(), requests.len());
+        for (i, got) in batch.iter().enumerate() {
+            let want = &alone[i][step + 1];
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            worst = worst.max(max_diff(got, want) / scale);
+            let (t_want, margin) = top1(want);
+            if top1(got).0 != t_want {
+                near_ties.push((i, step, margin));
+                assert!(
+                    margin < 1e-3 * scale,
+                    "sequence {i} step {step}: top-1 differs with margin {margin}"
+                );
+            }
+        }
+    }
+    println!("batched vs alone: largest logit difference {worst:e} of the scale; near-ties {near_ties:?}");
+    assert!(
+        worst < 1e-4,
+        "batched logits differ by {worst:e} of the scale"
+    );
+    // A batch with one bad step is refused as a whole, and the good sequences are untouched.
+    let before: Vec<usize> = states.iter().map(|s| s.next_pos()).collect();
+    let mut refs: Vec<_> = states.iter_mut().collect();
+    let bad = e.decode_batch(&mut refs, &[1, 2, u32::MAX]);
+    assert!(matches!(bad, Err(Error::OutOfRange(_))), "{bad:?}");
+    assert!(e.decode_batch(&mut refs, &[1, 2]).is_err());
+    let after: Vec<usize> = states.iter().map(|s| s.next_pos()).collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn a_batch_mixes_a_prefill_chunk_with_decode_rows() {
+    let (e, tok) = engine();
+    let m = &e.model;
+    let a = tok
+        .encode("The river Vel runs north of the capital.")
+        .expect("encode");
+    let b = tok.encode("Rye bread").expect("encode");
+    let alone_a = m
+        .forward(&a, 0, &[], &ApeParams::plain(), LogitRows::All)
+        .expect("forward");
+    let alone_b = m
+        .forward(&b, 5, &[], &ApeParams::plain(), LogitRows::Last)
+        .expect("forward");
+    let none = m
+        .forward(&b, 0, &[], &ApeParams::plain(), LogitRows::None)
+        .expect("forward");
+    assert!(none.logits.is_empty());
+    let steps = [
+        Step {
+            tokens: &a,
+            pos: 0,
+            past: &[],
+            ape: ApeParams::plain(),
+            logits: LogitRows::All,
+        },
+        Step {
+            tokens: &b,
+            pos: 5,
+            past: &[],
+            ape: ApeParams::plain(),
+            logits: LogitRows::Last,
+        },
+    ];
+    let both = m.forward_batch(&steps).expect("batch");
+    for (got, want) in both.iter().zip([&alone_a, &alone_b]) {
+        assert_eq!(got.logits.len(), want.logits.len());
+        let scale = want.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max_diff(&got.logits, &want.logits) < 1e-4 * scale);
+        assert_eq!(got.kv.len(), want.kv.len());
+        for l in 0..m.config().n_layers {
+            assert!(max_diff(got.kv.k(l), want.kv.k(l)) < 1e-3);
+        }
+    }
 }

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
 use super::model::{
-    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past,
+    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past, Step,
 };
 use super::weights::{Weight, WeightSource};
 use crate::store::StoredDType;
@@ -187,6 +187,9 @@ impl CpuModel {
         })
     }
 
+    /// Layer `l`'s attention for one sequence's rows `q` (`[n, n_heads, head_dim]`, the first at
+    /// `pos`) over its `past` blocks and its own new keys and values (causal), into `out`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: usize,
@@ -195,7 +198,8 @@ impl CpuModel {
         own: (&[f32], &[f32]),
         past: &[Past<'_, CpuBlock>],
         ape: &ApeParams,
-    ) -> Result<Vec<f32>> {
+        out: &mut [f32],
+    ) -> Result<()> {
         let c = &self.config;
         let dims = c.attention_dims()?;
         let n = q.len() / (c.n_heads * c.head_dim);
@@ -221,23 +225,19 @@ impl CpuModel {
         // Rows are independent: split them across threads.
         let row = c.n_heads * c.head_dim;
         let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-        let parts: Vec<Result<Vec<f32>>> = q
-            .par_chunks(chunk * row)
+        q.par_chunks(chunk * row)
+            .zip(out.par_chunks_mut(chunk * row))
             .enumerate()
-            .map(|(i, qc)| {
+            .try_for_each(|(i, (qc, oc))| {
                 let query = reference::Query {
                     data: qc,
                     n_rows: qc.len() / row,
                     pos_offset: pos + i * chunk,
                 };
-                reference::segmented_attention(&query, &segments, &dims, ape).map(|o| o.out)
+                let o = reference::segmented_attention(&query, &segments, &dims, ape)?;
+                oc.copy_from_slice(&o.out);
+                Ok(())
             })
-            .collect();
-        let mut out = Vec::with_capacity(n * row);
-        for p in parts {
-            out.extend(p?);
-        }
-        Ok(out)
     }
 }
 
@@ -256,34 +256,77 @@ impl LlamaModel for CpuModel {
         ape: &ApeParams,
         logits: LogitRows,
     ) -> Result<ForwardOutput<CpuBlock>> {
+        let step = Step {
+            tokens,
+            pos,
+            past,
+            ape: *ape,
+            logits,
+        };
+        let mut out = self.forward_batch(&[step])?;
+        Ok(out.pop().expect("one output per step"))
+    }
+
+    fn forward_batch(&self, steps: &[Step<'_, CpuBlock>]) -> Result<Vec<ForwardOutput<CpuBlock>>> {
         let c = &self.config;
-        let (n, d, kvd) = (tokens.len(), c.dim, c.kv_dim());
-        check_inputs(c, tokens, pos, past)?;
-        for p in past {
-            if p.kv.k.len() != c.n_layers {
+        let (d, kvd, qd) = (c.dim, c.kv_dim(), c.n_heads * c.head_dim);
+        for s in steps {
+            check_inputs(c, s.tokens, s.pos, s.past)?;
+            if s.past.iter().any(|p| p.kv.k.len() != c.n_layers) {
                 return Err(Error::Shape(
                     "a past block has the wrong number of layers".into(),
                 ));
             }
         }
-        let mut x = Vec::with_capacity(n * d);
-        for &t in tokens {
-            x.extend_from_slice(&self.embed[t as usize * d..(t as usize + 1) * d]);
+        // Row ranges of each sequence in the packed rows.
+        let mut ranges = Vec::with_capacity(steps.len());
+        let mut n = 0;
+        for s in steps {
+            ranges.push(n..n + s.tokens.len());
+            n += s.tokens.len();
         }
-        let mut block = CpuBlock {
-            len: n,
-            k: Vec::with_capacity(c.n_layers),
-            v: Vec::with_capacity(c.n_layers),
-        };
+        let mut x = Vec::with_capacity(n * d);
+        for s in steps {
+            for &t in s.tokens {
+                x.extend_from_slice(&self.embed[t as usize * d..(t as usize + 1) * d]);
+            }
+        }
+        let mut blocks: Vec<CpuBlock> = steps
+            .iter()
+            .map(|s| CpuBlock {
+                len: s.tokens.len(),
+                k: Vec::with_capacity(c.n_layers),
+                v: Vec::with_capacity(c.n_layers),
+            })
+            .collect();
+        let mut o = vec![0.0f32; n * qd];
         for (l, w) in self.layers.iter().enumerate() {
             let h = llama_ops::rms_norm(&x, &w.attn_norm, c.rms_eps)?;
-            let mut q = matmul(&h, &w.wq, n, d, d);
+            let mut q = matmul(&h, &w.wq, n, d, qd);
             let mut k = matmul(&h, &w.wk, n, d, kvd);
             let v = matmul(&h, &w.wv, n, d, kvd);
-            rope::apply(&mut q, n, c.n_heads, &c.rope, pos as i64)?;
-            rope::apply(&mut k, n, c.n_kv_heads, &c.rope, pos as i64)?;
-            let o = self.attention(l, &q, pos, (&k, &v), past, ape)?;
-            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, d, d)) {
+            for ((s, r), block) in steps.iter().zip(&ranges).zip(&mut blocks) {
+                let rows = r.len();
+                let (qs, ks) = (
+                    &mut q[r.start * qd..r.end * qd],
+                    &mut k[r.start * kvd..r.end * kvd],
+                );
+                rope::apply(qs, rows, c.n_heads, &c.rope, s.pos as i64)?;
+                rope::apply(ks, rows, c.n_kv_heads, &c.rope, s.pos as i64)?;
+                let vs = &v[r.start * kvd..r.end * kvd];
+                self.attention(
+                    l,
+                    qs,
+                    s.pos,
+                    (ks, vs),
+                    s.past,
+                    &s.ape,
+                    &mut o[r.start * qd..r.end * qd],
+                )?;
+                block.k.push(ks.to_vec());
+                block.v.push(vs.to_vec());
+            }
+            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, qd, d)) {
                 *xi += oi;
             }
             let h = llama_ops::rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
@@ -293,26 +336,40 @@ impl LlamaModel for CpuModel {
             for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n, c.hidden_dim, d)) {
                 *xi += yi;
             }
-            block.k.push(k);
-            block.v.push(v);
         }
-        let rows = match logits {
-            LogitRows::None => 0..0,
-            LogitRows::Last => n.saturating_sub(1)..n,
-            LogitRows::All => 0..n,
-        };
-        let logits = if rows.is_empty() {
-            Vec::new()
-        } else {
-            let h = llama_ops::rms_norm(
-                &x[rows.start * d..rows.end * d],
-                &self.output_norm,
-                c.rms_eps,
-            )?;
+        // The rows that get logits, every sequence's together: one pass through the output
+        // matrix.
+        let wanted: Vec<std::ops::Range<usize>> = steps
+            .iter()
+            .zip(&ranges)
+            .map(|(s, r)| match s.logits {
+                LogitRows::None => r.start..r.start,
+                LogitRows::Last => r.end.saturating_sub(1).max(r.start)..r.end,
+                LogitRows::All => r.clone(),
+            })
+            .collect();
+        let n_out: usize = wanted.iter().map(|r| r.len()).sum();
+        let mut logits = Vec::new();
+        if n_out > 0 {
+            let mut rows = Vec::with_capacity(n_out * d);
+            for r in &wanted {
+                rows.extend_from_slice(&x[r.start * d..r.end * d]);
+            }
+            let h = llama_ops::rms_norm(&rows, &self.output_norm, c.rms_eps)?;
             let out = self.output.as_deref().unwrap_or(&self.embed);
-            matmul(&h, out, rows.len(), d, c.vocab_size)
-        };
-        Ok(ForwardOutput { logits, kv: block })
+            logits = matmul(&h, out, n_out, d, c.vocab_size);
+        }
+        let mut outputs = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for (r, kv) in wanted.iter().zip(blocks) {
+            let len = r.len() * c.vocab_size;
+            outputs.push(ForwardOutput {
+                logits: logits[at..at + len].to_vec(),
+                kv,
+            });
+            at += len;
+        }
+        Ok(outputs)
     }
 
     fn block_bytes(&self, n_tokens: usize) -> usize {
