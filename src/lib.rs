@@ -6,6 +6,8 @@
 //!
 //! - [`reference`](mod@reference): the CPU oracle (f64), the definition of what every kernel
 //!   computes.
+//! - [`cpu`]: the same kernels for the CPU in f32 (the CPU forward pass uses them), each tested
+//!   against its oracle.
 //! - [`cuda`]: the device handle, device tensors and the safe kernel launchers.
 //! - `emulator` (feature `emulator`): the same kernels compiled for the CPU and launched the same
 //!   way, so that they are tested against the oracle on machines without a GPU.
@@ -46,6 +48,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "emulator")]
 pub mod emulator;

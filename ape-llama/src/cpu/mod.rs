@@ -11,6 +11,7 @@ use super::model::{
 };
 use super::weights::{Weight, WeightSource};
 use crate::store::StoredDType;
+use ape_attn::cpu::rope::RopeAngles;
 use ape_attn::reference::{self, llama_ops, rope};
 use ape_attn::{ApeParams, SegmentRole};
 use ape_attn::{Error, Result};
@@ -299,20 +300,25 @@ impl LlamaModel for CpuModel {
                 v: Vec::with_capacity(c.n_layers),
             })
             .collect();
+        // Each sequence's rotation angles, formed once for all layers.
+        let angles = steps
+            .iter()
+            .map(|s| RopeAngles::new(&c.rope, s.pos as i64, s.tokens.len()))
+            .collect::<Result<Vec<_>>>()?;
         let mut o = vec![0.0f32; n * qd];
         for (l, w) in self.layers.iter().enumerate() {
             let h = llama_ops::rms_norm(&x, &w.attn_norm, c.rms_eps)?;
             let mut q = matmul(&h, &w.wq, n, d, qd);
             let mut k = matmul(&h, &w.wk, n, d, kvd);
             let v = matmul(&h, &w.wv, n, d, kvd);
-            for ((s, r), block) in steps.iter().zip(&ranges).zip(&mut blocks) {
-                let rows = r.len();
+            for (((s, r), block), angles) in steps.iter().zip(&ranges).zip(&mut blocks).zip(&angles)
+            {
                 let (qs, ks) = (
                     &mut q[r.start * qd..r.end * qd],
                     &mut k[r.start * kvd..r.end * kvd],
                 );
-                rope::apply(qs, rows, c.n_heads, &c.rope, s.pos as i64)?;
-                rope::apply(ks, rows, c.n_kv_heads, &c.rope, s.pos as i64)?;
+                angles.apply(qs, c.n_heads)?;
+                angles.apply(ks, c.n_kv_heads)?;
                 let vs = &v[r.start * kvd..r.end * kvd];
                 self.attention(
                     l,
