@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use super::quant::{self, GgmlType};
+use super::weights::TensorBytes;
 use ape_attn::{Error, Result};
 
 /// A metadata value.
@@ -98,7 +99,7 @@ pub struct Gguf {
     pub metadata: BTreeMap<String, Value>,
     /// Tensor directory by name.
     pub tensors: BTreeMap<String, TensorInfo>,
-    bytes: Vec<u8>,
+    bytes: TensorBytes,
 }
 
 impl std::fmt::Debug for Gguf {
@@ -204,7 +205,10 @@ impl<'a> Cursor<'a> {
 }
 
 impl Gguf {
-    /// Reads and parses a GGUF file.
+    /// Maps and parses a GGUF file. The file is memory-mapped, not read: tensors are read from
+    /// the page cache where they lie, and a model that keeps them ([`Gguf::raw_shared`]) shares
+    /// the pages with every other process that maps the same file. Like any mapped model file, it
+    /// must not be truncated or rewritten in place while in use.
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
         // A device or a pipe (/dev/zero) would be read without end.
@@ -214,12 +218,16 @@ impl Gguf {
         {
             return Err(bad(format!("{} is not a regular file", path.display())));
         }
-        let bytes = std::fs::read(path).map_err(Error::io_at(path))?;
-        Self::parse(bytes)
+        let file = std::fs::File::open(path).map_err(Error::io_at(path))?;
+        Self::parse_bytes(TensorBytes::map(&file).map_err(Error::io_at(path))?)
     }
 
-    /// Parses GGUF bytes.
+    /// Parses GGUF bytes held in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<Self> {
+        Self::parse_bytes(TensorBytes::from(bytes))
+    }
+
+    fn parse_bytes(bytes: TensorBytes) -> Result<Self> {
         let mut c = Cursor {
             bytes: &bytes,
             pos: 0,
@@ -351,6 +359,12 @@ impl Gguf {
     /// A tensor's raw bytes.
     pub fn raw(&self, info: &TensorInfo) -> &[u8] {
         &self.bytes[info.start..info.start + info.len]
+    }
+
+    /// A tensor's raw bytes as a value that outlives the parsed file: a window of the same
+    /// mapping when the file is mapped (nothing copied), a copy otherwise.
+    pub fn raw_shared(&self, info: &TensorInfo) -> TensorBytes {
+        self.bytes.window(info.start..info.start + info.len)
     }
 
     /// A tensor dequantised to f32, checking its dims (contiguous dim first).

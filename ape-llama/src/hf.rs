@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::config::LlamaConfig;
 use super::quant::{dequantize, GgmlType};
-use super::weights::{hf_name, Weight, WeightSource};
+use super::weights::{hf_name, RawTensor, Weight, WeightSource};
 use ape_attn::{Error, Result};
 use ape_attn::{Llama3RopeScaling, RopeConfig, RopeLayout};
 
@@ -359,6 +359,18 @@ impl WeightSource for HfModel {
         let (ty, n) = safetensors_entry(&name, info, shape)?;
         let data = Self::read_data(shard, info)?;
         dequantize(ty, &data, n).map_err(|e| bad(format!("{name}: {e}")))
+    }
+
+    fn load_raw(&self, w: Weight, shape: &[usize]) -> Result<RawTensor> {
+        let name = hf_name(w);
+        let (shard, info) = self
+            .find(&name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        let (ty, _) = safetensors_entry(&name, info, shape)?;
+        Ok(RawTensor {
+            ty,
+            data: Self::read_data(shard, info)?.into(),
+        })
     }
 
     fn has(&self, w: Weight) -> bool {

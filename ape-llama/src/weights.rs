@@ -1,7 +1,101 @@
 //! Where a model's weights come from: one loader for every file format, which asks a source for
 //! each tensor by its role, as f32 row-major `[out, in]` (vectors `[n]`).
 
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+
 use ape_attn::Result;
+
+use super::quant::GgmlType;
+
+/// Bytes of a tensor (or a whole model file): owned, or a window of a memory-mapped file that
+/// stays mapped while any window of it lives.
+#[derive(Clone)]
+pub struct TensorBytes {
+    store: Store,
+    range: Range<usize>,
+}
+
+#[derive(Clone)]
+enum Store {
+    Owned(Arc<Vec<u8>>),
+    Mapped(Arc<memmap2::Mmap>),
+}
+
+impl TensorBytes {
+    /// The whole of `file`, mapped read-only.
+    pub fn map(file: &std::fs::File) -> std::io::Result<Self> {
+        // SAFETY: the mapping is read-only and private to this process's view; the data is only
+        // ever read as bytes. A file truncated or rewritten while mapped is outside what the
+        // program can guard against (the documented contract of `Gguf::open`).
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        let len = map.len();
+        Ok(Self {
+            store: Store::Mapped(Arc::new(map)),
+            range: 0..len,
+        })
+    }
+
+    /// The bytes `range` of these (relative to their start), sharing the mapping when mapped.
+    ///
+    /// Panics if `range` is not within them (callers pass ranges their parser has checked).
+    pub fn window(&self, range: Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= self.len());
+        let abs = self.range.start + range.start..self.range.start + range.end;
+        match &self.store {
+            Store::Mapped(_) => Self {
+                store: self.store.clone(),
+                range: abs,
+            },
+            // A window of owned bytes is copied, so a small tensor does not keep a whole file's
+            // buffer alive.
+            Store::Owned(v) => Self::from(v[abs].to_vec()),
+        }
+    }
+
+    /// Whether the bytes are a window of a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.store, Store::Mapped(_))
+    }
+}
+
+impl From<Vec<u8>> for TensorBytes {
+    fn from(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Self {
+            store: Store::Owned(Arc::new(v)),
+            range: 0..len,
+        }
+    }
+}
+
+impl Deref for TensorBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.store {
+            Store::Owned(v) => &v[self.range.clone()],
+            Store::Mapped(m) => &m[self.range.clone()],
+        }
+    }
+}
+
+impl std::fmt::Debug for TensorBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorBytes")
+            .field("len", &self.len())
+            .field("mapped", &self.is_mapped())
+            .finish()
+    }
+}
+
+/// A tensor as stored in its file: its element type and its bytes, rows contiguous.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    /// The element type.
+    pub ty: GgmlType,
+    /// The bytes.
+    pub data: TensorBytes,
+}
 
 /// A Llama tensor by role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +130,8 @@ pub enum Weight {
 pub trait WeightSource {
     /// The tensor as f32, checked to have `shape` (`[out, in]` or `[n]`).
     fn load(&self, w: Weight, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The tensor in its file's element type (no conversion), checked to have `shape`.
+    fn load_raw(&self, w: Weight, shape: &[usize]) -> Result<RawTensor>;
     /// Whether the file holds the tensor (only [`Weight::Output`] is optional).
     fn has(&self, w: Weight) -> bool;
 }
@@ -45,6 +141,22 @@ impl WeightSource for super::gguf::Gguf {
     fn load(&self, w: Weight, shape: &[usize]) -> Result<Vec<f32>> {
         let dims: Vec<usize> = shape.iter().rev().copied().collect();
         self.tensor_f32(&gguf_name(w), &dims)
+    }
+
+    fn load_raw(&self, w: Weight, shape: &[usize]) -> Result<RawTensor> {
+        let dims: Vec<usize> = shape.iter().rev().copied().collect();
+        let name = gguf_name(w);
+        let info = self.tensor(&name)?;
+        if info.dims != dims {
+            return Err(ape_attn::Error::Model(format!(
+                "{name} has dims {:?}, expected {dims:?}",
+                info.dims
+            )));
+        }
+        Ok(RawTensor {
+            ty: info.ty,
+            data: self.raw_shared(info),
+        })
     }
 
     fn has(&self, w: Weight) -> bool {
