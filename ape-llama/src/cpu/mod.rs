@@ -4,6 +4,9 @@
 
 use rayon::prelude::*;
 
+mod matmul;
+pub use matmul::{Kernels, QMatrix, SGEMM_MIN_N_FLOAT};
+
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
 use super::model::{
