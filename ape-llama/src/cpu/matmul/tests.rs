@@ -6,7 +6,8 @@
 //!   activations are rounded to 8 bits per block: with x uniform in [-1, 1] each element is off by
 //!   at most `amax / 254` (rms about `amax / 440`, i.e. about 0.4% of x's rms), the errors are
 //!   independent, so a dot product with random weights is off by about 0.4% of its size; the
-//!   bound leaves a factor of 2.5. Float weights multiply x unquantised: `< 1e-5`.
+//!   bound leaves a factor of 2.5 (measured: at most 6.2e-3, Q4_K, whose 256-value blocks have
+//!   a larger amax). Float weights and the sgemm path multiply x unquantised: `< 1e-5`.
 //! - SIMD against scalar, per output: `|a - b| <= 1e-5 * Σ|w x|`; both sum the same exact
 //!   per-block integers times the same f32 scales, in a different order.
 //! - Exactly representable x: `|y - oracle| <= 2e-6 * Σ|w x|` (only f32 rounding remains).
@@ -121,15 +122,18 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
     let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
     let (want, mag) = oracle(ty, &raw, rows, cols, &x);
     let bound = if float(ty) { 1e-5 } else { 1e-2 };
-    let auto = run(&m, Kernels::Auto, &x, n);
-    let e = rel_l2(&auto, &want);
-    assert!(
-        e < bound,
-        "{ty:?} {rows}x{cols} n={n}: relative L2 {e:e} >= {bound:e}"
-    );
-    let sg = run(&m, Kernels::Sgemm, &x, n);
-    let e = rel_l2(&sg, &want);
-    assert!(e < 1e-5, "{ty:?} sgemm n={n}: relative L2 {e:e}");
+    for k in [Kernels::Auto, Kernels::Vnni, Kernels::Sgemm] {
+        let y = run(&m, k, &x, n);
+        let e = rel_l2(&y, &want);
+        let bound = if k == Kernels::Sgemm { 1e-5 } else { bound };
+        assert!(
+            e < bound,
+            "{ty:?} {k:?} {rows}x{cols} n={n}: relative L2 {e:e}"
+        );
+        if std::env::var_os("APE_MATMUL_ERRORS").is_some() {
+            eprintln!("{ty:?} {k:?} {rows}x{cols} n={n}: relative L2 {e:.2e}");
+        }
+    }
     let scalar = run(&m, Kernels::Scalar, &x, n);
     for k in [Kernels::Avx2, Kernels::Vnni] {
         let simd = run(&m, k, &x, n);
