@@ -4,6 +4,9 @@
 
 use rayon::prelude::*;
 
+mod matmul;
+pub use matmul::{Kernels, QMatrix, SGEMM_MIN_N_FLOAT, SGEMM_MIN_N_QUANT};
+
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
 use super::model::{
