@@ -54,6 +54,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::quant::{self, GgmlType};
+use crate::weights::TensorBytes;
 use ape_attn::{Error, Result};
 
 /// Float-weight (`F32`, `F16`, `BF16`) products with at least this many activation rows go
@@ -73,7 +74,7 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Vec<u8>,
+    data: TensorBytes,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -139,8 +140,15 @@ impl Isa {
 impl QMatrix {
     /// A matrix from its raw bytes: `rows` rows of `cols` elements of `ty`, row-major. Errors
     /// (never panics) when `cols` is not a multiple of the type's block or `raw` does not hold
-    /// exactly the matrix's bytes.
-    pub fn from_raw(ty: GgmlType, rows: usize, cols: usize, raw: Vec<u8>) -> Result<Self> {
+    /// exactly the matrix's bytes. The bytes are kept as given: a window of a mapped model file
+    /// stays in the file's pages.
+    pub fn from_raw(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        raw: impl Into<TensorBytes>,
+    ) -> Result<Self> {
+        let raw: TensorBytes = raw.into();
         let (values, block_bytes) = ty.block();
         if !cols.is_multiple_of(values) {
             return Err(Error::Shape(format!(
@@ -174,7 +182,7 @@ impl QMatrix {
                 data.len()
             )));
         }
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         Self::from_raw(GgmlType::F32, rows, cols, raw)
     }
 

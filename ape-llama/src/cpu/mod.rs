@@ -19,27 +19,27 @@ use ape_attn::reference::{self, llama_ops, rope};
 use ape_attn::{ApeParams, SegmentRole};
 use ape_attn::{Error, Result};
 
-/// One transformer block's weights, matrices `[out, in]` row-major.
+/// One transformer block's weights, matrices `[out, in]` in their file's element type.
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Vec<f32>,
-    wk: Vec<f32>,
-    wv: Vec<f32>,
-    wo: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
     ffn_norm: Vec<f32>,
-    w_gate: Vec<f32>,
-    w_up: Vec<f32>,
-    w_down: Vec<f32>,
+    w_gate: QMatrix,
+    w_up: QMatrix,
+    w_down: QMatrix,
 }
 
 /// A Llama model on the CPU.
 pub struct CpuModel {
     config: LlamaConfig,
-    embed: Vec<f32>,
+    embed: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
     /// `None`: tied to the embedding.
-    output: Option<Vec<f32>>,
+    output: Option<QMatrix>,
 }
 
 impl std::fmt::Debug for CpuModel {
@@ -80,66 +80,10 @@ impl CpuBlock {
     }
 }
 
-/// Dot product with eight independent accumulators (vectorises; f32).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `y[n, out] = x[n, in] W^T` with `W` `[out, in]` row-major.
-fn matmul(x: &[f32], w: &[f32], n: usize, din: usize, dout: usize) -> Vec<f32> {
-    debug_assert_eq!(x.len(), n * din);
-    debug_assert_eq!(w.len(), dout * din);
-    let mut y = vec![0.0f32; n * dout];
-    if n == 0 || dout == 0 {
-        return y;
-    }
-    if n <= 4 {
-        // A few rows (decode): the GEMM's packing of W would cost more than the product. Each
-        // output is a dot product with a contiguous row of W; rows are split across threads.
-        let chunk = 64;
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, out)| {
-            for (o, yj) in out.iter_mut().enumerate() {
-                let idx = c * chunk + o;
-                let (i, j) = (idx / dout, idx % dout);
-                *yj = dot(&x[i * din..(i + 1) * din], &w[j * din..(j + 1) * din]);
-            }
-        });
-        return y;
-    }
-    // SAFETY: x holds n * din, w holds dout * din and y holds n * dout f32 (checked by the
-    // callers' shapes, asserted above in debug builds); the strides describe exactly those
-    // row-major layouts (W read transposed: element (k, j) at j * din + k).
-    unsafe {
-        matrixmultiply::sgemm(
-            n,
-            din,
-            dout,
-            1.0,
-            x.as_ptr(),
-            din as isize,
-            1,
-            w.as_ptr(),
-            1,
-            din as isize,
-            0.0,
-            y.as_mut_ptr(),
-            dout as isize,
-            1,
-        );
-    }
+/// `y[n, out] = x[n, in] W^T` into a new buffer.
+fn matmul(x: &[f32], w: &QMatrix, n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; n * w.rows()];
+    w.matmul(x, n, &mut y);
     y
 }
 
@@ -161,9 +105,13 @@ impl CpuModel {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self> {
         let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
-        let embed = src.load(Weight::Embedding, &[c.vocab_size, d])?;
+        let matrix = |w: Weight, rows: usize, cols: usize| -> Result<QMatrix> {
+            let raw = src.load_raw(w, &[rows, cols])?;
+            QMatrix::from_raw(raw.ty, rows, cols, raw.data)
+        };
+        let embed = matrix(Weight::Embedding, c.vocab_size, d)?;
         let output = match src.has(Weight::Output) {
-            true => Some(src.load(Weight::Output, &[c.vocab_size, d])?),
+            true => Some(matrix(Weight::Output, c.vocab_size, d)?),
             false => None,
         };
         let layers = (0..c.n_layers)
@@ -171,14 +119,14 @@ impl CpuModel {
                 progress(l, c.n_layers);
                 Ok(Layer {
                     attn_norm: src.load(Weight::AttnNorm(l), &[d])?,
-                    wq: src.load(Weight::Q(l), &[d, d])?,
-                    wk: src.load(Weight::K(l), &[kv, d])?,
-                    wv: src.load(Weight::V(l), &[kv, d])?,
-                    wo: src.load(Weight::O(l), &[d, d])?,
+                    wq: matrix(Weight::Q(l), d, d)?,
+                    wk: matrix(Weight::K(l), kv, d)?,
+                    wv: matrix(Weight::V(l), kv, d)?,
+                    wo: matrix(Weight::O(l), d, d)?,
                     ffn_norm: src.load(Weight::FfnNorm(l), &[d])?,
-                    w_gate: src.load(Weight::Gate(l), &[h, d])?,
-                    w_up: src.load(Weight::Up(l), &[h, d])?,
-                    w_down: src.load(Weight::Down(l), &[d, h])?,
+                    w_gate: matrix(Weight::Gate(l), h, d)?,
+                    w_up: matrix(Weight::Up(l), h, d)?,
+                    w_down: matrix(Weight::Down(l), d, h)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -292,7 +240,9 @@ impl LlamaModel for CpuModel {
         let mut x = Vec::with_capacity(n * d);
         for s in steps {
             for &t in s.tokens {
-                x.extend_from_slice(&self.embed[t as usize * d..(t as usize + 1) * d]);
+                let at = x.len();
+                x.resize(at + d, 0.0);
+                self.embed.row_f32(t as usize, &mut x[at..]);
             }
         }
         let mut blocks: Vec<CpuBlock> = steps
@@ -311,9 +261,9 @@ impl LlamaModel for CpuModel {
         let mut o = vec![0.0f32; n * qd];
         for (l, w) in self.layers.iter().enumerate() {
             let h = llama_ops::rms_norm(&x, &w.attn_norm, c.rms_eps)?;
-            let mut q = matmul(&h, &w.wq, n, d, qd);
-            let mut k = matmul(&h, &w.wk, n, d, kvd);
-            let v = matmul(&h, &w.wv, n, d, kvd);
+            let mut q = matmul(&h, &w.wq, n);
+            let mut k = matmul(&h, &w.wk, n);
+            let v = matmul(&h, &w.wv, n);
             for (((s, r), block), angles) in steps.iter().zip(&ranges).zip(&mut blocks).zip(&angles)
             {
                 let (qs, ks) = (
@@ -335,14 +285,14 @@ impl LlamaModel for CpuModel {
                 block.k.push(ks.to_vec());
                 block.v.push(vs.to_vec());
             }
-            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, qd, d)) {
+            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n)) {
                 *xi += oi;
             }
             let h = llama_ops::rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
-            let gate = matmul(&h, &w.w_gate, n, d, c.hidden_dim);
-            let up = matmul(&h, &w.w_up, n, d, c.hidden_dim);
+            let gate = matmul(&h, &w.w_gate, n);
+            let up = matmul(&h, &w.w_up, n);
             let a = llama_ops::silu_mul(&gate, &up)?;
-            for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n, c.hidden_dim, d)) {
+            for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n)) {
                 *xi += yi;
             }
         }
@@ -365,8 +315,8 @@ impl LlamaModel for CpuModel {
                 rows.extend_from_slice(&x[r.start * d..r.end * d]);
             }
             let h = llama_ops::rms_norm(&rows, &self.output_norm, c.rms_eps)?;
-            let out = self.output.as_deref().unwrap_or(&self.embed);
-            logits = matmul(&h, out, n_out, d, c.vocab_size);
+            let out = self.output.as_ref().unwrap_or(&self.embed);
+            logits = matmul(&h, out, n_out);
         }
         let mut outputs = Vec::with_capacity(steps.len());
         let mut at = 0;
@@ -404,9 +354,10 @@ impl LlamaModel for CpuModel {
     fn block_format(&self) -> BlockFormat {
         let c = &self.config;
         BlockFormat {
-            // The revision changes with the pass's numerics (weights dequantised to f32, f32
-            // projections, the f64 reference's attention).
-            encoder: "cpu-f32-1".into(),
+            // The revision changes with the pass's numerics. 2: weights multiplied in their
+            // file's quantisation with 8-bit activations, the CPU attention kernel in f32 (1:
+            // weights dequantised to f32, the f64 reference's attention).
+            encoder: "cpu-f32-2".into(),
             dtype: StoredDType::F32,
             layers: c.n_layers,
             kv_heads: c.n_kv_heads,
