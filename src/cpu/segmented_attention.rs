@@ -20,7 +20,7 @@
 //! - Threads (rayon, the caller's pool): blocks of rows, each over every KV head; when there are
 //!   too few blocks (decode), blocks times KV heads times splits of the keys, whose partial states
 //!   are merged as §2.2 (`reference::merge_states`) before the APE combination. A problem below
-//!   about a million multiply-adds runs inline on the calling thread. The plan depends only on
+//!   about two million multiply-adds runs inline on the calling thread. The plan depends only on
 //!   the problem and the pool's size, so a sequence gives the same bits alone and in a batch.
 //! - Arithmetic: AVX2 + FMA where the CPU has them and `head_dim % 8 == 0`, plain loops otherwise.
 
@@ -242,9 +242,9 @@ fn work_of(n_rows: usize, keys: usize, dims: &AttentionDims) -> usize {
         .saturating_mul(2)
 }
 
-/// Below this many multiply-adds (a few hundred microseconds' work at most) a problem runs on the
+/// Below this many multiply-adds (about 100-200 microseconds on one core) a problem runs on the
 /// calling thread: handing it to the pool would cost more than it saves.
-const INLINE_WORK: usize = 1 << 20;
+const INLINE_WORK: usize = 1 << 21;
 /// The fewest keys a split of the keys gets: fewer would spend more on merging than on keys.
 const MIN_SPLIT_KEYS: usize = 512;
 /// Query vectors (rows times heads of a KV head) a block of rows aims at: enough to reuse each
