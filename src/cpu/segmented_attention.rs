@@ -1,4 +1,4 @@
-//! Segmented attention on the CPU in f32: the math of [`crate::reference::segmented_attention`]
+//! Segmented attention on the CPU in f32: the math of [`crate::reference::segmented_attention()`]
 //! (docs/DESIGN.md §2.1-§2.6), at product speed.
 //!
 //! Query row `r` sits at position `q_pos_offset + r`; query head `h` reads KV head
@@ -41,7 +41,7 @@ use crate::reference::{ape, AttentionOutput, BatchSequence, Query, Segment};
 mod tests;
 
 /// Attention of every query row over all segments, APE fused in: what
-/// [`crate::reference::segmented_attention`] computes, in f32. Inputs are validated the same way
+/// [`crate::reference::segmented_attention()`] computes, in f32. Inputs are validated the same way
 /// (errors, never panics). `ApeParams::plain()` gives softmax attention over the concatenation of
 /// the segments.
 pub fn segmented_attention(
@@ -88,7 +88,7 @@ pub fn segmented_attention_into(
 /// A batch of sequences, each attending to its own segments with its own APE parameters: the
 /// packed query `q` `[sum of n_rows, n_heads, head_dim]` gives each sequence its rows in order,
 /// and the output holds each sequence's [`segmented_attention`] in the same rows (the contract
-/// of [`crate::reference::segmented_attention_batch`]). Sequences run in parallel; each one
+/// of [`crate::reference::segmented_attention_batch()`]). Sequences run in parallel; each one
 /// gives the bits it gives alone.
 pub fn segmented_attention_batch(
     q: &[f32],
@@ -174,7 +174,7 @@ fn batch_range(
     }
 }
 
-/// The batch's checks (those of [`crate::reference::segmented_attention_batch`]); returns its
+/// The batch's checks (those of [`crate::reference::segmented_attention_batch()`]); returns its
 /// number of rows.
 fn validate_batch(q: &[f32], sequences: &[BatchSequence], dims: &AttentionDims) -> Result<usize> {
     dims.validate()?;
