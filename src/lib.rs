@@ -6,15 +6,15 @@
 //!
 //! - [`reference`](mod@reference): the CPU oracle (f64), the definition of what every kernel
 //!   computes.
-//! - [`cpu`]: the same kernels for the CPU in f32 (the CPU forward pass uses them), each tested
-//!   against its oracle.
+//! - [`cpu`]: the same kernels for the CPU in f32 (SIMD, threads): what runs without a GPU.
 //! - [`cuda`]: the device handle, device tensors and the safe kernel launchers.
 //! - `emulator` (feature `emulator`): the same kernels compiled for the CPU and launched the same
 //!   way, so that they are tested against the oracle on machines without a GPU.
 //! - [`ApeParams`], [`AttentionDims`], [`SegmentRole`], [`RopeConfig`]: parameters shared by all
 //!   three, validated on construction.
 //!
-//! This crate depends only on what the kernels need (cudarc, half, bytemuck, thiserror). The
+//! This crate depends only on what the kernels need (cudarc, half, bytemuck, thiserror, and rayon
+//! for the CPU kernels' threads). The
 //! model built on it (loading, the block KV cache, the CPU and GPU forward passes in the four
 //! encoding modes, the evaluation and the `ape` command) is the workspace's `ape-llama` crate.
 //!
