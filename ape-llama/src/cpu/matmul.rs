@@ -42,13 +42,15 @@
 //! with `x` up to f32 rounding.
 //!
 //! # Paths
-//! Decode (fewer than [`SGEMM_MIN_N_QUANT`] activation rows; [`SGEMM_MIN_N_FLOAT`] for float
-//! weights) uses the integer kernels: the row range of each rayon task is walked once per group
-//! of four activation rows, so a task's weights stay in L1/L2 while the activation streams past
-//! them. Prefill (more rows) dequantises tiles of `W` to f32 and multiplies them with
-//! `matrixmultiply::sgemm` with the unquantised activations (measured faster there: see
-//! [`SGEMM_MIN_N_QUANT`]); [`QMatrix::matmul_with`] forces either path. Kernels: AVX512-VNNI (`vpdpbusd` on 256-bit vectors), AVX2 + FMA +
-//! F16C (`vpmaddubsw` / `vpmaddwd`), chosen at run time, and a portable scalar fallback.
+//! Quantised weights take the integer kernels at every row count ([`Kernels::Auto`]), so that a
+//! token's numerics do not depend on how many rows share its product (a prefill chunk, a decode
+//! batch): the row range of each rayon task is walked once per group of four activation rows, so
+//! a task's weights stay in L1/L2 while the activation streams past them. [`Kernels::Sgemm`]
+//! dequantises tiles of `W` to f32 and multiplies them with `matrixmultiply::sgemm` with the
+//! unquantised activations: the exact product of the stored weights, slower at few rows (a
+//! model built with [`super::Activations::F32`] uses it). Float weights go through `sgemm` from
+//! [`SGEMM_MIN_N_FLOAT`] rows. Kernels: AVX512-VNNI (`vpdpbusd` on 256-bit vectors), AVX2 + FMA
+//! + F16C (`vpmaddubsw` / `vpmaddwd`), chosen at run time, and a portable scalar fallback.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -60,12 +62,6 @@ use ape_attn::{Error, Result};
 /// Float-weight (`F32`, `F16`, `BF16`) products with at least this many activation rows go
 /// through `sgemm`.
 pub const SGEMM_MIN_N_FLOAT: usize = 8;
-
-/// Quantised-weight products with at least this many activation rows go through tiles
-/// dequantised to f32 and `sgemm` (measured in `benches/matmul.rs`: at n = 64 and 512 that path
-/// is 1.3-3x faster than the integer kernels, which are not register-tiled; at n <= 4 the
-/// integer kernels are 2-8x faster than any f32 path).
-pub const SGEMM_MIN_N_QUANT: usize = 32;
 
 /// A weight matrix `[rows = out, cols = in]`, each row contiguous in its file's element type.
 #[derive(Clone)]
@@ -242,7 +238,7 @@ impl QMatrix {
         let sgemm = match kernels {
             Kernels::Sgemm => true,
             Kernels::Auto if float => n >= SGEMM_MIN_N_FLOAT,
-            Kernels::Auto => n >= SGEMM_MIN_N_QUANT,
+            Kernels::Auto => false,
             _ => false,
         };
         if sgemm {

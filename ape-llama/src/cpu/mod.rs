@@ -1,11 +1,19 @@
-//! The CPU forward pass: f32 weights (dequantised at load), multithreaded GEMMs, and the CPU
-//! reference for attention, so every encoding mode goes through the same segmented attention the
-//! GPU kernels implement.
+//! The CPU forward pass: the weights kept in their file's element type (GGUF quantisations are
+//! multiplied directly, [`QMatrix`]), and the CPU kernels of `ape-attn` for attention and RoPE,
+//! so every encoding mode goes through the same segmented attention the GPU kernels implement.
+//! Several sequences' rows go through each weight matrix together
+//! ([`LlamaModel::forward_batch`]).
+//!
+//! Activations meet quantised weights as 8-bit blocks by default ([`Activations::Q8`], as
+//! llama.cpp does: integer dot products, the fast path); [`Activations::F32`] multiplies them
+//! unquantised with the dequantised weights (the exact product of the stored weights, slower),
+//! which the tests use where an identity must hold to f32 rounding.
 
-use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 mod matmul;
-pub use matmul::{Kernels, QMatrix, SGEMM_MIN_N_FLOAT, SGEMM_MIN_N_QUANT};
+pub use matmul::{Kernels, QMatrix, SGEMM_MIN_N_FLOAT};
 
 use super::config::LlamaConfig;
 use super::gguf::Gguf;
@@ -14,9 +22,9 @@ use super::model::{
 };
 use super::weights::{Weight, WeightSource};
 use crate::store::StoredDType;
-use ape_attn::cpu::rope::RopeAngles;
+use ape_attn::cpu::{self, rope::RopeAngles};
 use ape_attn::reference::{self, llama_ops, rope};
-use ape_attn::{ApeParams, SegmentRole};
+use ape_attn::{ApeParams, RopeConfig, RopeShift, SegmentRole};
 use ape_attn::{Error, Result};
 
 /// One transformer block's weights, matrices `[out, in]` in their file's element type.
@@ -32,9 +40,21 @@ struct Layer {
     w_down: QMatrix,
 }
 
+/// How activations meet quantised weights in the matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// Quantised to 8-bit blocks, integer dot products (llama.cpp's numerics; the default).
+    #[default]
+    Q8,
+    /// Unquantised f32 against weights dequantised to f32 (exact products of the stored
+    /// weights).
+    F32,
+}
+
 /// A Llama model on the CPU.
 pub struct CpuModel {
     config: LlamaConfig,
+    activations: Activations,
     embed: QMatrix,
     layers: Vec<Layer>,
     output_norm: Vec<f32>,
@@ -50,10 +70,21 @@ impl std::fmt::Debug for CpuModel {
     }
 }
 
-/// K and V of a run of tokens on the CPU, every layer `[len, n_kv_heads, head_dim]`.
+/// K and V of a run of tokens on the CPU, every layer `[len, n_kv_heads, head_dim]` f32. The
+/// tensors are shared: a Block-Attention view of a cached block ([`LlamaModel::shift_block`])
+/// shares its K and V and records the RoPE shift its keys are read with, which the attention
+/// kernel applies as it reads them (no shifted copy).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuBlock {
     len: usize,
+    kv: Arc<LayersKv>,
+    /// Positions the keys are rotated by as they are read.
+    rope_shift: i64,
+    rope: RopeConfig,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct LayersKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
@@ -64,30 +95,63 @@ impl KvBlock for CpuBlock {
     }
 
     fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|x| x.len() * 4).sum()
+        self.kv
+            .k
+            .iter()
+            .chain(&self.kv.v)
+            .map(|x| x.len() * 4)
+            .sum()
     }
 }
 
 impl CpuBlock {
-    /// Layer `l`'s keys.
-    pub fn k(&self, l: usize) -> &[f32] {
-        &self.k[l]
+    /// Layer `l`'s keys as attention reads them (rotated by the block's RoPE shift, if any).
+    pub fn k(&self, l: usize) -> Cow<'_, [f32]> {
+        let k = &self.kv.k[l];
+        if self.rope_shift == 0 {
+            return Cow::Borrowed(k);
+        }
+        let mut shifted = k.clone();
+        let heads = k.len() / (self.len.max(1) * self.rope.head_dim);
+        rope::shift(&mut shifted, self.len, heads, &self.rope, self.rope_shift)
+            .expect("a block's keys have its own shape");
+        Cow::Owned(shifted)
     }
 
     /// Layer `l`'s values.
     pub fn v(&self, l: usize) -> &[f32] {
-        &self.v[l]
+        &self.kv.v[l]
+    }
+
+    /// The RoPE shift its keys are read with (0 for a block read where it was encoded).
+    pub fn rope_shift(&self) -> i64 {
+        self.rope_shift
     }
 }
 
 /// `y[n, out] = x[n, in] W^T` into a new buffer.
-fn matmul(x: &[f32], w: &QMatrix, n: usize) -> Vec<f32> {
+fn matmul(x: &[f32], w: &QMatrix, n: usize, activations: Activations) -> Vec<f32> {
     let mut y = vec![0.0f32; n * w.rows()];
-    w.matmul(x, n, &mut y);
+    let kernels = match activations {
+        Activations::Q8 => Kernels::Auto,
+        Activations::F32 => Kernels::Sgemm,
+    };
+    w.matmul_with(kernels, x, n, &mut y);
     y
 }
 
 impl CpuModel {
+    /// The same model with activations meeting quantised weights as `activations`.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    /// How activations meet quantised weights.
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
     /// Loads a GGUF `llama` model, dequantising every weight to f32.
     pub fn load(g: &Gguf) -> Result<Self> {
         Self::load_with_progress(g, |_, _| {})
@@ -132,6 +196,7 @@ impl CpuModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             output_norm: src.load(Weight::OutputNorm, &[d])?,
+            activations: Activations::default(),
             config: c,
             embed,
             layers,
@@ -158,12 +223,15 @@ impl CpuModel {
         let mut segments: Vec<reference::Segment> = past
             .iter()
             .map(|p| reference::Segment {
-                k: &p.kv.k[l],
-                v: &p.kv.v[l],
+                k: &p.kv.kv.k[l],
+                v: &p.kv.kv.v[l],
                 len: p.kv.len,
                 pos_offset: p.pos_offset,
                 role: p.role,
-                rope_shift: None,
+                rope_shift: (p.kv.rope_shift != 0).then_some(RopeShift {
+                    rope: c.rope,
+                    delta: p.kv.rope_shift,
+                }),
             })
             .collect();
         segments.push(reference::Segment {
@@ -174,22 +242,24 @@ impl CpuModel {
             role: SegmentRole::Causal,
             rope_shift: None,
         });
-        // Rows are independent: split them across threads.
-        let row = c.n_heads * c.head_dim;
-        let chunk = n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-        q.par_chunks(chunk * row)
-            .zip(out.par_chunks_mut(chunk * row))
-            .enumerate()
-            .try_for_each(|(i, (qc, oc))| {
-                let query = reference::Query {
-                    data: qc,
-                    n_rows: qc.len() / row,
-                    pos_offset: pos + i * chunk,
-                };
-                let o = reference::segmented_attention(&query, &segments, &dims, ape)?;
-                oc.copy_from_slice(&o.out);
-                Ok(())
-            })
+        let query = reference::Query {
+            data: q,
+            n_rows: n,
+            pos_offset: pos,
+        };
+        cpu::segmented_attention_into(&query, &segments, &dims, ape, out, None)
+    }
+}
+
+impl CpuModel {
+    /// A block read where it was encoded.
+    fn block(&self, len: usize, kv: LayersKv) -> CpuBlock {
+        CpuBlock {
+            len,
+            kv: Arc::new(kv),
+            rope_shift: 0,
+            rope: self.config.rope,
+        }
     }
 }
 
@@ -224,7 +294,7 @@ impl LlamaModel for CpuModel {
         let (d, kvd, qd) = (c.dim, c.kv_dim(), c.n_heads * c.head_dim);
         for s in steps {
             check_inputs(c, s.tokens, s.pos, s.past)?;
-            if s.past.iter().any(|p| p.kv.k.len() != c.n_layers) {
+            if s.past.iter().any(|p| p.kv.kv.k.len() != c.n_layers) {
                 return Err(Error::Shape(
                     "a past block has the wrong number of layers".into(),
                 ));
@@ -245,10 +315,9 @@ impl LlamaModel for CpuModel {
                 self.embed.row_f32(t as usize, &mut x[at..]);
             }
         }
-        let mut blocks: Vec<CpuBlock> = steps
+        let mut blocks: Vec<LayersKv> = steps
             .iter()
-            .map(|s| CpuBlock {
-                len: s.tokens.len(),
+            .map(|_| LayersKv {
                 k: Vec::with_capacity(c.n_layers),
                 v: Vec::with_capacity(c.n_layers),
             })
@@ -261,9 +330,9 @@ impl LlamaModel for CpuModel {
         let mut o = vec![0.0f32; n * qd];
         for (l, w) in self.layers.iter().enumerate() {
             let h = llama_ops::rms_norm(&x, &w.attn_norm, c.rms_eps)?;
-            let mut q = matmul(&h, &w.wq, n);
-            let mut k = matmul(&h, &w.wk, n);
-            let v = matmul(&h, &w.wv, n);
+            let mut q = matmul(&h, &w.wq, n, self.activations);
+            let mut k = matmul(&h, &w.wk, n, self.activations);
+            let v = matmul(&h, &w.wv, n, self.activations);
             for (((s, r), block), angles) in steps.iter().zip(&ranges).zip(&mut blocks).zip(&angles)
             {
                 let (qs, ks) = (
@@ -285,14 +354,14 @@ impl LlamaModel for CpuModel {
                 block.k.push(ks.to_vec());
                 block.v.push(vs.to_vec());
             }
-            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n)) {
+            for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, self.activations)) {
                 *xi += oi;
             }
             let h = llama_ops::rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
-            let gate = matmul(&h, &w.w_gate, n);
-            let up = matmul(&h, &w.w_up, n);
+            let gate = matmul(&h, &w.w_gate, n, self.activations);
+            let up = matmul(&h, &w.w_up, n, self.activations);
             let a = llama_ops::silu_mul(&gate, &up)?;
-            for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n)) {
+            for (xi, yi) in x.iter_mut().zip(matmul(&a, &w.w_down, n, self.activations)) {
                 *xi += yi;
             }
         }
@@ -316,15 +385,15 @@ impl LlamaModel for CpuModel {
             }
             let h = llama_ops::rms_norm(&rows, &self.output_norm, c.rms_eps)?;
             let out = self.output.as_ref().unwrap_or(&self.embed);
-            logits = matmul(&h, out, n_out);
+            logits = matmul(&h, out, n_out, self.activations);
         }
         let mut outputs = Vec::with_capacity(steps.len());
         let mut at = 0;
-        for (r, kv) in wanted.iter().zip(blocks) {
+        for ((r, kv), s) in wanted.iter().zip(blocks).zip(steps) {
             let len = r.len() * c.vocab_size;
             outputs.push(ForwardOutput {
                 logits: logits[at..at + len].to_vec(),
-                kv,
+                kv: self.block(s.tokens.len(), kv),
             });
             at += len;
         }
@@ -336,28 +405,38 @@ impl LlamaModel for CpuModel {
     }
 
     fn append_block(&self, block: &mut CpuBlock, more: CpuBlock) -> Result<()> {
-        if block.k.len() != more.k.len() {
+        if block.kv.k.len() != more.kv.k.len() {
             return Err(Error::Shape("blocks of different depths".into()));
         }
-        for (a, b) in block
-            .k
-            .iter_mut()
-            .zip(more.k)
-            .chain(block.v.iter_mut().zip(more.v))
+        if block.rope_shift != 0 || more.rope_shift != 0 {
+            return Err(Error::Shape(
+                "a shifted view of a block cannot be appended to or appended".into(),
+            ));
+        }
+        // Copies the tensors only when another block shares them.
+        let kv = Arc::make_mut(&mut block.kv);
+        let (more_len, more) = (more.len, Arc::unwrap_or_clone(more.kv));
+        for (a, b) in
+            kv.k.iter_mut()
+                .zip(more.k)
+                .chain(kv.v.iter_mut().zip(more.v))
         {
             a.extend(b);
         }
-        block.len += more.len;
+        block.len += more_len;
         Ok(())
     }
 
     fn block_format(&self) -> BlockFormat {
         let c = &self.config;
         BlockFormat {
-            // The revision changes with the pass's numerics. 2: weights multiplied in their
-            // file's quantisation with 8-bit activations, the CPU attention kernel in f32 (1:
-            // weights dequantised to f32, the f64 reference's attention).
-            encoder: "cpu-f32-2".into(),
+            // The name says how activations meet the weights; the revision changes with the
+            // pass's numerics. 2: weights kept in their file's quantisation, the CPU attention
+            // kernel in f32 (1: weights dequantised to f32, the f64 reference's attention).
+            encoder: match self.activations {
+                Activations::Q8 => "cpu-q8-2".into(),
+                Activations::F32 => "cpu-f32-2".into(),
+            },
             dtype: StoredDType::F32,
             layers: c.n_layers,
             kv_heads: c.n_kv_heads,
@@ -367,7 +446,12 @@ impl LlamaModel for CpuModel {
 
     fn save_block(&self, block: &CpuBlock) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(block.bytes());
-        for (k, v) in block.k.iter().zip(&block.v) {
+        if block.rope_shift != 0 {
+            return Err(Error::Shape(
+                "a shifted view is not stored: its block is".into(),
+            ));
+        }
+        for (k, v) in block.kv.k.iter().zip(&block.kv.v) {
             out.extend_from_slice(bytemuck::cast_slice(k));
             out.extend_from_slice(bytemuck::cast_slice(v));
         }
@@ -377,8 +461,7 @@ impl LlamaModel for CpuModel {
     fn load_block(&self, n_tokens: usize, fill: &mut Fill<'_>) -> Result<CpuBlock> {
         let c = &self.config;
         let n = n_tokens * c.kv_dim();
-        let mut block = CpuBlock {
-            len: n_tokens,
+        let mut kv = LayersKv {
             k: Vec::with_capacity(c.n_layers),
             v: Vec::with_capacity(c.n_layers),
         };
@@ -387,18 +470,19 @@ impl LlamaModel for CpuModel {
             fill(bytemuck::cast_slice_mut(&mut k))?;
             let mut v = vec![0.0f32; n];
             fill(bytemuck::cast_slice_mut(&mut v))?;
-            block.k.push(k);
-            block.v.push(v);
+            kv.k.push(k);
+            kv.v.push(v);
         }
-        Ok(block)
+        Ok(self.block(n_tokens, kv))
     }
 
     fn shift_block(&self, block: &CpuBlock, delta: i64) -> Result<CpuBlock> {
-        let c = &self.config;
-        let mut shifted = block.clone();
-        for k in &mut shifted.k {
-            rope::shift(k, block.len, c.n_kv_heads, &c.rope, delta)?;
-        }
-        Ok(shifted)
+        let rope_shift = block.rope_shift.checked_add(delta).ok_or_else(|| {
+            Error::OutOfRange(format!("RoPE shift {} + {delta}", block.rope_shift))
+        })?;
+        Ok(CpuBlock {
+            rope_shift,
+            ..block.clone()
+        })
     }
 }
