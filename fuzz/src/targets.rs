@@ -115,7 +115,7 @@ pub fn hf_config(data: &[u8]) {
     assert_eq!(Some(c.kv_bytes(c.context_length, 4)), window_bytes);
 }
 
-const ENCODERS: [&str; 4] = ["cpu-f32-1", "gpu-bf16-1", "", "x"];
+const ENCODERS: [&str; 4] = ["cpu-q8-2", "cuda-bf16-1", "", "x"];
 
 /// Takes the next `n` bytes of `input`, if there are that many.
 fn take<'a>(input: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {

@@ -7,7 +7,7 @@
 
 use ape_attn::{ApeParams, SegmentRole};
 use ape_llama::config::LlamaConfig;
-use ape_llama::cpu::CpuModel;
+use ape_llama::cpu::{Activations, CpuModel};
 use ape_llama::engine::{Engine, Mode, Prompt, Sampling};
 use ape_llama::gguf::Gguf;
 use ape_llama::gpu::{DeviceOps, GpuModel};
@@ -110,6 +110,15 @@ fn three_passages() -> Prompt {
     }
 }
 
+/// The CPU pass the GPU pass is compared with: exact f32 products of the stored weights (the GPU
+/// multiplies the dequantised weights with unquantised bf16 activations, so the CPU's default
+/// 8-bit activations would add their own error to every comparison).
+pub fn cpu_reference(g: &Gguf) -> CpuModel {
+    CpuModel::load(g)
+        .expect("cpu")
+        .with_activations(Activations::F32)
+}
+
 /// The model on `ops`.
 pub fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
     let cfg = LlamaConfig::from_gguf(g).expect("config");
@@ -119,7 +128,7 @@ pub fn load<D: DeviceOps>(ops: D, g: &Gguf) -> GpuModel<D> {
 /// Prefill of 150 tokens at positions 0 and 1000.
 pub fn forward_matches_cpu_forward<D: DeviceOps>(ops: D) {
     let g = small_model();
-    let cpu = CpuModel::load(&g).expect("cpu");
+    let cpu = cpu_reference(&g);
     let dev = load(ops, &g);
     let vocab = dev.config().vocab_size;
     let tokens: Vec<u32> = (0..150).map(|i| (i * 7 % 64) as u32).collect();
@@ -140,7 +149,7 @@ pub fn forward_matches_cpu_forward<D: DeviceOps>(ops: D) {
 /// The four modes through the engine, 20 decode steps each, then generation.
 pub fn the_four_modes_and_decode_match<D: DeviceOps>(ops: D) {
     let g = small_model();
-    let mut cpu = Engine::new(CpuModel::load(&g).expect("cpu"), "m", 1 << 30);
+    let mut cpu = Engine::new(cpu_reference(&g), "m", 1 << 30);
     let mut dev = Engine::new(load(ops, &g), "m", 1 << 30);
     let vocab = dev.model.config().vocab_size;
     let prompt = three_passages();
@@ -229,7 +238,7 @@ fn shifted_block_then_appended<M: LlamaModel>(m: &M) -> Vec<f32> {
 /// A shifted block grown past MAX_CHUNKS and read by a question, on both models.
 pub fn shifted_blocks_match_when_grown_and_merged<D: DeviceOps>(ops: D) {
     let g = small_model();
-    let cpu = CpuModel::load(&g).expect("cpu");
+    let cpu = cpu_reference(&g);
     let dev = load(ops, &g);
     let a = shifted_block_then_appended(&dev);
     let b = shifted_block_then_appended(&cpu);
@@ -258,7 +267,7 @@ pub fn synthetic_model_runs<D: DeviceOps>(ops: D, cfg: LlamaConfig) {
 /// The real model (a GGUF at `path`) on the llama.cpp fixture's prompts.
 pub fn forward_matches_cpu_on_the_real_model<D: DeviceOps>(ops: D, path: &std::path::Path) {
     let g = Gguf::open(path).expect("model");
-    let cpu = CpuModel::load(&g).expect("cpu");
+    let cpu = cpu_reference(&g);
     let dev = load(ops, &g);
     let vocab = dev.config().vocab_size;
     let fixture = crate::common::llamacpp_fixture();
