@@ -7,10 +7,13 @@
 # and a plot in bench-results/cpu/LABEL/ (scripts/bench_cpu.py says what each side does).
 #
 # Usage: scripts/bench-cpu.sh [--rounds N] [--threads T] [--quick] [--ours-only] [--model GGUF]
+#                             [--prefill N,..] [--decode C,..]
 #                             [--label NAME] [--out DIR] [--write-benchmarks] [--bin PROGRAM]
 #   --rounds N          rounds per side (default 5; 1 with --quick)
 #   --threads T         threads on both sides (default: nproc)
 #   --quick             tiny sizes, one round (results in target/bench-cpu-runs/LABEL)
+#   --prefill N,..      prefill sizes (default 512,2048)
+#   --decode C,..       decode contexts (default 0,1024,4096)
 #   --ours-only         our side only: no llama.cpp, nothing installed (the test command's stage)
 #   --model GGUF        the model (default: the project's, fetched by scripts/fetch-model.sh)
 #   --label NAME        names the results folder and the BENCHMARKS.md section (default latest)

@@ -211,6 +211,18 @@ def table(records, sizes, meta):
         "table gives the median per case for both sides. llama.cpp's process includes the "
         "Python interpreter, numpy and the binding (about 30 MiB).",
     ]
+    loads = [r["loadavg"] for r in records]
+    lines.append(
+        f"- The machine's 1-minute load average as each process started: median "
+        f"{statistics.median(loads):.1f}, {min(loads):.1f} to {max(loads):.1f}, on "
+        f"{len(os.sched_getaffinity(0))} cores. Above the core count other work shares the "
+        "cores, and both sides slow down; llama.cpp more, as its threads meet at a spinning "
+        "barrier after every operation of the graph, each a wait for a descheduled thread.")
+    if meta["peer_run"] and not meta["peer_extra_bufts"]:
+        lines.append("- llama.cpp crashed on this machine with its extra buffer types (a general "
+                     "protection fault in ggml's AMX matmul: the CPU reports AMX, the machine does "
+                     "not let the process use it), so it ran with `use_extra_bufts=False`: no AMX, "
+                     "no repacked weights, its plain CPU kernels (AVX-512).")
     if n_ours and meta["peer_run"]:
         lines.append(f"- Sanity: the greedy token after the prefill agreed between the sides in "
                      f"{agree} of {n_ours} prefill measurements (ours is the f32 path, "
@@ -273,9 +285,34 @@ def write_benchmarks(label, report, out_dir, has_plot):
     print(f"updated {path} (section {label})", file=sys.stderr)
 
 
+def probe_peer(a, ids_path, env, log):
+    """llama.cpp's flags for this machine: none, or --no-extra-bufts when a short prompt with its
+    extra buffer types crashes (ggml's AMX matmul faults on machines that report AMX but do not
+    let a process use it, such as some virtual machines)."""
+    cmd = [a.peer_python, os.path.abspath(__file__), "peer", "probe", "--model", a.model,
+           "--threads", str(a.threads), "--ids", ids_path]
+    with open(log, "ab") as err:
+        ok = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env).returncode == 0
+    if ok:
+        return []
+    print("llama.cpp crashed on a short prompt with its extra buffer types (AMX, repacked "
+          "weights): running it with use_extra_bufts=False", file=sys.stderr)
+    subprocess.run(cmd + ["--no-extra-bufts"], check=True, stdout=subprocess.DEVNULL, env=env)
+    return ["--no-extra-bufts"]
+
+
 def driver(a):
     """Runs every case for every round, alternating sides; writes and prints the report."""
-    sizes = QUICK if a.quick else FULL
+    sizes = dict(QUICK if a.quick else FULL)
+    for name in ("prefill", "decode"):
+        given = getattr(a, name)
+        if given:
+            try:
+                sizes[name] = [int(x) for x in given.split(",")]
+            except ValueError:
+                sys.exit(f"--{name} takes comma-separated token counts, not {given!r}")
+            if not sizes[name] or min(sizes[name]) < (1 if name == "prefill" else 0):
+                sys.exit(f"--{name}: bad token counts {given!r}")
     rounds = a.rounds if a.rounds is not None else (1 if a.quick else 5)
     if rounds < 1:
         sys.exit("--rounds must be at least 1")
@@ -307,18 +344,21 @@ def driver(a):
         common = ["--model", a.model, "--threads", str(a.threads), "--ids", ids_path]
         store = os.path.join(work, "store")
         peer_version = "not run (--ours-only)"
+        peer_flags = []
         if peer:
             peer_version = subprocess.run(
                 [a.peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                 capture_output=True, text=True, check=True).stdout.strip()
             peer_version = (f"llama-cpp-python {peer_version} (llama.cpp built from source by "
                             "pip, default CPU flags)")
+            peer_flags = probe_peer(a, ids_path, env, log)
 
         def command(side, case, args):
             extra = case_args(args) + (["--store", store] if case == "ttft" else [])
             if side == "ours":
                 return [a.bin, case] + common + extra
-            return [a.peer_python, os.path.abspath(__file__), "peer", case] + common + extra
+            return ([a.peer_python, os.path.abspath(__file__), "peer", case] + common + extra
+                    + peer_flags)
 
         ttft_args = next(args for _, case, args in cases(sizes) if case == "ttft")
         started = time.time()
@@ -334,9 +374,10 @@ def driver(a):
             order = sides if r % 2 == 0 else sides[::-1]
             for key, case, args in cases(sizes):
                 for side in order:
+                    load = os.getloadavg()[0]
                     res, rss = run_child(command(side, case, args), env, log)
                     rec = {"round": r + 1, "side": side, "key": key, "case": case,
-                           "value": value(case, res), "rss_kib": rss,
+                           "value": value(case, res), "rss_kib": rss, "loadavg": load,
                            "load_s": res.get("load_s"), "next": res.get("next"), "raw": res}
                     records.append(rec)
                     unit = "ms" if case == "ttft" else "tokens/s"
@@ -346,6 +387,7 @@ def driver(a):
         meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(),
                 "threads": a.threads, "rounds": rounds, "model": os.path.basename(a.model),
                 "rev": git_rev(), "peer": peer_version, "peer_run": peer,
+                "peer_extra_bufts": "--no-extra-bufts" not in peer_flags,
                 "command": a.command or " ".join(sys.argv)}
         report, med = table(records, sizes, meta)
         report += (f"\nThe run took {time.time() - started:.0f} s in all (warm-up included, "
@@ -367,7 +409,24 @@ def peer_main(a):
     import numpy as np
     import llama_cpp
 
+    if a.no_extra_bufts:
+        # The binding has no argument for llama_model_params.use_extra_bufts: its constructor
+        # starts from llama_model_default_params(), which this wraps.
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_bufts
     ids = json.load(open(a.ids))["ids"]
+    if a.case == "probe":
+        llm = llama_cpp.Llama(model_path=a.model, n_ctx=64, n_threads=a.threads,
+                              n_threads_batch=a.threads, verbose=False)
+        llm.eval(ids[:16])
+        print(json.dumps({"side": "llama.cpp", "case": "probe", "ok": True}))
+        return
     if a.case == "prefill":
         prompt, feed = ids[:a.tokens], []
     elif a.case == "decode":
@@ -430,6 +489,8 @@ def main():
     r.add_argument("--rounds", type=int, help="rounds per side (default 5; 1 with --quick)")
     r.add_argument("--quick", action="store_true", help="tiny sizes, 1 round")
     r.add_argument("--ours-only", action="store_true", help="our side only (no llama.cpp)")
+    r.add_argument("--prefill", help="prefill sizes, comma-separated (default 512,2048)")
+    r.add_argument("--decode", help="decode contexts, comma-separated (default 0,1024,4096)")
     r.add_argument("--peer-python", help="the python of the venv holding llama_cpp")
     r.add_argument("--label", default="latest",
                    help="names the results folder and the BENCHMARKS.md section")
@@ -439,7 +500,9 @@ def main():
                    help="replace the section for LABEL in BENCHMARKS.md")
     r.add_argument("--command", help="the command line to record in the report")
     q = sub.add_parser("peer", help="one llama.cpp measurement")
-    q.add_argument("case", choices=["prefill", "decode", "ttft"])
+    q.add_argument("case", choices=["prefill", "decode", "ttft", "probe"])
+    q.add_argument("--no-extra-bufts", action="store_true",
+                   help="llama.cpp without extra buffer types (no AMX, no weight repacking)")
     q.add_argument("--model", required=True)
     q.add_argument("--threads", type=int, required=True)
     q.add_argument("--ids", required=True)
