@@ -330,6 +330,7 @@ def driver(a):
                                 a.label)
     os.makedirs(out, exist_ok=True)
     os.makedirs(scratch, exist_ok=True)
+    rev = git_rev()  # the tree as the run starts
     work = tempfile.mkdtemp(prefix="ape-bench-cpu-")
     # Every process's command and stderr (not kept with the results).
     log = os.path.join(scratch, "processes.log")
@@ -386,7 +387,7 @@ def driver(a):
                           f"[{time.time() - started:5.0f} s]", file=sys.stderr)
         meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(),
                 "threads": a.threads, "rounds": rounds, "model": os.path.basename(a.model),
-                "rev": git_rev(), "peer": peer_version, "peer_run": peer,
+                "rev": rev, "peer": peer_version, "peer_run": peer,
                 "peer_extra_bufts": "--no-extra-bufts" not in peer_flags,
                 "command": a.command or " ".join(sys.argv)}
         report, med = table(records, sizes, meta)
