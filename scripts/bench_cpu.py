@@ -234,6 +234,7 @@ def plot(med, sizes, path):
     """Bar chart of ours / llama.cpp per measurement (log scale); skipped without matplotlib."""
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -255,6 +256,10 @@ def plot(med, sizes, path):
     ax.bar(names, ratios, color=colors)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([t for t in (0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100)
+                   if min(ratios) / 3 <= t <= max(ratios) * 3])
     ax.set_ylabel("ours speed / llama.cpp speed (log)")
     ax.set_title("CPU forward pass against llama.cpp (> 1: ours faster)")
     for i, r in enumerate(ratios):
