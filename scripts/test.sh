@@ -89,7 +89,8 @@ stage "cargo test (the kernels also on the emulator)"
 cargo test --release --features emulator 2>&1 | tee "$logs/cargo-test.log"
 
 stage "the CPU benchmark, our side only on tiny sizes (scripts/bench-cpu.sh --ours-only --quick; no timing asserted)"
-# The example was built by cargo test above; no llama.cpp is needed.
+# cargo test above has built the example (this build finds it fresh); no llama.cpp is needed.
+cargo build --release --quiet --features emulator -p ape-llama --example bench_cpu
 bash scripts/bench-cpu.sh --ours-only --quick --bin target/release/examples/bench_cpu 2>&1 \
   | tee "$logs/bench-cpu.log"
 grep -qF "| prefill 64 tokens (tokens/s) | " "$logs/bench-cpu.log"
