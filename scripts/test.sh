@@ -5,9 +5,10 @@
 # the kernel emulator (feature `emulator`, the host C++ compiler), and the GPU tests
 # (#[ignore = "needs a CUDA device"]), the example, the demo on the GPU path and a dry run of the
 # GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
-# docs/EMULATED-DEVICE.md). The block store's tests start a real redis-server of their own on
-# loopback (Debian's package, installed here when missing). Each stage's line shows the seconds
-# since the start; the last line counts every test of every stage.
+# docs/EMULATED-DEVICE.md). The CPU benchmark's own side runs once on tiny sizes
+# (scripts/bench-cpu.sh --ours-only --quick). The block store's tests start a real redis-server
+# of their own on loopback (Debian's package, installed here when missing). Each stage's line
+# shows the seconds since the start; the last line counts every test of every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage() { echo "== [${SECONDS}s] $*"; }
@@ -87,6 +88,13 @@ fuzz_targets=$(grep -c ' executions, ' "$logs/fuzz.log" || true)
 
 stage "cargo test (the kernels also on the emulator)"
 cargo test --release --features emulator 2>&1 | tee "$logs/cargo-test.log"
+
+stage "the CPU benchmark, our side only on tiny sizes (scripts/bench-cpu.sh --ours-only --quick; no timing asserted)"
+# cargo test above has built the example (this build finds it fresh); no llama.cpp is needed.
+cargo build --release --quiet --features emulator -p ape-llama --example bench_cpu
+bash scripts/bench-cpu.sh --ours-only --quick --bin target/release/examples/bench_cpu 2>&1 \
+  | tee "$logs/bench-cpu.log"
+grep -qF "| prefill 64 tokens (tokens/s) | " "$logs/bench-cpu.log"
 
 stage "the GPU path on the emulated CUDA device (scripts/test-emulated-gpu.sh)"
 bash scripts/test-emulated-gpu.sh 2>&1 | tee "$logs/emulated-gpu.log"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs llama.cpp's Python binding (llama-cpp-python, pinned; pip builds llama.cpp from source:
+# several minutes the first time) with numpy and matplotlib into .tools/llamacpp, unless they are
+# there already, and prints the venv's python on the last line. Used by the fixture script
+# (scripts/fixtures/llamacpp.sh) and the CPU benchmark (scripts/bench-cpu.sh).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.tools/llamacpp"
+version=0.3.36
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import llama_cpp, numpy, matplotlib" 2>/dev/null; then
+  echo "installing llama-cpp-python==$version into $venv (builds llama.cpp from source)" >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "llama-cpp-python==$version" numpy matplotlib >&2
+fi
+"$venv/bin/python" -c "import llama_cpp; assert llama_cpp.__version__ == '$version', llama_cpp.__version__" || {
+  echo "$venv holds llama-cpp-python $("$venv/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)'), not $version; remove it and rerun" >&2
+  exit 1
+}
+echo "$venv/bin/python"
