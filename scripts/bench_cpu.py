@@ -206,7 +206,9 @@ def table(records, sizes, meta):
         "skip them.",
         "- llama.cpp runs with llama-cpp-python's defaults otherwise (flash attention off, f16 "
         "K/V cache, n_ctx the case's length), weights read at load (`use_mmap=False`, so no page "
-        "faults in the timed region). Ours dequantises every weight to f32 at load.",
+        "faults in the timed region). Ours keeps each weight in its file's quantisation and "
+        "multiplies it with 8-bit activations, as llama.cpp does; its K/V cache is f32 (twice "
+        "llama.cpp's f16 bytes).",
         "- Peak RSS: `ru_maxrss` of each measurement's own process, from the driver's wait; the "
         "table gives the median per case for both sides. llama.cpp's process includes the "
         "Python interpreter, numpy and the binding (about 30 MiB).",
@@ -225,8 +227,8 @@ def table(records, sizes, meta):
                      "no repacked weights, its plain CPU kernels (AVX-512).")
     if n_ours and meta["peer_run"]:
         lines.append(f"- Sanity: the greedy token after the prefill agreed between the sides in "
-                     f"{agree} of {n_ours} prefill measurements (ours is the f32 path, "
-                     "llama.cpp's the quantised one: close logits, not equal).")
+                     f"{agree} of {n_ours} prefill measurements (both quantise activations to 8 "
+                     "bits, each rounding its own way: close logits, not equal).")
     return "\n".join(lines) + "\n", med
 
 
