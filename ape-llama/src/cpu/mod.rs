@@ -408,14 +408,24 @@ impl LlamaModel for CpuModel {
         if block.kv.k.len() != more.kv.k.len() {
             return Err(Error::Shape("blocks of different depths".into()));
         }
-        if block.rope_shift != 0 || more.rope_shift != 0 {
-            return Err(Error::Shape(
-                "a shifted view of a block cannot be appended to or appended".into(),
-            ));
-        }
-        // Copies the tensors only when another block shares them.
+        // A shifted view that grows (a Block-Attention block whose tokens continue) takes its own
+        // rotated copy of the keys once; from then on it is a plain block. Otherwise the tensors
+        // are copied only when another block shares them.
+        let c = &self.config;
+        let (block_shift, more_shift) = (block.rope_shift, more.rope_shift);
         let kv = Arc::make_mut(&mut block.kv);
-        let (more_len, more) = (more.len, Arc::unwrap_or_clone(more.kv));
+        if block_shift != 0 {
+            for k in &mut kv.k {
+                rope::shift(k, block.len, c.n_kv_heads, &c.rope, block_shift)?;
+            }
+            block.rope_shift = 0;
+        }
+        let (more_len, mut more) = (more.len, Arc::unwrap_or_clone(more.kv));
+        if more_shift != 0 {
+            for k in &mut more.k {
+                rope::shift(k, more_len, c.n_kv_heads, &c.rope, more_shift)?;
+            }
+        }
         for (a, b) in
             kv.k.iter_mut()
                 .zip(more.k)
