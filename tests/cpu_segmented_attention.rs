@@ -11,8 +11,7 @@ mod common;
 
 use ape_attn::cpu;
 use ape_attn::cuda::{BatchCapacity, DType};
-use ape_attn::reference::{self, rope};
-use ape_attn::RopeShift;
+use ape_attn::reference;
 use attention::{Backend, Case};
 
 /// The CPU kernels as a backend of the shared sweeps.
@@ -33,19 +32,6 @@ impl Backend for Cpu {
         )
         .unwrap_or_else(|e| panic!("{e}: {case:?}"));
         (out, lse)
-    }
-
-    /// The oracle's rotation of the keys (f64 angles, rounded to f32), rounded to `dtype`.
-    fn shift_keys(
-        &self,
-        k: &[f32],
-        shape: [usize; 3],
-        dtype: DType,
-        shift: &RopeShift,
-    ) -> Vec<f32> {
-        let mut k = k.to_vec();
-        rope::shift(&mut k, shape[0], shape[1], &shift.rope, shift.delta).unwrap();
-        k.into_iter().map(|x| dtype.round(x)).collect()
     }
 
     fn quick(&self) -> bool {

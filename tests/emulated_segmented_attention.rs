@@ -10,8 +10,8 @@ mod common;
 
 use ape_attn::cuda::{BatchCapacity, DType, SegmentedAttentionOptions};
 use ape_attn::emulator::{self, EmulatorOptions};
-use ape_attn::reference::{self, rope};
-use ape_attn::{ApeParams, AttentionDims, Error, RopeShift, SegmentRole};
+use ape_attn::reference;
+use ape_attn::{ApeParams, AttentionDims, Error, SegmentRole};
 use attention::{make_case, Backend, Case};
 use common::{seeded, Emulated};
 
@@ -34,20 +34,6 @@ impl Backend for Emulated {
     fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>) {
         let opts = self.next();
         run_with(case, &opts).unwrap_or_else(|e| panic!("{e} ({opts:?}, {case:?})"))
-    }
-
-    /// The GPU's separate shift (kernels/rope.cu) rotates in f32 and rounds once; the oracle's
-    /// rotation rounded to `dtype` is that up to the f32 rounding of the rotation.
-    fn shift_keys(
-        &self,
-        k: &[f32],
-        shape: [usize; 3],
-        dtype: DType,
-        shift: &RopeShift,
-    ) -> Vec<f32> {
-        let mut k = k.to_vec();
-        rope::shift(&mut k, shape[0], shape[1], &shift.rope, shift.delta).unwrap();
-        k.into_iter().map(|x| dtype.round(x)).collect()
     }
 
     fn quick(&self) -> bool {

@@ -34,7 +34,7 @@ use super::kernels::Avx2;
 use super::kernels::{Kernel, Scalar};
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, AttentionDims, SegmentRole};
-use crate::reference::segmented_attention::validate;
+use crate::reference::segmented_attention::{validate, validate_batch};
 use crate::reference::{ape, AttentionOutput, BatchSequence, Query, Segment};
 
 #[cfg(test)]
@@ -172,34 +172,6 @@ fn batch_range(
         run(isa, &plan, &query, s.segments, dims, &s.ape, o_s, l_s);
         (q, out, lse) = (q_rest, o_rest, l_rest);
     }
-}
-
-/// The batch's checks (those of [`crate::reference::segmented_attention_batch()`]); returns its
-/// number of rows.
-fn validate_batch(q: &[f32], sequences: &[BatchSequence], dims: &AttentionDims) -> Result<usize> {
-    dims.validate()?;
-    let row = dims.n_heads * dims.head_dim;
-    let rows = sequences
-        .iter()
-        .try_fold(0usize, |sum, s| sum.checked_add(s.n_rows))
-        .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
-    if rows.checked_mul(row) != Some(q.len()) {
-        return Err(Error::Shape(format!(
-            "the query has {} values, the sequences own {rows} rows of {row}",
-            q.len()
-        )));
-    }
-    let mut first = 0;
-    for (i, s) in sequences.iter().enumerate() {
-        let query = Query {
-            data: &q[first * row..(first + s.n_rows) * row],
-            n_rows: s.n_rows,
-            pos_offset: s.pos_offset,
-        };
-        validate(&query, s.segments, dims).map_err(|e| e.within(&format!("sequence {i}")))?;
-        first += s.n_rows;
-    }
-    Ok(rows)
 }
 
 /// `out` must hold `n_rows * n_heads * head_dim` values and `lse` `n_rows * n_heads`.

@@ -231,18 +231,8 @@ pub fn segmented_attention_batch(
     sequences: &[BatchSequence],
     dims: &AttentionDims,
 ) -> Result<AttentionOutput> {
-    dims.validate()?;
+    let rows = validate_batch(q, sequences, dims)?;
     let row = dims.n_heads * dims.head_dim;
-    let rows = sequences
-        .iter()
-        .try_fold(0usize, |sum, s| sum.checked_add(s.n_rows))
-        .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
-    if rows.checked_mul(row) != Some(q.len()) {
-        return Err(Error::Shape(format!(
-            "the query has {} values, the sequences own {rows} rows of {row}",
-            q.len()
-        )));
-    }
     let mut out = AttentionOutput {
         out: Vec::with_capacity(q.len()),
         lse: Vec::with_capacity(rows * dims.n_heads),
@@ -261,4 +251,37 @@ pub fn segmented_attention_batch(
         first += s.n_rows;
     }
     Ok(out)
+}
+
+/// Checks a batch before any work: `dims`, that the packed query holds the sequences' rows, and
+/// each sequence's query and segments ([`validate`], errors naming the sequence). Returns the
+/// number of rows.
+pub fn validate_batch(
+    q: &[f32],
+    sequences: &[BatchSequence],
+    dims: &AttentionDims,
+) -> Result<usize> {
+    dims.validate()?;
+    let row = dims.n_heads * dims.head_dim;
+    let rows = sequences
+        .iter()
+        .try_fold(0usize, |sum, s| sum.checked_add(s.n_rows))
+        .ok_or_else(|| Error::OutOfRange("the sequences' rows overflow".into()))?;
+    if rows.checked_mul(row) != Some(q.len()) {
+        return Err(Error::Shape(format!(
+            "the query has {} values, the sequences own {rows} rows of {row}",
+            q.len()
+        )));
+    }
+    let mut first = 0;
+    for (i, s) in sequences.iter().enumerate() {
+        let query = Query {
+            data: &q[first * row..(first + s.n_rows) * row],
+            n_rows: s.n_rows,
+            pos_offset: s.pos_offset,
+        };
+        validate(&query, s.segments, dims).map_err(|e| e.within(&format!("sequence {i}")))?;
+        first += s.n_rows;
+    }
+    Ok(rows)
 }

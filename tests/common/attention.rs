@@ -21,9 +21,20 @@ pub trait Backend {
     /// outputs must start as NaN so that an unwritten value shows.
     fn run(&self, case: &Case) -> (Vec<f32>, Vec<f32>);
     /// Keys `[len, n_kv_heads, d]` rotated by `shift` and rounded to `dtype`, as this backend's
-    /// separate RoPE shift computes them (Block-Attention without the fused read).
-    fn shift_keys(&self, k: &[f32], shape: [usize; 3], dtype: DType, shift: &RopeShift)
-        -> Vec<f32>;
+    /// separate RoPE shift computes them (Block-Attention without the fused read). The default
+    /// is the oracle's rotation (f64 angles, rounded to f32) rounded to `dtype`: what a backend
+    /// that rotates in f32 and rounds once computes, up to the f32 rounding of the rotation.
+    fn shift_keys(
+        &self,
+        k: &[f32],
+        shape: [usize; 3],
+        dtype: DType,
+        shift: &RopeShift,
+    ) -> Vec<f32> {
+        let mut k = k.to_vec();
+        reference::rope::shift(&mut k, shape[0], shape[1], &shift.rope, shift.delta).unwrap();
+        round(k, dtype)
+    }
     /// Run the reduced sweep.
     fn quick(&self) -> bool;
     /// The sequences of `cases` (same dims and dtype; each with its own rows, segments and APE
