@@ -122,7 +122,15 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
     let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
     let (want, mag) = oracle(ty, &raw, rows, cols, &x);
     let bound = if float(ty) { 1e-5 } else { 1e-2 };
-    for k in [Kernels::Auto, Kernels::Vnni, Kernels::Sgemm] {
+    let packs = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && rows % 8 == 0;
+    assert_eq!(m.is_packed(), packs, "{ty:?} {rows}x{cols}");
+    for k in [
+        Kernels::Auto,
+        Kernels::Scalar,
+        Kernels::Avx2,
+        Kernels::Vnni,
+        Kernels::Sgemm,
+    ] {
         let y = run(&m, k, &x, n);
         let e = rel_l2(&y, &want);
         let bound = if k == Kernels::Sgemm { 1e-5 } else { bound };
@@ -152,6 +160,27 @@ fn every_type_against_the_oracle() {
         for &n in &[1usize, 2, 3, 4, 5, 8, 64] {
             check(ty, 67, 512, n, 100 * t as u64 + n as u64);
         }
+    }
+}
+
+#[test]
+fn packed_groups_of_eight_rows() {
+    // Row counts that are multiples of 8 (the packed layout) next to ones that are not.
+    for (t, &ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+        .iter()
+        .enumerate()
+    {
+        let seed = 1000 * t as u64;
+        for &rows in &[8usize, 16, 67, 72] {
+            for n in 1..=5 {
+                check(ty, rows, 256, n, seed + (rows * 10 + n) as u64);
+            }
+        }
+        check(ty, 64, 512, 64, seed + 1);
+        check(ty, 40, 64, 513, seed + 2);
+        check(ty, 1000, 768, 1, seed + 3);
+        check(ty, 1000, 768, 4, seed + 4);
+        check(ty, 1000, 768, 7, seed + 5);
     }
 }
 
@@ -199,19 +228,22 @@ fn exactly_quantised_x_matches_the_oracle() {
         } else {
             32
         };
-        let (rows, cols) = (45, 768);
-        let raw = random_raw(ty, rows, cols, &mut rng);
-        let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
-        for &n in &[1usize, 3, 6] {
-            let x = exact_x(n, cols, block, &mut rng);
-            let (want, mag) = oracle(ty, &raw, rows, cols, &x);
-            for k in [Kernels::Auto, Kernels::Scalar, Kernels::Avx2] {
-                let y = run(&m, k, &x, n);
-                for (j, ((&a, &b), &s)) in y.iter().zip(&want).zip(&mag).enumerate() {
-                    assert!(
-                        (a as f64 - b).abs() <= 2e-6 * s,
-                        "{ty:?} {k:?} n={n} output {j}: {a} vs {b} (Σ|wx| {s})"
-                    );
+        // 45 rows: the file's layout; 48: the packed one (for Q4_0, Q4_1, Q8_0).
+        for rows in [45, 48] {
+            let cols = 768;
+            let raw = random_raw(ty, rows, cols, &mut rng);
+            let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
+            for &n in &[1usize, 3, 6] {
+                let x = exact_x(n, cols, block, &mut rng);
+                let (want, mag) = oracle(ty, &raw, rows, cols, &x);
+                for k in [Kernels::Auto, Kernels::Scalar, Kernels::Avx2, Kernels::Vnni] {
+                    let y = run(&m, k, &x, n);
+                    for (j, ((&a, &b), &s)) in y.iter().zip(&want).zip(&mag).enumerate() {
+                        assert!(
+                            (a as f64 - b).abs() <= 2e-6 * s,
+                            "{ty:?} {k:?} {rows} rows n={n} output {j}: {a} vs {b} (Σ|wx| {s})"
+                        );
+                    }
                 }
             }
         }
@@ -246,12 +278,18 @@ fn bad_shapes_are_errors() {
 fn row_f32_is_the_dequantised_row() {
     let mut rng = StdRng::seed_from_u64(5);
     for &ty in &ALL {
-        let raw = random_raw(ty, 4, 512, &mut rng);
-        let w = quant::dequantize(ty, &raw, 4 * 512).unwrap();
-        let m = QMatrix::from_raw(ty, 4, 512, raw).unwrap();
-        let mut out = vec![0.0; 520];
-        m.row_f32(2, &mut out);
-        assert_eq!(&out[..512], &w[1024..1536], "{ty:?}");
+        // 4 rows: the file's layout; 24: the packed one (for Q4_0, Q4_1, Q8_0).
+        for rows in [4, 24] {
+            let raw = random_raw(ty, rows, 512, &mut rng);
+            let w = quant::dequantize(ty, &raw, rows * 512).unwrap();
+            let m = QMatrix::from_raw(ty, rows, 512, raw).unwrap();
+            assert_eq!(m.bytes(), rows * 512 / ty.block().0 * ty.block().1);
+            let mut out = vec![0.0; 520];
+            for r in [0, 2, rows - 1] {
+                m.row_f32(r, &mut out);
+                assert_eq!(&out[..512], &w[r * 512..(r + 1) * 512], "{ty:?} row {r}");
+            }
+        }
     }
 }
 
