@@ -122,7 +122,8 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
     let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
     let (want, mag) = oracle(ty, &raw, rows, cols, &x);
     let bound = if float(ty) { 1e-5 } else { 1e-2 };
-    let packs = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && rows % 8 == 0;
+    let packs =
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && rows.is_multiple_of(8);
     assert_eq!(m.is_packed(), packs, "{ty:?} {rows}x{cols}");
     for k in [
         Kernels::Auto,
