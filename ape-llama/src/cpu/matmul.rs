@@ -504,19 +504,16 @@ fn pack(ty: GgmlType, raw: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
     out
 }
 
-/// The packed byte of each byte of row `r`'s raw block (`f(packed, raw)` for each pair).
-fn each_packed_byte(ty: GgmlType, r: usize, mut f: impl FnMut(usize, usize)) {
+/// The packed ranges of row `r`'s raw block, as `f(packed start, raw start, length)`.
+#[inline]
+fn each_packed_range(ty: GgmlType, r: usize, mut f: impl FnMut(usize, usize, usize)) {
     let (_, bb) = ty.block();
     let sb = scale_bytes(ty);
     for h in 0..sb / 2 {
-        for k in 0..2 {
-            f(16 * h + 2 * r + k, 2 * h + k);
-        }
+        f(16 * h + 2 * r, 2 * h, 2);
     }
     for j in 0..(bb - sb) / 4 {
-        for k in 0..4 {
-            f(GROUP * sb + 32 * j + 4 * r + k, sb + 4 * j + k);
-        }
+        f(GROUP * sb + 32 * j + 4 * r, sb + 4 * j, 4);
     }
 }
 
@@ -524,7 +521,9 @@ fn each_packed_byte(ty: GgmlType, r: usize, mut f: impl FnMut(usize, usize)) {
 fn pack_row(ty: GgmlType, group: &mut [u8], r: usize, row: &[u8]) {
     let (_, bb) = ty.block();
     for (pb, rb) in group.chunks_exact_mut(GROUP * bb).zip(row.chunks_exact(bb)) {
-        each_packed_byte(ty, r, |p, q| pb[p] = rb[q]);
+        each_packed_range(ty, r, |p, q, len| {
+            pb[p..p + len].copy_from_slice(&rb[q..q + len])
+        });
     }
 }
 
@@ -532,7 +531,9 @@ fn pack_row(ty: GgmlType, group: &mut [u8], r: usize, row: &[u8]) {
 fn unpack_row(ty: GgmlType, group: &[u8], r: usize, row: &mut [u8]) {
     let (_, bb) = ty.block();
     for (pb, rb) in group.chunks_exact(GROUP * bb).zip(row.chunks_exact_mut(bb)) {
-        each_packed_byte(ty, r, |p, q| rb[q] = pb[p]);
+        each_packed_range(ty, r, |p, q, len| {
+            rb[q..q + len].copy_from_slice(&pb[p..p + len])
+        });
     }
 }
 
