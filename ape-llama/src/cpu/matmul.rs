@@ -149,7 +149,21 @@ impl QMatrix {
         cols: usize,
         raw: impl Into<TensorBytes>,
     ) -> Result<Self> {
-        let raw: TensorBytes = raw.into();
+        Self::new(ty, rows, cols, raw.into(), true)
+    }
+
+    /// [`QMatrix::from_raw`] keeping the file's layout whatever the row count (the path of
+    /// matrices that cannot be packed), to compare the two layouts in tests and benchmarks.
+    pub fn from_raw_unpacked(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        raw: impl Into<TensorBytes>,
+    ) -> Result<Self> {
+        Self::new(ty, rows, cols, raw.into(), false)
+    }
+
+    fn new(ty: GgmlType, rows: usize, cols: usize, raw: TensorBytes, repack: bool) -> Result<Self> {
         let (values, block_bytes) = ty.block();
         if !cols.is_multiple_of(values) {
             return Err(Error::Shape(format!(
@@ -166,7 +180,8 @@ impl QMatrix {
                 raw.len()
             )));
         }
-        let packed = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        let packed = repack
+            && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
             && rows.is_multiple_of(GROUP)
             && rows > 0;
         // The packed copy replaces the file's bytes (dropped here), so memory does not double.

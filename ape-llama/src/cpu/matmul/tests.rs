@@ -144,6 +144,18 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
         }
     }
     let scalar = run(&m, Kernels::Scalar, &x, n);
+    if packs {
+        // The packed kernels against the file layout's: the same exact block sums.
+        let file = QMatrix::from_raw_unpacked(ty, rows, cols, raw.clone()).unwrap();
+        assert!(!file.is_packed());
+        let y = run(&file, Kernels::Scalar, &x, n);
+        for (j, ((&a, &b), &s)) in y.iter().zip(&scalar).zip(&mag).enumerate() {
+            assert!(
+                (a - b).abs() as f64 <= 1e-5 * s + 1e-30,
+                "{ty:?} n={n} output {j}: file layout {a} vs packed {b} (Σ|wx| {s})"
+            );
+        }
+    }
     for k in [Kernels::Avx2, Kernels::Vnni] {
         let simd = run(&m, k, &x, n);
         for (j, ((&a, &b), &s)) in simd.iter().zip(&scalar).zip(&mag).enumerate() {
