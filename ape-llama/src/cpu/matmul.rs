@@ -3,9 +3,10 @@
 //! `y[n, rows] = x[n, cols] · Wᵀ` with `W` stored row by row in its GGUF (or safetensors) type,
 //! the way llama.cpp's CPU backend multiplies: the activation rows are quantised to 8 bits once
 //! per call and every output is an integer dot product of a weight row with an activation row,
-//! scaled per block in f32. Rows of `W` are split over rayon's global pool; each weight row is
-//! read once for up to four activation rows at a time, so a batch of `n` rows streams the weights
-//! `ceil(n / 4)` times from cache, not `n` times from memory.
+//! scaled per block in f32. Rows of `W` (in groups of eight, see the packed layout below) are
+//! split over rayon's global pool; each weight row is read once for up to four activation rows
+//! at a time, so a batch of `n` rows streams the weights `ceil(n / 4)` times from cache, not
+//! `n` times from memory.
 //!
 //! # Weight blocks (see [`crate::quant`]; `d`, `m`, `dmin` are f16)
 //! - `Q4_0` (32 values, 18 bytes): `w = d * (q - 8)`, `q` a nibble.
@@ -16,6 +17,23 @@
 //! - `Q6_K` (256 values, 210 bytes): sixteen groups of 16 with a signed 8-bit scale `sc`:
 //!   `w = d * sc * (q - 32)`, `q` 6 bits.
 //! - `F32`, `F16`, `BF16`: one value per element.
+//!
+//! # Packed layout (`Q4_0`, `Q4_1`, `Q8_0` with a multiple of 8 rows)
+//! [`QMatrix::from_raw`] repacks these into groups of eight consecutive rows (the same number of
+//! bytes, replacing the file's), so that one 256-bit vector holds the same block of the eight
+//! rows and each of its lanes accumulates one output row: no per-block scalar scale conversion
+//! and no horizontal sums. Group `g`'s block `b` (`8 * block_bytes` bytes, groups in order,
+//! blocks in order within a group) holds the eight rows' `d` (f16), for `Q4_1` their eight `m`
+//! (f16), then the quants in 32-byte chunks: chunk `j` holds, for each row `r`, bytes `4j..4j+4`
+//! of that row's quants as the file stores them, at `4r..4r+4`. For the 4-bit types (file byte
+//! `i` holds value `i` in its low nibble and `i + 16` in its high one) chunk `j` thus gives, per
+//! row, values `4j..4j+4` (low nibbles) and `16+4j..16+4j+4` (high), multiplied with the
+//! activation's four quants at those positions broadcast to all lanes: one `vpdpbusd` each (two
+//! per chunk, eight per block); `Q8_0` has eight chunks of signed bytes, one `vpdpbusd` each on
+//! `w + 128` with `128 Σ q_x` subtracted (AVX2: the sign trick). `Q4_0`'s `-8` is folded in as
+//! `-8 Σ q_x` (the activation block keeps its exact integer sum). Each weight vector is loaded
+//! and unpacked once for up to four activation rows. `row_f32` and the sgemm path read rows back
+//! out of the groups. Other types and row counts keep the file's layout, one row at a time.
 //!
 //! # Activation quantisation (as llama.cpp's x86 build does it)
 //! - For `Q4_0` and `Q8_0` weights (llama.cpp's `q8_0`) and `Q4_1` (`q8_1`): blocks of 32;
@@ -33,8 +51,8 @@
 //! and every sum within one block (32 values, or a 256-value super-block for the k-quants) is an
 //! exact 32-bit integer (no 16-bit saturation can occur: the activation quants lie in
 //! `[-127, 127]`). Each block's integer sum is converted to f32 and multiplied by the f32 product
-//! of the two block scales, and the blocks' terms are summed in f32 (in eight SIMD lanes, then
-//! across them). The only approximation beyond f32 rounding is therefore the 8-bit quantisation
+//! of the two block scales, and the blocks' terms are summed in f32 (in the file's layout: in
+//! eight SIMD lanes, then across them; packed: in one lane per row). The only approximation beyond f32 rounding is therefore the 8-bit quantisation
 //! of `x` (a relative error of about `2^-8` per element for a block whose values are of similar
 //! size) and, for `q8_0`/`q8_1`, the f16 rounding of `d` and `s`. When `x` is exactly
 //! representable (each block's values are integers times a power of two with the largest
@@ -44,8 +62,9 @@
 //! # Paths
 //! Quantised weights take the integer kernels at every row count ([`Kernels::Auto`]), so that a
 //! token's numerics do not depend on how many rows share its product (a prefill chunk, a decode
-//! batch): the row range of each rayon task is walked once per group of four activation rows, so
-//! a task's weights stay in L1/L2 while the activation streams past them. [`Kernels::Sgemm`]
+//! batch): the row range (packed: the range of groups of eight rows) of each rayon task is walked
+//! once per group of four activation rows, so a task's weights stay in L1/L2 while the
+//! activation streams past them. [`Kernels::Sgemm`]
 //! dequantises tiles of `W` to f32 and multiplies them with `matrixmultiply::sgemm` with the
 //! unquantised activations: the exact product of the stored weights, slower at few rows (a
 //! model built with [`super::Activations::F32`] uses it). Float weights go through `sgemm` from
