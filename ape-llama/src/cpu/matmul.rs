@@ -318,7 +318,7 @@ impl QMatrix {
             return;
         }
         let isa = Isa::detect(kernels);
-        let act = Act::new(self.ty, x, n, self.cols);
+        let act = Act::new(isa, self.ty, x, n, self.cols);
         self.run_rows(isa, &act, n, y);
     }
 
@@ -658,7 +658,61 @@ fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
-fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+/// [`quantize_q8_scalar`] on the SIMD kernels' CPUs: the same blocks, bit for bit (for finite x).
+fn quantize_q8(isa: Isa, x: &[f32], out: &mut [BlockQ8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        // SAFETY: Isa::Avx2 / Isa::Vnni come from Isa::detect, which checked that the CPU has
+        // AVX2, FMA and F16C.
+        unsafe { quantize_q8_avx2(x, out) };
+        return;
+    }
+    let _ = isa;
+    quantize_q8_scalar(x, out);
+}
+
+/// [`quantize_q8_scalar`] in AVX2: the same f32 operations, `cvtps` rounding half to even (the
+/// default MXCSR mode) like `nearest_int`, and an exact integer sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    use std::arch::x86_64::*;
+    let abs = _mm256_set1_ps(-0.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, ob) in x.chunks_exact(32).zip(out) {
+        let (xs, _) = xb.as_chunks::<8>();
+        // SAFETY: each chunk is 8 readable f32; loadu has no alignment requirement.
+        let v: [__m256; 4] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(xs[k].as_ptr()) });
+        let mut m = _mm256_andnot_ps(abs, v[0]);
+        for &v in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(abs, v));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+        let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+        // i32 -> i8 (the values lie in [-127, 127]); packs interleaves the 128-bit lanes, perm
+        // restores the order.
+        let b = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let b = _mm256_permutevar8x32_epi32(b, perm);
+        // SAFETY: qs is 32 writable bytes; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_si256(ob.qs.as_mut_ptr().cast(), b) };
+        ob.d = f16_round(d);
+        ob.s = f16_round(d * sum as f32);
+        ob.sum = sum;
+    }
+}
+
+fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
     for (xb, ob) in x.chunks_exact(32).zip(out) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -702,7 +756,7 @@ fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
 }
 
 impl<'a> Act<'a> {
-    fn new(ty: GgmlType, x: &'a [f32], n: usize, cols: usize) -> Act<'a> {
+    fn new(isa: Isa, ty: GgmlType, x: &'a [f32], n: usize, cols: usize) -> Act<'a> {
         // Large activations are quantised in parallel, a row per task.
         let par = n >= 16;
         match ty {
@@ -719,9 +773,9 @@ impl<'a> Act<'a> {
                     blocks
                         .par_chunks_mut(per_row)
                         .zip(x.par_chunks(cols))
-                        .for_each(|(b, xr)| quantize_q8(xr, b));
+                        .for_each(|(b, xr)| quantize_q8(isa, xr, b));
                 } else {
-                    quantize_q8(x, &mut blocks);
+                    quantize_q8(isa, x, &mut blocks);
                 }
                 Act::Q8 { blocks, per_row }
             }

@@ -264,6 +264,40 @@ fn exactly_quantised_x_matches_the_oracle() {
 }
 
 #[test]
+fn simd_activation_quantisation_is_the_scalar_one() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut x: Vec<f32> = (0..32 * 64).map(|_| rng.gen_range(-3.0..3.0)).collect();
+    x[..32].fill(0.0); // an all-zero block
+    x[32..64].fill(0.0);
+    x[40] = -1.0; // a one-hot block
+                  // Blocks of half-integers.
+    for (i, v) in x[64..128].iter_mut().enumerate() {
+        *v = (i as f32 - 32.0) + 0.5;
+    }
+    let x3 = exact_x(1, 32 * 8, 32, &mut rng);
+    x[128..128 + 256].copy_from_slice(&x3);
+    let zero = BlockQ8 {
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+        qs: [0; 32],
+    };
+    let mut want = vec![zero; 64];
+    quantize_q8(Isa::Scalar, &x, &mut want);
+    for k in [Kernels::Avx2, Kernels::Vnni] {
+        let mut got = vec![zero; 64];
+        quantize_q8(Isa::detect(k), &x, &mut got);
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                (g.d.to_bits(), g.s.to_bits(), g.sum, g.qs),
+                (w.d.to_bits(), w.s.to_bits(), w.sum, w.qs),
+                "{k:?} block {b}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_shapes_are_errors() {
     for &ty in &ALL {
         let (values, bytes) = ty.block();
