@@ -39,7 +39,9 @@
 //! - For `Q4_0` and `Q8_0` weights (llama.cpp's `q8_0`) and `Q4_1` (`q8_1`): blocks of 32;
 //!   `amax = max |x|`, `d = amax / 127` rounded to f16, `q = round(x * 127 / amax)` (round half
 //!   to even, as `_mm256_round_ps`), and for `q8_1` also `s = d * Σq` (with the unrounded `d`)
-//!   rounded to f16. A `Q4_1` block's dot product is `d_w * d_x * Σ q_w q_x + m_w * s_x`.
+//!   rounded to f16. A `Q4_1` block's dot product is `d_w * d_x * Σ q_w q_x + m_w * s_x`. The
+//!   block also keeps the exact `Σq` (for `Q4_0`'s `-8` and `Q8_0`'s `+128` on the packed
+//!   layout). On AVX2 CPUs these blocks are computed in AVX2, bit for bit the same.
 //! - For `Q4_K` and `Q6_K` (llama.cpp's `q8_K`): blocks of 256; `max` the element of largest
 //!   magnitude (with its sign), `q = min(127, round(-127 / max * x))` (half to even), `d = 1 /
 //!   (-127 / max)` kept in f32, plus the sums of `q` over each group of 16. The mins of `Q4_K` and
