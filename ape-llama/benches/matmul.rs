@@ -2,9 +2,11 @@
 //! the CPU pass's present approach (weights dequantised to f32 at load: an f32 dot per output for
 //! n <= 4, `matrixmultiply::sgemm` above; its code is copied below), at the default model's
 //! (SmolLM2-135M) shapes: Q4_1 576x576 (q, o), 1536x576 (gate, up), 576x1536 (down), and Q8_0
-//! 49152x576 (the tied output projection), for n = 1, 4, 64, 512 activation rows. `ours-sgemm`
-//! is `QMatrix`'s other prefill path (tiles dequantised to f32, then sgemm). For n = 1 the
-//! throughput is the bytes of weights streamed per product.
+//! 49152x576 (the tied output projection), for n = 1, 4, 64, 512 activation rows. `ours` has the
+//! weights packed in groups of eight rows (what `QMatrix::from_raw` does for these shapes),
+//! `ours-file-layout` keeps them in the file's layout (the path of row counts that are not a
+//! multiple of 8), `ours-sgemm` is `QMatrix`'s other prefill path (tiles dequantised to f32, then
+//! sgemm). For n = 1 the throughput is the bytes of weights streamed per product.
 //!
 //! The weights are random blocks (every quant bit pattern, sane scales), so the benchmark needs
 //! no model file. `cargo bench -p ape-llama --bench matmul`.
@@ -106,7 +108,9 @@ fn bench(c: &mut Criterion) {
     for (ty, rows, cols) in shapes {
         let raw = random_raw(ty, rows, cols, &mut rng);
         let w = quant::dequantize(ty, &raw, rows * cols).unwrap();
+        let file = QMatrix::from_raw_unpacked(ty, rows, cols, raw.clone()).unwrap();
         let m = QMatrix::from_raw(ty, rows, cols, raw).unwrap();
+        assert!(m.is_packed());
         let mut g = c.benchmark_group(format!("{ty:?} {rows}x{cols}"));
         g.warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1))
@@ -125,6 +129,9 @@ fn bench(c: &mut Criterion) {
             });
             g.bench_with_input(BenchmarkId::new("ours", n), &n, |b, &n| {
                 b.iter(|| m.matmul(&x, n, &mut y))
+            });
+            g.bench_with_input(BenchmarkId::new("ours-file-layout", n), &n, |b, &n| {
+                b.iter(|| file.matmul(&x, n, &mut y))
             });
             if n >= 64 {
                 g.bench_with_input(BenchmarkId::new("ours-sgemm", n), &n, |b, &n| {

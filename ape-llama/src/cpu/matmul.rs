@@ -3,9 +3,10 @@
 //! `y[n, rows] = x[n, cols] · Wᵀ` with `W` stored row by row in its GGUF (or safetensors) type,
 //! the way llama.cpp's CPU backend multiplies: the activation rows are quantised to 8 bits once
 //! per call and every output is an integer dot product of a weight row with an activation row,
-//! scaled per block in f32. Rows of `W` are split over rayon's global pool; each weight row is
-//! read once for up to four activation rows at a time, so a batch of `n` rows streams the weights
-//! `ceil(n / 4)` times from cache, not `n` times from memory.
+//! scaled per block in f32. Rows of `W` (in groups of eight, see the packed layout below) are
+//! split over rayon's global pool; each weight row is read once for up to four activation rows
+//! at a time, so a batch of `n` rows streams the weights `ceil(n / 4)` times from cache, not
+//! `n` times from memory.
 //!
 //! # Weight blocks (see [`crate::quant`]; `d`, `m`, `dmin` are f16)
 //! - `Q4_0` (32 values, 18 bytes): `w = d * (q - 8)`, `q` a nibble.
@@ -17,11 +18,30 @@
 //!   `w = d * sc * (q - 32)`, `q` 6 bits.
 //! - `F32`, `F16`, `BF16`: one value per element.
 //!
+//! # Packed layout (`Q4_0`, `Q4_1`, `Q8_0` with a multiple of 8 rows)
+//! [`QMatrix::from_raw`] repacks these into groups of eight consecutive rows (the same number of
+//! bytes, replacing the file's), so that one 256-bit vector holds the same block of the eight
+//! rows and each of its lanes accumulates one output row: no per-block scalar scale conversion
+//! and no horizontal sums. Group `g`'s block `b` (`8 * block_bytes` bytes, groups in order,
+//! blocks in order within a group) holds the eight rows' `d` (f16), for `Q4_1` their eight `m`
+//! (f16), then the quants in 32-byte chunks: chunk `j` holds, for each row `r`, bytes `4j..4j+4`
+//! of that row's quants as the file stores them, at `4r..4r+4`. For the 4-bit types (file byte
+//! `i` holds value `i` in its low nibble and `i + 16` in its high one) chunk `j` thus gives, per
+//! row, values `4j..4j+4` (low nibbles) and `16+4j..16+4j+4` (high), multiplied with the
+//! activation's four quants at those positions broadcast to all lanes: one `vpdpbusd` each (two
+//! per chunk, eight per block); `Q8_0` has eight chunks of signed bytes, one `vpdpbusd` each on
+//! `w + 128` with `128 Σ q_x` subtracted (AVX2: the sign trick). `Q4_0`'s `-8` is folded in as
+//! `-8 Σ q_x` (the activation block keeps its exact integer sum). Each weight vector is loaded
+//! and unpacked once for up to four activation rows. `row_f32` and the sgemm path read rows back
+//! out of the groups. Other types and row counts keep the file's layout, one row at a time.
+//!
 //! # Activation quantisation (as llama.cpp's x86 build does it)
 //! - For `Q4_0` and `Q8_0` weights (llama.cpp's `q8_0`) and `Q4_1` (`q8_1`): blocks of 32;
 //!   `amax = max |x|`, `d = amax / 127` rounded to f16, `q = round(x * 127 / amax)` (round half
 //!   to even, as `_mm256_round_ps`), and for `q8_1` also `s = d * Σq` (with the unrounded `d`)
-//!   rounded to f16. A `Q4_1` block's dot product is `d_w * d_x * Σ q_w q_x + m_w * s_x`.
+//!   rounded to f16. A `Q4_1` block's dot product is `d_w * d_x * Σ q_w q_x + m_w * s_x`. The
+//!   block also keeps the exact `Σq` (for `Q4_0`'s `-8` and `Q8_0`'s `+128` on the packed
+//!   layout). On AVX2 CPUs these blocks are computed in AVX2, bit for bit the same.
 //! - For `Q4_K` and `Q6_K` (llama.cpp's `q8_K`): blocks of 256; `max` the element of largest
 //!   magnitude (with its sign), `q = min(127, round(-127 / max * x))` (half to even), `d = 1 /
 //!   (-127 / max)` kept in f32, plus the sums of `q` over each group of 16. The mins of `Q4_K` and
@@ -33,8 +53,8 @@
 //! and every sum within one block (32 values, or a 256-value super-block for the k-quants) is an
 //! exact 32-bit integer (no 16-bit saturation can occur: the activation quants lie in
 //! `[-127, 127]`). Each block's integer sum is converted to f32 and multiplied by the f32 product
-//! of the two block scales, and the blocks' terms are summed in f32 (in eight SIMD lanes, then
-//! across them). The only approximation beyond f32 rounding is therefore the 8-bit quantisation
+//! of the two block scales, and the blocks' terms are summed in f32 (in the file's layout: in
+//! eight SIMD lanes, then across them; packed: in one lane per row). The only approximation beyond f32 rounding is therefore the 8-bit quantisation
 //! of `x` (a relative error of about `2^-8` per element for a block whose values are of similar
 //! size) and, for `q8_0`/`q8_1`, the f16 rounding of `d` and `s`. When `x` is exactly
 //! representable (each block's values are integers times a power of two with the largest
@@ -44,8 +64,9 @@
 //! # Paths
 //! Quantised weights take the integer kernels at every row count ([`Kernels::Auto`]), so that a
 //! token's numerics do not depend on how many rows share its product (a prefill chunk, a decode
-//! batch): the row range of each rayon task is walked once per group of four activation rows, so
-//! a task's weights stay in L1/L2 while the activation streams past them. [`Kernels::Sgemm`]
+//! batch): the row range (packed: the range of groups of eight rows) of each rayon task is walked
+//! once per group of four activation rows, so a task's weights stay in L1/L2 while the
+//! activation streams past them. [`Kernels::Sgemm`]
 //! dequantises tiles of `W` to f32 and multiplies them with `matrixmultiply::sgemm` with the
 //! unquantised activations: the exact product of the stored weights, slower at few rows (a
 //! model built with [`super::Activations::F32`] uses it). Float weights go through `sgemm` from
@@ -70,7 +91,10 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// The file's rows, or (when `packed`) the same bytes in groups of eight rows interleaved
+    /// (see the module doc).
     data: TensorBytes,
+    packed: bool,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -136,15 +160,31 @@ impl Isa {
 impl QMatrix {
     /// A matrix from its raw bytes: `rows` rows of `cols` elements of `ty`, row-major. Errors
     /// (never panics) when `cols` is not a multiple of the type's block or `raw` does not hold
-    /// exactly the matrix's bytes. The bytes are kept as given: a window of a mapped model file
-    /// stays in the file's pages.
+    /// exactly the matrix's bytes. `Q4_0`, `Q4_1` and `Q8_0` matrices whose rows are a multiple
+    /// of 8 are repacked into groups of eight interleaved rows (a copy of the same size that
+    /// replaces `raw`); other bytes are kept as given (a window of a mapped model file stays in
+    /// the file's pages).
     pub fn from_raw(
         ty: GgmlType,
         rows: usize,
         cols: usize,
         raw: impl Into<TensorBytes>,
     ) -> Result<Self> {
-        let raw: TensorBytes = raw.into();
+        Self::new(ty, rows, cols, raw.into(), true)
+    }
+
+    /// [`QMatrix::from_raw`] keeping the file's layout whatever the row count (the path of
+    /// matrices that cannot be packed), to compare the two layouts in tests and benchmarks.
+    pub fn from_raw_unpacked(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        raw: impl Into<TensorBytes>,
+    ) -> Result<Self> {
+        Self::new(ty, rows, cols, raw.into(), false)
+    }
+
+    fn new(ty: GgmlType, rows: usize, cols: usize, raw: TensorBytes, repack: bool) -> Result<Self> {
         let (values, block_bytes) = ty.block();
         if !cols.is_multiple_of(values) {
             return Err(Error::Shape(format!(
@@ -161,12 +201,23 @@ impl QMatrix {
                 raw.len()
             )));
         }
+        let packed = repack
+            && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+            && rows.is_multiple_of(GROUP)
+            && rows > 0;
+        // The packed copy replaces the file's bytes (dropped here), so memory does not double.
+        let data = if packed {
+            TensorBytes::from(pack(ty, &raw, rows, row_bytes))
+        } else {
+            raw
+        };
         Ok(QMatrix {
             ty,
             rows,
             cols,
             row_bytes,
-            data: raw,
+            data,
+            packed,
         })
     }
 
@@ -208,7 +259,30 @@ impl QMatrix {
 
     /// Row `r` dequantised into `out[..cols]` (the embedding lookup).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        dequant_rows(self.ty, self.row(r), self.cols, &mut out[..self.cols]);
+        self.dequant_range(r, 1, &mut out[..self.cols]);
+    }
+
+    /// Whether the weights are in the packed layout of groups of eight rows.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// Rows `first..first + nr` dequantised into `out[..nr * cols]`.
+    fn dequant_range(&self, first: usize, nr: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        if !self.packed {
+            let raw = &self.data[first * self.row_bytes..(first + nr) * self.row_bytes];
+            dequant_rows(self.ty, raw, nr * cols, out);
+            return;
+        }
+        let mut raw = vec![0u8; self.row_bytes];
+        for (k, o) in out[..nr * cols].chunks_exact_mut(cols).enumerate() {
+            let r = first + k;
+            let g = r / GROUP;
+            let group = &self.data[g * GROUP * self.row_bytes..(g + 1) * GROUP * self.row_bytes];
+            unpack_row(self.ty, group, r % GROUP, &mut raw);
+            dequant_rows(self.ty, &raw, cols, o);
+        }
     }
 
     /// `y[n, rows] = x[n, cols] · Wᵀ`, multithreaded with rayon (the global pool).
@@ -246,20 +320,27 @@ impl QMatrix {
             return;
         }
         let isa = Isa::detect(kernels);
-        let act = Act::new(self.ty, x, n, self.cols);
+        let act = Act::new(isa, self.ty, x, n, self.cols);
         self.run_rows(isa, &act, n, y);
     }
 
-    /// Rows per rayon task: each task does roughly `TASK_NS` of work, and for several
+    /// Rows per rayon task: each task does roughly `task_ns` of work, and for several
     /// activation rows its weights fit in L2.
     fn chunk_rows(&self, n: usize) -> usize {
         // Rough costs on a 2024 x86 core: weights streamed at ~16 bytes/ns, and ~0.02 ns per
-        // multiply-add of a weight with an activation once the weights are in cache.
-        const TASK_NS: f64 = 20_000.0;
-        let row_ns = self.row_bytes as f64 / 16.0 + (n * self.cols) as f64 * 0.02;
+        // multiply-add of a weight with an activation once the weights are in cache. The packed
+        // kernels run at about twice that, and a task split costs ~10 µs on a loaded 2-core
+        // machine (measured: a 576x576 Q4_1 product at n = 1 took 6 µs as one task, 20 µs as
+        // two), so they take larger tasks.
+        let (task_ns, bytes_per_ns, ns_per_mac) = if self.packed {
+            (TASK_NS_PACKED, 32.0, 0.01)
+        } else {
+            (20_000.0, 16.0, 0.02)
+        };
+        let row_ns = self.row_bytes as f64 / bytes_per_ns + (n * self.cols) as f64 * ns_per_mac;
         let total = row_ns * self.rows as f64;
         let threads = rayon::current_num_threads().max(1);
-        let mut tasks = (total / TASK_NS).ceil().max(1.0) as usize;
+        let mut tasks = (total / task_ns).ceil().max(1.0) as usize;
         if tasks > 1 {
             tasks = tasks.max(threads);
         }
@@ -272,6 +353,10 @@ impl QMatrix {
     }
 
     fn run_rows(&self, isa: Isa, act: &Act<'_>, n: usize, y: &mut [f32]) {
+        if self.packed {
+            self.run_groups(isa, act, n, y);
+            return;
+        }
         let rows = self.rows;
         let chunk = self.chunk_rows(n);
         let out = OutPtr(y.as_mut_ptr());
@@ -302,6 +387,59 @@ impl QMatrix {
         }
     }
 
+    /// The packed path: each rayon task owns a range of groups of eight rows and walks it once
+    /// per four activation rows; a kernel call gives eight outputs for each activation row.
+    fn run_groups(&self, isa: Isa, act: &Act<'_>, n: usize, y: &mut [f32]) {
+        let Act::Q8 { blocks, per_row } = act else {
+            unreachable!("packed matrices are Q4_0, Q4_1 or Q8_0")
+        };
+        let rows = self.rows;
+        let groups = rows / GROUP;
+        let group_bytes = GROUP * self.row_bytes;
+        let chunk = self.chunk_rows(n).div_ceil(GROUP);
+        let out = OutPtr(y.as_mut_ptr());
+        let body = |g0: usize, g1: usize| {
+            let mut res = [[0.0f32; GROUP]; 4];
+            let mut i0 = 0;
+            while i0 < n {
+                let k = (n - i0).min(4);
+                let x = |i: usize| &blocks[(i0 + i) * per_row..(i0 + i + 1) * per_row];
+                for g in g0..g1 {
+                    let w = &self.data[g * group_bytes..(g + 1) * group_bytes];
+                    match k {
+                        1 => res[..1].copy_from_slice(&packed_dot::<1>(isa, self.ty, w, [x(0)])),
+                        2 => res[..2].copy_from_slice(&packed_dot(isa, self.ty, w, [x(0), x(1)])),
+                        3 => res[..3].copy_from_slice(&packed_dot(
+                            isa,
+                            self.ty,
+                            w,
+                            [x(0), x(1), x(2)],
+                        )),
+                        _ => res = packed_dot(isa, self.ty, w, [x(0), x(1), x(2), x(3)]),
+                    }
+                    for (i, v) in res[..k].iter().enumerate() {
+                        for (l, &v) in v.iter().enumerate() {
+                            // SAFETY: y holds n * rows values (asserted in matmul_with); i0 + i
+                            // < n and GROUP * g + l < rows, and each element is written by the
+                            // one task that owns group g (tasks own disjoint group ranges),
+                            // while nothing reads y.
+                            unsafe { out.write((i0 + i) * rows + GROUP * g + l, v) };
+                        }
+                    }
+                }
+                i0 += k;
+            }
+        };
+        let tasks = groups.div_ceil(chunk);
+        if tasks == 1 {
+            body(0, groups);
+        } else {
+            (0..tasks)
+                .into_par_iter()
+                .for_each(|t| body(t * chunk, ((t + 1) * chunk).min(groups)));
+        }
+    }
+
     /// Tiles of `W` dequantised to f32 (in parallel), each multiplied with `sgemm` (which
     /// threads itself).
     fn matmul_sgemm(&self, x: &[f32], n: usize, y: &mut [f32]) {
@@ -315,10 +453,8 @@ impl QMatrix {
                 .par_chunks_mut(sub * cols)
                 .enumerate()
                 .for_each(|(c, out)| {
-                    let first = r0 + c * sub;
                     let nr = out.len() / cols;
-                    let raw = &self.data[first * self.row_bytes..(first + nr) * self.row_bytes];
-                    dequant_rows(self.ty, raw, nr * cols, out);
+                    self.dequant_range(r0 + c * sub, nr, out);
                 });
             // SAFETY: x holds n * cols values and buf at least t * cols (row-major, stride
             // cols, read transposed); y holds n * rows values and this tile writes its columns
@@ -362,6 +498,100 @@ impl OutPtr {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The packed layout (see the module doc).
+
+/// The work (in ns, by `chunk_rows`'s cost model) of one rayon task on the packed layout.
+const TASK_NS_PACKED: f64 = 30_000.0;
+
+/// Rows per group of the packed layout: one output per lane of a 256-bit f32 / i32 vector.
+const GROUP: usize = 8;
+
+/// Bytes of a raw block's scales (`d`, and `m` for `Q4_1`): the packed block holds them for its
+/// eight rows first, then the quants.
+fn scale_bytes(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q4_1 {
+        4
+    } else {
+        2
+    }
+}
+
+/// The file's rows repacked into groups of eight: block `b` of group `g` is `GROUP * block_bytes`
+/// bytes at `(g * blocks_per_row + b) * GROUP * block_bytes`, made of the eight rows' `d` (f16),
+/// for `Q4_1` their eight `m` (f16), then the quants in 32-byte chunks `j` where bytes `4r..4r+4`
+/// are bytes `4j..4j+4` of row `r`'s quants (as stored in the file).
+fn pack(ty: GgmlType, raw: &[u8], rows: usize, row_bytes: usize) -> Vec<u8> {
+    let mut out = vec![0u8; raw.len()];
+    let group_bytes = GROUP * row_bytes;
+    let pack_group = |(g, o): (usize, &mut [u8])| {
+        let rows = &raw[g * group_bytes..(g + 1) * group_bytes];
+        for r in 0..GROUP {
+            pack_row(ty, o, r, &rows[r * row_bytes..(r + 1) * row_bytes]);
+        }
+    };
+    if rows >= 256 {
+        out.par_chunks_mut(group_bytes)
+            .enumerate()
+            .for_each(pack_group);
+    } else {
+        out.chunks_mut(group_bytes).enumerate().for_each(pack_group);
+    }
+    out
+}
+
+/// The packed ranges of row `r`'s raw block, as `f(packed start, raw start, length)`.
+#[inline]
+fn each_packed_range(ty: GgmlType, r: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let (_, bb) = ty.block();
+    let sb = scale_bytes(ty);
+    for h in 0..sb / 2 {
+        f(16 * h + 2 * r, 2 * h, 2);
+    }
+    for j in 0..(bb - sb) / 4 {
+        f(GROUP * sb + 32 * j + 4 * r, sb + 4 * j, 4);
+    }
+}
+
+/// Writes raw row `row` as row `r` of a packed group.
+fn pack_row(ty: GgmlType, group: &mut [u8], r: usize, row: &[u8]) {
+    let (_, bb) = ty.block();
+    for (pb, rb) in group.chunks_exact_mut(GROUP * bb).zip(row.chunks_exact(bb)) {
+        each_packed_range(ty, r, |p, q, len| {
+            pb[p..p + len].copy_from_slice(&rb[q..q + len])
+        });
+    }
+}
+
+/// Row `r` of a packed group, in the file's layout, into `row`.
+fn unpack_row(ty: GgmlType, group: &[u8], r: usize, row: &mut [u8]) {
+    let (_, bb) = ty.block();
+    for (pb, rb) in group.chunks_exact(GROUP * bb).zip(row.chunks_exact_mut(bb)) {
+        each_packed_range(ty, r, |p, q, len| {
+            rb[q..q + len].copy_from_slice(&pb[p..p + len])
+        });
+    }
+}
+
+/// `res[k][l]` = row `l` of the packed group `w` times activation row `x[k]`.
+#[inline]
+fn packed_dot<const R: usize>(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    x: [&[BlockQ8]; R],
+) -> [[f32; GROUP]; R] {
+    match isa {
+        Isa::Scalar => scalar::packed_dot(ty, w, x),
+        // SAFETY: Isa::Avx2 / Isa::Vnni come from Isa::detect, which checked that the CPU has
+        // every feature these functions enable.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::packed_dot(ty, w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni => unsafe { vnni::packed_dot(ty, w, x) },
+    }
+}
+
 /// Dequantises whole rows (`n` values) from `raw` into `out[..n]`.
 fn dequant_rows(ty: GgmlType, raw: &[u8], n: usize, out: &mut [f32]) {
     match ty {
@@ -388,6 +618,8 @@ struct BlockQ8 {
     d: f32,
     /// `d * Σ qs`, rounded to f16.
     s: f32,
+    /// `Σ qs`, exact.
+    sum: i32,
     qs: [i8; 32],
 }
 
@@ -428,7 +660,61 @@ fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
 }
 
-fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+/// [`quantize_q8_scalar`] on the SIMD kernels' CPUs: the same blocks, bit for bit (for finite x).
+fn quantize_q8(isa: Isa, x: &[f32], out: &mut [BlockQ8]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        // SAFETY: Isa::Avx2 / Isa::Vnni come from Isa::detect, which checked that the CPU has
+        // AVX2, FMA and F16C.
+        unsafe { quantize_q8_avx2(x, out) };
+        return;
+    }
+    let _ = isa;
+    quantize_q8_scalar(x, out);
+}
+
+/// [`quantize_q8_scalar`] in AVX2: the same f32 operations, `cvtps` rounding half to even (the
+/// default MXCSR mode) like `nearest_int`, and an exact integer sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
+    use std::arch::x86_64::*;
+    let abs = _mm256_set1_ps(-0.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xb, ob) in x.chunks_exact(32).zip(out) {
+        let (xs, _) = xb.as_chunks::<8>();
+        // SAFETY: each chunk is 8 readable f32; loadu has no alignment requirement.
+        let v: [__m256; 4] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(xs[k].as_ptr()) });
+        let mut m = _mm256_andnot_ps(abs, v[0]);
+        for &v in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(abs, v));
+        }
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+        let t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01)));
+        // i32 -> i8 (the values lie in [-127, 127]); packs interleaves the 128-bit lanes, perm
+        // restores the order.
+        let b = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let b = _mm256_permutevar8x32_epi32(b, perm);
+        // SAFETY: qs is 32 writable bytes; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_si256(ob.qs.as_mut_ptr().cast(), b) };
+        ob.d = f16_round(d);
+        ob.s = f16_round(d * sum as f32);
+        ob.sum = sum;
+    }
+}
+
+fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
     for (xb, ob) in x.chunks_exact(32).zip(out) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -441,6 +727,7 @@ fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         }
         ob.d = f16_round(d);
         ob.s = f16_round(d * sum as f32);
+        ob.sum = sum;
     }
 }
 
@@ -471,7 +758,7 @@ fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
 }
 
 impl<'a> Act<'a> {
-    fn new(ty: GgmlType, x: &'a [f32], n: usize, cols: usize) -> Act<'a> {
+    fn new(isa: Isa, ty: GgmlType, x: &'a [f32], n: usize, cols: usize) -> Act<'a> {
         // Large activations are quantised in parallel, a row per task.
         let par = n >= 16;
         match ty {
@@ -480,6 +767,7 @@ impl<'a> Act<'a> {
                 let zero = BlockQ8 {
                     d: 0.0,
                     s: 0.0,
+                    sum: 0,
                     qs: [0; 32],
                 };
                 let mut blocks = vec![zero; n * per_row];
@@ -487,9 +775,9 @@ impl<'a> Act<'a> {
                     blocks
                         .par_chunks_mut(per_row)
                         .zip(x.par_chunks(cols))
-                        .for_each(|(b, xr)| quantize_q8(xr, b));
+                        .for_each(|(b, xr)| quantize_q8(isa, xr, b));
                 } else {
-                    quantize_q8(x, &mut blocks);
+                    quantize_q8(isa, x, &mut blocks);
                 }
                 Act::Q8 { blocks, per_row }
             }
@@ -651,6 +939,54 @@ mod scalar {
         })
     }
 
+    /// The packed layout's kernel: for each row of the group, the same exact integer block sums
+    /// as [`q8_dot`], scaled the same way.
+    pub(super) fn packed_dot<const R: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        x: [&[BlockQ8]; R],
+    ) -> [[f32; GROUP]; R] {
+        let (_, bb) = ty.block();
+        let sb = scale_bytes(ty);
+        let q = &|b: &[u8], j: usize, l: usize, k: usize| b[GROUP * sb + 32 * j + 4 * l + k];
+        x.map(|x| {
+            let mut acc = [0.0f32; GROUP];
+            for (b, xb) in w.chunks_exact(GROUP * bb).zip(x) {
+                for (l, acc) in acc.iter_mut().enumerate() {
+                    let d = f16_le([b[2 * l], b[2 * l + 1]]);
+                    let mut s = 0i32;
+                    match ty {
+                        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                            for j in 0..4 {
+                                for k in 0..4 {
+                                    let v = q(b, j, l, k);
+                                    s += (v & 0x0F) as i32 * xb.qs[4 * j + k] as i32;
+                                    s += (v >> 4) as i32 * xb.qs[16 + 4 * j + k] as i32;
+                                }
+                            }
+                        }
+                        _ => {
+                            for j in 0..8 {
+                                for k in 0..4 {
+                                    s += q(b, j, l, k) as i8 as i32 * xb.qs[4 * j + k] as i32;
+                                }
+                            }
+                        }
+                    }
+                    match ty {
+                        GgmlType::Q4_0 => *acc += (s - 8 * xb.sum) as f32 * (d * xb.d),
+                        GgmlType::Q4_1 => {
+                            let m = f16_le([b[16 + 2 * l], b[17 + 2 * l]]);
+                            *acc += s as f32 * (d * xb.d) + m * xb.s;
+                        }
+                        _ => *acc += s as f32 * (d * xb.d),
+                    }
+                }
+            }
+            acc
+        })
+    }
+
     pub(super) fn q8k_dot<const R: usize>(ty: GgmlType, w: &[u8], x: [&[BlockQ8K]; R]) -> [f32; R] {
         x.map(|x| {
             let mut acc = 0.0f32;
@@ -728,13 +1064,118 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernels {
-    ($name:ident, $features:literal, $dot4:item) => {
+    ($name:ident, $features:literal, $q8_offset:literal, $dot4:item, $dot_s8:item) => {
         mod $name {
             use super::*;
             use std::arch::x86_64::*;
 
             /// Adds the four-byte sums of `a (u8) * b (i8)` to the eight i32 lanes of `acc`.
             $dot4
+
+            /// Adds the four-byte sums of `a (i8) * b (i8)` plus `Q8_OFFSET` times those of `b`
+            /// to the eight i32 lanes of `acc`.
+            $dot_s8
+
+            /// What [`dot_s8`] adds per unit of `Σ b`.
+            const Q8_OFFSET: i32 = $q8_offset;
+
+            /// Eight f16 from 16 bytes, as f32.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn f16x8(b: &[u8; 16]) -> __m256 {
+                // SAFETY: b is 16 readable bytes; loadu has no alignment requirement.
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(b.as_ptr().cast()) })
+            }
+
+            /// Four activation quants broadcast to the eight i32 lanes.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn bcast4(q: &[i8], at: usize) -> __m256i {
+                let b: [i8; 4] = q[at..at + 4].try_into().unwrap();
+                _mm256_set1_epi32(i32::from_le_bytes(b.map(|v| v as u8)))
+            }
+
+            /// The packed layout's kernel: eight rows per lane-vector, no horizontal sums.
+            #[target_feature(enable = $features)]
+            pub(in super::super) fn packed_dot<const R: usize>(
+                ty: GgmlType,
+                w: &[u8],
+                x: [&[BlockQ8]; R],
+            ) -> [[f32; GROUP]; R] {
+                let mut acc = [_mm256_setzero_ps(); R];
+                let m4 = _mm256_set1_epi8(0x0F);
+                match ty {
+                    GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                        let q41 = ty == GgmlType::Q4_1;
+                        let (bb, sb) = if q41 { (160, 32) } else { (144, 16) };
+                        for (i, b) in w.chunks_exact(bb).enumerate() {
+                            // Q4_0's `q - 8` is folded in as `-8 Σ x` (exact integers).
+                            let mut lo: [__m256i; R] = std::array::from_fn(|r| {
+                                if q41 {
+                                    _mm256_setzero_si256()
+                                } else {
+                                    _mm256_set1_epi32(-8 * x[r][i].sum)
+                                }
+                            });
+                            let mut hi = [_mm256_setzero_si256(); R];
+                            for j in 0..4 {
+                                let v = ld32(b[sb + 32 * j..sb + 32 * j + 32].try_into().unwrap());
+                                let vl = _mm256_and_si256(v, m4);
+                                let vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                                for r in 0..R {
+                                    let qs = &x[r][i].qs;
+                                    lo[r] = dot4(lo[r], vl, bcast4(qs, 4 * j));
+                                    hi[r] = dot4(hi[r], vh, bcast4(qs, 16 + 4 * j));
+                                }
+                            }
+                            let d = f16x8(b[..16].try_into().unwrap());
+                            let m = if q41 {
+                                f16x8(b[16..32].try_into().unwrap())
+                            } else {
+                                _mm256_setzero_ps()
+                            };
+                            for r in 0..R {
+                                let xb = &x[r][i];
+                                let s = _mm256_cvtepi32_ps(_mm256_add_epi32(lo[r], hi[r]));
+                                let dd = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                                acc[r] = _mm256_fmadd_ps(s, dd, acc[r]);
+                                if q41 {
+                                    acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xb.s), acc[r]);
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        for (i, b) in w.chunks_exact(272).enumerate() {
+                            let mut s: [[__m256i; 2]; R] = std::array::from_fn(|r| {
+                                [
+                                    _mm256_set1_epi32(-Q8_OFFSET * x[r][i].sum),
+                                    _mm256_setzero_si256(),
+                                ]
+                            });
+                            for j in 0..8 {
+                                let v = ld32(b[16 + 32 * j..48 + 32 * j].try_into().unwrap());
+                                for r in 0..R {
+                                    let y = bcast4(&x[r][i].qs, 4 * j);
+                                    s[r][j % 2] = dot_s8(s[r][j % 2], v, y);
+                                }
+                            }
+                            let d = f16x8(b[..16].try_into().unwrap());
+                            for r in 0..R {
+                                let t = _mm256_cvtepi32_ps(_mm256_add_epi32(s[r][0], s[r][1]));
+                                let dd = _mm256_mul_ps(d, _mm256_set1_ps(x[r][i].d));
+                                acc[r] = _mm256_fmadd_ps(t, dd, acc[r]);
+                            }
+                        }
+                    }
+                }
+                acc.map(|a| {
+                    let mut o = [0.0f32; GROUP];
+                    // SAFETY: o is 8 writable f32; storeu has no alignment requirement.
+                    unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+                    o
+                })
+            }
 
             #[inline]
             #[target_feature(enable = $features)]
@@ -1020,11 +1461,18 @@ fn scalar_f_tail(ty: GgmlType, w: &[u8], k: usize) -> impl Iterator<Item = f32> 
 x86_kernels!(
     avx2,
     "avx2,fma,f16c",
+    0,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot4(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         let p = _mm256_maddubs_epi16(a, b);
         _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    },
+    // The sign trick: `|a| * (b * sign(a))` (no offset).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_s8(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        dot4(acc, _mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
     }
 );
 
@@ -1032,10 +1480,17 @@ x86_kernels!(
 x86_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    128,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     fn dot4(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, a, b)
+    },
+    // `a + 128` as u8 (flipping the sign bit), so that `dpbusd` can take it.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    fn dot_s8(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, _mm256_xor_si256(a, _mm256_set1_epi8(-128)), b)
     }
 );
 

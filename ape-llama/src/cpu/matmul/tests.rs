@@ -122,7 +122,16 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
     let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
     let (want, mag) = oracle(ty, &raw, rows, cols, &x);
     let bound = if float(ty) { 1e-5 } else { 1e-2 };
-    for k in [Kernels::Auto, Kernels::Vnni, Kernels::Sgemm] {
+    let packs =
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && rows.is_multiple_of(8);
+    assert_eq!(m.is_packed(), packs, "{ty:?} {rows}x{cols}");
+    for k in [
+        Kernels::Auto,
+        Kernels::Scalar,
+        Kernels::Avx2,
+        Kernels::Vnni,
+        Kernels::Sgemm,
+    ] {
         let y = run(&m, k, &x, n);
         let e = rel_l2(&y, &want);
         let bound = if k == Kernels::Sgemm { 1e-5 } else { bound };
@@ -135,6 +144,18 @@ fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
         }
     }
     let scalar = run(&m, Kernels::Scalar, &x, n);
+    if packs {
+        // The packed kernels against the file layout's: the same exact block sums.
+        let file = QMatrix::from_raw_unpacked(ty, rows, cols, raw.clone()).unwrap();
+        assert!(!file.is_packed());
+        let y = run(&file, Kernels::Scalar, &x, n);
+        for (j, ((&a, &b), &s)) in y.iter().zip(&scalar).zip(&mag).enumerate() {
+            assert!(
+                (a - b).abs() as f64 <= 1e-5 * s + 1e-30,
+                "{ty:?} n={n} output {j}: file layout {a} vs packed {b} (Σ|wx| {s})"
+            );
+        }
+    }
     for k in [Kernels::Avx2, Kernels::Vnni] {
         let simd = run(&m, k, &x, n);
         for (j, ((&a, &b), &s)) in simd.iter().zip(&scalar).zip(&mag).enumerate() {
@@ -152,6 +173,27 @@ fn every_type_against_the_oracle() {
         for &n in &[1usize, 2, 3, 4, 5, 8, 64] {
             check(ty, 67, 512, n, 100 * t as u64 + n as u64);
         }
+    }
+}
+
+#[test]
+fn packed_groups_of_eight_rows() {
+    // Row counts that are multiples of 8 (the packed layout) next to ones that are not.
+    for (t, &ty) in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0]
+        .iter()
+        .enumerate()
+    {
+        let seed = 1000 * t as u64;
+        for &rows in &[8usize, 16, 67, 72] {
+            for n in 1..=5 {
+                check(ty, rows, 256, n, seed + (rows * 10 + n) as u64);
+            }
+        }
+        check(ty, 64, 512, 64, seed + 1);
+        check(ty, 40, 64, 513, seed + 2);
+        check(ty, 1000, 768, 1, seed + 3);
+        check(ty, 1000, 768, 4, seed + 4);
+        check(ty, 1000, 768, 7, seed + 5);
     }
 }
 
@@ -199,21 +241,58 @@ fn exactly_quantised_x_matches_the_oracle() {
         } else {
             32
         };
-        let (rows, cols) = (45, 768);
-        let raw = random_raw(ty, rows, cols, &mut rng);
-        let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
-        for &n in &[1usize, 3, 6] {
-            let x = exact_x(n, cols, block, &mut rng);
-            let (want, mag) = oracle(ty, &raw, rows, cols, &x);
-            for k in [Kernels::Auto, Kernels::Scalar, Kernels::Avx2] {
-                let y = run(&m, k, &x, n);
-                for (j, ((&a, &b), &s)) in y.iter().zip(&want).zip(&mag).enumerate() {
-                    assert!(
-                        (a as f64 - b).abs() <= 2e-6 * s,
-                        "{ty:?} {k:?} n={n} output {j}: {a} vs {b} (Σ|wx| {s})"
-                    );
+        // 45 rows: the file's layout; 48: the packed one (for Q4_0, Q4_1, Q8_0).
+        for rows in [45, 48] {
+            let cols = 768;
+            let raw = random_raw(ty, rows, cols, &mut rng);
+            let m = QMatrix::from_raw(ty, rows, cols, raw.clone()).unwrap();
+            for &n in &[1usize, 3, 6] {
+                let x = exact_x(n, cols, block, &mut rng);
+                let (want, mag) = oracle(ty, &raw, rows, cols, &x);
+                for k in [Kernels::Auto, Kernels::Scalar, Kernels::Avx2, Kernels::Vnni] {
+                    let y = run(&m, k, &x, n);
+                    for (j, ((&a, &b), &s)) in y.iter().zip(&want).zip(&mag).enumerate() {
+                        assert!(
+                            (a as f64 - b).abs() <= 2e-6 * s,
+                            "{ty:?} {k:?} {rows} rows n={n} output {j}: {a} vs {b} (Σ|wx| {s})"
+                        );
+                    }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn simd_activation_quantisation_is_the_scalar_one() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut x: Vec<f32> = (0..32 * 64).map(|_| rng.gen_range(-3.0..3.0)).collect();
+    x[..32].fill(0.0); // an all-zero block
+    x[32..64].fill(0.0);
+    x[40] = -1.0; // a one-hot block
+                  // Blocks of half-integers.
+    for (i, v) in x[64..128].iter_mut().enumerate() {
+        *v = (i as f32 - 32.0) + 0.5;
+    }
+    let x3 = exact_x(1, 32 * 8, 32, &mut rng);
+    x[128..128 + 256].copy_from_slice(&x3);
+    let zero = BlockQ8 {
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+        qs: [0; 32],
+    };
+    let mut want = vec![zero; 64];
+    quantize_q8(Isa::Scalar, &x, &mut want);
+    for k in [Kernels::Avx2, Kernels::Vnni] {
+        let mut got = vec![zero; 64];
+        quantize_q8(Isa::detect(k), &x, &mut got);
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                (g.d.to_bits(), g.s.to_bits(), g.sum, g.qs),
+                (w.d.to_bits(), w.s.to_bits(), w.sum, w.qs),
+                "{k:?} block {b}"
+            );
         }
     }
 }
@@ -246,12 +325,18 @@ fn bad_shapes_are_errors() {
 fn row_f32_is_the_dequantised_row() {
     let mut rng = StdRng::seed_from_u64(5);
     for &ty in &ALL {
-        let raw = random_raw(ty, 4, 512, &mut rng);
-        let w = quant::dequantize(ty, &raw, 4 * 512).unwrap();
-        let m = QMatrix::from_raw(ty, 4, 512, raw).unwrap();
-        let mut out = vec![0.0; 520];
-        m.row_f32(2, &mut out);
-        assert_eq!(&out[..512], &w[1024..1536], "{ty:?}");
+        // 4 rows: the file's layout; 24: the packed one (for Q4_0, Q4_1, Q8_0).
+        for rows in [4, 24] {
+            let raw = random_raw(ty, rows, 512, &mut rng);
+            let w = quant::dequantize(ty, &raw, rows * 512).unwrap();
+            let m = QMatrix::from_raw(ty, rows, 512, raw).unwrap();
+            assert_eq!(m.bytes(), rows * 512 / ty.block().0 * ty.block().1);
+            let mut out = vec![0.0; 520];
+            for r in [0, 2, rows - 1] {
+                m.row_f32(r, &mut out);
+                assert_eq!(&out[..512], &w[r * 512..(r + 1) * 512], "{ty:?} row {r}");
+            }
+        }
     }
 }
 
