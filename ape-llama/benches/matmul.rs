@@ -5,8 +5,9 @@
 //! 49152x576 (the tied output projection), for n = 1, 4, 64, 512 activation rows. `ours` has the
 //! weights packed in groups of eight rows (what `QMatrix::from_raw` does for these shapes),
 //! `ours-file-layout` keeps them in the file's layout (the path of row counts that are not a
-//! multiple of 8), `ours-sgemm` is `QMatrix`'s other prefill path (tiles dequantised to f32, then
-//! sgemm). For n = 1 the throughput is the bytes of weights streamed per product.
+//! multiple of 8), `ours-avx2` is the packed path without VNNI, `ours-sgemm` is `QMatrix`'s
+//! other prefill path (tiles dequantised to f32, then sgemm). For n = 1 the throughput is the
+//! bytes of weights streamed per product.
 //!
 //! The weights are random blocks (every quant bit pattern, sane scales), so the benchmark needs
 //! no model file. `cargo bench -p ape-llama --bench matmul`.
@@ -130,6 +131,11 @@ fn bench(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new("ours", n), &n, |b, &n| {
                 b.iter(|| m.matmul(&x, n, &mut y))
             });
+            if n <= 4 {
+                g.bench_with_input(BenchmarkId::new("ours-avx2", n), &n, |b, &n| {
+                    b.iter(|| m.matmul_with(Kernels::Avx2, &x, n, &mut y))
+                });
+            }
             g.bench_with_input(BenchmarkId::new("ours-file-layout", n), &n, |b, &n| {
                 b.iter(|| file.matmul(&x, n, &mut y))
             });

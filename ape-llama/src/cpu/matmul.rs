@@ -1064,7 +1064,7 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernels {
-    ($name:ident, $features:literal, $q8_offset:literal, $dot4:item, $dot_s8:item) => {
+    ($name:ident, $features:literal, $q8_offset:literal, $i16_sums:literal, $dot4:item, $dot_s8:item) => {
         mod $name {
             use super::*;
             use std::arch::x86_64::*;
@@ -1078,6 +1078,11 @@ macro_rules! x86_kernels {
 
             /// What [`dot_s8`] adds per unit of `Σ b`.
             const Q8_OFFSET: i32 = $q8_offset;
+
+            /// Whether the packed 4-bit kernel sums a block's `vpmaddubsw` products in i16 and
+            /// widens them once (exact: eight sums of two products of a nibble with an i8,
+            /// `8 * 2 * 15 * 127 = 30480 < 2^15`), rather than calling `dot4` per chunk.
+            const I16_SUMS: bool = $i16_sums;
 
             /// Eight f16 from 16 bytes, as f32.
             #[inline]
@@ -1124,8 +1129,23 @@ macro_rules! x86_kernels {
                                 let vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                                 for r in 0..R {
                                     let qs = &x[r][i].qs;
-                                    lo[r] = dot4(lo[r], vl, bcast4(qs, 4 * j));
-                                    hi[r] = dot4(hi[r], vh, bcast4(qs, 16 + 4 * j));
+                                    let (xl, xh) = (bcast4(qs, 4 * j), bcast4(qs, 16 + 4 * j));
+                                    if I16_SUMS {
+                                        let p = _mm256_add_epi16(
+                                            _mm256_maddubs_epi16(vl, xl),
+                                            _mm256_maddubs_epi16(vh, xh),
+                                        );
+                                        hi[r] = _mm256_add_epi16(hi[r], p);
+                                    } else {
+                                        lo[r] = dot4(lo[r], vl, xl);
+                                        hi[r] = dot4(hi[r], vh, xh);
+                                    }
+                                }
+                            }
+                            if I16_SUMS {
+                                let ones = _mm256_set1_epi16(1);
+                                for r in 0..R {
+                                    hi[r] = _mm256_madd_epi16(hi[r], ones);
                                 }
                             }
                             let d = f16x8(b[..16].try_into().unwrap());
@@ -1462,6 +1482,7 @@ x86_kernels!(
     avx2,
     "avx2,fma,f16c",
     0,
+    true,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dot4(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
@@ -1481,6 +1502,7 @@ x86_kernels!(
     vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     128,
+    false,
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     fn dot4(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
