@@ -144,7 +144,10 @@ fn setup(c: &Common, store: Option<&Path>) -> Result<Setup> {
         .collect::<Result<Vec<u32>>>()?;
     let files = ape_llama::open::open(&c.model)?;
     let model = CpuModel::from_source(files.config.clone(), files.weights.as_ref(), |_, _| {})?;
-    let mut engine = Engine::new(model, files.id.clone(), 8 << 30);
+    // The model holds what it needs; the file's mapping goes, as it does in `ape`.
+    let ape_llama::open::ModelFiles { id, weights, .. } = files;
+    drop(weights);
+    let mut engine = Engine::new(model, id, 8 << 30);
     if let Some(dir) = store {
         let s = BlockStore::open(&StoreOptions {
             dir: Some(dir.to_path_buf()),

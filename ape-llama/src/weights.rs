@@ -53,6 +53,27 @@ impl TensorBytes {
         }
     }
 
+    /// Tells the kernel this process no longer needs the mapped pages wholly inside these bytes
+    /// (`MADV_DONTNEED` on a read-only file mapping: they leave the process's resident set and
+    /// stay in the page cache; a later read faults them back in from the file). Nothing for
+    /// owned bytes, or where the advice is not supported.
+    pub fn release(&self) {
+        if let Store::Mapped(m) = &self.store {
+            let page = 4096;
+            let start = self.range.start.div_ceil(page) * page;
+            let end = self.range.end / page * page;
+            if end > start {
+                // SAFETY: the mapping is a read-only view of a file that nothing in this process
+                // writes: after DONTNEED a read of these bytes faults the file's contents back in,
+                // so every slice handed out still reads the same bytes, and no pointer into the
+                // range is invalidated (the range stays mapped).
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+    }
+
     /// Whether the bytes are a window of a mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.store, Store::Mapped(_))

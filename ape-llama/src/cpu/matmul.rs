@@ -207,7 +207,11 @@ impl QMatrix {
             && rows > 0;
         // The packed copy replaces the file's bytes (dropped here), so memory does not double.
         let data = if packed {
-            TensorBytes::from(pack(ty, &raw, rows, row_bytes))
+            let data = TensorBytes::from(pack(ty, &raw, rows, row_bytes));
+            // The file's pages read by the packing leave this process (they stay in the page
+            // cache), so loading does not hold the file and its packed copy at once.
+            raw.release();
+            data
         } else {
             raw
         };
