@@ -27,7 +27,7 @@ use std::time::Instant;
 use ape_attn::{ApeParams, Error, Result, SegmentRole};
 use ape_llama::cpu::CpuModel;
 use ape_llama::engine::{Engine, Mode, Prompt, Sampler, Sampling};
-use ape_llama::model::{LlamaModel, LogitRows, Past};
+use ape_llama::model::{LlamaModel, LogitRows, Past, Step};
 use ape_llama::store::{BlockStore, Source, StoreOptions};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -87,6 +87,22 @@ enum What {
         context: usize,
         /// Timed single-token steps.
         #[arg(long, default_value_t = 64)]
+        steps: usize,
+    },
+    /// Batched decode: B sequences, each with C tokens of context of its own (untimed), then S
+    /// steps, each one forward pass over the B sequences' next tokens
+    /// ([`LlamaModel::forward_batch`]). Reports the tokens of all sequences per second.
+    DecodeBatch {
+        #[command(flatten)]
+        common: Common,
+        /// Sequences decoded together.
+        #[arg(long)]
+        batch: usize,
+        /// Tokens of context of each sequence.
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 32)]
         steps: usize,
     },
     /// Encodes the passages into the block store (the warm-up before `ttft`).
@@ -241,6 +257,59 @@ fn run(cli: Cli) -> Result<serde_json::Value> {
             json!({"side": "ours", "case": "decode", "context": context, "steps": steps,
                    "seconds": dt, "tokens_per_s": steps as f64 / dt, "load_s": s.load_s,
                    "threads": s.threads, "next": last})
+        }
+        What::DecodeBatch {
+            common,
+            batch,
+            context,
+            steps,
+        } => {
+            let s = setup(&common, None)?;
+            let model = &s.engine.model;
+            let plain = ApeParams::plain();
+            let mut kvs = Vec::with_capacity(batch);
+            for b in 0..batch {
+                let ctx = take(&s.ids, b * context, context.max(1))?;
+                kvs.push(model.forward(ctx, 0, &[], &plain, LogitRows::Last)?.kv);
+            }
+            let feed = take(&s.ids, batch * context.max(1), steps)?;
+            let t = Instant::now();
+            for (i, &tok) in feed.iter().enumerate() {
+                let pasts: Vec<[Past<'_, _>; 1]> = kvs
+                    .iter()
+                    .map(|kv| {
+                        [Past {
+                            kv,
+                            pos_offset: 0,
+                            role: SegmentRole::Causal,
+                        }]
+                    })
+                    .collect();
+                let tokens = vec![tok; batch];
+                let pos = context.max(1) + i;
+                let steps: Vec<Step<'_, _>> = pasts
+                    .iter()
+                    .zip(&tokens)
+                    .map(|(past, t)| Step {
+                        tokens: std::slice::from_ref(t),
+                        pos,
+                        past,
+                        ape: plain,
+                        logits: LogitRows::Last,
+                    })
+                    .collect();
+                let outs = model.forward_batch(&steps)?;
+                drop(steps);
+                drop(pasts);
+                for (kv, out) in kvs.iter_mut().zip(outs) {
+                    model.append_block(kv, out.kv)?;
+                }
+            }
+            let dt = t.elapsed().as_secs_f64();
+            json!({"side": "ours", "case": "decode-batch", "batch": batch, "context": context,
+                   "steps": steps, "seconds": dt,
+                   "tokens_per_s": (batch * steps) as f64 / dt, "load_s": s.load_s,
+                   "threads": s.threads})
         }
         What::Warm { common, passages } => {
             std::fs::create_dir_all(&passages.store).map_err(Error::io_at(&passages.store))?;
