@@ -221,7 +221,7 @@ enum DeviceArg {
     /// GPU 0 when one is usable (a driver, a device, kernels in this build, and the model loads
     /// there), else the CPU; the device line says which, and why not the GPU.
     Auto,
-    /// The CPU forward pass (f32).
+    /// The CPU forward pass (the file's quantised weights, 8-bit activations).
     Cpu,
     /// The GPU forward pass on GPU 0.
     Cuda,
