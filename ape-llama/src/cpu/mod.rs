@@ -152,7 +152,7 @@ impl CpuModel {
         self.activations
     }
 
-    /// Loads a GGUF `llama` model, dequantising every weight to f32.
+    /// Loads a GGUF `llama` model, its matrices kept in their quantisation.
     pub fn load(g: &Gguf) -> Result<Self> {
         Self::load_with_progress(g, |_, _| {})
     }
@@ -171,7 +171,10 @@ impl CpuModel {
         let (d, kv, h) = (c.dim, c.kv_dim(), c.hidden_dim);
         let matrix = |w: Weight, rows: usize, cols: usize| -> Result<QMatrix> {
             let raw = src.load_raw(w, &[rows, cols])?;
-            QMatrix::from_raw(raw.ty, rows, cols, raw.data)
+            QMatrix::from_raw(raw.ty, rows, cols, raw.data).map_err(|e| match e {
+                Error::Shape(m) => Error::Model(format!("{w:?}: {m}")),
+                e => e,
+            })
         };
         let embed = matrix(Weight::Embedding, c.vocab_size, d)?;
         let output = match src.has(Weight::Output) {
