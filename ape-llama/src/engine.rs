@@ -202,7 +202,7 @@ pub struct Engine<M: LlamaModel> {
     pub cache: BlockCache<M::Block>,
     model_id: String,
     store: Option<Arc<BlockStore>>,
-    on_encode: Option<Box<dyn FnMut(usize)>>,
+    on_encode: Option<Box<dyn FnMut(usize) + Send>>,
 }
 
 impl<M: LlamaModel> std::fmt::Debug for Engine<M> {
@@ -245,7 +245,7 @@ impl<M: LlamaModel> Engine<M> {
     }
 
     /// Calls `f(tokens)` after each block is encoded on a cache miss (for progress bars).
-    pub fn on_encode(&mut self, f: impl FnMut(usize) + 'static) {
+    pub fn on_encode(&mut self, f: impl FnMut(usize) + Send + 'static) {
         self.on_encode = Some(Box::new(f));
     }
 
@@ -259,6 +259,7 @@ impl<M: LlamaModel> Engine<M> {
         tokens: &[u32],
         pos: usize,
         encoded: &mut usize,
+        chunks: &mut Chunks<'_, M>,
     ) -> Result<(Arc<M::Block>, Source)> {
         let (prefix, prefix_block) = prefix;
         let key = BlockKey {
@@ -272,7 +273,7 @@ impl<M: LlamaModel> Engine<M> {
         let store = self.store.as_deref();
         let mut source = Source::Memory;
         let expected = model.block_bytes(tokens.len());
-        let encode = || -> Result<M::Block> {
+        let mut encode = || -> Result<M::Block> {
             let past: Vec<Past<'_, M::Block>> = prefix_block
                 .into_iter()
                 .map(|b| Past {
@@ -281,8 +282,15 @@ impl<M: LlamaModel> Engine<M> {
                     role: SegmentRole::Causal,
                 })
                 .collect();
-            Ok(model
-                .forward(tokens, pos, &past, &ApeParams::plain(), LogitRows::None)?
+            Ok(chunks
+                .forward(
+                    model,
+                    tokens,
+                    pos,
+                    &past,
+                    &ApeParams::plain(),
+                    LogitRows::None,
+                )?
                 .kv)
         };
         let block = self.cache.get_or_encode(key, expected, || {
@@ -336,6 +344,28 @@ impl<M: LlamaModel> Engine<M> {
     /// Prefills `prompt` in `mode`: contexts come from the cache (encoded on a miss), the question
     /// is run over them; returns the state to decode from, with the last position's logits.
     pub fn prefill(&mut self, mode: Mode, prompt: &Prompt) -> Result<Prefilled<M::Block>> {
+        self.prefill_chunked(mode, prompt, usize::MAX, &mut |_| Ok(()))
+    }
+
+    /// [`Engine::prefill`] with every forward pass cut into pieces of at most `chunk` tokens (a
+    /// block's or the question's later pieces attend to its earlier ones, as decode steps do), and
+    /// `between(model)` called between two pieces: a server runs its other sequences' decode step
+    /// there, so that a long prompt holds them up for at most one piece at a time. The blocks and
+    /// logits are those of an unchunked prefill up to the rounding of the split attention. An
+    /// error from `between` ends the prefill with that error (a client that left); what was
+    /// encoded of an unfinished block is dropped, finished blocks stay cached.
+    pub fn prefill_chunked(
+        &mut self,
+        mode: Mode,
+        prompt: &Prompt,
+        chunk: usize,
+        between: &mut dyn FnMut(&M) -> Result<()>,
+    ) -> Result<Prefilled<M::Block>> {
+        let chunks = &mut Chunks {
+            size: chunk.max(1),
+            between,
+            started: false,
+        };
         if prompt.question.is_empty() {
             return Err(Error::InvalidInput("the question has no tokens".into()));
         }
@@ -365,7 +395,7 @@ impl<M: LlamaModel> Engine<M> {
                 let mut all = prompt.prefix.clone();
                 prompt.contexts.iter().for_each(|c| all.extend(c));
                 all.extend(&prompt.question);
-                let out = self.model.forward(&all, 0, &[], &ape, LogitRows::Last)?;
+                let out = chunks.forward(&self.model, &all, 0, &[], &ape, LogitRows::Last)?;
                 return Ok(Prefilled {
                     blocks,
                     _pinned: Vec::new(),
@@ -381,8 +411,14 @@ impl<M: LlamaModel> Engine<M> {
             Mode::Parallel | Mode::Ape(_) => {
                 let p = prompt.prefix.len();
                 let prefix_block = if p > 0 {
-                    let (b, source) =
-                        self.cached(Scheme::Alone, (&[], None), &prompt.prefix, 0, &mut encoded)?;
+                    let (b, source) = self.cached(
+                        Scheme::Alone,
+                        (&[], None),
+                        &prompt.prefix,
+                        0,
+                        &mut encoded,
+                        chunks,
+                    )?;
                     sources.push(BlockSource {
                         part: Part::Prefix,
                         tokens: p,
@@ -402,7 +438,7 @@ impl<M: LlamaModel> Engine<M> {
                 {
                     let after = (prompt.prefix.as_slice(), prefix_block.as_ref());
                     let (b, source) =
-                        self.cached(Scheme::AfterPrefix, after, c, p, &mut encoded)?;
+                        self.cached(Scheme::AfterPrefix, after, c, p, &mut encoded, chunks)?;
                     sources.push(BlockSource {
                         part: Part::Context(i),
                         tokens: c.len(),
@@ -418,7 +454,7 @@ impl<M: LlamaModel> Engine<M> {
                 let parts = std::iter::once(&prompt.prefix).chain(&prompt.contexts);
                 for (i, c) in parts.enumerate().filter(|(_, c)| !c.is_empty()) {
                     let (b, source) =
-                        self.cached(Scheme::Alone, (&[], None), c, 0, &mut encoded)?;
+                        self.cached(Scheme::Alone, (&[], None), c, 0, &mut encoded, chunks)?;
                     sources.push(BlockSource {
                         part: if i == 0 {
                             Part::Prefix
@@ -454,9 +490,14 @@ impl<M: LlamaModel> Engine<M> {
                 role: *role,
             })
             .collect();
-        let out = self
-            .model
-            .forward(&prompt.question, q_pos, &past, &ape, LogitRows::Last)?;
+        let out = chunks.forward(
+            &self.model,
+            &prompt.question,
+            q_pos,
+            &past,
+            &ape,
+            LogitRows::Last,
+        )?;
         drop(past);
         Ok(Prefilled {
             blocks,
@@ -512,36 +553,7 @@ impl<M: LlamaModel> Engine<M> {
         states: &mut [&mut Prefilled<M::Block>],
         tokens: &[u32],
     ) -> Result<Vec<Vec<f32>>> {
-        if states.len() != tokens.len() {
-            return Err(Error::Shape(format!(
-                "decode_batch: {} sequences but {} tokens",
-                states.len(),
-                tokens.len()
-            )));
-        }
-        let pasts: Vec<Vec<Past<'_, M::Block>>> = states.iter().map(|s| s.past()).collect();
-        let steps: Vec<Step<'_, M::Block>> = states
-            .iter()
-            .zip(&pasts)
-            .zip(tokens)
-            .map(|((s, past), t)| Step {
-                tokens: std::slice::from_ref(t),
-                pos: s.next_pos,
-                past,
-                ape: s.ape,
-                logits: LogitRows::Last,
-            })
-            .collect();
-        let outs = self.model.forward_batch(&steps)?;
-        drop(steps);
-        drop(pasts);
-        let mut logits = Vec::with_capacity(outs.len());
-        for (state, out) in states.iter_mut().zip(outs) {
-            self.model.append_block(&mut state.tail, out.kv)?;
-            state.next_pos += 1;
-            logits.push(out.logits);
-        }
-        Ok(logits)
+        decode_batch(&self.model, states, tokens)
     }
 
     /// Prefills, then generates up to `max_tokens` tokens, stopping at any of `stop`.
@@ -611,6 +623,108 @@ impl<M: LlamaModel> Engine<M> {
             next = sampler.sample(&logits)?;
         }
         Ok((tokens, false))
+    }
+}
+
+/// [`Engine::decode_batch`] on the model alone: what a caller that holds the engine mutably (a
+/// chunked prefill's `between`) runs for its other sequences.
+pub fn decode_batch<M: LlamaModel>(
+    model: &M,
+    states: &mut [&mut Prefilled<M::Block>],
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    if states.len() != tokens.len() {
+        return Err(Error::Shape(format!(
+            "decode_batch: {} sequences but {} tokens",
+            states.len(),
+            tokens.len()
+        )));
+    }
+    let pasts: Vec<Vec<Past<'_, M::Block>>> = states.iter().map(|s| s.past()).collect();
+    let steps: Vec<Step<'_, M::Block>> = states
+        .iter()
+        .zip(&pasts)
+        .zip(tokens)
+        .map(|((s, past), t)| Step {
+            tokens: std::slice::from_ref(t),
+            pos: s.next_pos,
+            past,
+            ape: s.ape,
+            logits: LogitRows::Last,
+        })
+        .collect();
+    let outs = model.forward_batch(&steps)?;
+    drop(steps);
+    drop(pasts);
+    let mut logits = Vec::with_capacity(outs.len());
+    for (state, out) in states.iter_mut().zip(outs) {
+        model.append_block(&mut state.tail, out.kv)?;
+        state.next_pos += 1;
+        logits.push(out.logits);
+    }
+    Ok(logits)
+}
+
+/// How a prefill cuts its forward passes ([`Engine::prefill_chunked`]).
+struct Chunks<'a, M: LlamaModel> {
+    size: usize,
+    between: &'a mut dyn FnMut(&M) -> Result<()>,
+    /// Whether a piece has run (`between` goes before every piece after the first).
+    started: bool,
+}
+
+impl<M: LlamaModel> Chunks<'_, M> {
+    /// `model.forward(tokens, pos, past, ape, logits)` in pieces of at most `size` tokens: each
+    /// piece attends to `past` and to the pieces before it (a causal block at `pos`), whose K/V
+    /// it is appended to.
+    fn forward(
+        &mut self,
+        model: &M,
+        tokens: &[u32],
+        pos: usize,
+        past: &[Past<'_, M::Block>],
+        ape: &ApeParams,
+        logits: LogitRows,
+    ) -> Result<crate::model::ForwardOutput<M::Block>> {
+        let mut done: Option<crate::model::ForwardOutput<M::Block>> = None;
+        let n = tokens.len();
+        let mut start = 0;
+        while start < n || done.is_none() {
+            let end = n.min(start.saturating_add(self.size));
+            if self.started {
+                (self.between)(model)?;
+            }
+            self.started = true;
+            let rows = match logits {
+                LogitRows::Last if end < n => LogitRows::None,
+                other => other,
+            };
+            let out = match &done {
+                None => model.forward(&tokens[start..end], pos, past, ape, rows)?,
+                Some(so_far) => {
+                    let mut with_own: Vec<Past<'_, M::Block>> = past.to_vec();
+                    with_own.push(Past {
+                        kv: &so_far.kv,
+                        pos_offset: pos,
+                        role: SegmentRole::Causal,
+                    });
+                    model.forward(&tokens[start..end], pos + start, &with_own, ape, rows)?
+                }
+            };
+            match done.as_mut() {
+                None => done = Some(out),
+                Some(so_far) => {
+                    model.append_block(&mut so_far.kv, out.kv)?;
+                    match logits {
+                        LogitRows::All => so_far.logits.extend(out.logits),
+                        LogitRows::Last => so_far.logits = out.logits,
+                        LogitRows::None => {}
+                    }
+                }
+            }
+            start = end;
+        }
+        done.ok_or_else(|| Error::InvalidInput("nothing to run".into()))
     }
 }
 

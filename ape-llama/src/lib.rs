@@ -35,6 +35,7 @@ pub mod hf;
 pub mod model;
 pub mod open;
 pub mod quant;
+pub mod serve;
 pub mod store;
 pub mod tokenizer;
 pub mod weights;

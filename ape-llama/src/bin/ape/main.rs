@@ -22,6 +22,7 @@ mod load;
 mod answer;
 mod cache;
 mod evaluate;
+mod serve;
 
 use answer::*;
 use cache::*;
@@ -56,6 +57,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// An OpenAI-compatible HTTP server (POST /v1/chat/completions with a `documents` list):
+    /// passages sent with a question are encoded once, kept in the block store, and reused by
+    /// later requests in any order and subset; concurrent requests decode as one batch.
+    #[command(after_help = MODES_HELP)]
+    Serve(Box<serve::ServeArgs>),
     /// Answer a built-in multi-passage question in all four modes on the default model, with
     /// time to first token, tokens per second, and cache hits on a second identical request.
     #[command(after_help = MODES_HELP)]
@@ -388,6 +394,7 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Inspect { model } => inspect(&model),
+        Command::Serve(args) => serve::serve(*args),
         Command::Demo {
             model,
             max_tokens,
