@@ -527,8 +527,10 @@ def report(res, sizes, meta):
         f"{meta['date']}, {meta['cpu']}, {meta['threads']} threads on each server, one server at "
         f"a time; the load average as the run started: {meta['loadavg']}.",
         "",
-        f"Model `{meta['model']}`; ours: `ape serve` at `{meta['rev']}` (`{meta['bin']}`, "
-        f"`--mode ape --no-store`); llama.cpp: {meta['peer']}.",
+        f"Model `{meta['model']}`; ours: "
+        + (f"`ape serve` at `{meta['rev']}` (`{meta['bin']} serve --device cpu --mode ape "
+           "--no-store`)" if "ours" in sides else "not run (--peer-only)")
+        + f"; llama.cpp: {meta['peer']}.",
         "",
         f"Command: `{meta['command']}`",
         "",
