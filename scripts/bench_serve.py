@@ -455,9 +455,11 @@ def run_side(side, server, wl, sizes, modes, results):
           file=sys.stderr)
     results["levels"] = {}
     for c in sizes["concurrency"]:
+        load = os.getloadavg()[0]
         recs, wall = run_level(side, server.port, wl["levels"][str(c)], passages, mt, c,
                                tag=f"{side} c={c}")
         s = summarize(recs, wall)
+        s["loadavg_at_start"] = load
         results["levels"][str(c)] = {"summary": s, "records": recs}
         print(f"{side}: concurrency {c}: {s['requests']} requests, {s['errors']} errors, "
               f"TTFT median {fmt_ms(s['ttft_median_ms'])} ms, p95 {fmt_ms(s['ttft_p95_ms'])} ms, "
@@ -618,6 +620,14 @@ def report(res, sizes, meta):
                              f"{fmt(x.get('prompt_tokens_mean'))} prompt tokens); documents by "
                              f"where they came from: {docs}; the server's own TTFT median "
                              f"{fmt_ms(x.get('server_ttft_median_ms'))} ms.")
+    loads = [f"{s} at concurrency {c} "
+             f"{res['sides'][s]['levels'][str(c)]['summary']['loadavg_at_start']:.1f}"
+             for s in sides for c in sizes["concurrency"]]
+    lines.append(f"- The machine's 1-minute load average as each level started: "
+                 f"{', '.join(loads)}, on {len(os.sched_getaffinity(0))} cores. Above the core "
+                 "count other work shares "
+                 "the cores and both servers slow down, llama.cpp more (its threads meet at a "
+                 "spinning barrier after every graph operation; see the CPU comparison above).")
     if "llama.cpp" in sides:
         lines.append("- llama.cpp's server: " + meta["peer_settings"])
         if ours and ours.get("modes"):
