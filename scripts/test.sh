@@ -6,9 +6,10 @@
 # (#[ignore = "needs a CUDA device"]), the example, the demo on the GPU path and a dry run of the
 # GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
 # docs/EMULATED-DEVICE.md). The CPU benchmark's own side runs once on tiny sizes
-# (scripts/bench-cpu.sh --ours-only --quick). The block store's tests start a real redis-server
-# of their own on loopback (Debian's package, installed here when missing). Each stage's line
-# shows the seconds since the start; the last line counts every test of every stage.
+# (scripts/bench-cpu.sh --ours-only --quick), and so does the serving benchmark's against
+# `ape serve` (scripts/bench-serve.sh --ours-only --quick). The block store's tests start a real
+# redis-server of their own on loopback (Debian's package, installed here when missing). Each
+# stage's line shows the seconds since the start; the last line counts every test of every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage() { echo "== [${SECONDS}s] $*"; }
@@ -95,6 +96,13 @@ cargo build --release --quiet --features emulator -p ape-llama --example bench_c
 bash scripts/bench-cpu.sh --ours-only --quick --bin target/release/examples/bench_cpu 2>&1 \
   | tee "$logs/bench-cpu.log"
 grep -qF "| prefill 64 tokens (tokens/s) | " "$logs/bench-cpu.log"
+
+stage "the serving benchmark, ape serve only on small sizes (scripts/bench-serve.sh --ours-only --quick; no timing asserted, no request may fail)"
+# No llama.cpp server is installed or started; the script exits 1 when any request failed.
+cargo build --release --quiet --features emulator -p ape-llama --bin ape
+bash scripts/bench-serve.sh --ours-only --quick --bin target/release/ape 2>&1 \
+  | tee "$logs/bench-serve.log"
+grep -qE "^\| ours \| 4 \| [0-9]+ \| 0 \| " "$logs/bench-serve.log"
 
 stage "the GPU path on the emulated CUDA device (scripts/test-emulated-gpu.sh)"
 bash scripts/test-emulated-gpu.sh 2>&1 | tee "$logs/emulated-gpu.log"
