@@ -537,8 +537,8 @@ def report(res, sizes, meta):
         f"Command: `{meta['command']}`",
         "",
         f"Workload: {sizes['passages']} generated passages (fictional people's profiles, "
-        f"{sizes['facts']} facts each), each request {sizes['per_request']} of them drawn at random "
-        f"in random order and a short question about one of them; {sizes['warmup']} warm-up "
+        f"{sizes['facts']} facts each), each request {sizes['per_request']} of them drawn at "
+        f"random in random order and a short question about one of them; {sizes['warmup']} warm-up "
         f"requests, then {sizes['requests']} requests per concurrency level (other requests at "
         f"each level, the same on both servers); greedy, at most {sizes['max_tokens']} tokens, "
         "streamed. Seed " + str(res["workload_seed"]) + "."
@@ -761,6 +761,7 @@ def driver(a):
     res = {"workload_seed": wl["seed"], "workload": wl, "sides": {}}
     peer_version, peer_flags, peer_settings = "not run (--ours-only)", [], ""
     started = time.time()
+    start_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     def on_signal(signum, _frame):
         raise SystemExit(f"bench-serve: stopped by signal {signum}")
@@ -824,7 +825,7 @@ def driver(a):
                 srv.stop()
     finally:
         Server.stop_all()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": start_date,
             "cpu": cpu_model(), "threads": a.threads, "model": os.path.basename(a.model),
             "rev": rev, "bin": a.bin or "-",
             "peer": (f"llama-cpp-python {peer_version} (`llama_cpp.server`, llama.cpp built from "
