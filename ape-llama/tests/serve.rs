@@ -743,3 +743,87 @@ fn concurrent_clients_get_the_answers_of_single_requests() {
         "memory grows from round to round: {rss:?} KiB"
     );
 }
+
+/// A long prompt is prefilled in pieces with the running answers' decode steps between them: a
+/// stream running meanwhile is never held up for more than a fraction of that prefill.
+#[test]
+fn a_long_prefill_does_not_stall_a_running_answer() {
+    let _serial = one_at_a_time();
+    // A short grace: the server is stopped below with the story still running.
+    let s = Arc::new(Server::start(&[
+        "--prefill-chunk",
+        "64",
+        "--shutdown-grace",
+        "1",
+    ]));
+    let body = json!({
+        "messages": [{"role": "user", "content": "Tell me a very long story about a river town."}],
+        "temperature": 1.8, "seed": 5, "max_tokens": 3000, "stream": true,
+    });
+    let mut r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .expect("request");
+    // Read the stream on its own thread, noting when each piece arrives.
+    let arrivals = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let seen = arrivals.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.lock().unwrap().push(Instant::now());
+        }
+    });
+    while arrivals.lock().unwrap().len() < 5 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new request with 3 long documents (about 3 x 500 tokens, encoded now).
+    let long: Vec<String> = (0..3)
+        .map(|i| format!("Chapter {i}. ") + &passages()[i].repeat(14))
+        .collect();
+    let start = Instant::now();
+    let v = s.chat(&json!({
+        "messages": [{"role": "user", "content": "Who founded the bakery?"}],
+        "documents": long, "temperature": 0, "max_tokens": 1,
+    }));
+    let prefill = start.elapsed();
+    let ttft = v["usage"]["ape"]["time_to_first_token_ms"]
+        .as_f64()
+        .unwrap()
+        / 1e3;
+    assert!(
+        v["usage"]["ape"]["tokens_encoded"].as_u64().unwrap() > 1200,
+        "{v}"
+    );
+    let gaps: Vec<Duration> = {
+        let a = arrivals.lock().unwrap();
+        a.windows(2)
+            .filter(|w| w[1] > start && w[0] < start + prefill)
+            .map(|w| w[1] - w[0])
+            .collect()
+    };
+    let worst = gaps.iter().max().copied().unwrap_or_default();
+    println!(
+        "prefill of {} tokens: {:.2} s (ttft {ttft:.2} s); the running stream got {} pieces meanwhile, longest gap {:.3} s",
+        v["usage"]["ape"]["tokens_encoded"],
+        prefill.as_secs_f64(),
+        gaps.len(),
+        worst.as_secs_f64()
+    );
+    assert!(
+        gaps.len() >= 10,
+        "the running answer went on during the prefill: {gaps:?}"
+    );
+    assert!(
+        worst.as_secs_f64() < 0.25 * ttft,
+        "a gap of {worst:?} during a prefill of {ttft:.2} s"
+    );
+    // Past the grace period the running story ends with an error event, and the server exits.
+    let s = Arc::into_inner(s).expect("the only handle");
+    let (status, log) = s.stop();
+    assert!(status.success(), "{status}\n{log}");
+    let _ = reader.join();
+}
