@@ -268,6 +268,27 @@ def config_seeds(kv):
             for name, c in [("smollm2", smollm), ("llama3", llama3), ("minimal", minimal)]}
 
 
+def chat_request_seeds():
+    """Request bodies of `ape serve`: plain chat, documents with modes, streaming, a documents
+    request, and a few near misses."""
+    q = {"role": "user", "content": "Who founded the bakery?"}
+    docs = [{"text": "The Lantern Bakery was founded by Mira Kovac.", "title": "Bakery"},
+            "Esterhill is a town on the river Vel."]
+    bodies = {
+        "plain": {"model": "m", "messages": [q]},
+        "documents-ape": {"messages": [{"role": "system", "content": "Be brief."}, q],
+                          "documents": docs, "ape": {"mode": "ape", "temperature": 0.8, "scale": 0.9},
+                          "max_tokens": 16, "temperature": 0, "seed": 7, "stop": ["\n\n", "END"]},
+        "stream-parts": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                         "stream": True, "stream_options": {"include_usage": True}, "top_p": 0.5},
+        "turns": {"messages": [q, {"role": "assistant", "content": "Mira."}, q],
+                  "documents": docs, "ape": {"mode": "block-attention"}},
+        "documents-request": {"documents": docs, "ape": {"mode": "parallel"}, "system": "s"},
+        "bad-mode": {"messages": [q], "ape": {"mode": "fast", "temperature": -1}},
+    }
+    return {name: json.dumps(b).encode() for name, b in bodies.items()}
+
+
 def main():
     model, out = sys.argv[1], sys.argv[2]
     kquants = {}
@@ -290,6 +311,7 @@ def main():
         },
         "safetensors": safetensors_seeds(rng),
         "hf_config": config_seeds(kv),
+        "chat_request": chat_request_seeds(),
     }
     for target, files in seeds.items():
         d = os.path.join(out, target)

@@ -4,7 +4,8 @@
 # The targets (fuzz/fuzz_targets/): gguf (GGUF reader, dequantisation, CPU model load),
 # gguf_tokenizer (the tokenizer a GGUF describes), safetensors (header and tensors), hf_config
 # (config.json), block_file (a stored KV block read against the block asked for: only the exact
-# block of that key loads, and any flipped byte of a valid block is refused).
+# block of that key loads, and any flipped byte of a valid block is refused), chat_request (the
+# request bodies of `ape serve`).
 #
 # Runs each target of fuzz/ (default: all) for SECONDS (default 120) under libFuzzer with
 # AddressSanitizer, on stable Rust (cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 allows them).
@@ -34,7 +35,7 @@ if [ -n "${APE_FUZZ_SEED:-}" ]; then
 fi
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(gguf gguf_tokenizer safetensors hf_config block_file)
+  targets=(gguf gguf_tokenizer safetensors hf_config block_file chat_request)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -7,9 +7,12 @@
 # GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
 # docs/EMULATED-DEVICE.md). The CPU benchmark's own side runs once on tiny sizes
 # (scripts/bench-cpu.sh --ours-only --quick), and so does the serving benchmark's against
-# `ape serve` (scripts/bench-serve.sh --ours-only --quick). The block store's tests start a real
-# redis-server of their own on loopback (Debian's package, installed here when missing). Each
-# stage's line shows the seconds since the start; the last line counts every test of every stage.
+# `ape serve` (scripts/bench-serve.sh --ours-only --quick). The server's tests start `ape serve`
+# on loopback and talk HTTP to it, and the official openai Python client (PyPI,
+# scripts/install-openai.sh) runs against it (scripts/serve_openai_client.py). The block store's
+# tests start a real redis-server of their own on loopback (Debian's package, installed here when
+# missing). Each stage's line shows the seconds since the start; the last line counts every test
+# of every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage() { echo "== [${SECONDS}s] $*"; }
@@ -97,8 +100,16 @@ bash scripts/bench-cpu.sh --ours-only --quick --bin target/release/examples/benc
   | tee "$logs/bench-cpu.log"
 grep -qF "| prefill 64 tokens (tokens/s) | " "$logs/bench-cpu.log"
 
+stage "the official openai Python client against ape serve (scripts/serve_openai_client.py; openai from PyPI)"
+# cargo test above has built target/release/ape (the server's integration tests ran it).
+openai_python=$(bash scripts/install-openai.sh | tail -n 1)
+"$openai_python" scripts/serve_openai_client.py target/release/ape "$(bash scripts/fetch-model.sh | tail -n 1)" \
+  2>&1 | tee "$logs/openai-client.log"
+openai_checks=$(grep -c '^ok: ' "$logs/openai-client.log" || true)
+
 stage "the serving benchmark, ape serve only on small sizes (scripts/bench-serve.sh --ours-only --quick; no timing asserted, no request may fail)"
-# No llama.cpp server is installed or started; the script exits 1 when any request failed.
+# cargo test above has built target/release/ape (this build finds it fresh). No llama.cpp server
+# is installed or started; the script exits 1 when any request failed.
 cargo build --release --quiet --features emulator -p ape-llama --bin ape
 bash scripts/bench-serve.sh --ours-only --quick --bin target/release/ape 2>&1 \
   | tee "$logs/bench-serve.log"
@@ -116,4 +127,4 @@ read -r unit_passed unit_failed unit_ignored < <(awk '/^test result:/ {
 read -r emu_passed emu_failed < <(tail -n 1 "$logs/emulated-gpu.log" | awk '{ print $1 + 0, $3 + 0 }')
 stage "done: $((unit_passed + emu_passed)) passed, $((unit_failed + emu_failed)) failed" \
   "($unit_passed cargo tests, $unit_ignored of them ignored here and run on the emulated device;" \
-  "$emu_passed emulated-device checks; fmt, clippy, docs, the CPU-only build and ${fuzz_targets:-every} fuzz targets passed)"
+  "$emu_passed emulated-device checks; ${openai_checks:-0} checks of the openai client against ape serve; fmt, clippy, docs, the CPU-only build and ${fuzz_targets:-every} fuzz targets passed)"

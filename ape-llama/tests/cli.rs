@@ -578,3 +578,40 @@ fn bad_input_matrix() {
     inputs.sort();
     assert_eq!(dir.entries(), inputs);
 }
+
+/// `ape serve` refuses what it cannot serve before loading anything: one line each.
+#[test]
+fn serve_refuses_bad_settings_in_one_line() {
+    for (args, needle) in [
+        (&["serve", "--addr", "nowhere"][..], "--addr"),
+        (
+            &["serve", "--addr", "127.0.0.1:0", "--temperature", "nan"],
+            "temperature",
+        ),
+        (
+            &["serve", "--addr", "127.0.0.1:0", "--threads", "0"],
+            "--threads",
+        ),
+        (
+            &["serve", "--addr", "127.0.0.1:0", "--max-active", "0"],
+            "--max-active",
+        ),
+        (&["serve", "--addr", "0.0.0.0:0"], "not a loopback address"),
+        (
+            &["serve", "--addr", "127.0.0.1:0", "--api-key", ""],
+            "API key is empty",
+        ),
+        (
+            &["serve", "--addr", "127.0.0.1:0", "--max-body", "lots"],
+            "--max-body",
+        ),
+    ] {
+        let (c, _, e) = ape(args);
+        assert_one_line_error(c, &e, needle);
+    }
+    // A port in use is a clear error too.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = taken.local_addr().expect("its address").to_string();
+    let (c, _, e) = ape(&["serve", "--addr", &addr]);
+    assert_one_line_error(c, &e, "cannot listen on");
+}

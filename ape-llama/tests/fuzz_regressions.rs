@@ -16,12 +16,13 @@ static ALLOC: bound::BoundedAlloc = bound::BoundedAlloc;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("gguf", targets::gguf),
     ("gguf_tokenizer", targets::gguf_tokenizer),
     ("safetensors", targets::safetensors),
     ("hf_config", targets::hf_config),
     ("block_file", targets::block_file),
+    ("chat_request", targets::chat_request),
 ];
 
 #[test]

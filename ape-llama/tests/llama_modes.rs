@@ -506,3 +506,71 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
     }
     sab / (saa * sbb).sqrt()
 }
+
+/// A prefill cut into pieces (the server's, so that running sequences decode between them) gives
+/// the logits of the whole prefill in every mode, calls its hook between every two pieces, and
+/// stops at the hook's error with nothing half-encoded left in the cache.
+#[test]
+fn a_chunked_prefill_answers_as_the_whole_one() {
+    let (mut whole, tok) = exact_engine();
+    let (mut pieces, _) = exact_engine();
+    let p = prompt(
+        &tok,
+        &PASSAGES,
+        "Who founded the Lantern Bakery, and where?",
+    );
+    for mode in [
+        Mode::Sequential,
+        Mode::Parallel,
+        Mode::Ape(ApeParams::new(0.8, 0.9).unwrap()),
+        Mode::BlockAttention,
+    ] {
+        let a = whole.prefill(mode, &p).expect("whole");
+        let chunk = 5;
+        let mut calls = 0;
+        let b = pieces
+            .prefill_chunked(mode, &p, chunk, &mut |_| {
+                calls += 1;
+                Ok(())
+            })
+            .expect("in pieces");
+        let scale = a.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let d = max_diff(&a.logits, &b.logits);
+        println!(
+            "{}: max |whole - pieces| {d} (scale {scale}), {calls} hook calls",
+            mode.name()
+        );
+        assert!(d < 1e-3 * scale, "{}: {d}", mode.name());
+        assert_eq!(a.next_pos(), b.next_pos());
+        assert_eq!(a.tokens_encoded, b.tokens_encoded);
+        assert!(calls > 0);
+        // The second time the blocks come from memory: only the question's pieces are run.
+        if mode != Mode::Sequential {
+            let mut again = 0;
+            pieces
+                .prefill_chunked(mode, &p, chunk, &mut |_| {
+                    again += 1;
+                    Ok(())
+                })
+                .expect("again");
+            assert_eq!(
+                again,
+                p.question.len().div_ceil(chunk) - 1,
+                "{}",
+                mode.name()
+            );
+        }
+    }
+    // An error from the hook (a client that left) ends the prefill with it.
+    let (mut e, _) = exact_engine();
+    let blocks_before = e.cache.stats().blocks;
+    let err = e
+        .prefill_chunked(Mode::Ape(ApeParams::default()), &p, 4, &mut |_| {
+            Err(Error::InvalidInput("the client disconnected".into()))
+        })
+        .err()
+        .expect("stopped");
+    assert!(err.to_string().contains("disconnected"), "{err}");
+    // The prefix (several pieces) was the block being encoded: it is not cached half done.
+    assert_eq!(e.cache.stats().blocks, blocks_before);
+}

@@ -260,3 +260,40 @@ pub fn block_file(data: &[u8]) {
         check_loaded(input, &spec);
     }
 }
+
+/// A request body of `ape serve` (`POST /v1/chat/completions` and `POST /v1/documents`), as the
+/// server parses it before anything else runs: never a panic, and what it accepts is what the
+/// server relies on (a last message from the user that is not empty, at most the limits' counts,
+/// no empty document or stop sequence, sampling values in their ranges, APE's T and S finite
+/// and > 0).
+pub fn chat_request(data: &[u8]) {
+    use ape_llama::serve::api::{self, ModeChoice, Role};
+    let limits = api::Limits::default();
+    if let Ok(r) = api::parse_chat_request(data, &limits) {
+        let last = r.messages.last().expect("at least one message");
+        assert_eq!(last.role, Role::User);
+        assert!(!last.content.trim().is_empty());
+        assert!(r.messages.len() <= limits.max_messages);
+        assert!(r.documents.len() <= limits.max_documents);
+        assert!(r.documents.iter().all(|d| !d.text.trim().is_empty()));
+        assert!(r.stop.len() <= limits.max_stop && r.stop.iter().all(|s| !s.is_empty()));
+        assert!(r.max_tokens != Some(0));
+        let s = r.sampling;
+        assert!(s.temperature.is_finite() && (0.0..=2.0).contains(&s.temperature));
+        assert!(s.top_p > 0.0 && s.top_p <= 1.0);
+        if let Some(choice @ ModeChoice::Ape { .. }) = r.mode {
+            let mode = choice
+                .resolve(ape_llama::engine::Mode::Parallel)
+                .expect("checked T and S resolve");
+            if let ape_llama::engine::Mode::Ape(p) = mode {
+                assert!(p.temperature().is_finite() && p.temperature() > 0.0);
+                assert!(p.scale().is_finite() && p.scale() > 0.0);
+            }
+        }
+        // The error body of any request is JSON.
+    }
+    if let Err(e) = api::parse_documents_request(data, &limits) {
+        assert!(e.status == 400);
+        assert!(e.body()["error"]["message"].is_string());
+    }
+}
