@@ -573,7 +573,7 @@ def report(res, sizes, meta):
                          f"| {ratio(o['latency_median_s'], p['latency_median_s'])} "
                          f"| {ratio(o['tokens_per_s'], p['tokens_per_s'])} |")
         lines += ["", "TTFT and latency: < 1 is ours faster; tokens/s: > 1 is ours faster. "
-                  "The issue's goals: TTFT median at concurrency 1 at least 10x lower (first bar "
+                  "The goals: TTFT median at concurrency 1 at least 10x lower (first bar "
                   "5x), higher output tokens/s at concurrency 4."]
     ours = res["sides"].get("ours")
     if ours and ours.get("modes"):
