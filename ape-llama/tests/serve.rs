@@ -777,7 +777,9 @@ fn a_long_prefill_does_not_stall_a_running_answer() {
             seen.lock().unwrap().push(Instant::now());
         }
     });
+    let deadline = Instant::now() + Duration::from_secs(60);
     while arrivals.lock().unwrap().len() < 5 {
+        assert!(Instant::now() < deadline, "the story did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     // A new request with 3 long documents (about 3 x 500 tokens, encoded now).

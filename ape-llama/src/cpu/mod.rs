@@ -210,19 +210,17 @@ impl CpuModel {
     /// Layer `l`'s attention for one sequence's rows `q` (`[n, n_heads, head_dim]`, the first at
     /// `pos`) over its `past` blocks and its own new keys and values (causal), into `out`.
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    /// Layer `l`'s segments of a sequence: its past blocks (read through their RoPE shift) and
+    /// its own new keys and values at `pos` (causal).
+    fn segments<'a>(
         &self,
         l: usize,
-        q: &[f32],
         pos: usize,
-        own: (&[f32], &[f32]),
-        past: &[Past<'_, CpuBlock>],
-        ape: &ApeParams,
-        out: &mut [f32],
-    ) -> Result<()> {
+        own: (&'a [f32], &'a [f32]),
+        past: &'a [Past<'a, CpuBlock>],
+    ) -> Vec<reference::Segment<'a>> {
         let c = &self.config;
-        let dims = c.attention_dims()?;
-        let n = q.len() / (c.n_heads * c.head_dim);
+        let n = own.0.len() / c.kv_dim();
         let mut segments: Vec<reference::Segment> = past
             .iter()
             .map(|p| reference::Segment {
@@ -245,12 +243,7 @@ impl CpuModel {
             role: SegmentRole::Causal,
             rope_shift: None,
         });
-        let query = reference::Query {
-            data: q,
-            n_rows: n,
-            pos_offset: pos,
-        };
-        cpu::segmented_attention_into(&query, &segments, &dims, ape, out, None)
+        segments
     }
 }
 
@@ -336,26 +329,49 @@ impl LlamaModel for CpuModel {
             let mut q = matmul(&h, &w.wq, n, self.activations);
             let mut k = matmul(&h, &w.wk, n, self.activations);
             let v = matmul(&h, &w.wv, n, self.activations);
-            for (((s, r), block), angles) in steps.iter().zip(&ranges).zip(&mut blocks).zip(&angles)
-            {
-                let (qs, ks) = (
-                    &mut q[r.start * qd..r.end * qd],
-                    &mut k[r.start * kvd..r.end * kvd],
-                );
-                angles.apply(qs, c.n_heads)?;
-                angles.apply(ks, c.n_kv_heads)?;
-                let vs = &v[r.start * kvd..r.end * kvd];
-                self.attention(
-                    l,
-                    qs,
-                    s.pos,
-                    (ks, vs),
-                    s.past,
-                    &s.ape,
-                    &mut o[r.start * qd..r.end * qd],
-                )?;
-                block.k.push(ks.to_vec());
-                block.v.push(vs.to_vec());
+            for (r, angles) in ranges.iter().zip(&angles) {
+                angles.apply(&mut q[r.start * qd..r.end * qd], c.n_heads)?;
+                angles.apply(&mut k[r.start * kvd..r.end * kvd], c.n_kv_heads)?;
+            }
+            // One attention call for every sequence: they run side by side on the pool, each
+            // giving the bits it gives alone.
+            let segments: Vec<Vec<reference::Segment<'_>>> = steps
+                .iter()
+                .zip(&ranges)
+                .map(|(s, r)| {
+                    self.segments(
+                        l,
+                        s.pos,
+                        (
+                            &k[r.start * kvd..r.end * kvd],
+                            &v[r.start * kvd..r.end * kvd],
+                        ),
+                        s.past,
+                    )
+                })
+                .collect();
+            let sequences: Vec<reference::BatchSequence<'_>> = steps
+                .iter()
+                .zip(&segments)
+                .map(|(s, segments)| reference::BatchSequence {
+                    n_rows: s.tokens.len(),
+                    pos_offset: s.pos,
+                    segments,
+                    ape: s.ape,
+                })
+                .collect();
+            cpu::segmented_attention_batch_into(
+                &q,
+                &sequences,
+                &c.attention_dims()?,
+                &mut o,
+                None,
+            )?;
+            drop(sequences);
+            drop(segments);
+            for (r, block) in ranges.iter().zip(&mut blocks) {
+                block.k.push(k[r.start * kvd..r.end * kvd].to_vec());
+                block.v.push(v[r.start * kvd..r.end * kvd].to_vec());
             }
             for (xi, oi) in x.iter_mut().zip(matmul(&o, &w.wo, n, self.activations)) {
                 *xi += oi;

@@ -188,12 +188,14 @@ impl Server {
 
     /// Serves with `engine` until SIGTERM or SIGINT: then no new connection is taken, requests
     /// in flight finish (or, after the grace period, end with a 503 error), and this returns.
-    /// `device` says where the model runs (shown by `GET /health`).
+    /// `device` says where the model runs (shown by `GET /health`); `on_ready` is called once
+    /// requests are answered (the place to tell the user the server is up).
     pub fn run<M: LlamaModel>(
         self,
         engine: Engine<M>,
         tokenizer: Tokenizer,
         device: &str,
+        on_ready: impl FnOnce(),
     ) -> ape_attn::Result<()> {
         let tokenizer = Arc::new(tokenizer);
         let window = engine.model.config().context_length;
@@ -202,6 +204,7 @@ impl Server {
             window,
             device: device.to_string(),
         });
+        on_ready();
         Scheduler {
             engine,
             tok: &tokenizer,

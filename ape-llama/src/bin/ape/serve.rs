@@ -119,7 +119,7 @@ pub(crate) fn serve(a: ServeArgs) -> ape_attn::Result<()> {
     let addr = server.local_addr();
     eprintln!("ape serve: loading {} ...", path.display());
     let loaded = load(&path, a.device, store.clone())?;
-    eprintln!(
+    let ready_line = format!(
         "ape serve: listening on http://{addr} (model {model_name} on {}, mode {}, {} sequences at once)",
         loaded.device,
         a.mode.mode(ape).name(),
@@ -127,7 +127,9 @@ pub(crate) fn serve(a: ServeArgs) -> ape_attn::Result<()> {
     );
     let tokenizer = loaded.tokenizer;
     let device = loaded.device;
-    let result = with_engine!(loaded.backend, engine => server.run(engine, tokenizer, &device));
+    let result = with_engine!(loaded.backend, engine => server.run(engine, tokenizer, &device, || {
+        eprintln!("{ready_line}")
+    }));
     store.flush();
     eprintln!("ape serve: stopped");
     result
