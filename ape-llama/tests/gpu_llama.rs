@@ -45,6 +45,12 @@ fn a_batch_matches_each_sequence_alone_on_the_gpu() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn batched_decode_matches_decode_alone_on_the_gpu() {
+    llama::decode_batch_matches_decode_alone(ops());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn stored_blocks_answer_as_encoded_ones_on_the_gpu() {
     let g = llama::small_model_with_window(4096);
     llama::stored_blocks_answer_as_encoded_ones(|| llama::load(ops(), &g), "gpu");
