@@ -11,7 +11,7 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::device_ops::{check_linear, concat_shape, elements, linear_shape, DeviceOps};
 use crate::store::Fill;
-use ape_attn::cuda::{self, llama_ops, DType, Device, Query, Segment, Tensor};
+use ape_attn::cuda::{self, llama_ops, BatchSequence, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};
 
@@ -194,6 +194,15 @@ impl DeviceOps for CudaOps {
         ape: &ApeParams,
     ) -> Result<Tensor> {
         Ok(cuda::segmented_attention(&self.dev, query, segments, dims, ape)?.0)
+    }
+
+    fn segmented_attention_batch(
+        &self,
+        q: &Tensor,
+        sequences: &[BatchSequence<'_, Tensor>],
+        dims: &AttentionDims,
+    ) -> Result<Tensor> {
+        Ok(cuda::segmented_attention_batch(&self.dev, q, sequences, dims)?.0)
     }
 
     fn copy_rows(&self, t: &Tensor, start: usize, count: usize) -> Result<Tensor> {

@@ -7,7 +7,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::GemmConfig;
 
 use crate::store::Fill;
-use ape_attn::cuda::{DType, Query, Segment, Tensor};
+use ape_attn::cuda::{BatchSequence, DType, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeConfig};
 use ape_attn::{Error, Result};
 
@@ -114,6 +114,19 @@ pub trait DeviceOps {
         segments: &[Segment<'_, Self::Tensor>],
         dims: &AttentionDims,
         ape: &ApeParams,
+    ) -> Result<Self::Tensor>;
+    /// The segmented attention of a batch of sequences in one launch
+    /// ([`ape_attn::cuda::segmented_attention_batch`]): sequence `i` owns `sequences[i].n_rows`
+    /// consecutive rows of the packed query `q` (`[rows, n_heads, head_dim]`, after the rows of
+    /// the sequences before it) and attends to its own segments with its own APE parameters. The
+    /// output has `q`'s shape, each sequence's rows as [`DeviceOps::segmented_attention`] gives
+    /// them for that sequence alone (up to rounding: a batch may split a sequence's keys
+    /// differently).
+    fn segmented_attention_batch(
+        &self,
+        q: &Self::Tensor,
+        sequences: &[BatchSequence<'_, Self::Tensor>],
+        dims: &AttentionDims,
     ) -> Result<Self::Tensor>;
     /// Rows `start..start + count` of the first dim, copied.
     fn copy_rows(&self, t: &Self::Tensor, start: usize, count: usize) -> Result<Self::Tensor>;

@@ -10,7 +10,8 @@ use cudarc::cublas::GemmConfig;
 
 use crate::device_ops::{check_linear, concat_shape, linear_shape, DeviceOps, DeviceTensor};
 use ape_attn::cuda::{
-    check_reshape, element_count, row_range, DType, Query, Segment, SegmentedAttentionOptions,
+    check_reshape, element_count, row_range, BatchSequence, DType, Query, Segment,
+    SegmentedAttentionOptions,
 };
 use ape_attn::emulator::{self, EmulatorOptions};
 use ape_attn::reference;
@@ -289,38 +290,8 @@ impl DeviceOps for EmulatedOps {
         dims: &AttentionDims,
         ape: &ApeParams,
     ) -> Result<HostTensor> {
-        let qs = &query.data.shape;
-        if qs.len() != 3 || qs[1] != dims.n_heads || qs[2] != dims.head_dim {
-            return Err(Error::Shape(format!(
-                "query has shape {qs:?}, expected [n_rows, {}, {}]",
-                dims.n_heads, dims.head_dim
-            )));
-        }
-        let mut refs = Vec::with_capacity(segments.len());
-        for (i, s) in segments.iter().enumerate() {
-            let len = s.k.shape.first().copied().unwrap_or(0);
-            let want = [len, dims.n_kv_heads, dims.head_dim];
-            if s.k.shape != want || s.v.shape != want {
-                return Err(Error::Shape(format!(
-                    "segment {i}: k {:?}, v {:?}, expected {want:?}",
-                    s.k.shape, s.v.shape
-                )));
-            }
-            if s.k.dtype != query.data.dtype || s.v.dtype != query.data.dtype {
-                return Err(Error::DType(format!(
-                    "segment {i}: k {:?}, v {:?}, the query {:?}",
-                    s.k.dtype, s.v.dtype, query.data.dtype
-                )));
-            }
-            refs.push(reference::segmented_attention::Segment {
-                k: &s.k.data,
-                v: &s.v.data,
-                len,
-                pos_offset: s.pos_offset,
-                role: s.role,
-                rope_shift: s.rope_shift,
-            });
-        }
+        let qs = query_shape(query.data, dims)?;
+        let refs = reference_segments(segments, dims, query.data.dtype, "")?;
         let q = reference::segmented_attention::Query {
             data: &query.data.data,
             n_rows: qs[0],
@@ -336,6 +307,39 @@ impl DeviceOps for EmulatedOps {
             &self.options(),
         )?;
         HostTensor::from_kernel(qs, query.data.dtype, out.out)
+    }
+
+    fn segmented_attention_batch(
+        &self,
+        q: &HostTensor,
+        sequences: &[BatchSequence<'_, HostTensor>],
+        dims: &AttentionDims,
+    ) -> Result<HostTensor> {
+        let qs = query_shape(q, dims)?;
+        let refs = sequences
+            .iter()
+            .enumerate()
+            .map(|(i, s)| reference_segments(s.segments, dims, q.dtype, &format!("sequence {i}: ")))
+            .collect::<Result<Vec<_>>>()?;
+        let seqs: Vec<reference::BatchSequence> = sequences
+            .iter()
+            .zip(&refs)
+            .map(|(s, segments)| reference::BatchSequence {
+                n_rows: s.n_rows,
+                pos_offset: s.pos_offset,
+                segments,
+                ape: s.ape,
+            })
+            .collect();
+        let out = emulator::segmented_attention_batch(
+            q.dtype,
+            &q.data,
+            &seqs,
+            dims,
+            &SegmentedAttentionOptions::default(),
+            &self.options(),
+        )?;
+        HostTensor::from_kernel(qs, q.dtype, out.out)
     }
 
     fn copy_rows(&self, t: &HostTensor, start: usize, count: usize) -> Result<HostTensor> {
@@ -370,6 +374,57 @@ impl DeviceOps for EmulatedOps {
 fn gemm(x: &HostTensor, w: &HostTensor, y: &mut HostTensor, accumulate: bool) -> Result<()> {
     let cfg = check_linear(x, w, y, accumulate)?;
     gemm_column_major(&cfg, &w.data, &x.data, &mut y.data, y.dtype)
+}
+
+/// The query's shape, checked to be `[n_rows, n_heads, head_dim]`.
+fn query_shape<'a>(q: &'a HostTensor, dims: &AttentionDims) -> Result<&'a [usize]> {
+    let qs = &q.shape;
+    if qs.len() != 3 || qs[1] != dims.n_heads || qs[2] != dims.head_dim {
+        return Err(Error::Shape(format!(
+            "query has shape {qs:?}, expected [n_rows, {}, {}]",
+            dims.n_heads, dims.head_dim
+        )));
+    }
+    Ok(qs)
+}
+
+/// The segments as the oracle and the emulator take them, their shapes (`[len, n_kv_heads,
+/// head_dim]`, K and V alike) and dtypes (the query's, `dtype`) checked; `prefix` starts the
+/// messages (a batch's "sequence i: ").
+fn reference_segments<'a>(
+    segments: &[Segment<'a, HostTensor>],
+    dims: &AttentionDims,
+    dtype: DType,
+    prefix: &str,
+) -> Result<Vec<reference::Segment<'a>>> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let len = s.k.shape.first().copied().unwrap_or(0);
+            let want = [len, dims.n_kv_heads, dims.head_dim];
+            if s.k.shape != want || s.v.shape != want {
+                return Err(Error::Shape(format!(
+                    "{prefix}segment {i}: k {:?}, v {:?}, expected {want:?}",
+                    s.k.shape, s.v.shape
+                )));
+            }
+            if s.k.dtype != dtype || s.v.dtype != dtype {
+                return Err(Error::DType(format!(
+                    "{prefix}segment {i}: k {:?}, v {:?}, the query {dtype:?}",
+                    s.k.dtype, s.v.dtype
+                )));
+            }
+            Ok(reference::Segment {
+                k: &s.k.data,
+                v: &s.v.data,
+                len,
+                pos_offset: s.pos_offset,
+                role: s.role,
+                rope_shift: s.rope_shift,
+            })
+        })
+        .collect()
 }
 
 fn rope_shape(x: &HostTensor) -> Result<[usize; 3]> {

@@ -11,6 +11,10 @@
 //! Block-Attention shift copies nothing: it records the shift on the block's chunks, and the
 //! attention kernel reads their keys rotated ([`RopeShift`]) from the cached tensors.
 //!
+//! A batch of sequences ([`LlamaModel::forward_batch`]) goes through each weight matrix as one
+//! set of rows, and through one batched attention launch per layer, each sequence's rows
+//! attending to its own blocks.
+//!
 //! The pass is written once against [`DeviceOps`], the operations it needs from a device:
 //! [`CudaOps`] runs them on a GPU (cuBLAS and the crate's kernels); with the `emulator` feature,
 //! `emulated_ops::EmulatedOps` runs the same kernels on the kernel emulator and the GEMMs on
@@ -26,11 +30,11 @@ pub use super::device_ops::{DeviceOps, DeviceTensor};
 
 use super::config::LlamaConfig;
 use super::model::{
-    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past,
+    check_inputs, BlockFormat, Fill, ForwardOutput, KvBlock, LlamaModel, LogitRows, Past, Step,
 };
 use super::weights::{Weight, WeightSource};
 use crate::store::StoredDType;
-use ape_attn::cuda::{self, DType, Device, Query, Segment, Tensor};
+use ape_attn::cuda::{self, BatchSequence, DType, Device, Query, Segment, Tensor};
 use ape_attn::{ApeParams, AttentionDims, RopeShift, SegmentRole};
 use ape_attn::{Error, Result};
 
@@ -250,6 +254,67 @@ impl<D: DeviceOps> GpuModel<D> {
     pub fn ops(&self) -> &D {
         &self.ops
     }
+
+    /// The checks of a forward pass before any work: at least one token, [`check_inputs`], and
+    /// past blocks of this model's shape (every chunk has K and V for every layer,
+    /// `[len, n_kv_heads, head_dim]`).
+    fn check_step(
+        &self,
+        tokens: &[u32],
+        pos: usize,
+        past: &[Past<'_, GpuBlock<D::Tensor>>],
+    ) -> Result<()> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(Error::Shape(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
+        check_inputs(c, tokens, pos, past)?;
+        for (i, p) in past.iter().enumerate() {
+            for ch in &p.kv.chunks {
+                let want = [ch.len, c.n_kv_heads, c.head_dim];
+                let fits = ch.k.len() == c.n_layers
+                    && ch.v.len() == c.n_layers
+                    && ch.k.iter().chain(&ch.v).all(|t| t.shape() == want);
+                if !fits {
+                    return Err(Error::Shape(format!(
+                        "past block {i} does not have K and V of {want:?} for each of the \
+                         model's {} layers",
+                        c.n_layers
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s segments of the `past` blocks: one per chunk, in position order, read rotated
+    /// by the chunk's shift.
+    fn past_segments<'a>(
+        &self,
+        past: &'a [Past<'a, GpuBlock<D::Tensor>>],
+        l: usize,
+    ) -> Vec<Segment<'a, D::Tensor>> {
+        let mut segments = Vec::new();
+        for p in past {
+            let mut offset = p.pos_offset;
+            for ch in &p.kv.chunks {
+                segments.push(Segment {
+                    k: &*ch.k[l],
+                    v: &*ch.v[l],
+                    pos_offset: offset,
+                    role: p.role,
+                    rope_shift: (ch.rope_shift != 0).then_some(RopeShift {
+                        rope: self.config.rope,
+                        delta: ch.rope_shift,
+                    }),
+                });
+                offset += ch.len;
+            }
+        }
+        segments
+    }
 }
 
 /// The model shapes the GPU forward pass supports (its attention kernel's head dims), checked
@@ -283,12 +348,7 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
     ) -> Result<ForwardOutput<Self::Block>> {
         let c = &self.config;
         let n = tokens.len();
-        if n == 0 {
-            return Err(Error::Shape(
-                "a forward pass needs at least one token".into(),
-            ));
-        }
-        check_inputs(c, tokens, pos, past)?;
+        self.check_step(tokens, pos, past)?;
         let ops = &self.ops;
         let mut x = ops.embedding(tokens, &self.embed)?;
         let mut chunk = Chunk {
@@ -313,23 +373,7 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
             drop(h);
             ops.rope_apply(&mut q, &c.rope, pos as i64)?;
             ops.rope_apply(&mut k, &c.rope, pos as i64)?;
-            let mut segments = Vec::new();
-            for p in past {
-                let mut offset = p.pos_offset;
-                for ch in &p.kv.chunks {
-                    segments.push(Segment {
-                        k: &*ch.k[l],
-                        v: &*ch.v[l],
-                        pos_offset: offset,
-                        role: p.role,
-                        rope_shift: (ch.rope_shift != 0).then_some(RopeShift {
-                            rope: c.rope,
-                            delta: ch.rope_shift,
-                        }),
-                    });
-                    offset += ch.len;
-                }
-            }
+            let mut segments = self.past_segments(past, l);
             segments.push(Segment {
                 k: &k,
                 v: &v,
@@ -378,6 +422,165 @@ impl<D: DeviceOps> LlamaModel for GpuModel<D> {
                 chunks: vec![chunk],
             },
         })
+    }
+
+    /// Every sequence's rows together through each weight matrix (the embedding, the q/k/v, o
+    /// and FFN projections, and the output head over the rows that get logits), RoPE per
+    /// sequence at its own positions, and one batched attention launch per layer
+    /// ([`DeviceOps::segmented_attention_batch`]) in which each sequence's rows attend to its own
+    /// past and its own new keys. Each sequence's K and V are copied out of the packed rows into
+    /// its own block. One step runs as [`LlamaModel::forward`].
+    fn forward_batch(
+        &self,
+        steps: &[Step<'_, Self::Block>],
+    ) -> Result<Vec<ForwardOutput<Self::Block>>> {
+        for s in steps {
+            self.check_step(s.tokens, s.pos, s.past)?;
+        }
+        if let [s] = steps {
+            return Ok(vec![
+                self.forward(s.tokens, s.pos, s.past, &s.ape, s.logits)?
+            ]);
+        }
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = &self.config;
+        let ops = &self.ops;
+        // Each sequence's rows in the packed rows.
+        let mut ranges = Vec::with_capacity(steps.len());
+        let mut n = 0;
+        for s in steps {
+            ranges.push(n..n + s.tokens.len());
+            n += s.tokens.len();
+        }
+        let ids: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let mut x = ops.embedding(&ids, &self.embed)?;
+        let mut chunks: Vec<Chunk<D::Tensor>> = steps
+            .iter()
+            .map(|s| Chunk {
+                len: s.tokens.len(),
+                k: Vec::with_capacity(c.n_layers),
+                v: Vec::with_capacity(c.n_layers),
+                rope_shift: 0,
+            })
+            .collect();
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = ops.rms_norm(&x, &w.attn_norm, c.rms_eps)?;
+            let q_all = ops
+                .linear(&h, &w.wq, DType::BF16)?
+                .reshape(&[n, c.n_heads, c.head_dim])?;
+            let k_all =
+                ops.linear(&h, &w.wk, DType::BF16)?
+                    .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            let v_all =
+                ops.linear(&h, &w.wv, DType::BF16)?
+                    .reshape(&[n, c.n_kv_heads, c.head_dim])?;
+            drop(h);
+            // Each sequence's rows rotated to its own positions; its K and V become its own
+            // tensors (its block's chunk), its queries are packed again for the launch.
+            let mut qs = Vec::with_capacity(steps.len());
+            let mut own = Vec::with_capacity(steps.len());
+            for (s, r) in steps.iter().zip(&ranges) {
+                let mut q = ops.copy_rows(&q_all, r.start, r.len())?;
+                let mut k = ops.copy_rows(&k_all, r.start, r.len())?;
+                ops.rope_apply(&mut q, &c.rope, s.pos as i64)?;
+                ops.rope_apply(&mut k, &c.rope, s.pos as i64)?;
+                qs.push(q);
+                own.push((k, ops.copy_rows(&v_all, r.start, r.len())?));
+            }
+            drop((q_all, k_all, v_all));
+            let q = ops.concat(&qs.iter().collect::<Vec<_>>())?;
+            drop(qs);
+            let segments: Vec<Vec<Segment<'_, D::Tensor>>> = steps
+                .iter()
+                .zip(&own)
+                .map(|(s, (k, v))| {
+                    let mut segments = self.past_segments(s.past, l);
+                    segments.push(Segment {
+                        k,
+                        v,
+                        pos_offset: s.pos,
+                        role: SegmentRole::Causal,
+                        rope_shift: None,
+                    });
+                    segments
+                })
+                .collect();
+            let sequences: Vec<BatchSequence<'_, D::Tensor>> = steps
+                .iter()
+                .zip(&segments)
+                .map(|(s, segments)| BatchSequence {
+                    n_rows: s.tokens.len(),
+                    pos_offset: s.pos,
+                    segments,
+                    ape: s.ape,
+                })
+                .collect();
+            let o = ops.segmented_attention_batch(&q, &sequences, &self.dims)?;
+            drop(sequences);
+            drop(segments);
+            drop(q);
+            ops.add_linear(&o.reshape(&[n, c.dim])?, &w.wo, &mut x)?;
+            let a = {
+                let h = ops.rms_norm(&x, &w.ffn_norm, c.rms_eps)?;
+                let gate = ops.linear(&h, &w.w_gate, DType::BF16)?;
+                let up = ops.linear(&h, &w.w_up, DType::BF16)?;
+                ops.silu_mul(&gate, &up)?
+            };
+            ops.add_linear(&a, &w.w_down, &mut x)?;
+            for (chunk, (k, v)) in chunks.iter_mut().zip(own) {
+                chunk.k.push(Arc::new(k));
+                chunk.v.push(Arc::new(v));
+            }
+        }
+        // The rows that get logits, every sequence's together: one pass through the output head.
+        let wanted: Vec<std::ops::Range<usize>> = steps
+            .iter()
+            .zip(&ranges)
+            .map(|(s, r)| match s.logits {
+                LogitRows::None => r.start..r.start,
+                LogitRows::Last => r.end - 1..r.end,
+                LogitRows::All => r.clone(),
+            })
+            .collect();
+        let n_out: usize = wanted.iter().map(|r| r.len()).sum();
+        let logits = if n_out == 0 {
+            Vec::new()
+        } else {
+            let rows = if n_out == n {
+                x
+            } else {
+                let parts = wanted
+                    .iter()
+                    .filter(|r| !r.is_empty())
+                    .map(|r| ops.copy_rows(&x, r.start, r.len()))
+                    .collect::<Result<Vec<_>>>()?;
+                drop(x);
+                ops.concat(&parts.iter().collect::<Vec<_>>())?
+            };
+            let h = ops.rms_norm(&rows, &self.output_norm, c.rms_eps)?;
+            let out = self.output.as_ref().unwrap_or(&self.embed);
+            // f32 logits, as in forward.
+            ops.download(&ops.linear(&h, out, DType::F32)?)?
+        };
+        let mut outputs = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for (r, chunk) in wanted.iter().zip(chunks) {
+            let len = r.len() * c.vocab_size;
+            outputs.push(ForwardOutput {
+                logits: logits[at..at + len].to_vec(),
+                kv: GpuBlock {
+                    len: chunk.len,
+                    chunks: vec![chunk],
+                },
+            });
+            at += len;
+        }
+        Ok(outputs)
     }
 
     /// O(1): the chunks share the block's tensors and carry the shift (`R(a) R(b) = R(a + b)`).

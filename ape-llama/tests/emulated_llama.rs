@@ -32,6 +32,16 @@ fn shifted_blocks_match_when_grown_and_merged() {
     llama::shifted_blocks_match_when_grown_and_merged(ops());
 }
 
+#[test]
+fn a_batch_matches_each_sequence_alone_on_the_emulator() {
+    llama::forward_batch_matches_forward_alone(ops());
+}
+
+#[test]
+fn batched_decode_matches_decode_alone_on_the_emulator() {
+    llama::decode_batch_matches_decode_alone(ops());
+}
+
 /// One schedule throughout: the comparison is bit for bit.
 #[test]
 fn stored_blocks_answer_as_encoded_ones_on_the_emulator() {

@@ -39,6 +39,18 @@ fn shifted_blocks_match_when_grown_and_merged() {
 
 #[test]
 #[ignore = "needs a CUDA device"]
+fn a_batch_matches_each_sequence_alone_on_the_gpu() {
+    llama::forward_batch_matches_forward_alone(ops());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn batched_decode_matches_decode_alone_on_the_gpu() {
+    llama::decode_batch_matches_decode_alone(ops());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
 fn stored_blocks_answer_as_encoded_ones_on_the_gpu() {
     let g = llama::small_model_with_window(4096);
     llama::stored_blocks_answer_as_encoded_ones(|| llama::load(ops(), &g), "gpu");

@@ -293,7 +293,7 @@ fn answers_streamed_and_not_agree_and_report_usage() {
         u["prompt_tokens"].as_u64().unwrap(),
         u["completion_tokens"].as_u64().unwrap(),
     );
-    assert!(completion >= 1 && completion <= 24, "{u}");
+    assert!((1..=24).contains(&completion), "{u}");
     assert_eq!(u["total_tokens"].as_u64().unwrap(), prompt + completion);
     assert_eq!(u["ape"]["mode"], "ape");
     assert_eq!(u["ape"]["documents"]["encoded"], 3, "{u}");

@@ -5,13 +5,13 @@
 //! wherever the CPU's margin exceeds 0.1.
 #![allow(dead_code)]
 
-use ape_attn::{ApeParams, SegmentRole};
+use ape_attn::{ApeParams, Error, SegmentRole};
 use ape_llama::config::LlamaConfig;
 use ape_llama::cpu::{Activations, CpuModel};
 use ape_llama::engine::{Engine, Mode, Prompt, Sampling};
 use ape_llama::gguf::Gguf;
 use ape_llama::gpu::{DeviceOps, GpuModel};
-use ape_llama::model::{KvBlock, LlamaModel, LogitRows, Past};
+use ape_llama::model::{KvBlock, LlamaModel, LogitRows, Past, Step};
 
 use crate::common::gguf_writer::Writer;
 use crate::common::seeded;
@@ -248,6 +248,206 @@ pub fn shifted_blocks_match_when_grown_and_merged<D: DeviceOps>(ops: D) {
         dev.config().vocab_size,
         "shifted block, grown and merged",
     );
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A freshly encoded block's K and V, every layer, as stored (bf16, here as f32).
+fn block_values<M: LlamaModel>(m: &M, b: &M::Block) -> Vec<f32> {
+    m.save_block(b)
+        .expect("save block")
+        .chunks_exact(2)
+        .map(|p| f32::from_bits(u32::from(u16::from_le_bytes([p[0], p[1]])) << 16))
+        .collect()
+}
+
+fn past<B>(kv: &B, pos_offset: usize, role: SegmentRole) -> Past<'_, B> {
+    Past {
+        kv,
+        pos_offset,
+        role,
+    }
+}
+
+/// A batched forward pass of four sequences gives each the logits and K/V of its forward pass
+/// alone: a prefill of 9 rows over APE contexts (all logits), a decode row over a shifted
+/// Block-Attention block, a decode row over a prompt grown by decode steps (a block of several
+/// chunks), and a prefill of 5 rows under other APE parameters without logits. Every weight
+/// matrix sees the rows of all four, the attention is one batched launch per layer; the
+/// comparison is the GPU path's tolerance (correlation, top-1), and the largest differences are
+/// printed. A batch with an invalid step is refused as a whole.
+pub fn forward_batch_matches_forward_alone<D: DeviceOps>(ops: D) {
+    use SegmentRole::{Causal, Context};
+    let g = small_model();
+    let m = load(ops, &g);
+    let vocab = m.config().vocab_size;
+    let plain = ApeParams::plain();
+    let encode = |tokens: &[u32], pos: usize, past: &[Past<'_, _>]| {
+        m.forward(tokens, pos, past, &plain, LogitRows::None)
+            .expect("encode")
+            .kv
+    };
+    let range = |r: std::ops::Range<u32>| r.collect::<Vec<u32>>();
+    let prefix = encode(&range(0..12), 0, &[]);
+    // APE: two contexts encoded after the prefix, at the same positions.
+    let ctx_a = encode(&range(10..40), 12, &[past(&prefix, 0, Causal)]);
+    let ctx_b = encode(&range(20..33), 12, &[past(&prefix, 0, Causal)]);
+    // Block-Attention: a block encoded alone at 0, read shifted to its place after the prefix.
+    let alone = encode(&range(30..55), 0, &[]);
+    let shifted = m.shift_block(&alone, 12).expect("shift");
+    // Sequential: a prompt after the prefix grown by three decode steps (four chunks).
+    let mut grown = encode(&range(5..17), 12, &[past(&prefix, 0, Causal)]);
+    for t in 0..3u32 {
+        let pos = 12 + grown.len();
+        let step = m
+            .forward(
+                &[t + 40],
+                pos,
+                &[past(&prefix, 0, Causal), past(&grown, 12, Causal)],
+                &plain,
+                LogitRows::None,
+            )
+            .expect("decode step");
+        m.append_block(&mut grown, step.kv).expect("append");
+    }
+    let ape_past = [
+        past(&prefix, 0, Causal),
+        past(&ctx_a, 12, Context),
+        past(&ctx_b, 12, Context),
+    ];
+    let block_attention_past = [past(&prefix, 0, Causal), past(&shifted, 12, Context)];
+    let sequential_past = [past(&prefix, 0, Causal), past(&grown, 12, Causal)];
+    let question = range(40..49);
+    let other = range(3..8);
+    let steps = [
+        Step {
+            tokens: &question,
+            pos: 12 + 30,
+            past: &ape_past,
+            ape: ApeParams::default(),
+            logits: LogitRows::All,
+        },
+        Step {
+            tokens: &[7],
+            pos: 12 + 25,
+            past: &block_attention_past,
+            ape: plain,
+            logits: LogitRows::Last,
+        },
+        Step {
+            tokens: &[9],
+            pos: 12 + grown.len(),
+            past: &sequential_past,
+            ape: plain,
+            logits: LogitRows::Last,
+        },
+        Step {
+            tokens: &other,
+            pos: 12 + 30,
+            past: &ape_past,
+            ape: ApeParams::new(0.8, 1.1).expect("ape"),
+            logits: LogitRows::None,
+        },
+    ];
+    let batch = m.forward_batch(&steps).expect("batch");
+    assert_eq!(batch.len(), steps.len());
+    // The largest differences, each a fraction of the largest value compared (the logits of
+    // the step, its K/V).
+    let (mut worst_logit, mut worst_kv) = (0f32, 0f32);
+    let scaled = |a: &[f32], b: &[f32]| {
+        max_abs_diff(a, b) / b.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()))
+    };
+    for (i, (s, got)) in steps.iter().zip(&batch).enumerate() {
+        let want = m
+            .forward(s.tokens, s.pos, s.past, &s.ape, s.logits)
+            .expect("alone");
+        assert_eq!(got.logits.len(), want.logits.len(), "step {i}: logits");
+        assert_close(&got.logits, &want.logits, vocab, &format!("step {i}"));
+        worst_logit = worst_logit.max(scaled(&got.logits, &want.logits));
+        assert_eq!(got.kv.len(), s.tokens.len(), "step {i}: K/V rows");
+        assert_eq!(got.kv.bytes(), want.kv.bytes(), "step {i}: K/V bytes");
+        let (a, b) = (block_values(&m, &got.kv), block_values(&m, &want.kv));
+        assert_eq!(a.len(), b.len(), "step {i}: K/V");
+        worst_kv = worst_kv.max(scaled(&a, &b));
+    }
+    println!(
+        "batched vs alone on {}: largest logit difference {worst_logit:.2e} of the scale, \
+         largest K/V difference {worst_kv:.2e} of the scale",
+        m.ops().name()
+    );
+    // Only the summation order may differ (a GEMM over more rows, the batch's split of the
+    // keys): a bf16 unit or two (2^-8 of a value). Attention with plain parameters where a
+    // sequence has APE's shows as 1% of the logits' scale and 4% of the K/V's.
+    assert!(
+        worst_logit < 5e-3,
+        "logits differ by {worst_logit:e} of the scale"
+    );
+    assert!(worst_kv < 1e-2, "K/V differ by {worst_kv:e} of the scale");
+    // An invalid step (a token outside the vocabulary, an empty step) fails the whole call.
+    let outside = [vocab as u32];
+    let mut bad = steps;
+    bad[2].tokens = &outside;
+    let refused = m.forward_batch(&bad);
+    assert!(matches!(refused, Err(Error::OutOfRange(_))), "{refused:?}");
+    let mut bad = steps;
+    bad[1].tokens = &[];
+    assert!(m.forward_batch(&bad).is_err());
+    assert!(m.forward_batch(&[]).expect("no steps").is_empty());
+}
+
+/// Three sequences in three modes (APE, Block-Attention, sequential; different passages and
+/// questions) decoded together through the engine's batched step for 20 steps, past MAX_CHUNKS,
+/// so that the blocks a batch returns are appended and merged: every step's logits are those of
+/// the sequence decoded alone, fed the same tokens.
+pub fn decode_batch_matches_decode_alone<D: DeviceOps>(ops: D) {
+    let g = small_model();
+    let mut e = Engine::new(load(ops, &g), "m", 1 << 30);
+    let vocab = e.model.config().vocab_size;
+    let full = three_passages();
+    let mut later = three_passages();
+    later.contexts.remove(0);
+    later.question = (30..37).collect();
+    let mut one = three_passages();
+    one.contexts.truncate(1);
+    one.question = (50..53).collect();
+    let requests = [
+        (Mode::Ape(ApeParams::default()), full),
+        (Mode::BlockAttention, later),
+        (Mode::Sequential, one),
+    ];
+    let steps = 20u32;
+    let token = |i: usize, step: u32| (step * 5 + i as u32 * 11) % 64;
+    let mut alone = Vec::new();
+    for (i, (mode, p)) in requests.iter().enumerate() {
+        let mut state = e.prefill(*mode, p).expect("prefill");
+        let logits: Vec<Vec<f32>> = (0..steps)
+            .map(|step| e.decode_step(&mut state, token(i, step)).expect("step"))
+            .collect();
+        alone.push(logits);
+    }
+    let mut states: Vec<_> = requests
+        .iter()
+        .map(|(mode, p)| e.prefill(*mode, p).expect("prefill"))
+        .collect();
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let tokens: Vec<u32> = (0..requests.len()).map(|i| token(i, step)).collect();
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        let batch = e.decode_batch(&mut refs, &tokens).expect("batched step");
+        for (i, got) in batch.iter().enumerate() {
+            let want = &alone[i][step as usize];
+            assert_close(got, want, vocab, &format!("sequence {i} step {step}"));
+            let scale = want.iter().fold(f32::MIN_POSITIVE, |m, x| m.max(x.abs()));
+            worst = worst.max(max_abs_diff(got, want) / scale);
+        }
+    }
+    println!(
+        "batched decode vs alone on {}: largest logit difference {worst:.2e} of the scale",
+        e.model.ops().name()
+    );
+    assert!(worst < 5e-3, "logits differ by {worst:e} of the scale");
 }
 
 /// Synthetic weights generated on the device, at shape `cfg`: a forward pass gives finite logits.
