@@ -7,7 +7,9 @@
 #      (APE_GPU_QUICK=1: the attention tests' reduced sweep; tests/emulated_*.rs run the full
 #      one on the kernel emulator), the real model with it (APE_MODEL);
 #   2. examples/kv_pool_decode.rs;
-#   3. `ape demo --device cuda`, which must print the four answers `ape demo --device cpu` prints;
+#   3. `ape demo --device cuda`, which must print the four answers `ape demo --device cpu` prints,
+#      and `ape serve --device cuda` (scripts/serve_batch_check.py): requests sent together answer
+#      as they do one at a time;
 #   4. a dry run of the GPU session (`session.sh quick`) on a bundle built here, with stand-ins
 #      for what only the GPU machine has (scripts/gpu/dry-run/: PyTorch's peer, compute-sanitizer).
 # Ends with one line, "N passed, 0 failed", and exits non-zero when anything failed.
@@ -90,6 +92,16 @@ if [ "$demo_rc" -eq 0 ] && [ "$(wc -l < "$logs/answers_cpu.txt")" -eq 4 ] && [ "
 else
   fail "ape demo --device cuda vs --device cpu" 30 "$logs/demo_cuda.log"
   cat "$logs/answers.diff"
+fi
+
+# 3b. The server on the GPU forward pass: requests sent together are decoded in shared steps
+# (one batched attention launch per layer) and answer as the same requests one at a time.
+log=$logs/serve_cuda.log
+start=$SECONDS
+if python3 scripts/serve_batch_check.py target/release/ape "$APE_MODEL" cuda > "$log" 2>&1; then
+  pass "ape serve --device cuda: the answers of single requests, $(tail -n 1 "$log") ($((SECONDS - start)) s)"
+else
+  fail "ape serve --device cuda: concurrent answers against single requests" 30 "$log"
 fi
 
 # 4. The GPU session's quick phase, dry-run on a bundle of this build.
