@@ -413,12 +413,15 @@ __device__ __forceinline__ void segmented_attention_body(
     cp_async_wait<1>();
     __syncthreads();
 
+    // static-check: cold begin (once per CTA: the walk enters the causal group)
     if (p.whole && tile.role == 1 && !corrected) correct_context();
+    // static-check: cold end
 
     const T* k_tile = sK + buf * kBlockN * D;
     const T* v_tile = sV + buf * kBlockN * D;
     if (warp_active) {
 
+    // static-check: cold begin (the walk enters a segment with another RoPE shift)
     if (tile.rope_row != q_rope_row) {  // uniform over the CTA: the tile is
       const int lane_o = opaque(lane);
       load_q_fragments<T, D>(qf, opaque(sQ), warp, lane_o);
@@ -431,6 +434,7 @@ __device__ __forceinline__ void segmented_attention_body(
       }
       q_rope_row = tile.rope_row;
     }
+    // static-check: cold end
     const bool split_q = tile.rope_row >= 0;  // uniform
 
     // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
@@ -451,6 +455,7 @@ __device__ __forceinline__ void segmented_attention_body(
         mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
       }
     }
+    // static-check: cold begin (shifted tiles only: the rotated rows' lo part)
     if (split_q) {
       // The lo part of the rotated rows: a second pass over the tile's K fragments.
       const T* lo = opaque(sQlo);
@@ -471,6 +476,7 @@ __device__ __forceinline__ void segmented_attention_body(
         }
       }
     }
+    // static-check: cold end
 
     // Scale into the log2 domain and mask.
     const float scale_log2 = tile.role == 0 ? p.ctx_scale_log2 : p.causal_scale_log2;
@@ -482,11 +488,13 @@ __device__ __forceinline__ void segmented_attention_body(
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = s[j][e] * scale_log2;
+        // static-check: cold begin (tail tiles and the causal diagonal)
         if (need_mask) {
           const int key = j * 8 + (lane % 4) * 2 + (e & 1);
           const bool ok = key < tile.n && (tile.role == 0 || tile.pos0 + key <= row_pos[e / 2]);
           x = ok ? x : -INFINITY;
         }
+        // static-check: cold end
         s[j][e] = x;
       }
     }
