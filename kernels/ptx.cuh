@@ -1,6 +1,6 @@
 // Every inline-PTX primitive the kernels use, in one place: cp.async, ldmatrix, mma.sync
 // m16n8k16 (f32 accumulate), ex2.approx, and an optimisation barrier. The kernel emulator
-// (APE_EMULATE) replaces this file with kernels/emulator/ptx.cuh, which implements the same
+// (APE_EMULATE) replaces this file with emulator/ptx.cuh, which implements the same
 // functions on the CPU from the PTX ISA's definitions.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16/.f16 inputs), lane = 4 * group + tig:
@@ -13,7 +13,7 @@
 #include "common.cuh"
 
 #ifdef APE_EMULATE
-#include "emulator/ptx.cuh"
+#include "../emulator/ptx.cuh"
 #else
 
 namespace ape {

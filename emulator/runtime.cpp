@@ -21,10 +21,10 @@
 //   elsewhere) is an error, not a hang. Independent CTAs run on several OS threads.
 // - Global reads the emulator sees (cp.async sources, __ldg) must lie in one of the buffers the
 //   launcher names, as compute-sanitizer's memcheck would require of every access.
-#include "../llama_ops.cu"
-#include "../merge_states.cu"
-#include "../rope.cu"
-#include "../segmented_attention.cu"
+#include "../kernels/llama_ops.cu"
+#include "../kernels/merge_states.cu"
+#include "../kernels/rope.cu"
+#include "../kernels/segmented_attention.cu"
 
 #include <stdarg.h>
 #include <stdio.h>
