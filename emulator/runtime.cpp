@@ -548,6 +548,18 @@ uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask) {
   return r;
 }
 
+bool vote_any(uint32_t mask, bool predicate) {
+  if (mask != 0xffffffffu) fail("__any_sync with mask %#x: only full warps are emulated", mask);
+  const int lane = lane_of(me());
+  Slots& s = slots();
+  s.word[lane] = predicate ? 1u : 0u;
+  warp_barrier();
+  bool any = false;
+  for (int i = 0; i < 32; ++i) any = any || s.word[i] != 0;
+  me().collectives += 1;
+  return any;
+}
+
 // cp.async.cg.shared.global, 16 bytes; src-size 0 zero-fills.
 void cp_async_16(void* smem, const void* gmem, bool valid) {
   check_shared(smem, "cp.async destination");
