@@ -245,6 +245,20 @@ __device__ __forceinline__ void segmented_attention_body(
     corrected = true;
   };
 
+  // This lane's ldmatrix addresses (shared window) in buffer 0's K and V tiles, for k-steps (K)
+  // and d-steps (V) j < 4; step j + 4 is 128 bytes on (the swizzle flips only the low three chunk
+  // bits), key block nb (K) or k-step ks (V) 16 rows on, the other buffer kBufBytes on.
+  constexpr uint32_t kBufBytes = kBlockN * D * 2;
+  constexpr int kLaneSteps = kKSteps < 4 ? kKSteps : 4;
+  uint32_t k_lane[kLaneSteps], v_lane[kLaneSteps];
+#pragma unroll
+  for (int j = 0; j < kLaneSteps; ++j) {
+    const int mi = lane / 8;
+    k_lane[j] = smem_addr(sK + swizzle<D>((mi / 2) * 8 + lane % 8, j * 2 + mi % 2));
+    v_lane[j] = smem_addr(sV + swizzle<D>((mi % 2) * 8 + lane % 8, j * 2 + mi / 2));
+  }
+
+  uint32_t buf_bytes = 0;  // kBufBytes * the buffer being computed
   int buf = 0;
   int cur = 0;  // the slot of s_tiles describing the tile being computed
   while (s_tiles[cur].n > 0) {
@@ -266,7 +280,6 @@ __device__ __forceinline__ void segmented_attention_body(
     // static-check: cold end
 
     const T* k_tile = sK + buf * kBlockN * D;
-    const T* v_tile = sV + buf * kBlockN * D;
     if (warp_active) {
       const int rope_row = tile.rope_row;
       // static-check: cold begin (the walk enters a segment with another RoPE shift)
@@ -286,10 +299,8 @@ __device__ __forceinline__ void segmented_attention_body(
       for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
         for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
-          const int mi = lane / 8;
-          const int key = nb * 16 + (mi / 2) * 8 + lane % 8;
           uint32_t b[4];
-          ldmatrix_x4(b, k_tile + swizzle<D>(key, ks * 2 + mi % 2));
+          ldmatrix_x4_at(b, k_lane[ks % 4] + buf_bytes + (ks / 4) * 128 + nb * 16 * D * 2);
           mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
           mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
         }
@@ -314,10 +325,8 @@ __device__ __forceinline__ void segmented_attention_body(
         a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
 #pragma unroll
         for (int db = 0; db < D / 16; ++db) {
-          const int mi = lane / 8;
-          const int key = ks * 16 + (mi % 2) * 8 + lane % 8;
           uint32_t b[4];
-          ldmatrix_x4_trans(b, v_tile + swizzle<D>(key, db * 2 + mi / 2));
+          ldmatrix_x4_trans_at(b, v_lane[db % 4] + buf_bytes + (db / 4) * 128 + ks * 16 * D * 2);
           mma_16816<T>(acc[2 * db], a, b[0], b[1]);
           mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
         }
@@ -326,6 +335,7 @@ __device__ __forceinline__ void segmented_attention_body(
 
     __syncthreads();  // every warp is done with this buffer (and this slot) before they are reused
     buf ^= 1;
+    buf_bytes ^= kBufBytes;
     cur = nxt;
   }
   cp_async_wait<0>();

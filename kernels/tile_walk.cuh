@@ -47,7 +47,7 @@ struct SegmentDesc {
 static_assert(sizeof(SegmentDesc) == 40, "SegmentDesc layout");
 
 // One tile as the walker describes it.
-struct TileInfo {
+struct alignas(16) TileInfo {
   uint64_t k;          // K of the tile's first key, this CTA's KV head
   uint64_t v;          // V likewise
   int n;               // valid keys (1..kBlockN); 0: the walk is over
@@ -89,9 +89,11 @@ __device__ __forceinline__ void walk_next(WalkState& w, TileInfo& out, const Wal
   uint32_t t = w.t + 1;
   while (true) {
     if (t >= w.t_end) {
+      // static-check: cold begin (the walk is over)
       w.t = w.t_end;
       out.n = 0;
       return;
+      // static-check: cold end
     }
     // static-check: cold begin (the walk enters the next segment)
     while (t >= w.next_first) {
@@ -103,21 +105,26 @@ __device__ __forceinline__ void walk_next(WalkState& w, TileInfo& out, const Wal
     const int start = int(t - w.desc.first_tile) * kBlockN;
     const int pos0 = int(w.desc.pos_offset) + start;
     if (w.desc.role == 1 && pos0 > wp.q_pos_max) {
+      // static-check: cold begin (a causal tile after every row)
       t = w.next_first;  // and every later tile of this causal segment
       continue;
+      // static-check: cold end
     }
     const int n = min(kBlockN, int(w.desc.len) - start);
     const uint32_t offset = uint32_t(start) * wp.stride + wp.kv_offset;
-    out.k = reinterpret_cast<uint64_t>(reinterpret_cast<const T*>(w.desc.k) + offset);
-    out.v = reinterpret_cast<uint64_t>(reinterpret_cast<const T*>(w.desc.v) + offset);
-    out.n = n;
-    out.pos0 = pos0;
-    out.causal = w.desc.role;
-    out.scale_log2 = w.desc.role == 0 ? wp.ctx_scale_log2 : wp.causal_scale_log2;
+    TileInfo info;
+    info.k = reinterpret_cast<uint64_t>(reinterpret_cast<const T*>(w.desc.k) + offset);
+    info.v = reinterpret_cast<uint64_t>(reinterpret_cast<const T*>(w.desc.v) + offset);
+    info.n = n;
+    info.pos0 = pos0;
+    info.causal = w.desc.role;
+    info.scale_log2 = w.desc.role == 0 ? wp.ctx_scale_log2 : wp.causal_scale_log2;
     // (n < kBlockN already masks, so pos0 + n - 1 cannot overflow when it is evaluated.)
-    out.need_mask = n < kBlockN || (w.desc.role == 1 && pos0 + n - 1 > wp.q_pos_min);
-    out.rope_row = w.desc.rope_row;
-    out.rope_layout = w.desc.rope_layout;
+    info.need_mask = n < kBlockN || (w.desc.role == 1 && pos0 + n - 1 > wp.q_pos_min);
+    info.rope_row = w.desc.rope_row;
+    info.rope_layout = w.desc.rope_layout;
+    info.pad = 0;
+    out = info;  // three 16-byte stores
     w.t = t;
     return;
   }
