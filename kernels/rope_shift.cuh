@@ -75,12 +75,15 @@ __device__ __forceinline__ void rotate_q_fragments(uint32_t (&qf)[D / 16][4], T*
 // by the table's row and writes the lo parts to sQlo. Its values are opaque (ptx.cuh): the
 // compiler would otherwise hoist what this rare branch derives from them out of the key loop and
 // hold it in registers for the whole walk, which spills at head dim 128.
+// q_warp: the warp whose rows of sQ the fragments hold (with few rows every warp holds warp 0's);
+// the lo parts go to the calling warp's own rows of sQlo.
 template <typename T, int D>
 __device__ __forceinline__ void enter_shift(uint32_t (&qf)[D / 16][4], const T* sQ, T* sQlo,
                                             const float2* __restrict__ rope_cs, int rope_row,
-                                            uint32_t rope_layout, int warp, int lane) {
+                                            uint32_t rope_layout, int q_warp, int warp,
+                                            int lane) {
   const int lane_o = opaque(lane);
-  load_a_fragments<T, D>(qf, opaque(sQ), warp * 16, lane_o);
+  load_a_fragments<T, D>(qf, opaque(sQ), q_warp * 16, lane_o);
   if (rope_row >= 0) {
     __syncwarp();  // every lane is done reading the previous lo rows
     rotate_q_fragments<T, D>(qf, opaque(sQlo), opaque(rope_cs) + size_t(rope_row) * (D / 2),

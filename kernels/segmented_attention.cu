@@ -19,7 +19,8 @@
 // repeated) and a range of tiles (a split). Per tile: S = Q K^T on tensor cores (mma.sync m16n8k16,
 // f32 accumulate), the mask (tail keys; causal keys after the row's position; tile_mask.cuh), the
 // online softmax with the tile's scale (1/(T sqrt d) for context tiles, 1/sqrt d for causal tiles;
-// online_softmax.cuh), O += P V.
+// online_softmax.cuh), O += P V. With at most 16 packed rows (decode, short questions) every warp
+// takes those rows and 16 of each tile's keys instead, and the four states merge after the walk.
 //
 // APE with one accumulator: when the walk crosses from the last context tile to the causal tiles,
 // the finished context state (L_C, O_C) is turned into a state of log-mass a = S*T*L_C (or
@@ -36,6 +37,8 @@
 // query fragments when the walk enters a segment with another shift (rope_shift.cuh), and
 // shifted tiles take a second Q K^T pass for the rotated rows' lo parts. Launches without shifts
 // pay one compare per tile.
+#include <type_traits>
+
 #include "attention_state.cuh"
 #include "online_softmax.cuh"
 #include "rope_shift.cuh"
@@ -86,6 +89,66 @@ constexpr float kLog2e = 1.442695040888963407f;
 __device__ __forceinline__ float context_log_mass(float lse_c, const SegmentedAttentionParams& p) {
   if (lse_c == -INFINITY) return -INFINITY;
   return p.variant == 0 ? p.scale * p.temperature * lse_c : p.temperature * lse_c + logf(p.scale);
+}
+
+// Few rows: the four warps hold states of the same 16 rows over different keys; warp 0's state
+// becomes their merge (docs/DESIGN.md §2.2), the others' are left as they are (they write
+// nothing). `scratch` is shared memory no tile uses any more: kWarps * 16 * (D + 2) floats.
+template <int D>
+__device__ __forceinline__ void merge_warp_states(OnlineSoftmax& sm, float (&acc)[D / 8][4],
+                                                  float* scratch, int warp, int lane) {
+  float* ml = scratch + kWarps * 16 * D;  // [warp][row] (m, sum)
+  __syncthreads();  // every warp is done with the tiles
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = lane / 4 + 8 * i;
+    const float sum = sm.sum(i);
+    if (warp > 0) {
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<float2*>(scratch + (warp * 16 + r) * D + j * 8 + (lane % 4) * 2) =
+            make_float2(acc[j][2 * i], acc[j][2 * i + 1]);
+      }
+    }
+    if (lane % 4 == 0) {
+      ml[(warp * 16 + r) * 2] = sm.m[i];
+      ml[(warp * 16 + r) * 2 + 1] = sum;
+    }
+  }
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = lane / 4 + 8 * i;
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, ml[(w * 16 + r) * 2]);
+    if (m_all == -INFINITY) continue;  // no keys in any warp: the state stays empty
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float m_w = ml[(w * 16 + r) * 2];
+      const float f = m_w == -INFINITY ? 0.f : exp2_ftz(m_w - m_all);
+      total += f * ml[(w * 16 + r) * 2 + 1];
+      if (w == 0) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[j][2 * i] *= f;
+          acc[j][2 * i + 1] *= f;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          const float2 o = *reinterpret_cast<const float2*>(scratch + (w * 16 + r) * D + j * 8 +
+                                                            (lane % 4) * 2);
+          acc[j][2 * i] += f * o.x;
+          acc[j][2 * i + 1] += f * o.y;
+        }
+      }
+    }
+    sm.m[i] = m_all;
+    sm.l[i] = lane % 4 == 0 ? total : 0.f;  // the quad's shares add up to the total
+  }
 }
 
 template <typename T, int D>
@@ -167,6 +230,15 @@ __device__ __forceinline__ void segmented_attention_body(
     walk_next<T>(s_walk, s_tiles[1], wp);
   }
 
+  // Few rows (decode, short questions): when the CTA's rows fit one warp's 16, every warp takes
+  // those rows and a quarter of each tile's keys, and the four states are merged after the walk,
+  // instead of one warp computing while three only copy. Not where the walk crosses from the
+  // context keys to the causal keys in whole mode: the APE correction there needs the context
+  // state of all the keys.
+  const bool split_keys =
+      packed_rows - m0 <= 16 && !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0);
+  const int row_warp = split_keys ? 0 : warp;  // the warp whose 16 rows this warp holds
+
   // The two rows of each thread's accumulator fragments: packed rows r and r + 8.
   int row_pos[2];
   int row_idx[2];
@@ -174,7 +246,7 @@ __device__ __forceinline__ void segmented_attention_body(
   bool row_ok[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint32_t pr = m0 + warp * 16 + lane / 4 + i * 8;
+    const uint32_t pr = m0 + row_warp * 16 + lane / 4 + i * 8;
     row_ok[i] = pr < packed_rows;
     row_idx[i] = int(pr / p.group);
     row_head[i] = kvh * group + int(pr % p.group);
@@ -211,11 +283,11 @@ __device__ __forceinline__ void segmented_attention_body(
   // Q fragments stay in registers for the whole walk; sQ keeps the unrotated rows, from which they
   // are reloaded when the walk enters a segment with another RoPE shift.
   uint32_t qf[kKSteps][4];
-  load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
+  load_a_fragments<T, D>(qf, sQ, row_warp * 16, lane);
   int q_rope_row = -1;  // the RoPE shift the fragments carry
 
   // Warps whose 16 rows are all padding (short questions, decode) only help load tiles.
-  const bool warp_active = m0 + warp * 16 < packed_rows;
+  const bool warp_active = split_keys || m0 + warp * 16 < packed_rows;
 
   float acc[kNBlocksO][4];
 #pragma unroll
@@ -284,52 +356,71 @@ __device__ __forceinline__ void segmented_attention_body(
       const int rope_row = tile.rope_row;
       // static-check: cold begin (the walk enters a segment with another RoPE shift)
       if (rope_row != q_rope_row) {  // uniform over the CTA: the tile is
-        enter_shift<T, D>(qf, sQ, sQlo, rope_cs, rope_row, tile.rope_layout, warp, lane);
+        enter_shift<T, D>(qf, sQ, sQlo, rope_cs, rope_row, tile.rope_layout, row_warp, warp,
+                          lane);
         q_rope_row = rope_row;
       }
       // static-check: cold end
 
-      // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-      float s[kNBlocksS][4];
+      // S = Q K^T for this warp's 16 rows and NS * 8 of the tile's keys from key0 on, the mask,
+      // the online softmax, O += P V.
+      auto keys = [&](auto ns, int key0) {
+        constexpr int NS = decltype(ns)::value;
+        const uint32_t key_bytes = uint32_t(key0) * D * 2;
+        float s[NS][4];
 #pragma unroll
-      for (int j = 0; j < kNBlocksS; ++j)
+        for (int j = 0; j < NS; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+          for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
+        for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
-        for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
-          uint32_t b[4];
-          ldmatrix_x4_at(b, k_lane[ks % 4] + buf_bytes + (ks / 4) * 128 + nb * 16 * D * 2);
-          mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
-          mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
+          for (int nb = 0; nb < NS / 2; ++nb) {
+            uint32_t b[4];
+            ldmatrix_x4_at(b, k_lane[ks % 4] + buf_bytes + key_bytes + (ks / 4) * 128 +
+                                  nb * 16 * D * 2);
+            mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
+            mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
+          }
         }
-      }
-      // static-check: cold begin (shifted tiles only: the rotated rows' lo part)
-      if (rope_row >= 0) qk_lo_pass<T, D>(s, sQlo, k_tile, warp, lane);
-      // static-check: cold end
+        // static-check: cold begin (shifted tiles only: the rotated rows' lo part)
+        if (rope_row >= 0) qk_lo_pass<T, D>(s, sQlo, k_tile + key0 * D, warp, lane);
+        // static-check: cold end
 
-      // static-check: cold begin (tail tiles and the causal diagonal)
-      if (tile.need_mask) mask_tile(s, tile.n, tile.causal != 0, tile.pos0, row_pos, lane);
-      // static-check: cold end
-
-      sm.update(s, tile.scale_log2, acc);
-
-      // O += P V, P taken straight from the S accumulators.
-#pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        uint32_t a[4];
-        a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
-        a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
-        a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-        a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
-#pragma unroll
-        for (int db = 0; db < D / 16; ++db) {
-          uint32_t b[4];
-          ldmatrix_x4_trans_at(b, v_lane[db % 4] + buf_bytes + (db / 4) * 128 + ks * 16 * D * 2);
-          mma_16816<T>(acc[2 * db], a, b[0], b[1]);
-          mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
+        // static-check: cold begin (tail tiles and the causal diagonal)
+        if (tile.need_mask) {
+          mask_tile(s, tile.n - key0, tile.causal != 0, tile.pos0 + key0, row_pos, lane);
         }
+        // static-check: cold end
+
+        sm.update(s, tile.scale_log2, acc);
+
+        // O += P V, P taken straight from the S accumulators.
+#pragma unroll
+        for (int ks = 0; ks < NS / 2; ++ks) {
+          uint32_t a[4];
+          a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+          a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+          a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+          a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+#pragma unroll
+          for (int db = 0; db < D / 16; ++db) {
+            uint32_t b[4];
+            ldmatrix_x4_trans_at(b, v_lane[db % 4] + buf_bytes + key_bytes + (db / 4) * 128 +
+                                        ks * 16 * D * 2);
+            mma_16816<T>(acc[2 * db], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
+          }
+        }
+      };
+      if (split_keys) {
+        // static-check: decode begin (every warp on a quarter of the keys)
+        keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
+        // static-check: decode end
+      } else {
+        // static-check: prefill begin (each warp on its own rows, every key)
+        keys(std::integral_constant<int, kNBlocksS>(), 0);
+        // static-check: prefill end
       }
     }  // warp_active
 
@@ -340,6 +431,10 @@ __device__ __forceinline__ void segmented_attention_body(
   }
   cp_async_wait<0>();
 
+  // static-check: cold begin (few rows: once per CTA)
+  if (split_keys) merge_warp_states<D>(sm, acc, reinterpret_cast<float*>(sK), warp, lane);
+  // static-check: cold end
+
   if (p.whole && !corrected) correct_context();
 
   // Epilogue: normalise, and write either the final output or this split's partial state.
@@ -349,7 +444,7 @@ __device__ __forceinline__ void segmented_attention_body(
     const float l_full = sm.sum(i);
     const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
     const float row_lse = OnlineSoftmax::lse(sm.m[i], l_full);
-    if (!row_ok[i]) continue;
+    if (!row_ok[i] || (split_keys && warp != 0)) continue;  // few rows: warp 0 holds the merge
     const size_t row = size_t(row_idx[i]) * p.n_heads + row_head[i];  // within the sequence
     if (p.whole) {
       const size_t at = size_t(p.q_row0) * p.n_heads + row;

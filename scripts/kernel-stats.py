@@ -7,9 +7,10 @@ architecture, and reads:
 - from `ptxas -v`: registers, spill stores and loads, stack frame and static shared memory of
   every kernel;
 - from the SASS (nvdisasm, with the line table that -lineinfo keeps): the main loop of each
-  attention kernel (the loop that holds the most tensor-core MMAs), its instructions, the
-  instructions on its common path (those not attributed to a source region marked
-  `static-check: cold`), and the MMAs on that path.
+  attention kernel (the loop that holds the most tensor-core MMAs), its instructions, and those
+  on its two common paths with their MMAs: the prefill path and the decode path (few rows).
+  Basic blocks whose instructions come mostly from a source region marked `static-check: cold`
+  are on neither; `static-check: prefill` and `static-check: decode` regions are on one only.
 
 From these it derives instructions per MMA (the prefill loop), instructions per byte of K and V
 (decode: the busiest warp's instructions per key tile over the tile's bytes) and thread blocks
@@ -72,22 +73,24 @@ def build_flags():
     return flags, archs
 
 
-def cold_lines():
-    """(file, line) pairs inside `static-check: cold begin` ... `end` markers of kernels/."""
-    cold = set()
+def region_lines(kind):
+    """(file, line) pairs inside `static-check: KIND begin` ... `end` markers of kernels/."""
+    lines = set()
     for path in sorted(KERNELS.glob("*.cu*")):
         start = None
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if "static-check: cold begin" in line:
+            if f"static-check: {kind} begin" in line:
+                if start is not None:
+                    die(f"{path.name}:{n}: a {kind} begin inside another")
                 start = n
-            elif "static-check: cold end" in line:
+            elif f"static-check: {kind} end" in line:
                 if start is None:
-                    die(f"{path.name}:{n}: a cold end without a begin")
-                cold.update((path.name, k) for k in range(start, n + 1))
+                    die(f"{path.name}:{n}: a {kind} end without a begin")
+                lines.update((path.name, k) for k in range(start, n + 1))
                 start = None
         if start is not None:
-            die(f"{path.name}:{start}: a cold begin without an end")
-    return cold
+            die(f"{path.name}:{start}: a {kind} begin without an end")
+    return lines
 
 
 def compile_arch(nvcc, flags, virt, real, unity, out_dir):
@@ -198,10 +201,10 @@ def basic_blocks(body, labels):
     return blocks
 
 
-def is_cold(block, cold):
-    """A block most of whose instructions come from a `static-check: cold` region (a few hoisted
-    from such a region into a hot block leave it hot; the rare path's blocks are all cold)."""
-    return 2 * sum(1 for x in block if x[2] & cold) > len(block)
+def is_in(block, region):
+    """A block most of whose instructions come from a marked region (a few hoisted from such a
+    region into another block leave that block where it is)."""
+    return 2 * sum(1 for x in block if x[2] & region) > len(block)
 
 
 def opcode(text):
@@ -236,7 +239,9 @@ def measure(nvcc):
     nvdisasm = bindir / "nvdisasm"
     if not nvdisasm.exists():
         die(f"no nvdisasm beside {nvcc}: run scripts/install-nvcc.sh (it installs the pinned one)")
-    cold = cold_lines()
+    cold = region_lines("cold")
+    prefill_only = region_lines("prefill")
+    decode_only = region_lines("decode")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kernel-stats-") as tmp:
         tmp = Path(tmp)
@@ -266,16 +271,19 @@ def measure(nvcc):
                     if loop is None:
                         die(f"no loop with MMAs in {name} ({arch})")
                     body = insns[loop[0]:loop[1] + 1]
-                    hot = [x for block in basic_blocks(body, labels) if not is_cold(block, cold)
-                           for x in block]
+                    blocks = [b for b in basic_blocks(body, labels) if not is_in(b, cold)]
+                    hot = [x for b in blocks if not is_in(b, decode_only) for x in b]
+                    dec = [x for b in blocks if not is_in(b, prefill_only) for x in b]
                     mma_all = sum(1 for x in body if opcode(x[1]).startswith("HMMA"))
                     mma = sum(1 for x in hot if opcode(x[1]).startswith("HMMA"))
+                    dec_mma = sum(1 for x in dec if opcode(x[1]).startswith("HMMA"))
                     plain, shifted = smem_bytes(d)
                     kv_bytes = BLOCK_N * d * 2 * 2
                     row.update(
                         loop_all=len(body), loop=len(hot), mma=mma, mma_all=mma_all,
                         per_mma=len(hot) / mma if mma else 0.0,
-                        per_byte=len(hot) / kv_bytes,
+                        dec=len(dec), dec_mma=dec_mma,
+                        per_byte=len(dec) / kv_bytes,
                         dyn=f"{plain // 1024}/{shifted // 1024}",
                         ctas=f"{occupancy(k['regs'], k['smem'], plain, WARPS * 32, arch)}/"
                              f"{occupancy(k['regs'], k['smem'], shifted, WARPS * 32, arch)}",
@@ -285,8 +293,9 @@ def measure(nvcc):
 
 
 HEADER = ("| kernel | arch | registers | spill bytes | stack bytes | static smem | dynamic smem KiB "
-          "(plain/shifts) | CTAs per SM (plain/shifts) | loop instructions (all) | loop instructions "
-          "(common path) | MMAs (common path) | instructions per MMA | instructions per K+V byte |")
+          "(plain/shifts) | CTAs per SM (plain/shifts) | loop instructions (all) | prefill path "
+          "instructions | prefill MMAs | instructions per MMA | decode path instructions | decode "
+          "MMAs | instructions per K+V byte |")
 OTHER_HEADER = "| kernel | arch | registers | spill bytes | stack bytes | static smem |"
 
 
@@ -294,7 +303,7 @@ def fmt_row(r):
     cells = [f"`{r['kernel']}`", r["arch"], r["regs"], r["spill"], r["stack"], r["smem"]]
     if "loop" in r:
         cells += [r["dyn"], r["ctas"], r["loop_all"], r["loop"], r["mma"], f"{r['per_mma']:.2f}",
-                  f"{r['per_byte']:.4f}"]
+                  r["dec"], r["dec_mma"], f"{r['per_byte']:.4f}"]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -318,8 +327,8 @@ def read_table():
         if len(cells) < 6 or not cells[0].startswith("`"):
             continue
         r = dict(kernel=cells[0].strip("`"), arch=cells[1])
-        if len(cells) >= 13:
-            r.update(loop=int(cells[9]), per_mma=float(cells[11]))
+        if len(cells) >= 15:
+            r.update(loop=int(cells[9]), per_mma=float(cells[11]), dec=int(cells[12]))
         rows[(r["kernel"], r["arch"])] = r
     return rows
 
@@ -346,8 +355,9 @@ def check(rows, margin):
         old = recorded[key]
         if "loop" not in r or "loop" not in old:
             continue
-        for what, now, then in (("common-path loop instructions", r["loop"], old["loop"]),
-                                ("instructions per MMA", r["per_mma"], old["per_mma"])):
+        for what, now, then in (("prefill path instructions", r["loop"], old["loop"]),
+                                ("instructions per MMA", r["per_mma"], old["per_mma"]),
+                                ("decode path instructions", r["dec"], old["dec"])):
             if now > then * (1 + margin) + 1e-9:
                 failures.append(f"{r['kernel']} ({r['arch']}): {what} {now:g}, the table has {then:g} "
                                 f"(more than {margin:.0%} over)")
