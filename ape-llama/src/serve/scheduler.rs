@@ -158,16 +158,7 @@ impl<M: LlamaModel> Scheduler<'_, M> {
                         Ok(())
                     })
                     .map_err(ApiError::from)
-                    .map(|state| {
-                        let mut out = Vec::new();
-                        for s in &state.sources {
-                            if let Part::Context(_) = s.part {
-                                count_block(ctx.metrics, &self.engine.model, s.source, s.tokens);
-                                out.push((s.tokens, s.source));
-                            }
-                        }
-                        out
-                    });
+                    .map(|state| document_blocks(ctx.metrics, &self.engine.model, &state));
                 update_tiers(ctx.metrics, &self.engine);
                 let _ = job.reply.send(result);
             }
@@ -215,15 +206,12 @@ impl<M: LlamaModel> Scheduler<'_, M> {
                     }
                 };
                 let mut documents = DocumentSources::default();
-                for s in &state.sources {
-                    if let Part::Context(_) = s.part {
-                        count_block(ctx.metrics, &self.engine.model, s.source, s.tokens);
-                        match s.source {
-                            Source::Memory => documents.memory += 1,
-                            Source::Disk => documents.disk += 1,
-                            Source::Redis => documents.redis += 1,
-                            Source::Encoded => documents.encoded += 1,
-                        }
+                for (_, source) in document_blocks(ctx.metrics, &self.engine.model, &state) {
+                    match source {
+                        Source::Memory => documents.memory += 1,
+                        Source::Disk => documents.disk += 1,
+                        Source::Redis => documents.redis += 1,
+                        Source::Encoded => documents.encoded += 1,
                     }
                 }
                 let prompt_tokens = super::api::prompt_tokens(&job.prompt);
@@ -293,35 +281,48 @@ fn fresh_seed() -> u64 {
     h.finish()
 }
 
-fn count_block<M: LlamaModel>(metrics: &Metrics, model: &M, source: Source, tokens: usize) {
-    let name = source.name();
-    metrics.blocks.with_label_values(&[name]).inc();
-    metrics
-        .block_bytes
-        .with_label_values(&[name])
-        .inc_by(model.block_bytes(tokens) as u64);
+/// The request's document blocks (its contexts; the prefix is not a document), each with its
+/// tokens and where it came from, counted into the per-tier metrics.
+fn document_blocks<M: LlamaModel>(
+    metrics: &Metrics,
+    model: &M,
+    state: &Prefilled<M::Block>,
+) -> Vec<(usize, Source)> {
+    let blocks: Vec<(usize, Source)> = state
+        .sources
+        .iter()
+        .filter(|s| matches!(s.part, Part::Context(_)))
+        .map(|s| (s.tokens, s.source))
+        .collect();
+    for &(tokens, source) in &blocks {
+        let name = source.name();
+        metrics.blocks.with_label_values(&[name]).inc();
+        metrics
+            .block_bytes
+            .with_label_values(&[name])
+            .inc_by(model.block_bytes(tokens) as u64);
+    }
+    blocks
 }
 
 fn update_tiers<M: LlamaModel>(metrics: &Metrics, engine: &Engine<M>) {
     let mem = engine.cache.stats();
-    metrics
-        .tier_bytes
-        .with_label_values(&["memory"])
-        .set(mem.bytes as i64);
-    metrics
-        .tier_blocks
-        .with_label_values(&["memory"])
-        .set(mem.blocks as i64);
-    if let Some(disk) = engine.store().and_then(|s| s.disk()) {
-        let d = disk.stats();
-        metrics
-            .tier_bytes
-            .with_label_values(&["disk"])
-            .set(d.bytes as i64);
-        metrics
-            .tier_blocks
-            .with_label_values(&["disk"])
-            .set(d.blocks as i64);
+    let disk = engine.store().and_then(|s| s.disk()).map(|d| d.stats());
+    let tiers = [
+        ("memory", Some((mem.bytes as u64, mem.blocks as u64))),
+        ("disk", disk.map(|d| (d.bytes, d.blocks))),
+    ];
+    for (tier, held) in tiers {
+        if let Some((bytes, blocks)) = held {
+            metrics
+                .tier_bytes
+                .with_label_values(&[tier])
+                .set(bytes as i64);
+            metrics
+                .tier_blocks
+                .with_label_values(&[tier])
+                .set(blocks as i64);
+        }
     }
 }
 
