@@ -23,6 +23,8 @@ const ARCHS: &str = "sm_80, sm_90a, compute_80 (PTX)";
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(ape_kernels)");
     println!("cargo::rerun-if-changed=kernels");
+    #[cfg(feature = "emulator")]
+    println!("cargo::rerun-if-changed=emulator");
     for var in [
         "NVCC",
         "CUDA_HOME",
@@ -39,7 +41,7 @@ fn main() {
     let kernel_dir = manifest_dir.join("kernels");
 
     #[cfg(feature = "emulator")]
-    build_emulator(&kernel_dir);
+    build_emulator(&manifest_dir);
 
     if env::var("APE_ATTN_CPU_ONLY").is_ok_and(|v| !v.is_empty() && v != "0") {
         cpu_only("APE_ATTN_CPU_ONLY is set; unset it and rebuild");
@@ -114,10 +116,10 @@ fn main() {
 }
 
 /// The kernel emulator (feature `emulator`): the same kernel sources compiled for the CPU by the
-/// host C++ compiler, linked in as `ape_emu_launch` (kernels/emulator/runtime.cpp). Independent of
-/// nvcc: it builds on machines with no CUDA at all.
+/// host C++ compiler, linked in as `ape_emu_launch` (emulator/runtime.cpp, which includes
+/// kernels/*.cu). Independent of nvcc: it builds on machines with no CUDA at all.
 #[cfg(feature = "emulator")]
-fn build_emulator(kernel_dir: &Path) {
+fn build_emulator(manifest_dir: &Path) {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if arch != "x86_64" || os != "linux" {
@@ -127,8 +129,8 @@ fn build_emulator(kernel_dir: &Path) {
     }
     cc::Build::new()
         .cpp(true)
-        .file(kernel_dir.join("emulator/runtime.cpp"))
-        .include(kernel_dir)
+        .file(manifest_dir.join("emulator/runtime.cpp"))
+        .include(manifest_dir.join("kernels"))
         .define("APE_EMULATE", None)
         .flag("-std=c++17")
         // The kernels pun 16-bit pairs through uint32_t as CUDA code does.

@@ -2,7 +2,7 @@
 #pragma once
 
 #ifdef APE_EMULATE
-#include "emulator/cuda.h"  // the kernel emulator: the same source, run on the CPU
+#include "../emulator/cuda.h"  // the kernel emulator: the same source, run on the CPU
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -36,4 +36,17 @@ template <int D> __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// A warp's A fragments for 16 rows from row0 on, every k16 step of the head dim, from a swizzled
+// [rows][D] tile.
+template <typename T, int D>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&frag)[D / 16][4], const T* tile,
+                                                 int row0, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int mi = lane / 8;
+    const int r = row0 + (mi % 2) * 8 + lane % 8;
+    ldmatrix_x4(frag[ks], tile + swizzle<D>(r, ks * 2 + mi / 2));
+  }
+}
+
 }  // namespace ape

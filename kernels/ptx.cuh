@@ -1,6 +1,6 @@
 // Every inline-PTX primitive the kernels use, in one place: cp.async, ldmatrix, mma.sync
 // m16n8k16 (f32 accumulate), ex2.approx, and an optimisation barrier. The kernel emulator
-// (APE_EMULATE) replaces this file with kernels/emulator/ptx.cuh, which implements the same
+// (APE_EMULATE) replaces this file with emulator/ptx.cuh, which implements the same
 // functions on the CPU from the PTX ISA's definitions.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16/.f16 inputs), lane = 4 * group + tig:
@@ -13,7 +13,7 @@
 #include "common.cuh"
 
 #ifdef APE_EMULATE
-#include "emulator/ptx.cuh"
+#include "../emulator/ptx.cuh"
 #else
 
 namespace ape {
@@ -46,6 +46,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem)));
+}
+
+// The same at a shared-window address (smem_addr): for addresses formed once and offset by
+// constants, which the instruction takes as an immediate.
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 // c += a * b for one m16n8k16 tile.

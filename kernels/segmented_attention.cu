@@ -5,7 +5,7 @@
 // first_tile, rope_row, rope_layout}, K and V of a segment being [len, n_kv_heads, D]. The
 // launcher orders the descriptors Context first, then Causal, and numbers their 64-key tiles
 // consecutively (first_tile), so that tiles [0, n_ctx_tiles) are the context group C and the rest
-// the causal group O.
+// the causal group O. The walk over them, and the copy of each tile, are in tile_walk.cuh.
 //
 // Batches: a launch covers one or more sequences, each with its own rows of the packed query, its
 // own segments (descriptors seg0 onwards) and its own APE parameters; work[blockIdx.x] names each
@@ -17,8 +17,10 @@
 // Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
 // the `group` query heads that share the KV head, so K/V are read once for all of them and never
 // repeated) and a range of tiles (a split). Per tile: S = Q K^T on tensor cores (mma.sync m16n8k16,
-// f32 accumulate), scale (1/(T sqrt d) for context tiles, 1/sqrt d for causal tiles; log2 domain),
-// mask (tail keys; causal keys after the row's position), online softmax, O += P V.
+// f32 accumulate), the mask (tail keys; causal keys after the row's position; tile_mask.cuh), the
+// online softmax with the tile's scale (1/(T sqrt d) for context tiles, 1/sqrt d for causal tiles;
+// online_softmax.cuh), O += P V. With at most 16 packed rows (decode, short questions) every warp
+// takes those rows and 16 of each tile's keys instead, and the four states merge after the walk.
 //
 // APE with one accumulator: when the walk crosses from the last context tile to the causal tiles,
 // the finished context state (L_C, O_C) is turned into a state of log-mass a = S*T*L_C (or
@@ -31,41 +33,19 @@
 // splits of each group, applies the APE correction to L_C and merges the two groups.
 //
 // RoPE shift (Block-Attention, RopeShift in src/params.rs): a segment whose cached keys must be
-// read rotated by delta positions names a row of (cos, sin) of delta * theta_i. RoPE is a rotation,
-// so q . R(delta) k = R(-delta) q . k: instead of rotating every K tile (in every CTA that reads
-// it), the CTA rotates its query fragments when the walk enters a segment with another shift. Both
-// lanes of a RoPE pair sit in the same thread's A fragments (NeoX: columns c and c + D/2 are the
-// same slot of k-steps ks and ks + D/32; interleaved: one 32-bit register), so the rotation needs
-// no shuffles; the K bytes read are those of the cache.
-//
-// The rotated rows are f32; rounding them to T once would put a logit error of ~2e-3 (bf16) into
-// every key of the segment alike, which no averaging over keys removes (LSE errors up to 8e-3 at
-// head dim 128, above the 1e-3 bar; rotating K in a separate pass does no better on short
-// segments). So they are split as hi + lo, both in T, and shifted tiles take two MMAs per Q K^T
-// step: the logits are then good to ~2^-17. hi stays in the Q fragments; lo goes to a fourth shared
-// tile, sQlo, which the launcher allocates only for launches with shifts, and which each warp
-// writes and reads for its own 16 rows only.
-//
-// Launches without shifts pay one compare per tile; the branch's values are kept opaque (see
-// opaque() in ptx.cuh) so that it costs no registers in the walk: at head dim 128 the kernel sits
-// near the 255-register limit.
+// read rotated by delta positions names a row of (cos, sin) of delta * theta_i; the CTA rotates its
+// query fragments when the walk enters a segment with another shift (rope_shift.cuh), and
+// shifted tiles take a second Q K^T pass for the rotated rows' lo parts. Launches without shifts
+// pay one compare per tile.
+#include <type_traits>
+
 #include "attention_state.cuh"
-#include "mma.cuh"
+#include "online_softmax.cuh"
+#include "rope_shift.cuh"
+#include "tile_mask.cuh"
+#include "tile_walk.cuh"
 
 namespace ape {
-
-// Mirrored by SegmentDesc in src/cuda/segmented_attention/layout.rs.
-struct SegmentDesc {
-  uint64_t k;           // device pointer to [len, n_kv_heads, D]
-  uint64_t v;           // device pointer to [len, n_kv_heads, D]
-  uint32_t len;         // tokens (> 0: the launcher drops empty segments)
-  uint32_t pos_offset;  // absolute position of token 0
-  uint32_t role;        // 0 = Context, 1 = Causal (SegmentRole)
-  uint32_t first_tile;  // index of this segment's first tile in the launch's tile order
-  int32_t rope_row;     // row of the RoPE shift table (D/2 (cos, sin) pairs); -1: keys as stored
-  uint32_t rope_layout; // 0 = NeoX (i, i + D/2), 1 = interleaved (2i, 2i + 1) (RopeLayout)
-};
-static_assert(sizeof(SegmentDesc) == 40, "SegmentDesc layout");
 
 // Mirrored by SegmentedAttentionParams in src/cuda/segmented_attention/layout.rs.
 struct SegmentedAttentionParams {
@@ -103,22 +83,7 @@ struct SegmentedAttentionLaunch {
 };
 static_assert(sizeof(SegmentedAttentionLaunch) == 96, "SegmentedAttentionLaunch layout");
 
-constexpr int kBlockM = 64;
-constexpr int kBlockN = 64;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kLog2e = 1.442695040888963407f;
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 // APE's corrected log-mass of the context group from its LSE (natural log).
 __device__ __forceinline__ float context_log_mass(float lse_c, const SegmentedAttentionParams& p) {
@@ -126,120 +91,63 @@ __device__ __forceinline__ float context_log_mass(float lse_c, const SegmentedAt
   return p.variant == 0 ? p.scale * p.temperature * lse_c : p.temperature * lse_c + logf(p.scale);
 }
 
-// Where a tile's keys are.
-template <typename T> struct Tile {
-  const T* k;
-  const T* v;
-  int start;   // first token of the tile within its segment
-  int n;       // valid keys in the tile (1..kBlockN)
-  int pos0;    // position of the tile's first key
-  int role;    // 0 = Context, 1 = Causal
-  int rope_row;          // RoPE shift table row, -1 for none
-  uint32_t rope_layout;  // RopeLayout
-};
-
-template <typename T>
-__device__ __forceinline__ Tile<T> tile_at(const SegmentDesc* segs, int n_segments, int& cursor,
-                                           uint32_t t) {
-  // Descriptors are in tile order; tiles are visited in increasing order, so the cursor only moves
-  // forward.
-  while (cursor + 1 < n_segments && segs[cursor + 1].first_tile <= t) ++cursor;
-  const SegmentDesc s = segs[cursor];
-  Tile<T> tile;
-  tile.k = reinterpret_cast<const T*>(s.k);
-  tile.v = reinterpret_cast<const T*>(s.v);
-  tile.start = int(t - s.first_tile) * kBlockN;
-  tile.n = min(kBlockN, int(s.len) - tile.start);
-  tile.pos0 = int(s.pos_offset) + tile.start;
-  tile.role = int(s.role);
-  tile.rope_row = s.rope_row;
-  tile.rope_layout = s.rope_layout;
-  return tile;
-}
-
-// This warp's Q fragments (16 rows, every k16 step of the head dim) from the shared Q tile.
-template <typename T, int D>
-__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], const T* sQ, int warp,
-                                                 int lane) {
+// Few rows: the four warps hold states of the same 16 rows over different keys; warp 0's state
+// becomes their merge (docs/DESIGN.md §2.2), the others' are left as they are (they write
+// nothing). `scratch` is shared memory no tile uses any more: kWarps * 16 * (D + 2) floats.
+template <int D>
+__device__ __forceinline__ void merge_warp_states(OnlineSoftmax& sm, float (&acc)[D / 8][4],
+                                                  float* scratch, int warp, int lane) {
+  float* ml = scratch + kWarps * 16 * D;  // [warp][row] (m, sum)
+  __syncthreads();  // every warp is done with the tiles
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    const int mi = lane / 8;
-    const int r = warp * 16 + (mi % 2) * 8 + lane % 8;
-    ldmatrix_x4(qf[ks], sQ + swizzle<D>(r, ks * 2 + mi / 2));
-  }
-}
-
-// A rotated fragment register's two values, split: hi (rounded to T) back into the fragment, the
-// rest (rounded to T) into the same place of this warp's rows of sQlo.
-template <typename T, int D>
-__device__ __forceinline__ void store_split(uint32_t& frag, T* sQlo, int ks, int r, int lane,
-                                            int warp, float x0, float x1) {
-  frag = pack2<T>(x0, x1);
-  const float2 hi = unpack2<T>(frag);
-  const int row = warp * 16 + lane / 4 + 8 * (r % 2);
-  *reinterpret_cast<uint32_t*>(sQlo + swizzle<D>(row, ks * 2 + r / 2) + 2 * (lane % 4)) =
-      pack2<T>(x0 - hi.x, x1 - hi.y);
-}
-
-// Rotates the Q fragments by -delta, (x, y) -> (x cos + y sin, -x sin + y cos), so that their dot
-// products with stored keys equal those with keys rotated by +delta, and splits the result
-// (store_split). cs holds the D/2 pairs (cos, sin) of delta * theta_i. Fragment register r of
-// k-step ks holds row (lane / 4 + 8 (r % 2)), columns ks * 16 + 8 (r / 2) + 2 (lane % 4) + {0, 1}
-// (see mma.cuh).
-template <typename T, int D>
-__device__ __forceinline__ void rotate_q_fragments(uint32_t (&qf)[D / 16][4], T* sQlo,
-                                                   const float2* __restrict__ cs,
-                                                   uint32_t layout, int lane, int warp) {
-  constexpr int kKSteps = D / 16;
-  const int tig = lane % 4;
-  if (layout == 0) {
-    // NeoX: pair i = column c < D/2 with column c + D/2, the same slot kKSteps / 2 steps later.
+  for (int i = 0; i < 2; ++i) {
+    const int r = lane / 4 + 8 * i;
+    const float sum = sm.sum(i);
+    if (warp > 0) {
 #pragma unroll
-    for (int ks = 0; ks < kKSteps / 2; ++ks) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int c = ks * 16 + (r / 2) * 8 + 2 * tig;
-        const float2 x = unpack2<T>(qf[ks][r]);
-        const float2 y = unpack2<T>(qf[ks + kKSteps / 2][r]);
-        const float2 cs0 = __ldg(cs + c);
-        const float2 cs1 = __ldg(cs + c + 1);
-        store_split<T, D>(qf[ks][r], sQlo, ks, r, lane, warp, x.x * cs0.x + y.x * cs0.y,
-                          x.y * cs1.x + y.y * cs1.y);
-        store_split<T, D>(qf[ks + kKSteps / 2][r], sQlo, ks + kKSteps / 2, r, lane, warp,
-                          y.x * cs0.x - x.x * cs0.y, y.y * cs1.x - x.y * cs1.y);
+      for (int j = 0; j < D / 8; ++j) {
+        *reinterpret_cast<float2*>(scratch + (warp * 16 + r) * D + j * 8 + (lane % 4) * 2) =
+            make_float2(acc[j][2 * i], acc[j][2 * i + 1]);
       }
     }
-  } else {
-    // Interleaved: pair i = columns (2i, 2i + 1), the two halves of one register.
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int c = ks * 16 + (r / 2) * 8 + 2 * tig;
-        const float2 xy = unpack2<T>(qf[ks][r]);
-        const float2 cs0 = __ldg(cs + c / 2);
-        store_split<T, D>(qf[ks][r], sQlo, ks, r, lane, warp, xy.x * cs0.x + xy.y * cs0.y,
-                          xy.y * cs0.x - xy.x * cs0.y);
-      }
+    if (lane % 4 == 0) {
+      ml[(warp * 16 + r) * 2] = sm.m[i];
+      ml[(warp * 16 + r) * 2 + 1] = sum;
     }
   }
-}
-
-// Copies a [kBlockN, D] slice of K or V (one KV head) into a swizzled shared tile; rows past the
-// tile's valid keys are zero-filled.
-template <typename T, int D>
-__device__ __forceinline__ void load_kv_tile(T* dst, const T* base, const Tile<T>& tile, int kvh,
-                                             int n_kv_heads, int tid) {
-  constexpr int kChunks = D / 8;
+  __syncthreads();
+  if (warp != 0) return;
 #pragma unroll
-  for (int i = 0; i < kBlockN * kChunks / kThreads; ++i) {
-    const int idx = tid + i * kThreads;
-    const int row = idx / kChunks;
-    const int chunk = idx % kChunks;
-    const bool valid = row < tile.n;
-    const T* src =
-        valid ? base + (size_t(tile.start + row) * n_kv_heads + kvh) * D + chunk * 8 : base;
-    cp_async_16(dst + swizzle<D>(row, chunk), src, valid);
+  for (int i = 0; i < 2; ++i) {
+    const int r = lane / 4 + 8 * i;
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, ml[(w * 16 + r) * 2]);
+    if (m_all == -INFINITY) continue;  // no keys in any warp: the state stays empty
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float m_w = ml[(w * 16 + r) * 2];
+      const float f = m_w == -INFINITY ? 0.f : exp2_ftz(m_w - m_all);
+      total += f * ml[(w * 16 + r) * 2 + 1];
+      if (w == 0) {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          acc[j][2 * i] *= f;
+          acc[j][2 * i + 1] *= f;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+          const float2 o = *reinterpret_cast<const float2*>(scratch + (w * 16 + r) * D + j * 8 +
+                                                            (lane % 4) * 2);
+          acc[j][2 * i] += f * o.x;
+          acc[j][2 * i + 1] += f * o.y;
+        }
+      }
+    }
+    sm.m[i] = m_all;
+    sm.l[i] = lane % 4 == 0 ? total : 0.f;  // the quad's shares add up to the total
   }
 }
 
@@ -268,8 +176,11 @@ __device__ __forceinline__ void segmented_attention_body(
   const int kvh = blockIdx.y;
 
   // This CTA's sequence. Its parameters are read from shared memory where they are used, rather
-  // than held in registers across the walk (the kernel sits near the register limit).
+  // than held in registers across the walk (the kernel sits near the register limit); so are the
+  // walk's state and its tiles' descriptions (tile_walk.cuh).
   __shared__ SegmentedAttentionParams s_params;
+  __shared__ WalkState s_walk;
+  __shared__ TileInfo s_tiles[3];
   if (tid == 0) {
     if (launch.n_sequences == 1) {
       s_params = launch.first;
@@ -289,24 +200,44 @@ __device__ __forceinline__ void segmented_attention_body(
   // Thread blocks a fixed-grid launch does not need (the idle sequence's) leave here.
   if (m0 >= packed_rows) return;
 
-  // This CTA's tile range.
-  uint32_t t_begin, t_end;
-  if (p.whole) {
-    t_begin = 0;
-    t_end = p.n_ctx_tiles + p.n_causal_tiles;
-  } else if (uint32_t(split) < p.n_ctx_splits) {
-    t_begin = uint32_t(uint64_t(split) * p.n_ctx_tiles / p.n_ctx_splits);
-    t_end = uint32_t(uint64_t(split + 1) * p.n_ctx_tiles / p.n_ctx_splits);
-  } else {
-    const uint64_t s = split - p.n_ctx_splits;
-    t_begin = p.n_ctx_tiles + uint32_t(s * p.n_causal_tiles / p.n_causal_splits);
-    t_end = p.n_ctx_tiles + uint32_t((s + 1) * p.n_causal_tiles / p.n_causal_splits);
-  }
-
   // Positions of the rows this CTA holds (for skipping and masking causal tiles).
   const uint32_t last_packed = min(m0 + kBlockM, packed_rows) - 1;
   const int q_pos_min = int(p.q_pos_offset + m0 / p.group);
   const int q_pos_max = int(p.q_pos_offset + last_packed / p.group);
+
+  // The walker finds this CTA's first two tiles.
+  const WalkParams wp{segs,      int(p.n_segments),      q_pos_min,           q_pos_max,
+                      uint32_t(kvh) * D, p.n_kv_heads * D, p.ctx_scale_log2, p.causal_scale_log2};
+  if (tid == 0) {
+    // This CTA's tile range.
+    uint32_t t_begin, t_end;
+    if (p.whole) {
+      t_begin = 0;
+      t_end = p.n_ctx_tiles + p.n_causal_tiles;
+    } else if (uint32_t(split) < p.n_ctx_splits) {
+      t_begin = uint32_t(uint64_t(split) * p.n_ctx_tiles / p.n_ctx_splits);
+      t_end = uint32_t(uint64_t(split + 1) * p.n_ctx_tiles / p.n_ctx_splits);
+    } else {
+      const uint64_t s = split - p.n_ctx_splits;
+      t_begin = p.n_ctx_tiles + uint32_t(s * p.n_causal_tiles / p.n_causal_splits);
+      t_end = p.n_ctx_tiles + uint32_t((s + 1) * p.n_causal_tiles / p.n_causal_splits);
+    }
+    s_walk.t = t_begin - 1;
+    s_walk.t_end = t_end;
+    s_walk.next_first = 0;
+    s_walk.seg = -1;
+    walk_next<T>(s_walk, s_tiles[0], wp);
+    walk_next<T>(s_walk, s_tiles[1], wp);
+  }
+
+  // Few rows (decode, short questions): when the CTA's rows fit one warp's 16, every warp takes
+  // those rows and a quarter of each tile's keys, and the four states are merged after the walk,
+  // instead of one warp computing while three only copy. Not where the walk crosses from the
+  // context keys to the causal keys in whole mode: the APE correction there needs the context
+  // state of all the keys.
+  const bool split_keys =
+      packed_rows - m0 <= 16 && !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0);
+  const int row_warp = split_keys ? 0 : warp;  // the warp whose 16 rows this warp holds
 
   // The two rows of each thread's accumulator fragments: packed rows r and r + 8.
   int row_pos[2];
@@ -315,7 +246,7 @@ __device__ __forceinline__ void segmented_attention_body(
   bool row_ok[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint32_t pr = m0 + warp * 16 + lane / 4 + i * 8;
+    const uint32_t pr = m0 + row_warp * 16 + lane / 4 + i * 8;
     row_ok[i] = pr < packed_rows;
     row_idx[i] = int(pr / p.group);
     row_head[i] = kvh * group + int(pr % p.group);
@@ -338,24 +269,12 @@ __device__ __forceinline__ void segmented_attention_body(
   }
   cp_async_commit();
 
-  int cursor = 0;
-  // A causal tile whose first key comes after every row of the CTA contributes nothing.
-  auto visible = [&](uint32_t t) {
-    if (t < p.n_ctx_tiles) return true;
-    int c = cursor;
-    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), c, t);
-    return tile.pos0 <= q_pos_max;
-  };
-  auto next_visible = [&](uint32_t t) {
-    while (t < t_end && !visible(t)) ++t;
-    return t;
-  };
-
-  uint32_t t = next_visible(t_begin);
-  if (t < t_end) {
-    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), cursor, t);
-    load_kv_tile<T, D>(sK, tile.k, tile, kvh, int(p.n_kv_heads), tid);
-    load_kv_tile<T, D>(sV, tile.v, tile, kvh, int(p.n_kv_heads), tid);
+  KvCopy<D> kv;
+  kv.init(tid, p.n_kv_heads * D);
+  __syncthreads();  // the first two tiles are described
+  if (s_tiles[0].n > 0) {
+    kv.copy(sK, s_tiles[0].k, s_tiles[0].n);
+    kv.copy(sV, s_tiles[0].v, s_tiles[0].n);
   }
   cp_async_commit();
   cp_async_wait<0>();
@@ -364,186 +283,157 @@ __device__ __forceinline__ void segmented_attention_body(
   // Q fragments stay in registers for the whole walk; sQ keeps the unrotated rows, from which they
   // are reloaded when the walk enters a segment with another RoPE shift.
   uint32_t qf[kKSteps][4];
-  load_q_fragments<T, D>(qf, sQ, warp, lane);
+  load_a_fragments<T, D>(qf, sQ, row_warp * 16, lane);
   int q_rope_row = -1;  // the RoPE shift the fragments carry
 
   // Warps whose 16 rows are all padding (short questions, decode) only help load tiles.
-  const bool warp_active = m0 + warp * 16 < packed_rows;
+  const bool warp_active = split_keys || m0 + warp * 16 < packed_rows;
 
   float acc[kNBlocksO][4];
 #pragma unroll
   for (int j = 0; j < kNBlocksO; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};  // running max, log2 domain
-  float l[2] = {0.f, 0.f};              // running sum (this lane's share of the quad)
-  bool corrected = false;               // whole mode: the context state has been turned into (a, O_C)
+  OnlineSoftmax sm;
+  sm.init();
+  bool corrected = false;  // whole mode: the context state has been turned into (a, O_C)
 
   // Whole mode: (L_C, O_C) -> (a, O_C) as a running state, before the first causal key.
   auto correct_context = [&]() {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const float l_full = quad_sum(l[i]);
-      const float lse_c = (l_full > 0.f) ? (m[i] + log2f(l_full)) * kLn2 : -INFINITY;
-      const float a = context_log_mass(lse_c, p);
+      const float l_full = sm.sum(i);
+      const float a = context_log_mass(OnlineSoftmax::lse(sm.m[i], l_full), p);
       const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
 #pragma unroll
       for (int j = 0; j < kNBlocksO; ++j) {
         acc[j][2 * i] *= inv;
         acc[j][2 * i + 1] *= inv;
       }
-      m[i] = a == -INFINITY ? -INFINITY : a * kLog2e;
+      sm.m[i] = a == -INFINITY ? -INFINITY : a * kLog2e;
       // The quad's shares must sum to 1: one lane holds it.
-      l[i] = (a != -INFINITY && lane % 4 == 0) ? 1.f : 0.f;
+      sm.l[i] = (a != -INFINITY && lane % 4 == 0) ? 1.f : 0.f;
     }
     corrected = true;
   };
 
+  // This lane's ldmatrix addresses (shared window) in buffer 0's K and V tiles, for k-steps (K)
+  // and d-steps (V) j < 4; step j + 4 is 128 bytes on (the swizzle flips only the low three chunk
+  // bits), key block nb (K) or k-step ks (V) 16 rows on, the other buffer kBufBytes on.
+  constexpr uint32_t kBufBytes = kBlockN * D * 2;
+  constexpr int kLaneSteps = kKSteps < 4 ? kKSteps : 4;
+  uint32_t k_lane[kLaneSteps], v_lane[kLaneSteps];
+#pragma unroll
+  for (int j = 0; j < kLaneSteps; ++j) {
+    const int mi = lane / 8;
+    k_lane[j] = smem_addr(sK + swizzle<D>((mi / 2) * 8 + lane % 8, j * 2 + mi % 2));
+    v_lane[j] = smem_addr(sV + swizzle<D>((mi % 2) * 8 + lane % 8, j * 2 + mi / 2));
+  }
+
+  uint32_t buf_bytes = 0;  // kBufBytes * the buffer being computed
   int buf = 0;
-  while (t < t_end) {
-    const Tile<T> tile = tile_at<T>(segs, int(p.n_segments), cursor, t);
-    const uint32_t t_next = next_visible(t + 1);
-    if (t_next < t_end) {
-      int c = cursor;
-      const Tile<T> nt = tile_at<T>(segs, int(p.n_segments), c, t_next);
-      load_kv_tile<T, D>(sK + (buf ^ 1) * kBlockN * D, nt.k, nt, kvh, int(p.n_kv_heads), tid);
-      load_kv_tile<T, D>(sV + (buf ^ 1) * kBlockN * D, nt.v, nt, kvh, int(p.n_kv_heads), tid);
+  int cur = 0;  // the slot of s_tiles describing the tile being computed
+  while (s_tiles[cur].n > 0) {
+    const int nxt = cur == 2 ? 0 : cur + 1;
+    // Copy the next tile into the other buffer while this one is computed.
+    if (s_tiles[nxt].n > 0) {
+      kv.copy(sK + (buf ^ 1) * kBlockN * D, s_tiles[nxt].k, s_tiles[nxt].n);
+      kv.copy(sV + (buf ^ 1) * kBlockN * D, s_tiles[nxt].v, s_tiles[nxt].n);
     }
     cp_async_commit();
+    // The walker describes the tile after it in the third slot.
+    if (tid == 0) walk_next<T>(s_walk, s_tiles[nxt == 2 ? 0 : nxt + 1], wp);
     cp_async_wait<1>();
     __syncthreads();
 
-    if (p.whole && tile.role == 1 && !corrected) correct_context();
+    const TileInfo& tile = s_tiles[cur];
+    // static-check: cold begin (once per CTA: the walk enters the causal group)
+    if (p.whole && tile.causal && !corrected) correct_context();
+    // static-check: cold end
 
     const T* k_tile = sK + buf * kBlockN * D;
-    const T* v_tile = sV + buf * kBlockN * D;
     if (warp_active) {
-
-    if (tile.rope_row != q_rope_row) {  // uniform over the CTA: the tile is
-      const int lane_o = opaque(lane);
-      load_q_fragments<T, D>(qf, opaque(sQ), warp, lane_o);
-      if (tile.rope_row >= 0) {
-        __syncwarp();  // every lane is done reading the previous lo rows
-        rotate_q_fragments<T, D>(qf, opaque(sQlo),
-                                 opaque(rope_cs) + size_t(tile.rope_row) * (D / 2),
-                                 tile.rope_layout, lane_o, warp);
-        __syncwarp();  // the lo rows are written before any lane loads them
+      const int rope_row = tile.rope_row;
+      // static-check: cold begin (the walk enters a segment with another RoPE shift)
+      if (rope_row != q_rope_row) {  // uniform over the CTA: the tile is
+        enter_shift<T, D>(qf, sQ, sQlo, rope_cs, rope_row, tile.rope_layout, row_warp, warp,
+                          lane);
+        q_rope_row = rope_row;
       }
-      q_rope_row = tile.rope_row;
-    }
-    const bool split_q = tile.rope_row >= 0;  // uniform
+      // static-check: cold end
 
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-    float s[kNBlocksS][4];
+      // S = Q K^T for this warp's 16 rows and NS * 8 of the tile's keys from key0 on, the mask,
+      // the online softmax, O += P V.
+      auto keys = [&](auto ns, int key0) {
+        constexpr int NS = decltype(ns)::value;
+        const uint32_t key_bytes = uint32_t(key0) * D * 2;
+        float s[NS][4];
 #pragma unroll
-    for (int j = 0; j < kNBlocksS; ++j)
+        for (int j = 0; j < NS; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+          for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
+        for (int ks = 0; ks < kKSteps; ++ks) {
 #pragma unroll
-      for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
-        const int mi = lane / 8;
-        const int key = nb * 16 + (mi / 2) * 8 + lane % 8;
-        uint32_t b[4];
-        ldmatrix_x4(b, k_tile + swizzle<D>(key, ks * 2 + mi % 2));
-        mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
-        mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
-      }
-    }
-    if (split_q) {
-      // The lo part of the rotated rows: a second pass over the tile's K fragments.
-      const T* lo = opaque(sQlo);
-      const T* kt = opaque(k_tile);
-      const int ln = opaque(lane);
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        const int mi = ln / 8;
-        uint32_t qlo[4];
-        ldmatrix_x4(qlo, lo + swizzle<D>(warp * 16 + (mi % 2) * 8 + ln % 8, ks * 2 + mi / 2));
-#pragma unroll
-        for (int nb = 0; nb < kNBlocksS / 2; ++nb) {
-          const int key = nb * 16 + (mi / 2) * 8 + ln % 8;
-          uint32_t b[4];
-          ldmatrix_x4(b, kt + swizzle<D>(key, ks * 2 + mi % 2));
-          mma_16816<T>(s[2 * nb], qlo, b[0], b[1]);
-          mma_16816<T>(s[2 * nb + 1], qlo, b[2], b[3]);
+          for (int nb = 0; nb < NS / 2; ++nb) {
+            uint32_t b[4];
+            ldmatrix_x4_at(b, k_lane[ks % 4] + buf_bytes + key_bytes + (ks / 4) * 128 +
+                                  nb * 16 * D * 2);
+            mma_16816<T>(s[2 * nb], qf[ks], b[0], b[1]);
+            mma_16816<T>(s[2 * nb + 1], qf[ks], b[2], b[3]);
+          }
         }
-      }
-    }
+        // static-check: cold begin (shifted tiles only: the rotated rows' lo part)
+        if (rope_row >= 0) qk_lo_pass<T, D>(s, sQlo, k_tile + key0 * D, warp, lane);
+        // static-check: cold end
 
-    // Scale into the log2 domain and mask.
-    const float scale_log2 = tile.role == 0 ? p.ctx_scale_log2 : p.causal_scale_log2;
-    // (tile.n < kBlockN already masks, so pos0 + n - 1 cannot overflow when it is evaluated.)
-    const bool need_mask =
-        tile.n < kBlockN || (tile.role == 1 && tile.pos0 + tile.n - 1 > q_pos_min);
-#pragma unroll
-    for (int j = 0; j < kNBlocksS; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * scale_log2;
-        if (need_mask) {
-          const int key = j * 8 + (lane % 4) * 2 + (e & 1);
-          const bool ok = key < tile.n && (tile.role == 0 || tile.pos0 + key <= row_pos[e / 2]);
-          x = ok ? x : -INFINITY;
+        // static-check: cold begin (tail tiles and the causal diagonal)
+        if (tile.need_mask) {
+          mask_tile(s, tile.n - key0, tile.causal != 0, tile.pos0 + key0, row_pos, lane);
         }
-        s[j][e] = x;
-      }
-    }
+        // static-check: cold end
 
-    // Online softmax.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mt = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kNBlocksS; ++j) mt = fmaxf(mt, fmaxf(s[j][2 * i], s[j][2 * i + 1]));
-      mt = quad_max(mt);
-      const float m_new = fmaxf(m[i], mt);
-      // With nothing visible yet, m_new is -inf: use 0 so that no (-inf) - (-inf) appears.
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2_ftz(m[i] - m_use);
-      l[i] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kNBlocksO; ++j) {
-        acc[j][2 * i] *= alpha;
-        acc[j][2 * i + 1] *= alpha;
-      }
-      float rs = 0.f;
-#pragma unroll
-      for (int j = 0; j < kNBlocksS; ++j) {
-        s[j][2 * i] = exp2_ftz(s[j][2 * i] - m_use);
-        s[j][2 * i + 1] = exp2_ftz(s[j][2 * i + 1] - m_use);
-        rs += s[j][2 * i] + s[j][2 * i + 1];
-      }
-      l[i] += rs;
-      m[i] = m_new;
-    }
+        sm.update(s, tile.scale_log2, acc);
 
-    // O += P V, P taken straight from the S accumulators.
+        // O += P V, P taken straight from the S accumulators.
 #pragma unroll
-    for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+        for (int ks = 0; ks < NS / 2; ++ks) {
+          uint32_t a[4];
+          a[0] = pack2<T>(s[2 * ks][0], s[2 * ks][1]);
+          a[1] = pack2<T>(s[2 * ks][2], s[2 * ks][3]);
+          a[2] = pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+          a[3] = pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3]);
 #pragma unroll
-      for (int db = 0; db < D / 16; ++db) {
-        const int mi = lane / 8;
-        const int key = ks * 16 + (mi % 2) * 8 + lane % 8;
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, v_tile + swizzle<D>(key, db * 2 + mi / 2));
-        mma_16816<T>(acc[2 * db], a, b[0], b[1]);
-        mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
+          for (int db = 0; db < D / 16; ++db) {
+            uint32_t b[4];
+            ldmatrix_x4_trans_at(b, v_lane[db % 4] + buf_bytes + key_bytes + (db / 4) * 128 +
+                                        ks * 16 * D * 2);
+            mma_16816<T>(acc[2 * db], a, b[0], b[1]);
+            mma_16816<T>(acc[2 * db + 1], a, b[2], b[3]);
+          }
+        }
+      };
+      if (split_keys) {
+        // static-check: decode begin (every warp on a quarter of the keys)
+        keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
+        // static-check: decode end
+      } else {
+        // static-check: prefill begin (each warp on its own rows, every key)
+        keys(std::integral_constant<int, kNBlocksS>(), 0);
+        // static-check: prefill end
       }
-    }
     }  // warp_active
 
-    __syncthreads();  // every warp is done with this buffer before it is refilled
+    __syncthreads();  // every warp is done with this buffer (and this slot) before they are reused
     buf ^= 1;
-    t = t_next;
+    buf_bytes ^= kBufBytes;
+    cur = nxt;
   }
   cp_async_wait<0>();
+
+  // static-check: cold begin (few rows: once per CTA)
+  if (split_keys) merge_warp_states<D>(sm, acc, reinterpret_cast<float*>(sK), warp, lane);
+  // static-check: cold end
 
   if (p.whole && !corrected) correct_context();
 
@@ -551,10 +441,10 @@ __device__ __forceinline__ void segmented_attention_body(
   const int col = (lane % 4) * 2;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const float l_full = quad_sum(l[i]);
+    const float l_full = sm.sum(i);
     const float inv = l_full > 0.f ? 1.f / l_full : 0.f;
-    const float row_lse = l_full > 0.f ? (m[i] + log2f(l_full)) * kLn2 : -INFINITY;
-    if (!row_ok[i]) continue;
+    const float row_lse = OnlineSoftmax::lse(sm.m[i], l_full);
+    if (!row_ok[i] || (split_keys && warp != 0)) continue;  // few rows: warp 0 holds the merge
     const size_t row = size_t(row_idx[i]) * p.n_heads + row_head[i];  // within the sequence
     if (p.whole) {
       const size_t at = size_t(p.q_row0) * p.n_heads + row;

@@ -26,7 +26,7 @@ if [ -z "${NVCC:-}" ]; then
   export NVCC
 fi
 export APE_ATTN_REQUIRE_KERNELS=1
-dev=$(bash scripts/build-emulated-device.sh | tail -n 1) || { echo "building the emulated device failed" >&2; exit 1; }
+dev=$(bash emulator/build-emulated-device.sh | tail -n 1) || { echo "building the emulated device failed" >&2; exit 1; }
 export LD_LIBRARY_PATH="$dev${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export APE_GPU_QUICK=1
 export APE_MODEL=${APE_MODEL:-$(bash scripts/fetch-model.sh | tail -n 1)}

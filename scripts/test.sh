@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The README's test command. On a fresh machine it installs the pinned CUDA 13.0 compiler when no
-# nvcc is found, compiles the kernels for real, then checks formatting and lints and runs every
-# test, after a short pass of every fuzz target (scripts/fuzz.sh). The kernels also run here on
-# the kernel emulator (feature `emulator`, the host C++ compiler), and the GPU tests
-# (#[ignore = "needs a CUDA device"]), the example, the demo on the GPU path and a dry run of the
-# GPU session run on the emulated CUDA device (scripts/test-emulated-gpu.sh,
-# docs/EMULATED-DEVICE.md). The CPU benchmark's own side runs once on tiny sizes
-# (scripts/bench-cpu.sh --ours-only --quick), and so does the serving benchmark's against
-# `ape serve` (scripts/bench-serve.sh --ours-only --quick). The server's tests start `ape serve`
-# on loopback and talk HTTP to it, and the official openai Python client (PyPI,
+# nvcc is found, compiles the kernels for real, checks their static numbers
+# (scripts/kernel-stats.sh: no spills, no attention main loop longer than docs/KERNEL-STATS.md),
+# then checks formatting and lints and runs every test, after a short pass of every fuzz target
+# (scripts/fuzz.sh). The kernels also run here on the kernel emulator (feature `emulator`, the host
+# C++ compiler), and the GPU tests (#[ignore = "needs a CUDA device"]), the example, the demo and
+# the server on the GPU path and a dry run of the GPU session run on the emulated CUDA device
+# (scripts/test-emulated-gpu.sh, docs/EMULATED-DEVICE.md). The CPU benchmark's own side runs once
+# on tiny sizes (scripts/bench-cpu.sh --ours-only --quick), and so does the serving benchmark's
+# against `ape serve` (scripts/bench-serve.sh --ours-only --quick). The server's tests start `ape
+# serve` on loopback and talk HTTP to it, and the official openai Python client (PyPI,
 # scripts/install-openai.sh) runs against it (scripts/serve_openai_client.py). The block store's
 # tests start a real redis-server of their own on loopback (Debian's package, installed here when
 # missing). Each stage's line shows the seconds since the start; the last line counts every test
@@ -51,6 +52,9 @@ if echo "$kernel_deps" | grep -E '^(clap|indicatif|tokenizers|safetensors|serde|
   echo "ape-attn must not depend on the model's crates (they belong in ape-llama/)" >&2
   exit 1
 fi
+
+stage "the kernels' static numbers (scripts/kernel-stats.sh --check): no spill in any kernel, no attention main loop grown >5% past docs/KERNEL-STATS.md"
+bash scripts/kernel-stats.sh --check
 
 stage "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features emulator

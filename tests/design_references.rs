@@ -33,6 +33,7 @@ fn every_design_reference_names_a_heading() {
     for dir in [
         "src",
         "kernels",
+        "emulator",
         "tests",
         "scripts",
         "benches",

@@ -7,7 +7,7 @@
 # the summary has a number in every table the quick phase fills. The key counts are shrunk
 # (APE_BENCH_SHRINK=256): the emulator runs a kernel thousands of times slower than a GPU.
 # Prints one line at the end; exits non-zero on any failure. Needs the emulated device built
-# (scripts/build-emulated-device.sh; scripts/test-emulated-gpu.sh does both).
+# (emulator/build-emulated-device.sh; scripts/test-emulated-gpu.sh does both).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD

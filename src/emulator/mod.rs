@@ -2,7 +2,7 @@
 //! `kernels/*.cu` source by the host C++ compiler and run on the CPU, so that they are tested
 //! against the [`crate::reference`] oracle on machines without a GPU.
 //!
-//! `kernels/emulator/` holds the two pieces: `cuda.h`, the CUDA language the kernels use
+//! `emulator/` (at the repository root, beside `kernels/`) holds the two pieces: `cuda.h`, the CUDA language the kernels use
 //! (qualifiers, thread coordinates, barriers, shuffles, bf16/f16), and `ptx.cuh`, the inline PTX
 //! of `kernels/ptx.cuh` (cp.async, ldmatrix, mma.sync m16n8k16, ex2.approx) implemented from the
 //! PTX ISA's definitions. A CTA runs as one fiber per CUDA thread; warp instructions exchange

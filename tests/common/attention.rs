@@ -367,6 +367,25 @@ pub fn gqa_head_dims_and_ape_parameters(b: &dyn Backend) {
             }
         }
     }
+    // A last query tile of 16 packed rows (18 rows of 8 heads), whose thread block splits each
+    // key tile between its warps: the question's causal keys fall in more than one warp's share,
+    // and each warp masks them by the rows' own positions.
+    for head_dim in [64, 128] {
+        for splits in [Some(5), None] {
+            let dims = AttentionDims::new(16, 2, head_dim).unwrap();
+            let case = make_case(
+                &mut r,
+                dims,
+                DType::BF16,
+                24,
+                &[200, 77, 130],
+                18,
+                ApeParams::default(),
+                splits,
+            );
+            assert_within(b, &case, check(b, &mut r, &case, 40));
+        }
+    }
 }
 
 pub fn many_segments_including_empty_ones(b: &dyn Backend) {

@@ -27,7 +27,8 @@ use crate::cuda::rope_shift_table::rope_table;
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole};
 
-/// Keys per tile and packed query rows per thread block (kernels/segmented_attention.cu).
+/// Keys per tile and packed query rows per thread block (kBlockN, kBlockM in
+/// kernels/tile_walk.cuh).
 pub const BLOCK_N: usize = 64;
 /// See [`BLOCK_N`].
 pub const BLOCK_M: usize = 64;

@@ -381,3 +381,21 @@ fn forced_splits_are_clamped_to_the_tiles_and_zero_is_an_error() {
     let p = plan(3, &dims(8, 8), &[], 132, None).expect("valid");
     assert!(p.whole && p.n_ctx_tiles == 0 && p.n_causal_tiles == 0);
 }
+
+#[test]
+fn a_segment_past_32_bit_offsets_is_an_error_naming_it() {
+    // 8 KV heads of 128: 2^21 rows is 2^31 elements, one past the limit.
+    let d = dims(32, 8);
+    let ok = seg((1 << 21) - 1, SegmentRole::Context);
+    assert!(check_problem(&seq(1, std::slice::from_ref(&ok)), &d, "").is_ok());
+    let segments = [
+        seg(5, SegmentRole::Context),
+        seg(1 << 21, SegmentRole::Causal),
+    ];
+    let err = check_problem(&seq(1, &segments), &d, "sequence 3: ")
+        .expect_err("a segment of 2^31 elements")
+        .to_string();
+    assert!(err.contains("sequence 3: segment 1"), "{err}");
+    assert!(err.contains("32-bit offsets"), "{err}");
+    assert!(err.contains("split it"), "{err}");
+}

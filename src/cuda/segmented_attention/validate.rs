@@ -147,9 +147,13 @@ pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
     }
 }
 
+/// The most elements of K (and of V) one segment may hold, `len * n_kv_heads * head_dim`: the
+/// kernel addresses the keys inside a segment with 32-bit offsets (kernels/tile_walk.cuh).
+pub const MAX_SEGMENT_ELEMENTS: usize = i32::MAX as usize;
+
 /// The kernel's limits on a sequence whose shapes are already consistent: 31-bit positions,
-/// 32-bit row counts, the grid's 65535 KV heads, and RoPE shifts that fit the head dim (the
-/// segments' addresses are not read). `prefix` starts the messages (a batch's "sequence i: ").
+/// 32-bit row counts, the grid's 65535 KV heads, segments of at most [`MAX_SEGMENT_ELEMENTS`], and
+/// RoPE shifts that fit the head dim (the segments' addresses are not read). `prefix` starts the messages (a batch's "sequence i: ").
 pub(crate) fn check_problem(seq: &SequenceRef, dims: &AttentionDims, prefix: &str) -> Result<()> {
     let (n_rows, q_pos_offset, segments) = (seq.n_rows, seq.pos_offset, seq.segments);
     if dims.n_kv_heads > 65_535 {
@@ -184,6 +188,18 @@ pub(crate) fn check_problem(seq: &SequenceRef, dims: &AttentionDims, prefix: &st
             s.pos_offset.saturating_add(s.len),
             format!("{prefix}segment {i}"),
         )?;
+        let elements = s
+            .len
+            .saturating_mul(dims.n_kv_heads)
+            .saturating_mul(dims.head_dim);
+        if elements > MAX_SEGMENT_ELEMENTS {
+            return Err(Error::OutOfRange(format!(
+                "{prefix}segment {i}: {} rows x {} KV heads x head dim {} = {elements} elements \
+                 of K (and of V) exceed the kernel's {MAX_SEGMENT_ELEMENTS} per segment (it \
+                 addresses a segment's keys with 32-bit offsets); split it into several segments",
+                s.len, dims.n_kv_heads, dims.head_dim
+            )));
+        }
         if let Some(shift) = &s.rope_shift {
             shift.validate_for(dims.head_dim, &format!("{prefix}segment {i}"))?;
         }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the emulated CUDA device into target/emulated-device/ and prints that folder on its last
-# line: libcuda.so(.1), a stand-in for the CUDA driver (kernels/emulator/driver.cpp, with the
+# line: libcuda.so(.1), a stand-in for the CUDA driver (emulator/driver.cpp, with the
 # kernel emulator and the crate's kernels compiled for the CPU), and libcublas.so(.13), a stand-in
-# for cuBLAS (kernels/emulator/cublas.cpp). Put the folder first on LD_LIBRARY_PATH and cudarc
+# for cuBLAS (emulator/cublas.cpp). Put the folder first on LD_LIBRARY_PATH and cudarc
 # loads them as it loads the real ones; the crate's code is the same. See docs/EMULATED-DEVICE.md.
 #
 # At build time it takes each kernel's registers, static shared memory and launch bounds from
@@ -36,7 +36,7 @@ for p in json.load(sys.stdin)["packages"]:
 ')
 [ -d "$cudarc/src/driver/sys" ] || { echo "build-emulated-device: cudarc's sources not found" >&2; exit 1; }
 
-stamp=$( (cat kernels/*.cu kernels/*.cuh kernels/emulator/* scripts/emulated-device-gen.py "$0";
+stamp=$( (cat kernels/*.cu kernels/*.cuh emulator/*;
   "$NVCC" --version; echo "$cudarc"; g++ --version) | sha256sum | cut -c1-16)
 if [ -f "$out/.stamp-$stamp" ] && [ -f "$out/libcuda.so.1" ] && [ -f "$out/libcublas.so.13" ]; then
   echo "emulated device up to date" >&2
@@ -52,16 +52,16 @@ flags=(-O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm
 "$NVCC" -cubin "${flags[@]}" -Xptxas -v -o "$gen/kernels.cubin" "$gen/kernels.cu" > "$gen/ptxas.log" 2>&1 \
   || { cat "$gen/ptxas.log" >&2; exit 1; }
 "$NVCC" -ptx "${flags[@]}" -o "$gen/kernels.ptx" "$gen/kernels.cu"
-python3 scripts/emulated-device-gen.py resources "$gen/ptxas.log" "$gen/kernels.ptx" \
+python3 emulator/emulated-device-gen.py resources "$gen/ptxas.log" "$gen/kernels.ptx" \
   "$gen/kernel_resources.cpp" >&2
-python3 scripts/emulated-device-gen.py stubs "$cudarc" "$gen/driver_stubs.cpp" "$gen/cublas_stubs.cpp" >&2
+python3 emulator/emulated-device-gen.py stubs "$cudarc" "$gen/driver_stubs.cpp" "$gen/cublas_stubs.cpp" >&2
 
 common=(-std=c++17 -fPIC -I"$include" -I"$root/kernels" -pthread)
 # The kernel emulator with the flags build.rs gives it (the same bits as the emulator feature).
 g++ "${common[@]}" -O2 -DAPE_EMULATE -fno-strict-aliasing -Wno-unknown-pragmas \
-  -c kernels/emulator/runtime.cpp -o "$gen/runtime.o" &
-g++ "${common[@]}" -O2 -Wall -Wextra -Werror -c kernels/emulator/driver.cpp -o "$gen/driver.o" &
-g++ "${common[@]}" -O3 -Wall -Wextra -Werror -c kernels/emulator/cublas.cpp -o "$gen/cublas.o" &
+  -c emulator/runtime.cpp -o "$gen/runtime.o" &
+g++ "${common[@]}" -O2 -Wall -Wextra -Werror -c emulator/driver.cpp -o "$gen/driver.o" &
+g++ "${common[@]}" -O3 -Wall -Wextra -Werror -c emulator/cublas.cpp -o "$gen/cublas.o" &
 g++ "${common[@]}" -O1 -c "$gen/kernel_resources.cpp" -o "$gen/kernel_resources.o" &
 g++ "${common[@]}" -O1 -c "$gen/driver_stubs.cpp" -o "$gen/driver_stubs.o" &
 g++ "${common[@]}" -O1 -c "$gen/cublas_stubs.cpp" -o "$gen/cublas_stubs.o" &

@@ -33,6 +33,19 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
   ::ape_emu::ldmatrix_x4(r, smem, true);
 }
 
+// A shared address in the form the *_at functions take: on a GPU the shared window's 32-bit
+// address; here the offset into the CTA's dynamic shared memory, where every tile the kernels
+// read with ldmatrix lies.
+inline uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - ::ape_emu::dynamic_smem());
+}
+inline void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
+  ::ape_emu::ldmatrix_x4(r, ::ape_emu::dynamic_smem() + addr, false);
+}
+inline void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
+  ::ape_emu::ldmatrix_x4(r, ::ape_emu::dynamic_smem() + addr, true);
+}
+
 template <typename T>
 inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   static_assert(sizeof(T) == 2, "16-bit inputs");

@@ -1,5 +1,5 @@
 // The emulated device's cuBLAS: a stand-in for libcublas.so, built beside the driver stand-in
-// (driver.cpp) by scripts/build-emulated-device.sh. It implements the GEMM entry points the crate
+// (driver.cpp) by emulator/build-emulated-device.sh. It implements the GEMM entry points the crate
 // calls (cublasGemmEx, and its strided-batched form, cublasSgemm and its strided-batched form) with
 // cuBLAS's documented semantics: column-major operands, op(A) and op(B) by the transpose flags,
 // leading dimensions and batch strides, bf16/f16/f32 inputs, f32 accumulation, host alpha and beta,

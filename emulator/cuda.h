@@ -2,7 +2,7 @@
 // own source compiled by a host C++ compiler and run on the CPU, one fiber per CUDA thread.
 //
 // What it provides: the qualifiers, threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
-// __syncwarp, __shfl_xor_sync, __ldg, half and bfloat16 with round-to-nearest-even conversions,
+// __syncwarp, __shfl_xor_sync, __any_sync, __ldg, half and bfloat16 with round-to-nearest-even conversions,
 // float2, and the few math functions the kernels call. Static __shared__ arrays are per CTA
 // (thread_local: an OS thread runs one CTA at a time); the dynamic one comes from
 // APE_DYNAMIC_SMEM. The PTX the kernels write inline has its emulated twin in ptx.cuh here.
@@ -52,6 +52,9 @@ void sync_warp();
 // Lane exchange: each lane gives `value` and gets that of lane `lane ^ lane_mask`.
 uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask);
 
+// Warp vote: whether `predicate` holds in any lane of the warp.
+bool vote_any(uint32_t mask, bool predicate);
+
 // Stops the launch with an error (an invalid address, a misused primitive).
 [[noreturn]] void fail(const char* fmt, ...);
 
@@ -75,6 +78,10 @@ template <typename U> inline U __shfl_xor_sync(uint32_t mask, U value, int lane_
   bits = ::ape_emu::shfl_xor(mask, bits, lane_mask);
   memcpy(&value, &bits, 4);
   return value;
+}
+
+inline bool __any_sync(uint32_t mask, bool predicate) {
+  return ::ape_emu::vote_any(mask, predicate);
 }
 
 template <typename U> inline U __ldg(const U* p) {

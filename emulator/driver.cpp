@@ -1,5 +1,5 @@
 // The emulated CUDA device: a stand-in for the CUDA driver library (libcuda.so), built by
-// scripts/build-emulated-device.sh and loaded by cudarc exactly as the real one is, through the
+// emulator/build-emulated-device.sh and loaded by cudarc exactly as the real one is, through the
 // library search path. It runs the crate's kernels on the kernel emulator (runtime.cpp), so the
 // host side of every launch (src/cuda, the GPU forward pass, the GPU tests, the benches' set-up)
 // runs here, unchanged, on machines without a GPU.
@@ -1860,7 +1860,7 @@ CUresult CUDAAPI cuModuleGetFunction(CUfunction* hfunc, CUmodule hmod, const cha
   if (fn->res == nullptr || ape_emu_kernel_params(name, sizes, 64, &n) != 0 || n > 64) {
     return fail(CUDA_ERROR_NOT_SUPPORTED,
                 "kernel %s is in the module but %s: rebuild the emulated device "
-                "(scripts/build-emulated-device.sh)",
+                "(emulator/build-emulated-device.sh)",
                 name, fn->res ? "not in the kernel emulator" : "has no ptxas resource record");
   }
   fn->param_sizes.assign(sizes, sizes + n);

@@ -21,10 +21,10 @@
 //   elsewhere) is an error, not a hang. Independent CTAs run on several OS threads.
 // - Global reads the emulator sees (cp.async sources, __ldg) must lie in one of the buffers the
 //   launcher names, as compute-sanitizer's memcheck would require of every access.
-#include "../llama_ops.cu"
-#include "../merge_states.cu"
-#include "../rope.cu"
-#include "../segmented_attention.cu"
+#include "../kernels/llama_ops.cu"
+#include "../kernels/merge_states.cu"
+#include "../kernels/rope.cu"
+#include "../kernels/segmented_attention.cu"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -546,6 +546,18 @@ uint32_t shfl_xor(uint32_t mask, uint32_t value, int lane_mask) {
   const uint32_t r = s.word[lane ^ lane_mask];
   me().collectives += 1;
   return r;
+}
+
+bool vote_any(uint32_t mask, bool predicate) {
+  if (mask != 0xffffffffu) fail("__any_sync with mask %#x: only full warps are emulated", mask);
+  const int lane = lane_of(me());
+  Slots& s = slots();
+  s.word[lane] = predicate ? 1u : 0u;
+  warp_barrier();
+  bool any = false;
+  for (int i = 0; i < 32; ++i) any = any || s.word[i] != 0;
+  me().collectives += 1;
+  return any;
 }
 
 // cp.async.cg.shared.global, 16 bytes; src-size 0 zero-fills.
