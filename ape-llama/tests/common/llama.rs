@@ -2,7 +2,7 @@
 //! (`tests/gpu_llama.rs`, needs a CUDA device) and the kernel emulator
 //! (`tests/emulated_llama.rs`). Each case builds a [`GpuModel`] on the device's [`DeviceOps`] and
 //! compares it with the CPU forward pass: correlation > 0.999 per logit row, and the same top-1
-//! wherever the CPU's margin exceeds 0.1.
+//! wherever the CPU's margin exceeds 0.1 (0.5 on the real model, see [`REAL_MODEL_MARGIN`]).
 #![allow(dead_code)]
 
 use ape_attn::{ApeParams, Error, SegmentRole};
@@ -82,13 +82,25 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
 
 /// Correlation > 0.999 per row, and the same top-1 wherever the CPU's margin exceeds 0.1.
 fn assert_close(gpu: &[f32], cpu: &[f32], vocab: usize, what: &str) {
+    assert_close_with_margin(gpu, cpu, vocab, 0.1, what)
+}
+
+/// The top-1 margin on the real model. There the bf16 forward pass on the device and the CPU's
+/// int8 dot products differ by 0.11 to 0.53 in a row's largest logit difference (the llama.cpp
+/// fixture's 82 rows, on the kernel emulator), so two logits 0.1 apart can swap places without
+/// anything being wrong; they did at row 9 of the first prompt (23.527 vs 23.426 on the CPU,
+/// 23.507 vs 23.509 on the device). With half a logit the check still covers 58 of the 82 rows.
+const REAL_MODEL_MARGIN: f32 = 0.5;
+
+/// [`assert_close`] with the top-1 check applied where the CPU's margin exceeds `margin`.
+fn assert_close_with_margin(gpu: &[f32], cpu: &[f32], vocab: usize, margin: f32, what: &str) {
     assert_eq!(gpu.len(), cpu.len());
     for (t, (g, c)) in gpu.chunks(vocab).zip(cpu.chunks(vocab)).enumerate() {
         let r = correlation(g, c);
         assert!(r > 0.999, "{what}: row {t} correlation {r}");
         let mut order: Vec<usize> = (0..vocab).collect();
         order.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
-        if c[order[0]] - c[order[1]] > 0.1 {
+        if c[order[0]] - c[order[1]] > margin {
             let top = (0..vocab)
                 .max_by(|&a, &b| g[a].total_cmp(&g[b]))
                 .expect("vocab");
@@ -481,7 +493,7 @@ pub fn forward_matches_cpu_on_the_real_model<D: DeviceOps>(ops: D, path: &std::p
             .forward(&ids, 0, &[], &ApeParams::plain(), LogitRows::All)
             .expect("cpu")
             .logits;
-        assert_close(&a, &b, vocab, "real model");
+        assert_close_with_margin(&a, &b, vocab, REAL_MODEL_MARGIN, "real model");
     }
 }
 
