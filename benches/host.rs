@@ -9,7 +9,9 @@
 //! block sitting at position 0). The segments' references are built once, with fake addresses
 //! (nothing reads them); what is timed is the layout built from them and its upload image.
 
-use ape_attn::cuda::segmented_attention::{launch_host_bytes, SegmentRef, SequenceRef};
+use ape_attn::cuda::segmented_attention::{
+    launch_host_bytes, Occupancy, SegmentRef, SequenceRef, SmLimits,
+};
 use ape_attn::cuda::DType;
 use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -95,8 +97,13 @@ fn bench_host(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n_seqs as u64));
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
-                launch_host_bytes(std::hint::black_box(&sequences), &dims, DType::BF16, SMS)
-                    .expect("valid launch")
+                launch_host_bytes(
+                    std::hint::black_box(&sequences),
+                    &dims,
+                    DType::BF16,
+                    &Occupancy::modelled(&SmLimits::SM90, SMS, 128),
+                )
+                .expect("valid launch")
             })
         });
     }

@@ -5,7 +5,8 @@
 // runs here, unchanged, on machines without a GPU.
 //
 // The device is one H100 SXM (132 SMs, 227 KiB opt-in shared memory per block, 48 KiB default,
-// 64K registers per block, compute capability 9.0). What a real driver enforces, this one
+// 64K registers per block, 228 KiB of shared memory and 64K registers per SM for the occupancy
+// calculator, compute capability 9.0). What a real driver enforces, this one
 // enforces, with the driver's error code:
 // - launches: at most 1024 threads per block (and the kernel's __launch_bounds__), grid y and z at
 //   most 65535, registers x threads within 64K (each kernel's count from `ptxas -v` at build time),
@@ -77,6 +78,13 @@ constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kDefaultSmemPerBlock = 48 * 1024;
 constexpr int kOptinSmemPerBlock = 227 * 1024;
 constexpr int kRegistersPerBlock = 64 * 1024;
+// Per SM, for the occupancy calculator: shared memory, the runtime's reservation per block,
+// registers, resident warps and blocks.
+constexpr int kSmemPerSm = 228 * 1024;
+constexpr int kSmemReservedPerBlock = 1024;
+constexpr int kRegistersPerSm = 64 * 1024;
+constexpr int kMaxWarpsPerSm = 64;
+constexpr int kMaxBlocksPerSm = 32;
 constexpr size_t kDefaultMemory = size_t(81559) << 20;  // what an H100 80GB HBM3 reports
 constexpr int kDriverVersion = 13000;
 
@@ -1920,6 +1928,35 @@ CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_attribute attri
                   "setting function attribute %d is not supported by the emulated device",
                   int(attrib));
   }
+}
+
+// Blocks of `blockSize` threads resident per SM: the registers (allocated per warp in units of
+// 256), the shared memory (static plus `dynamicSMemSize`, plus the runtime's reservation) and
+// the warp and block limits, as the CUDA occupancy calculator counts them. 0 when one block does
+// not fit, as the real driver answers.
+CUresult CUDAAPI cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* numBlocks,
+                                                                     CUfunction func,
+                                                                     int blockSize,
+                                                                     size_t dynamicSMemSize,
+                                                                     unsigned int flags) {
+  API("cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags");
+  NEED_CTX(ctx);
+  NEED_FUNCTION(ctx, func);
+  if (numBlocks == nullptr) return fail(CUDA_ERROR_INVALID_VALUE, "%s: null", api_.name);
+  if (blockSize <= 0 || blockSize > max_threads(func)) {
+    return fail(CUDA_ERROR_INVALID_VALUE, "%s: block size %d; %s takes at most %d threads",
+                api_.name, blockSize, func->name.c_str(), max_threads(func));
+  }
+  (void)flags;
+  const size_t warps = size_t(blockSize + 31) / 32;
+  const size_t per_warp = round_up(size_t(std::max(func->res->registers, 1)) * 32, 256);
+  const size_t smem = size_t(func->res->static_smem) + dynamicSMemSize + kSmemReservedPerBlock;
+  size_t n = kRegistersPerSm / (per_warp * warps);
+  n = std::min(n, size_t(kSmemPerSm) / smem);
+  n = std::min(n, size_t(kMaxWarpsPerSm) / warps);
+  n = std::min(n, size_t(kMaxBlocksPerSm));
+  *numBlocks = int(n);
+  return CUDA_SUCCESS;
 }
 
 CUresult CUDAAPI cuFuncSetCacheConfig(CUfunction hfunc, CUfunc_cache config) {

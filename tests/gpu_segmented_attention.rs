@@ -199,6 +199,38 @@ fn assert_batched_bits<K: cuda::KvTensor>(
     );
 }
 
+/// The plan fills the wave the driver counts for the compiled kernel: at head dim 128 (about 254
+/// registers) that is what the architecture's shared memory allows, as modelled from its limits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_plan_fills_the_devices_wave() {
+    use ape_attn::cuda::segmented_attention::{Occupancy, SmLimits};
+    let gpu = Gpu::new();
+    let dev = &gpu.0;
+    let (major, minor) = dev.compute_capability().expect("capability");
+    for dtype in [DType::BF16, DType::F16] {
+        let got = dev.attention_occupancy(dtype, 128).expect("occupancy");
+        assert_eq!(got.sm_count, dev.sm_count());
+        assert!(got.blocks_per_sm >= got.blocks_per_sm_with_shifts);
+        assert!(got.blocks_per_sm_with_shifts >= 1, "{got:?}");
+        match SmLimits::of_compute_capability(major, minor) {
+            Some(limits) => assert_eq!(
+                got,
+                Occupancy::modelled(&limits, dev.sm_count(), 128),
+                "compute capability {major}.{minor}"
+            ),
+            None => eprintln!("compute capability {major}.{minor}: no model to compare with"),
+        }
+        // Asked twice: the same answer (cached).
+        assert_eq!(dev.attention_occupancy(dtype, 128).expect("occupancy"), got);
+        let small = dev.attention_occupancy(dtype, 64).expect("occupancy");
+        assert!(
+            small.blocks_per_sm >= got.blocks_per_sm,
+            "{small:?} vs {got:?}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn capturable_batches() {

@@ -102,7 +102,7 @@ impl CapturableBatch {
     /// A batch for launches on `device`'s stream of up to `capacity` (sequences, query rows,
     /// segments) with `dims` and `dtype` (bf16 or f16), planned with `options` as
     /// [`super::segmented_attention_batch_into`] plans. Allocates the parameter buffer, the
-    /// workspace (at most `128 * 2 * SMs` partial states of `head_dim + 1` f32 with chosen
+    /// workspace (at most `128 *` one wave's thread blocks of partial states of `head_dim + 1` f32 with chosen
     /// splits) and two page-locked staging buffers.
     pub fn new(
         device: &Device,
@@ -113,7 +113,8 @@ impl CapturableBatch {
     ) -> Result<Self> {
         check_dtype(dtype)?;
         check_head_dim(dims.head_dim)?;
-        let shape = FixedShape::new(capacity, dims, device.sm_count(), options.num_splits)?;
+        let occupancy = device.attention_occupancy(dtype, dims.head_dim)?;
+        let shape = FixedShape::new(capacity, dims, occupancy.wave(false), options.num_splits)?;
         let stream = device.stream().clone();
         let (main_name, combine_name) = kernel_names(dtype, dims.head_dim);
         let (_, smem) = smem_bytes(dims.head_dim);
@@ -203,7 +204,7 @@ impl CapturableBatch {
             sequences,
             &self.dims,
             self.dtype,
-            device.sm_count(),
+            &device.attention_occupancy(self.dtype, self.dims.head_dim)?,
             self.options.num_splits,
         )?;
         drop(guards);

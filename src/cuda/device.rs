@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
+use super::segmented_attention::{kernel_names, smem_bytes, Occupancy, ATTENTION_THREADS};
+use super::DType;
 use crate::error::{Error, Result};
 
 /// How this copy of the crate's kernels was built: the nvcc version and architectures, or why
@@ -40,6 +42,8 @@ pub struct Device {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: usize,
+    /// The attention kernel's residency, by kernel name (asked of the driver once).
+    occupancy: Mutex<HashMap<&'static str, Occupancy>>,
     workspace: Mutex<Option<CudaSlice<f32>>>,
     /// RoPE frequency tables on the device, by the bits of their values.
     rope_freqs: Mutex<HashMap<Vec<u64>, Arc<CudaSlice<f64>>>>,
@@ -116,6 +120,7 @@ impl Device {
             module,
             functions: Mutex::new(HashMap::new()),
             sm_count: sm_count.max(1) as usize,
+            occupancy: Mutex::new(HashMap::new()),
             workspace: Mutex::new(None),
             rope_freqs: Mutex::new(HashMap::new()),
         })
@@ -153,6 +158,35 @@ impl Device {
     /// Number of streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// The attention kernel's residency on this device for `dtype` and `head_dim`, as the driver
+    /// counts it for the compiled kernel (its registers and static shared memory on this
+    /// architecture) with the dynamic shared memory of a launch without and with RoPE shifts.
+    /// Asked once per kernel; the plan fills the wave it gives.
+    pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<Occupancy> {
+        let (name, _) = kernel_names(dtype, head_dim);
+        if let Some(o) = lock(&self.occupancy, "occupancy cache")?.get(name) {
+            return Ok(*o);
+        }
+        let (plain, shifts) = smem_bytes(head_dim);
+        let f = self.function_with_smem(name, shifts as u32)?;
+        let threads = ATTENTION_THREADS as u32;
+        let per_sm = |smem: usize| -> Result<usize> {
+            Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)? as usize)
+        };
+        let o = Occupancy {
+            sm_count: self.sm_count,
+            blocks_per_sm: per_sm(plain)?,
+            blocks_per_sm_with_shifts: per_sm(shifts)?,
+        };
+        if o.blocks_per_sm_with_shifts == 0 {
+            return Err(Error::NoDevice(format!(
+                "{name} does not fit on this device's SMs ({shifts} bytes of shared memory)"
+            )));
+        }
+        lock(&self.occupancy, "occupancy cache")?.insert(name, o);
+        Ok(o)
     }
 
     /// Runs `f` with a scratch buffer of at least `len` f32, kept between calls (grown when too

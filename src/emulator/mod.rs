@@ -37,6 +37,7 @@ pub use segmented_attention::{segmented_attention, segmented_attention_batch};
 
 use std::ffi::{c_char, c_void, CString};
 
+use crate::cuda::segmented_attention::Occupancy;
 use crate::cuda::DType;
 use crate::error::{Error, Result};
 
@@ -51,8 +52,9 @@ pub struct EmulatorOptions {
     pub late_copies: bool,
     /// OS threads running CTAs in parallel (0: one per core).
     pub threads: u32,
-    /// SMs the launch is planned for (the split-KV decision): 132, an H100 SXM, by default.
-    pub sm_count: usize,
+    /// The device the launch is planned for (the split-KV decision): an H100 SXM by default
+    /// ([`Occupancy::h100`]).
+    pub occupancy: Occupancy,
 }
 
 impl Default for EmulatorOptions {
@@ -61,7 +63,7 @@ impl Default for EmulatorOptions {
             reverse: false,
             late_copies: false,
             threads: 0,
-            sm_count: 132,
+            occupancy: Occupancy::h100(),
         }
     }
 }

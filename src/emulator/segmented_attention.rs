@@ -18,7 +18,7 @@ use crate::reference::segmented_attention::{
 /// The CUDA segmented-attention kernels run on the emulator: the query and the segments (f32, as
 /// the oracle takes them) are rounded to `dtype`, laid out and launched as the CUDA launcher does
 /// (whole or split-KV with the combine kernel), and the `dtype` output is returned as f32.
-/// `options` is the CUDA launcher's; the plan uses `emulator.sm_count` SMs.
+/// `options` is the CUDA launcher's; the plan fills `emulator.occupancy`'s wave.
 ///
 /// Every output and workspace buffer starts as NaN, so a value the kernels fail to write shows.
 pub fn segmented_attention(
@@ -142,7 +142,8 @@ pub(super) fn run(
     let fixed = match fixed {
         Some(c) => {
             // As CapturableBatch: new(), then prepare().
-            let shape = FixedShape::new(c, dims, emulator.sm_count, options.num_splits)?;
+            let shape =
+                FixedShape::new(c, dims, emulator.occupancy.wave(false), options.num_splits)?;
             c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
             Some(shape)
         }
@@ -176,7 +177,7 @@ pub(super) fn run(
         &seq_refs,
         dims,
         dtype,
-        emulator.sm_count,
+        &emulator.occupancy,
         options.num_splits,
     )?;
 

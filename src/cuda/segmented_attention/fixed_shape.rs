@@ -71,21 +71,22 @@ pub(crate) struct FixedShape {
 }
 
 impl FixedShape {
-    /// The shape for `capacity` on a device of `sm_count` SMs, planned as [`launch_layout`] plans
-    /// with `num_splits`.
+    /// The shape for `capacity` on a device whose wave holds `wave` thread blocks (the larger,
+    /// [`Occupancy::wave`] without shifts: a launch with shifts plans for a wave no larger),
+    /// planned as [`launch_layout`] plans with `num_splits`.
     ///
     /// The bounds: a sequence of `r` rows has `ceil(r * group / 64)` query tiles, at most
     /// `r * ceil(group / 64)` and at most `r * group / 64 + 1`. With `num_splits = Some(n)`, each
     /// query tile has at most `n` thread blocks and each (row, head) at most `n` partial states.
     /// Chosen splits ([`plan_batch`]) happen only when the query tiles times KV heads (`base`)
-    /// are under one wave (`W = BLOCKS_PER_SM * sm_count`); a sequence then has
+    /// are under one wave (`W = wave`); a sequence then has
     /// `s <= max(1, share / (q_tiles * n_kv_heads))` splits with shares adding up to at most `W`,
     /// so the thread blocks number at most `q_tiles + W / n_kv_heads`, every `s` is at most
     /// `W / n_kv_heads`, and the partial states number at most `64 * (base + W) < 128 W`.
     pub fn new(
         capacity: &BatchCapacity,
         dims: &AttentionDims,
-        sm_count: usize,
+        wave: usize,
         num_splits: Option<usize>,
     ) -> Result<Self> {
         dims.validate()?;
@@ -119,7 +120,7 @@ impl FixedShape {
         let too_big = || Error::OutOfRange(format!("capacity {capacity:?} is too large"));
         let group = dims.group_size();
         let n_kv = dims.n_kv_heads;
-        let wave = BLOCKS_PER_SM * sm_count.max(1);
+        let wave = wave.max(1);
         let q_tiles = rows
             .checked_mul(group.div_ceil(BLOCK_M))
             .ok_or_else(too_big)?

@@ -32,7 +32,7 @@ pub(crate) fn device_layout<'a, K: KvTensor>(
     sequences: &[BatchSequence<'a, K>],
     dims: &AttentionDims,
     dtype: DType,
-    sm_count: usize,
+    occupancy: &Occupancy,
     num_splits: Option<usize>,
 ) -> Result<(LaunchLayout, Vec<SyncOnDrop<'a>>)> {
     let (refs, guards) = device_segment_refs(stream, sequences, dims, dtype);
@@ -42,7 +42,7 @@ pub(crate) fn device_layout<'a, K: KvTensor>(
             .iter()
             .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
     );
-    let layout = launch_layout(&seq_refs, dims, dtype, sm_count, num_splits)?;
+    let layout = launch_layout(&seq_refs, dims, dtype, occupancy, num_splits)?;
     Ok((layout, guards))
 }
 
@@ -174,7 +174,7 @@ pub(super) fn launch<K: KvTensor>(
         sequences,
         dims,
         q.dtype(),
-        device.sm_count(),
+        &device.attention_occupancy(q.dtype(), dims.head_dim)?,
         options.num_splits,
     )?;
 

@@ -171,18 +171,26 @@ pub(crate) fn smem_bytes(head_dim: usize) -> (usize, usize) {
 }
 
 /// Plans a launch of one or more sequences and lays out its descriptors, RoPE table and
-/// parameters. Pure: the inputs are already validated ([`check_problem`] for each sequence).
+/// parameters, for a device where the kernel has `occupancy`. Pure: the inputs are already
+/// validated ([`check_problem`] for each sequence).
 pub(crate) fn launch_layout(
     sequences: &[SequenceRef],
     dims: &AttentionDims,
     dtype: DType,
-    sm_count: usize,
+    occupancy: &Occupancy,
     num_splits: Option<usize>,
 ) -> Result<LaunchLayout> {
     if sequences.is_empty() {
         return Err(Error::Shape("a launch needs at least one sequence".into()));
     }
-    let plans = plan_batch(sequences, dims, sm_count, num_splits)?;
+    // A launch with any RoPE shift (a row of the table below) takes the larger shared memory,
+    // so fewer blocks may fit.
+    let any_shift = sequences.iter().any(|q| {
+        q.segments
+            .iter()
+            .any(|s| s.len > 0 && s.rope_shift.is_some_and(|r| r.delta != 0))
+    });
+    let plans = plan_batch(sequences, dims, occupancy.wave(any_shift), num_splits)?;
     let ordered: Vec<&SegmentRef> = sequences
         .iter()
         .zip(&plans)
@@ -276,6 +284,7 @@ pub(crate) fn launch_layout(
     let (main, combine) = kernel_names(dtype, dims.head_dim);
     // The function's limit is set once, to the larger size (with RoPE shifts).
     let (smem_plain, smem_limit) = smem_bytes(dims.head_dim);
+    debug_assert_eq!(any_shift, !table.is_empty());
     let smem = if table.is_empty() {
         smem_plain
     } else {
@@ -333,9 +342,9 @@ pub fn launch_host_bytes(
     sequences: &[SequenceRef],
     dims: &AttentionDims,
     dtype: DType,
-    sm_count: usize,
+    occupancy: &Occupancy,
 ) -> Result<usize> {
-    let layout = launch_layout(sequences, dims, dtype, sm_count, None)?;
+    let layout = launch_layout(sequences, dims, dtype, occupancy, None)?;
     let mut bytes = spare_upload();
     layout.upload_bytes_into(&mut bytes);
     let size = bytes.len();

@@ -39,6 +39,7 @@ pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
 mod fixed_shape;
 mod launch;
 mod layout;
+mod occupancy;
 mod plan;
 #[cfg(test)]
 mod tests;
@@ -48,6 +49,7 @@ mod validate;
 pub use fixed_shape::*;
 pub(crate) use launch::*;
 pub use layout::*;
+pub use occupancy::*;
 pub use plan::*;
 pub use types::*;
 pub use validate::*;

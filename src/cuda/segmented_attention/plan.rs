@@ -38,15 +38,12 @@ pub(super) fn u32_of(x: usize, what: &str) -> Result<u32> {
     u32::try_from(x).map_err(|_| Error::OutOfRange(format!("{what} = {x} does not fit in 32 bits")))
 }
 
-/// Resident thread blocks per SM of the attention kernel (80 KiB of shared memory, 96 KiB with
-/// RoPE shifts, and up to 255 registers at head dim 128; `__launch_bounds__(128, 2)`).
-pub const BLOCKS_PER_SM: usize = 2;
-
 /// Plans a launch from the segments' lengths and roles (their addresses are not read). Pure: no
 /// device needed.
 ///
-/// Whole mode when the query tiles times KV heads already fill one wave
-/// (`BLOCKS_PER_SM * sm_count` thread blocks), or when asked with `num_splits = Some(1)`.
+/// `wave` is the number of thread blocks the device runs at once ([`Occupancy::wave`]). Whole
+/// mode when the query tiles times KV heads already fill one wave, or when asked with
+/// `num_splits = Some(1)`.
 /// Otherwise the keys are split so that all splits together fill one wave, shared between the
 /// groups in proportion to their tiles: each split covers tiles of one group only, and a context
 /// split covers at least two tiles where there are enough.
@@ -54,7 +51,7 @@ pub fn plan(
     n_rows: usize,
     dims: &AttentionDims,
     segments: &[SegmentRef],
-    sm_count: usize,
+    wave: usize,
     num_splits: Option<usize>,
 ) -> Result<Plan> {
     let mut order: Vec<usize> = Vec::with_capacity(segments.len());
@@ -90,7 +87,7 @@ pub fn plan(
     let q_tiles = u32_of(packed.div_ceil(BLOCK_M), "query tiles")?;
     let base = q_tiles as usize * dims.n_kv_heads;
 
-    let wave = BLOCKS_PER_SM * sm_count.max(1);
+    let wave = wave.max(1);
     let wanted = match num_splits {
         Some(0) => {
             return Err(Error::InvalidParameter {
@@ -145,7 +142,7 @@ pub fn plan(
 }
 
 /// Plans a batched launch: one [`Plan`] per sequence (its `n_rows` and `segments` as for
-/// [`plan`]).
+/// [`plan`]), `wave` as for [`plan`].
 ///
 /// A batch of one is planned as [`plan`] plans it. With `num_splits` set, every sequence gets
 /// it. Otherwise, when the sequences' query tiles times KV heads already fill one wave, every
@@ -155,16 +152,16 @@ pub fn plan(
 pub fn plan_batch(
     sequences: &[SequenceRef],
     dims: &AttentionDims,
-    sm_count: usize,
+    wave: usize,
     num_splits: Option<usize>,
 ) -> Result<Vec<Plan>> {
     if sequences.len() == 1 || num_splits.is_some() {
         return sequences
             .iter()
-            .map(|q| plan(q.n_rows, dims, q.segments, sm_count, num_splits))
+            .map(|q| plan(q.n_rows, dims, q.segments, wave, num_splits))
             .collect();
     }
-    let wave = (BLOCKS_PER_SM * sm_count.max(1)) as u128;
+    let wave = wave.max(1) as u128;
     // (query tiles, key tiles) of each sequence.
     let sizes: Vec<(u128, u128)> = sequences
         .iter()
@@ -191,7 +188,13 @@ pub fn plan_batch(
                 let share = wave * qt * kt / work;
                 (share / (qt * n_kv)).min(kt.div_ceil(2)).max(1)
             };
-            plan(q.n_rows, dims, q.segments, sm_count, Some(wanted as usize))
+            plan(
+                q.n_rows,
+                dims,
+                q.segments,
+                wave as usize,
+                Some(wanted as usize),
+            )
         })
         .collect()
 }

@@ -3,6 +3,9 @@
 use super::*;
 use crate::params::{RopeConfig, RopeLayout};
 
+/// One wave of an H100 SXM: 132 SMs, 2 thread blocks each.
+const H100_WAVE: usize = 2 * 132;
+
 fn dims(h: usize, kv: usize) -> AttentionDims {
     AttentionDims::new(h, kv, 128).expect("valid")
 }
@@ -38,7 +41,7 @@ fn context_tiles_come_first_and_empty_segments_are_dropped() {
         seg(64, SegmentRole::Causal),
         seg(1, SegmentRole::Context),
     ];
-    let p = plan(1000, &dims(32, 8), &segs, 132, Some(1)).expect("valid");
+    let p = plan(1000, &dims(32, 8), &segs, H100_WAVE, Some(1)).expect("valid");
     assert_eq!(p.order, vec![2, 4, 0, 3]);
     // 130 keys = 3 tiles, 1 key = 1 tile, 10 = 1, 64 = 1.
     assert_eq!(p.first_tile, vec![0, 3, 4, 5]);
@@ -54,15 +57,15 @@ fn large_prefill_runs_whole_and_decode_splits_within_groups() {
         .chain([seg(64, SegmentRole::Causal)])
         .collect();
     // 4096 rows * 4 heads per KV head / 64 = 256 query tiles * 8 KV heads: plenty.
-    let p = plan(4096, &dims(32, 8), &segs, 132, None).expect("valid");
+    let p = plan(4096, &dims(32, 8), &segs, H100_WAVE, None).expect("valid");
     assert!(p.whole);
     // One decode row: 1 query tile * 8 KV heads = 8 blocks: split.
-    let p = plan(1, &dims(32, 8), &segs, 132, None).expect("valid");
+    let p = plan(1, &dims(32, 8), &segs, H100_WAVE, None).expect("valid");
     assert!(!p.whole);
     assert!(p.n_ctx_splits >= 1 && p.n_causal_splits == 1);
     assert!(p.n_ctx_splits <= p.n_ctx_tiles);
-    // One wave at BLOCKS_PER_SM blocks per SM, not more.
-    assert_eq!(8 * p.n_splits() as usize, BLOCKS_PER_SM * 132);
+    // One wave (2 thread blocks on each of 132 SMs), not more.
+    assert_eq!(8 * p.n_splits() as usize, H100_WAVE);
 }
 
 /// Invariants on many shapes: every non-empty group gets a split, no group gets more splits
@@ -91,13 +94,13 @@ fn plan_invariants_hold_on_many_shapes() {
             })
             .collect();
         let rows = 1 + next(3000);
-        let sms = 1 + next(150);
+        let wave = (1 + next(150)) * (1 + next(3));
         let forced = if next(3) == 0 {
             Some(1 + next(100))
         } else {
             None
         };
-        let p = plan(rows, &dims, &segs, sms, forced).expect("valid");
+        let p = plan(rows, &dims, &segs, wave, forced).expect("valid");
         let mut tile = 0u32;
         for (&i, &first) in p.order.iter().zip(&p.first_tile) {
             assert_eq!(first, tile);
@@ -112,7 +115,7 @@ fn plan_invariants_hold_on_many_shapes() {
         assert_eq!(p.n_causal_splits > 0, p.n_causal_tiles > 0);
         if forced.is_none() {
             let ctas = p.q_tiles as usize * dims.n_kv_heads * p.n_splits() as usize;
-            assert!(ctas <= (BLOCKS_PER_SM * sms).max(2 * p.q_tiles as usize * dims.n_kv_heads));
+            assert!(ctas <= wave.max(2 * p.q_tiles as usize * dims.n_kv_heads));
         }
     }
 }
@@ -124,30 +127,33 @@ fn batch_plans_share_one_wave() {
     let short = [seg(1024, SegmentRole::Context)];
     // A batch of one is plan()'s plan.
     for rows in [1, 64, 4096] {
-        let one = plan_batch(&[seq(rows, &long)], &d, 132, None).expect("valid");
-        assert_eq!(one, vec![plan(rows, &d, &long, 132, None).expect("valid")]);
+        let one = plan_batch(&[seq(rows, &long)], &d, H100_WAVE, None).expect("valid");
+        assert_eq!(
+            one,
+            vec![plan(rows, &d, &long, H100_WAVE, None).expect("valid")]
+        );
     }
     // Forced splits apply to every sequence as they would alone.
     let both = [seq(1, &long), seq(64, &short)];
-    let forced = plan_batch(&both, &d, 132, Some(5)).expect("valid");
+    let forced = plan_batch(&both, &d, H100_WAVE, Some(5)).expect("valid");
     for (s, p) in both.iter().zip(&forced) {
         assert_eq!(
             p,
-            &plan(s.n_rows, &d, s.segments, 132, Some(5)).expect("valid")
+            &plan(s.n_rows, &d, s.segments, H100_WAVE, Some(5)).expect("valid")
         );
     }
     // Two decode rows: the wave is shared in proportion to the keys (32:1), within one wave.
-    let auto = plan_batch(&[seq(1, &long), seq(1, &short)], &d, 132, None).expect("valid");
+    let auto = plan_batch(&[seq(1, &long), seq(1, &short)], &d, H100_WAVE, None).expect("valid");
     let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
-    assert!(ctas as usize <= BLOCKS_PER_SM * 132, "{auto:?}");
+    assert!(ctas as usize <= H100_WAVE, "{auto:?}");
     assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
     // A sequence of two tiles (too short to split) runs whole beside ones that split.
     let two = [seg(50, SegmentRole::Context), seg(1, SegmentRole::Causal)];
-    let mixed = plan_batch(&[seq(1, &long), seq(1, &two)], &d, 132, None).expect("valid");
+    let mixed = plan_batch(&[seq(1, &long), seq(1, &two)], &d, H100_WAVE, None).expect("valid");
     assert!(!mixed[0].whole && mixed[1].whole, "{mixed:?}");
     // Enough query tiles for a wave: every sequence runs whole.
     let many: Vec<SequenceRef> = (0..40).map(|_| seq(1, &long)).collect();
-    assert!(plan_batch(&many, &d, 132, None)
+    assert!(plan_batch(&many, &d, H100_WAVE, None)
         .expect("valid")
         .iter()
         .all(|p| p.whole));
@@ -165,7 +171,7 @@ fn a_batch_layout_indexes_each_sequence() {
         seq(70, &b[..]),
         seq(1, &c[..]),
     ];
-    let l = launch_layout(&seqs, &d, DType::BF16, 132, None).expect("valid");
+    let l = launch_layout(&seqs, &d, DType::BF16, &Occupancy::h100(), None).expect("valid");
     assert_eq!(l.seqs.len(), 4);
     // The empty segment is dropped: 2 + 1 + 1 + 1 descriptors.
     assert_eq!(l.descs.len(), 5);
@@ -198,10 +204,10 @@ fn a_batch_layout_indexes_each_sequence() {
     assert_eq!(l.o_len, parts as usize * 128);
     assert_eq!(l.combine_grid.map(|g| g.1), Some(4));
     // One sequence: its parameters travel by value, no arrays.
-    let one = launch_layout(&seqs[..1], &d, DType::BF16, 132, None).expect("valid");
+    let one = launch_layout(&seqs[..1], &d, DType::BF16, &Occupancy::h100(), None).expect("valid");
     assert!(one.seqs.is_empty() && one.work.is_empty());
     assert_eq!(one.launch.n_sequences, 1);
-    assert!(launch_layout(&[], &d, DType::BF16, 132, None).is_err());
+    assert!(launch_layout(&[], &d, DType::BF16, &Occupancy::h100(), None).is_err());
     // A sequence without rows never splits, even when splits are forced: beside a whole
     // sequence, nothing is left to combine (a combine grid of x = 0 would be refused).
     let long = [seg(200, SegmentRole::Context)];
@@ -210,7 +216,7 @@ fn a_batch_layout_indexes_each_sequence() {
         &[seq(1, &short[..]), seq(0, &long[..])],
         &d,
         DType::BF16,
-        132,
+        &Occupancy::h100(),
         Some(2),
     )
     .expect("valid");
@@ -241,6 +247,12 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         let n_kv = 1 + next(8);
         let dims = AttentionDims::new(n_kv * [1, 2, 4, 8, 80][next(5)], n_kv, 64).expect("valid");
         let sms = 1 + next(150);
+        let blocks_per_sm = 1 + next(3);
+        let occupancy = Occupancy {
+            sm_count: sms,
+            blocks_per_sm,
+            blocks_per_sm_with_shifts: 1 + next(blocks_per_sm as u64),
+        };
         let forced = (next(3) == 0).then(|| 1 + next(12));
         let most_rows = if next(2) == 0 { 64 } else { 3000 };
         let cap = BatchCapacity {
@@ -248,7 +260,8 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             rows: 1 + next(most_rows),
             segments: 1 + next(60),
         };
-        let shape = FixedShape::new(&cap, &dims, sms, forced).expect("valid capacity");
+        let shape =
+            FixedShape::new(&cap, &dims, occupancy.wave(false), forced).expect("valid capacity");
         // A batch within the capacity; every other one fills it.
         let full = case % 2 == 0;
         let n_seqs = if full {
@@ -305,10 +318,10 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             .collect();
         cap.check_fits(rows.iter().copied().zip(n_segs.iter().copied()))
             .expect("within the capacity");
-        let layout = launch_layout(&seqs, &dims, DType::BF16, sms, forced).expect("valid");
+        let layout = launch_layout(&seqs, &dims, DType::BF16, &occupancy, forced).expect("valid");
         let image = shape
             .image(&layout)
-            .unwrap_or_else(|e| panic!("{e}: {cap:?} {dims:?} sms {sms} {forced:?}"));
+            .unwrap_or_else(|e| panic!("{e}: {cap:?} {dims:?} {occupancy:?} {forced:?}"));
         assert_eq!(image.len(), shape.bytes);
         let at = |i: usize, len: usize| &image[shape.offsets[i]..shape.offsets[i] + len];
         let size = std::mem::size_of::<SegmentDesc>();
@@ -329,7 +342,7 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             // A decode-sized capacity, full: at most one wave of surplus.
             assert!(
                 shape.blocks as usize - real
-                    <= (BLOCKS_PER_SM * sms).div_ceil(n_kv) + cap.sequences,
+                    <= occupancy.wave(false).div_ceil(n_kv) + cap.sequences,
                 "{} blocks for {real}: {cap:?}",
                 shape.blocks
             );
@@ -341,12 +354,12 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         rows,
         segments,
     };
-    assert!(FixedShape::new(&cap(0, 1, 1), &d, 132, None).is_err());
-    assert!(FixedShape::new(&cap(1, 0, 1), &d, 132, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 0), &d, 132, None).is_err());
-    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, 132, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 1), &d, 132, Some(0)).is_err());
-    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, 132, None).is_err());
+    assert!(FixedShape::new(&cap(0, 1, 1), &d, H100_WAVE, None).is_err());
+    assert!(FixedShape::new(&cap(1, 0, 1), &d, H100_WAVE, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 0), &d, H100_WAVE, None).is_err());
+    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, H100_WAVE, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 1), &d, H100_WAVE, Some(0)).is_err());
+    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, H100_WAVE, None).is_err());
     let c = cap(2, 10, 3);
     assert!(c.check_fits([(5, 1), (5, 2)].into_iter()).is_ok());
     assert!(matches!(
@@ -370,15 +383,15 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
 #[test]
 fn forced_splits_are_clamped_to_the_tiles_and_zero_is_an_error() {
     let segs = [seg(64, SegmentRole::Context), seg(64, SegmentRole::Causal)];
-    let p = plan(1, &dims(8, 8), &segs, 132, Some(50)).expect("valid");
+    let p = plan(1, &dims(8, 8), &segs, H100_WAVE, Some(50)).expect("valid");
     assert_eq!((p.n_ctx_splits, p.n_causal_splits), (1, 1));
-    assert!(plan(1, &dims(8, 8), &segs, 132, Some(0)).is_err());
+    assert!(plan(1, &dims(8, 8), &segs, H100_WAVE, Some(0)).is_err());
     // Only one group: its splits take everything.
     let segs = [seg(640, SegmentRole::Context)];
-    let p = plan(1, &dims(8, 8), &segs, 132, Some(4)).expect("valid");
+    let p = plan(1, &dims(8, 8), &segs, H100_WAVE, Some(4)).expect("valid");
     assert_eq!((p.n_ctx_splits, p.n_causal_splits), (4, 0));
     // No keys at all: a whole pass that writes -inf and zeros.
-    let p = plan(3, &dims(8, 8), &[], 132, None).expect("valid");
+    let p = plan(3, &dims(8, 8), &[], H100_WAVE, None).expect("valid");
     assert!(p.whole && p.n_ctx_tiles == 0 && p.n_causal_tiles == 0);
 }
 
@@ -398,4 +411,73 @@ fn a_segment_past_32_bit_offsets_is_an_error_naming_it() {
     assert!(err.contains("sequence 3: segment 1"), "{err}");
     assert!(err.contains("32-bit offsets"), "{err}");
     assert!(err.contains("split it"), "{err}");
+}
+
+#[test]
+fn occupancy_follows_each_architectures_shared_memory() {
+    // Head dim 128: 80 KiB of dynamic shared memory, 96 KiB with RoPE shifts, plus 384 bytes
+    // static and the 1 KiB the runtime reserves per block. Registers (255 x 128 threads) allow 2.
+    let h100 = Occupancy::modelled(&SmLimits::SM90, 132, 128);
+    assert_eq!((h100.blocks_per_sm, h100.blocks_per_sm_with_shifts), (2, 2));
+    assert_eq!(h100, Occupancy::h100());
+    assert_eq!(h100.wave(false), H100_WAVE);
+    // An A100's 164 KiB holds two plain blocks (162.75 KiB) but one with shifts (194.75 KiB).
+    let a100 = Occupancy::modelled(&SmLimits::SM80, 108, 128);
+    assert_eq!((a100.blocks_per_sm, a100.blocks_per_sm_with_shifts), (2, 1));
+    assert_eq!((a100.wave(false), a100.wave(true)), (216, 108));
+    // An L40S (compute capability 8.9) has 100 KiB: one block either way.
+    let l40 = Occupancy::modelled(
+        &SmLimits::of_compute_capability(8, 9).expect("known"),
+        142,
+        128,
+    );
+    assert_eq!((l40.blocks_per_sm, l40.blocks_per_sm_with_shifts), (1, 1));
+    // Head dim 64 (40 and 48 KiB): registers, not shared memory, bind everywhere.
+    for limits in [SmLimits::SM80, SmLimits::SM86, SmLimits::SM90] {
+        let o = Occupancy::modelled(&limits, 100, 64);
+        assert_eq!(
+            (o.blocks_per_sm, o.blocks_per_sm_with_shifts),
+            (2, 2),
+            "{limits:?}"
+        );
+    }
+    assert_eq!(SmLimits::of_compute_capability(7, 5), None);
+    // Fewer registers let more blocks in; a block larger than the SM fits none.
+    assert_eq!(SmLimits::SM90.blocks_per_sm(128, 96, 0), 5);
+    assert_eq!(SmLimits::SM90.blocks_per_sm(128, 32, 200 * 1024), 1);
+    assert_eq!(SmLimits::SM80.blocks_per_sm(128, 32, 200 * 1024), 0);
+    // A wave never counts fewer than one block per SM.
+    let none = Occupancy {
+        sm_count: 10,
+        blocks_per_sm: 0,
+        blocks_per_sm_with_shifts: 0,
+    };
+    assert_eq!(none.wave(true), 10);
+}
+
+#[test]
+fn a_launch_with_shifts_plans_for_the_smaller_wave() {
+    // On an A100 a launch with RoPE shifts fits one block per SM: a decode row splits its keys
+    // over half as many blocks as the same launch without shifts.
+    let a100 = Occupancy::modelled(&SmLimits::SM80, 108, 128);
+    let d = dims(8, 8);
+    let plain = [seg(64 * 1000, SegmentRole::Context)];
+    let mut shifted = plain;
+    shifted[0].rope_shift = Some(RopeShift {
+        rope: RopeConfig::new(128, 10_000.0, RopeLayout::Neox).expect("valid"),
+        delta: 3,
+    });
+    let blocks = |segs: &[SegmentRef]| {
+        launch_layout(&[seq(1, segs)], &d, DType::BF16, &a100, None)
+            .expect("valid")
+            .grid
+            .0
+    };
+    // Thread blocks per KV head (the grid's x), 8 heads of one query tile: 216 / 8 = 27 splits,
+    // 108 / 8 = 13.
+    assert_eq!(blocks(&plain), 27);
+    assert_eq!(blocks(&shifted), 13);
+    // A shift by 0 reads the keys as stored: no table, the full wave.
+    shifted[0].rope_shift.as_mut().expect("set").delta = 0;
+    assert_eq!(blocks(&shifted), 27);
 }
