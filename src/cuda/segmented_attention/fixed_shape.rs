@@ -82,7 +82,10 @@ impl FixedShape {
     /// are under one wave (`W = wave`); a sequence then has
     /// `s <= max(1, share / (q_tiles * n_kv_heads))` splits with shares adding up to at most `W`,
     /// so the thread blocks number at most `q_tiles + W / n_kv_heads`, every `s` is at most
-    /// `W / n_kv_heads`, and the partial states number at most `64 * (base + W) < 128 W`.
+    /// `W / n_kv_heads`, and the partial states number at most `64 * (base + W) < 128 W`. A
+    /// sequence of at most 16 packed rows with context and causal keys that would run whole
+    /// splits in two instead ([`plan`]): one thread block and `2 * 16 * n_kv_heads` partial
+    /// states more per sequence, at most.
     pub fn new(
         capacity: &BatchCapacity,
         dims: &AttentionDims,
@@ -131,10 +134,24 @@ impl FixedShape {
                 q_tiles.checked_mul(n),
                 n.checked_mul(heads_rows).ok_or_else(too_big)?,
             ),
-            None => (
-                q_tiles.checked_add(wave.div_ceil(n_kv)),
-                (2 * BLOCK_M * wave).min(wave.div_ceil(n_kv).saturating_mul(heads_rows)),
-            ),
+            None => {
+                // Few-row sequences split in two at the context/causal boundary: one more
+                // thread block each (one query tile), and two partial states per (row, head) of
+                // at most 16 packed rows.
+                let few = sequences.min(q_tiles);
+                let few_parts = (2 * (BLOCK_M / 4) * n_kv)
+                    .saturating_mul(sequences)
+                    .min(heads_rows.saturating_mul(2));
+                (
+                    q_tiles
+                        .checked_add(wave.div_ceil(n_kv))
+                        .and_then(|b| b.checked_add(few)),
+                    (2 * BLOCK_M * wave)
+                        .min(wave.div_ceil(n_kv).saturating_mul(heads_rows))
+                        .checked_add(few_parts)
+                        .ok_or_else(too_big)?,
+                )
+            }
         };
         let blocks = blocks
             .filter(|&b| b <= i32::MAX as usize)

@@ -43,7 +43,8 @@ pub(super) fn u32_of(x: usize, what: &str) -> Result<u32> {
 ///
 /// `wave` is the number of thread blocks the device runs at once ([`Occupancy::wave`]). Whole
 /// mode when the query tiles times KV heads already fill one wave, or when asked with
-/// `num_splits = Some(1)`.
+/// `num_splits = Some(1)`; except that a sequence of at most 16 packed rows with both context
+/// and causal keys splits in two at the boundary all the same, so that every warp computes.
 /// Otherwise the keys are split so that all splits together fill one wave, shared between the
 /// groups in proportion to their tiles: each split covers tiles of one group only, and a context
 /// split covers at least two tiles where there are enough.
@@ -53,6 +54,19 @@ pub fn plan(
     segments: &[SegmentRef],
     wave: usize,
     num_splits: Option<usize>,
+) -> Result<Plan> {
+    plan_splits(n_rows, dims, segments, wave, num_splits, None)
+}
+
+/// [`plan`], where `chosen` (when `num_splits` is `None`) replaces the splits [`plan`] would choose
+/// to fill the wave: a batch's share ([`plan_batch`]).
+fn plan_splits(
+    n_rows: usize,
+    dims: &AttentionDims,
+    segments: &[SegmentRef],
+    wave: usize,
+    num_splits: Option<usize>,
+    chosen: Option<usize>,
 ) -> Result<Plan> {
     let mut order: Vec<usize> = Vec::with_capacity(segments.len());
     for role in [SegmentRole::Context, SegmentRole::Causal] {
@@ -97,9 +111,25 @@ pub fn plan(
             })
         }
         Some(n) => n.min(total_tiles.max(1)),
-        None if base >= wave => 1,
-        None => (wave / base.max(1)).min(total_tiles.div_ceil(2)).max(1),
+        None => match chosen {
+            Some(n) => n.max(1),
+            None if base >= wave => 1,
+            None => (wave / base.max(1)).min(total_tiles.div_ceil(2)).max(1),
+        },
     };
+    // A query tile of at most 16 packed rows (decode, short questions) has every warp compute
+    // those rows over a quarter of each tile's keys, except in one pass that crosses from the
+    // context keys to the causal ones (the APE correction there needs the context state over all
+    // the keys): one warp would compute while three copy. Two splits, one per group, keep every
+    // warp computing; the combine applies the correction.
+    let few_rows = packed <= BLOCK_M / 4;
+    let wanted =
+        if num_splits.is_none() && wanted <= 1 && few_rows && n_ctx_tiles > 0 && n_causal_tiles > 0
+        {
+            2
+        } else {
+            wanted
+        };
     let mut p = Plan {
         order,
         first_tile,
@@ -146,7 +176,8 @@ pub fn plan(
 ///
 /// A batch of one is planned as [`plan`] plans it. With `num_splits` set, every sequence gets
 /// it. Otherwise, when the sequences' query tiles times KV heads already fill one wave, every
-/// sequence runs whole; if not, the wave is shared between the sequences in proportion to their
+/// sequence runs whole (a few-row one with context and causal keys in two, as [`plan`] says); if
+/// not, the wave is shared between the sequences in proportion to their
 /// work (query tiles times key tiles), and each splits its keys to fill its share, as [`plan`]
 /// does for the whole wave.
 pub fn plan_batch(
@@ -188,11 +219,12 @@ pub fn plan_batch(
                 let share = wave * qt * kt / work;
                 (share / (qt * n_kv)).min(kt.div_ceil(2)).max(1)
             };
-            plan(
+            plan_splits(
                 q.n_rows,
                 dims,
                 q.segments,
                 wave as usize,
+                None,
                 Some(wanted as usize),
             )
         })

@@ -147,8 +147,9 @@ fn batch_plans_share_one_wave() {
     let ctas: u32 = auto.iter().map(|p| p.q_tiles * 8 * p.n_splits()).sum();
     assert!(ctas as usize <= H100_WAVE, "{auto:?}");
     assert!(auto[0].n_splits() > 8 * auto[1].n_splits(), "{auto:?}");
-    // A sequence of two tiles (too short to split) runs whole beside ones that split.
-    let two = [seg(50, SegmentRole::Context), seg(1, SegmentRole::Causal)];
+    // A sequence of two causal tiles (too short to split) runs whole beside ones that split (with
+    // a context tile and a causal one it would split at the boundary: see below).
+    let two = [seg(50, SegmentRole::Causal), seg(1, SegmentRole::Causal)];
     let mixed = plan_batch(&[seq(1, &long), seq(1, &two)], &d, H100_WAVE, None).expect("valid");
     assert!(!mixed[0].whole && mixed[1].whole, "{mixed:?}");
     // Enough query tiles for a wave: every sequence runs whole.
@@ -339,10 +340,11 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             .all(|p| p.whole == 1 && p.n_rows == 0));
         assert_eq!(shape.launch_params().n_sequences as usize, shape.seq_slots);
         if forced.is_none() && cap.rows <= 64 && full {
-            // A decode-sized capacity, full: at most one wave of surplus.
+            // A decode-sized capacity, full: at most one wave of surplus (and a block per
+            // few-row sequence split at the boundary).
             assert!(
                 shape.blocks as usize - real
-                    <= occupancy.wave(false).div_ceil(n_kv) + cap.sequences,
+                    <= occupancy.wave(false).div_ceil(n_kv) + 2 * cap.sequences,
                 "{} blocks for {real}: {cap:?}",
                 shape.blocks
             );
@@ -480,4 +482,48 @@ fn a_launch_with_shifts_plans_for_the_smaller_wave() {
     // A shift by 0 reads the keys as stored: no table, the full wave.
     shifted[0].rope_shift.as_mut().expect("set").delta = 0;
     assert_eq!(blocks(&shifted), 27);
+}
+
+#[test]
+fn few_rows_across_the_boundary_split_there_so_every_warp_computes() {
+    // 8 query heads over 2 KV heads (group 4): one decode row packs 4 rows.
+    let d = AttentionDims::new(8, 2, 128).expect("valid");
+    let both = [seg(640, SegmentRole::Context), seg(70, SegmentRole::Causal)];
+    // A wave the query tiles already fill (2 blocks: one query tile x 2 KV heads).
+    let p = plan(1, &d, &both, 2, None).expect("valid");
+    assert!(!p.whole);
+    assert_eq!((p.n_ctx_splits, p.n_causal_splits), (1, 1));
+    // Up to 16 packed rows (4 rows of group 4), not 17.
+    assert!(!plan(4, &d, &both, 2, None).expect("valid").whole);
+    assert!(plan(5, &d, &both, 2, None).expect("valid").whole);
+    // Asked for one pass, or no boundary to cross: whole.
+    assert!(plan(1, &d, &both, 2, Some(1)).expect("valid").whole);
+    assert!(plan(1, &d, &both[1..], 2, None).expect("valid").whole);
+    assert!(plan(1, &d, &both[..1], 2, None).expect("valid").whole);
+    // Two tiles in all, under a large wave, would also have run whole.
+    let short = [seg(64, SegmentRole::Context), seg(5, SegmentRole::Causal)];
+    let p = plan(1, &d, &short, H100_WAVE, None).expect("valid");
+    assert_eq!((p.whole, p.n_ctx_splits, p.n_causal_splits), (false, 1, 1));
+    // A batch that fills the wave: each decode row still splits at its boundary, and its rows'
+    // partial states fit the fixed shape of a capturable batch of that capacity.
+    let seqs = [seq(1, &both), seq(1, &short), seq(6, &both)];
+    let plans = plan_batch(&seqs, &d, 2, None).expect("valid");
+    let shape: Vec<_> = plans
+        .iter()
+        .map(|p| (p.whole, p.n_ctx_splits, p.n_causal_splits))
+        .collect();
+    assert_eq!(shape, vec![(false, 1, 1), (false, 1, 1), (true, 0, 0)]);
+    let cap = BatchCapacity {
+        sequences: 3,
+        rows: 8,
+        segments: 6,
+    };
+    let fixed = FixedShape::new(&cap, &d, 2, None).expect("valid");
+    let occupancy = Occupancy {
+        sm_count: 1,
+        blocks_per_sm: 2,
+        blocks_per_sm_with_shifts: 2,
+    };
+    let layout = launch_layout(&seqs, &d, DType::BF16, &occupancy, None).expect("valid");
+    fixed.image(&layout).expect("fits the fixed shape");
 }
