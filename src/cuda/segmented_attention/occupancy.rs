@@ -135,3 +135,65 @@ impl Occupancy {
         Self::modelled(&SmLimits::SM90, 132, 128)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The residency the plan assumes where it has no driver to ask is the one the compiled code
+    /// allows: `docs/KERNEL-STATS.md` records each attention kernel's registers, shared memory
+    /// and CTAs per SM per architecture from `ptxas -v` (scripts/kernel-stats.sh keeps it
+    /// current), and the model must give the same CTAs per SM from the same limits.
+    #[test]
+    fn the_model_agrees_with_the_compiled_kernels() {
+        let table = include_str!("../../../docs/KERNEL-STATS.md");
+        let mut rows = 0;
+        for line in table.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // | `segmented_attention_<dtype>_d<D>` | arch | registers | ... | CTAs per SM | ...
+            let Some(name) = cells
+                .get(1)
+                .and_then(|c| c.strip_prefix("`segmented_attention_"))
+            else {
+                continue;
+            };
+            if name.starts_with("combine") || cells.len() < 9 {
+                continue;
+            }
+            let head_dim: usize = name
+                .rsplit_once("_d")
+                .and_then(|(_, d)| d.trim_end_matches('`').parse().ok())
+                .expect("head dim");
+            let limits = match cells[2] {
+                "sm_80" => SmLimits::SM80,
+                "sm_90a" => SmLimits::SM90,
+                arch => panic!("an architecture the model does not know: {arch}"),
+            };
+            let registers: usize = cells[3].parse().expect("registers");
+            let static_smem: usize = cells[6].parse().expect("static smem");
+            assert!(registers <= ATTENTION_MAX_REGISTERS, "{line}");
+            assert_eq!(static_smem, ATTENTION_STATIC_SMEM, "{line}");
+            let (plain, shifts) = cells[8].split_once('/').expect("plain/shifts");
+            let recorded = (
+                plain.parse::<usize>().expect("CTAs"),
+                shifts.parse::<usize>().expect("CTAs"),
+            );
+            let o = Occupancy::modelled(&limits, 1, head_dim);
+            assert_eq!(
+                (o.blocks_per_sm, o.blocks_per_sm_with_shifts),
+                recorded,
+                "{line}"
+            );
+            // And from the kernel's own registers, not only their bound.
+            let (dyn_plain, dyn_shifts) = smem_bytes(head_dim);
+            let own =
+                |dynamic| limits.blocks_per_sm(ATTENTION_THREADS, registers, static_smem + dynamic);
+            assert_eq!((own(dyn_plain), own(dyn_shifts)), recorded, "{line}");
+            rows += 1;
+        }
+        assert_eq!(
+            rows, 8,
+            "4 attention kernels x 2 architectures in the table"
+        );
+    }
+}
