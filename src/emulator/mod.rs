@@ -53,6 +53,10 @@ pub struct EmulatorOptions {
     pub threads: u32,
     /// SMs the launch is planned for (the split-KV decision): 132, an H100 SXM, by default.
     pub sm_count: usize,
+    /// Segmented attention only: launch the kernel a second time on the same workspace (its
+    /// outputs and partial states poisoned again, the split counters as the first launch left
+    /// them), as a CUDA graph's next replay does, and fail unless it gives the same bits.
+    pub relaunch: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -62,6 +66,7 @@ impl Default for EmulatorOptions {
             late_copies: false,
             threads: 0,
             sm_count: 132,
+            relaunch: false,
         }
     }
 }
