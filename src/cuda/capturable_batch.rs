@@ -22,8 +22,9 @@
 //!
 //! Split mode needs no second kernel: the last split of each query tile combines the tile's
 //! partial states, found through a counter in the batch's workspace. The counters are zeroed
-//! once, when the batch is made, and every launch leaves them at zero (kernels/
-//! segmented_attention.cu), so a graph's replays, two in a row included, count from zero.
+//! once, when the batch is made, and every launch leaves them at zero
+//! (`kernels/segmented_attention.cu`), so a graph's replays, two in a row included, count from
+//! zero.
 
 use std::sync::Arc;
 
