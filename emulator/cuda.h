@@ -2,8 +2,9 @@
 // own source compiled by a host C++ compiler and run on the CPU, one fiber per CUDA thread.
 //
 // What it provides: the qualifiers, threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
-// __syncwarp, __shfl_xor_sync, __any_sync, __ldg, half and bfloat16 with round-to-nearest-even conversions,
-// float2, and the few math functions the kernels call. Static __shared__ arrays are per CTA
+// __syncwarp, __shfl_xor_sync, __any_sync, __ldg, __ldcg, __threadfence, atomicAdd (u32), half
+// and bfloat16 with round-to-nearest-even conversions, float2, and the few math functions the
+// kernels call. Static __shared__ arrays are per CTA
 // (thread_local: an OS thread runs one CTA at a time); the dynamic one comes from
 // APE_DYNAMIC_SMEM. The PTX the kernels write inline has its emulated twin in ptx.cuh here.
 //
@@ -87,6 +88,22 @@ inline bool __any_sync(uint32_t mask, bool predicate) {
 template <typename U> inline U __ldg(const U* p) {
   ::ape_emu::check_global(p, sizeof(U), "__ldg");
   return *p;
+}
+
+// Global loads through L2 only (ld.global.cg): the values another CTA wrote before a fence.
+template <typename U> inline U __ldcg(const U* p) {
+  ::ape_emu::check_global(p, sizeof(U), "__ldcg");
+  return *p;
+}
+
+// Memory fence over the device (membar.gl / fence.sc.gpu), and the 32-bit atomic add. CTAs run on
+// several OS threads at once (runtime.cpp), so both are the CPU's real ones: a kernel that hands
+// data from one CTA to another through them is run as a GPU runs it, with the other CTAs still
+// running.
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int value) {
+  ::ape_emu::check_global(p, sizeof(unsigned int), "atomicAdd");
+  return __atomic_fetch_add(p, value, __ATOMIC_SEQ_CST);
 }
 
 template <typename U> inline U min(U a, U b) { return a < b ? a : b; }

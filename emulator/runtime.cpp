@@ -19,8 +19,11 @@
 //   addresses are in it and aligned.
 // - A barrier that can never complete (some threads wait, the others have exited or wait
 //   elsewhere) is an error, not a hang. Independent CTAs run on several OS threads.
-// - Global reads the emulator sees (cp.async sources, __ldg) must lie in one of the buffers the
-//   launcher names, as compute-sanitizer's memcheck would require of every access.
+// - Global memory is the host's, shared by the OS threads that run CTAs: __threadfence and
+//   atomicAdd are the CPU's fence and atomic read-modify-write (cuda.h), so a CTA that waits for
+//   others through a counter (the attention kernel's last split) meets them as on a GPU.
+// - Global reads the emulator sees (cp.async sources, __ldg, __ldcg, atomicAdd) must lie in one of
+//   the buffers the launcher names, as compute-sanitizer's memcheck would require of every access.
 #include "../kernels/llama_ops.cu"
 #include "../kernels/merge_states.cu"
 #include "../kernels/rope.cu"
@@ -437,10 +440,6 @@ const Kernel kKernels[] = {
     APE_EMU_KERNEL(segmented_attention_bf16_d128),
     APE_EMU_KERNEL(segmented_attention_f16_d64),
     APE_EMU_KERNEL(segmented_attention_f16_d128),
-    APE_EMU_KERNEL(segmented_attention_combine_bf16_d64),
-    APE_EMU_KERNEL(segmented_attention_combine_bf16_d128),
-    APE_EMU_KERNEL(segmented_attention_combine_f16_d64),
-    APE_EMU_KERNEL(segmented_attention_combine_f16_d128),
     APE_EMU_KERNEL(merge_states_f32_vec),
     APE_EMU_KERNEL(merge_states_f16_vec),
     APE_EMU_KERNEL(merge_states_bf16_vec),

@@ -11,8 +11,8 @@
 //! - request A uses APE (shared prefix, passages after it at the same positions, T = S = 0.9);
 //! - request B uses Block-Attention over passages cached at position 0: each is read with a RoPE
 //!   shift to its real offset, and nothing is rotated or copied in memory;
-//! - both attend in one `segmented_attention_batch` launch (plus one combine launch when a request
-//!   splits its keys to fill the GPU).
+//! - both attend in one `segmented_attention_batch` launch (one, too, when a request splits its
+//!   keys to fill the GPU: the last split of each query tile combines them).
 
 use std::ops::Range;
 use std::process::ExitCode;

@@ -29,8 +29,10 @@
 // ln(e^a + e^(L_O)). That needs the whole context group in one CTA ("whole" mode, one split).
 //
 // Split mode (short questions and decode, to fill the GPU): each split covers tiles of one group
-// only and writes its normalised partial state (f32) to a workspace; the combine kernel merges the
-// splits of each group, applies the APE correction to L_C and merges the two groups.
+// only and writes its normalised partial state (f32) to a workspace. The last split of a (query
+// tile, KV head) to finish, found by a counter in the workspace (split_counters), then combines the
+// tile's (row, head) entries in the same launch: it merges the splits of each group, applies the
+// APE correction to L_C and merges the two groups (combine_splits), and resets the counter.
 //
 // RoPE shift (Block-Attention, RopeShift in src/params.rs): a segment whose cached keys must be
 // read rotated by delta positions names a row of (cos, sin) of delta * theta_i; the CTA rotates its
@@ -151,12 +153,61 @@ __device__ __forceinline__ void merge_warp_states(OnlineSoftmax& sm, float (&acc
   }
 }
 
+// Split mode: merges the context splits of (row, head) entry i of a sequence into (L_C, O_C) and
+// its causal splits into (L_O, O_O), then out = merge((a, O_C), (L_O, O_O)) with a = APE's
+// corrected context log-mass. One warp per entry; each lane owns D/32 consecutive elements.
+// o_part, lse_part, out and lse start at the sequence's partial states and rows. The partial
+// states were written by other thread blocks of this launch: they are read through L2 (ld.cg),
+// never from this SM's L1, which is not coherent with the other SMs' writes.
+template <typename T, int D>
+__device__ __forceinline__ void combine_splits(const float* o_part, const float* lse_part,
+                                               T* out, float* lse,
+                                               const SegmentedAttentionParams& p, size_t i,
+                                               int lane) {
+  constexpr int kPer = D / 32;
+  const size_t n = size_t(p.n_rows) * p.n_heads;
+  const int nc = int(p.n_ctx_splits);
+  const int ns = nc + int(p.n_causal_splits);
+  auto group_lse = [&](int s0, int s1) {
+    float mx = -INFINITY;
+    for (int s = s0; s < s1; ++s) mx = fmaxf(mx, __ldcg(lse_part + s * n + i));
+    if (mx == -INFINITY) return -INFINITY;
+    float sum = 0.f;
+    for (int s = s0; s < s1; ++s) {
+      const float x = __ldcg(lse_part + s * n + i);
+      if (x != -INFINITY) sum += expf(x - mx);
+    }
+    return mx + logf(sum);
+  };
+  const float lse_c = group_lse(0, nc);
+  const float lse_o = group_lse(nc, ns);
+  const MergeWeights w = merge_weights(context_log_mass(lse_c, p), lse_o);
+
+  float o[kPer];
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) o[e] = 0.f;
+  for (int s = 0; s < ns; ++s) {
+    const float x = __ldcg(lse_part + s * n + i);
+    if (x == -INFINITY) continue;
+    const float weight = s < nc ? w.wa * expf(x - lse_c) : w.wb * expf(x - lse_o);
+    if (weight == 0.f) continue;
+    const float* src = o_part + (s * n + i) * D + lane * kPer;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) o[e] += weight * __ldcg(src + e);
+  }
+  T* dst = out + i * D + lane * kPer;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) dst[e] = from_float<T>(o[e]);
+  if (lane == 0) lse[i] = w.lse;
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void segmented_attention_body(
     const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
     const float2* __restrict__ rope_cs, T* __restrict__ out, float* __restrict__ lse,
     float* __restrict__ o_part, float* __restrict__ lse_part,
-    const SegmentedAttentionParams* __restrict__ seqs, const uint32_t* __restrict__ work,
+    uint32_t* __restrict__ split_counters, const SegmentedAttentionParams* __restrict__ seqs,
+    const uint32_t* __restrict__ work,
     const SegmentedAttentionLaunch& launch) {
   static_assert(D == 64 || D == 128, "head dim");
   constexpr int kChunks = D / 8;
@@ -467,62 +518,38 @@ __device__ __forceinline__ void segmented_attention_body(
       if (lane % 4 == 0) lse_part[at] = row_lse;
     }
   }
-}
-
-// Split mode: merges the context splits into (L_C, O_C) and the causal splits into (L_O, O_O),
-// then out = merge((a, O_C), (L_O, O_O)) with a = APE's corrected context log-mass. One warp per
-// (row, head) of sequence blockIdx.y; each lane owns D/32 consecutive elements. Sequences that ran
-// whole have nothing to combine.
-template <typename T, int D>
-__device__ __forceinline__ void segmented_attention_combine_body(
-    const float* __restrict__ o_part, const float* __restrict__ lse_part, T* __restrict__ out,
-    float* __restrict__ lse, const SegmentedAttentionParams* __restrict__ seqs,
-    const SegmentedAttentionLaunch& launch) {
-  constexpr int kPer = D / 32;
-  const SegmentedAttentionParams p = launch.n_sequences == 1 ? launch.first : seqs[blockIdx.y];
   if (p.whole) return;
-  const size_t n = size_t(p.n_rows) * p.n_heads;
-  const size_t i = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= n) return;
-  lse_part += p.part0;
-  o_part += size_t(p.part0) * D;
-  out += size_t(p.q_row0) * p.n_heads * D;
-  lse += size_t(p.q_row0) * p.n_heads;
 
-  const int nc = int(p.n_ctx_splits);
-  const int ns = nc + int(p.n_causal_splits);
-  auto group_lse = [&](int s0, int s1) {
-    float mx = -INFINITY;
-    for (int s = s0; s < s1; ++s) mx = fmaxf(mx, lse_part[s * n + i]);
-    if (mx == -INFINITY) return -INFINITY;
-    float sum = 0.f;
-    for (int s = s0; s < s1; ++s) {
-      const float x = lse_part[s * n + i];
-      if (x != -INFINITY) sum += expf(x - mx);
-    }
-    return mx + logf(sum);
-  };
-  const float lse_c = group_lse(0, nc);
-  const float lse_o = group_lse(nc, ns);
-  const MergeWeights w = merge_weights(context_log_mass(lse_c, p), lse_o);
-
-  float o[kPer];
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) o[e] = 0.f;
-  for (int s = 0; s < ns; ++s) {
-    const float x = lse_part[s * n + i];
-    if (x == -INFINITY) continue;
-    const float weight = s < nc ? w.wa * expf(x - lse_c) : w.wb * expf(x - lse_o);
-    if (weight == 0.f) continue;
-    const float* src = o_part + (s * n + i) * D + lane * kPer;
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) o[e] += weight * src[e];
+  // Split mode: the last of the tile's n_splits thread blocks to get here combines the tile's
+  // (row, head) entries. Every thread's partial state is made visible device-wide before thread 0
+  // counts this split in; the block that counts the last one has seen every other split's count,
+  // and so (after its own fence) reads their partial states.
+  __shared__ uint32_t s_last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    // One counter per (query tile, KV head): the tile's split 0 thread block's place in the grid.
+    uint32_t* counter = split_counters + size_t(kvh) * gridDim.x + (blockIdx.x - uint32_t(split));
+    const uint32_t done = atomicAdd(counter, 1u);
+    s_last = done == n_splits - 1;
+    // Reset by the last split, when every split of the tile has counted itself in: the counter is
+    // 0 again when the launch ends, as it was when it started, so the next launch (or the next
+    // replay of a captured CUDA graph, which cannot re-zero the workspace) counts from 0 without
+    // a memset. The launches on a stream run one after another, so no other launch sees it
+    // midway.
+    if (s_last) *counter = 0;
   }
-  T* dst = out + i * D + lane * kPer;
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) dst[e] = from_float<T>(o[e]);
-  if (lane == 0) lse[i] = w.lse;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const uint32_t tile_rows = min(m0 + kBlockM, packed_rows) - m0;
+  const size_t seq_rows = size_t(p.q_row0) * p.n_heads;
+  for (uint32_t r = warp; r < tile_rows; r += kWarps) {
+    const uint32_t pr = m0 + r;
+    const size_t entry = size_t(pr / p.group) * p.n_heads + kvh * group + pr % p.group;
+    combine_splits<T, D>(o_part + size_t(p.part0) * D, lse_part + p.part0, out + seq_rows * D,
+                         lse + seq_rows, p, entry, lane);
+  }
 }
 
 }  // namespace ape
@@ -530,15 +557,11 @@ __device__ __forceinline__ void segmented_attention_combine_body(
 #define APE_SEGMENTED_ATTENTION(NAME, T, D)                                                      \
   extern "C" __global__ void __launch_bounds__(ape::kThreads, 2) segmented_attention_##NAME(   \
       const T* q, const ape::SegmentDesc* segs, const float2* rope_cs, T* out, float* lse,      \
-      float* o_part, float* lse_part, const ape::SegmentedAttentionParams* seqs,                \
-      const uint32_t* work, const ape::SegmentedAttentionLaunch launch) {                       \
-    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part, seqs,     \
-                                        work, launch);                                          \
-  }                                                                                              \
-  extern "C" __global__ void __launch_bounds__(256) segmented_attention_combine_##NAME(        \
-      const float* o_part, const float* lse_part, T* out, float* lse,                           \
-      const ape::SegmentedAttentionParams* seqs, const ape::SegmentedAttentionLaunch launch) {  \
-    ape::segmented_attention_combine_body<T, D>(o_part, lse_part, out, lse, seqs, launch);     \
+      float* o_part, float* lse_part, uint32_t* split_counters,                                  \
+      const ape::SegmentedAttentionParams* seqs, const uint32_t* work,                          \
+      const ape::SegmentedAttentionLaunch launch) {                                             \
+    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part,           \
+                                        split_counters, seqs, work, launch);                    \
   }
 
 APE_SEGMENTED_ATTENTION(bf16_d64, __nv_bfloat16, 64)

@@ -145,6 +145,79 @@ fn capturable_batches() {
     attention::capturable_batches(&Emulated::default());
 }
 
+#[test]
+fn many_splits() {
+    attention::many_splits(&Emulated::default());
+}
+
+#[test]
+fn split_launches_in_a_row_give_the_same_bits() {
+    attention::split_launches_in_a_row_give_the_same_bits(&Emulated::default());
+}
+
+/// Split mode's counters: a second launch on the same workspace (what the CUDA launcher's next
+/// launch and a CUDA graph's next replay find) gives the first launch's bits, under every
+/// schedule and over several OS threads, for the batched launcher and a capturable batch's fixed
+/// grid; the emulator fails a launch that leaves a counter other than zero, or a relaunch that
+/// differs. Both launches match the oracle.
+#[test]
+fn a_relaunch_on_the_same_workspace_gives_the_same_bits() {
+    let mut r = seeded("a_relaunch_on_the_same_workspace_gives_the_same_bits");
+    let dims = AttentionDims::new(8, 2, 64).unwrap();
+    let cases: Vec<Case> = [(1, Some(8)), (1, None), (30, Some(3)), (2, Some(5))]
+        .into_iter()
+        .map(|(n_rows, splits)| {
+            make_case(
+                &mut r,
+                dims,
+                DType::BF16,
+                3,
+                &[450, 100],
+                n_rows,
+                ApeParams::default(),
+                splits,
+            )
+        })
+        .collect();
+    let schedules = EmulatorOptions {
+        relaunch: true,
+        threads: 2,
+        ..EmulatorOptions::default()
+    }
+    .schedules();
+    for (case, opts) in cases.iter().zip(schedules.iter().cycle()) {
+        assert!(
+            attention::planned_splits(case, opts.occupancy.wave(false)) > 1,
+            "{case:?}"
+        );
+        let (out, lse) = run_with(case, opts).unwrap_or_else(|e| panic!("{e} ({case:?})"));
+        attention::assert_ok(case, attention::compare(&mut r, case, case, &out, &lse, 16));
+    }
+    // A capturable batch of the four, with forced splits and with chosen ones.
+    let (q, segments) = host_batch(&cases);
+    let capacity = attention::capacity_of(&cases, [1, 3, 2]);
+    for (splits, opts) in [Some(4), None].into_iter().zip(&schedules[2..]) {
+        let got = emulator::capturable_batch(
+            DType::BF16,
+            &q,
+            &sequences(&cases, &segments),
+            &dims,
+            &capacity,
+            &SegmentedAttentionOptions { num_splits: splits },
+            opts,
+        )
+        .unwrap_or_else(|e| panic!("{e} (splits {splits:?})"));
+        let (mut row, h, d) = (0, dims.n_heads, dims.head_dim);
+        for case in &cases {
+            let rows = row..row + case.n_rows;
+            let out = &got.out[rows.start * h * d..rows.end * h * d];
+            let lse = &got.lse[rows.start * h..rows.end * h];
+            attention::assert_ok(case, attention::compare(&mut r, case, case, out, lse, 8));
+            row = rows.end;
+        }
+    }
+}
+
 /// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of
 /// them: a kernel without races gives the same bits under the four.
 #[test]

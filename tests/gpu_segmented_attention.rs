@@ -328,7 +328,8 @@ fn back_to_back_prepares_keep_each_plan() {
 /// Decode steps replayed from one CUDA graph: the launch is captured once (three sequences,
 /// APE, plain and Block-Attention), and each later step writes its query rows, prepares the
 /// batch for keys one longer (and, one step, for one sequence fewer) and replays the graph. Every
-/// step gives the bits of the batched launcher on the same inputs. prepare() during a capture is
+/// step gives the bits of the batched launcher on the same inputs, and the first step's graph
+/// replayed twice in a row gives the same bits twice (split mode's counters are reset). prepare() during a capture is
 /// an error, and after a failed prepare() launch() is too.
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -453,6 +454,21 @@ fn capturable_decode_replays_in_a_cuda_graph() {
             &what,
         );
         assert!(got.1[..n_seqs * 32].iter().all(|x| x.is_finite()));
+        if step == 0 {
+            // The same graph replayed again at once, its outputs poisoned first: its split
+            // launch found its counters where the first replay left them (at zero), so it gives
+            // the same bits.
+            out.copy_from_f32(dev, &vec![f32::NAN; 3 * 32 * 128])
+                .unwrap();
+            lse.copy_from_f32(dev, &vec![f32::NAN; 3 * 32]).unwrap();
+            graph.as_ref().unwrap().launch().unwrap();
+            let again = (gpu.download(&out), gpu.download(&lse));
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            assert!(
+                bits(&again.0) == bits(&got.0) && bits(&again.1) == bits(&got.1),
+                "step 0: a second replay in a row gives other bits"
+            );
+        }
     }
     // A failed prepare leaves no plan to launch.
     let none: [cuda::BatchSequence<'_, Tensor>; 0] = [];
@@ -624,6 +640,18 @@ fn gqa_head_dims_and_ape_parameters() {
 #[ignore = "needs a CUDA device"]
 fn many_segments_including_empty_ones() {
     attention::many_segments_including_empty_ones(&Gpu::new());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn many_splits() {
+    attention::many_splits(&Gpu::new());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn split_launches_in_a_row_give_the_same_bits() {
+    attention::split_launches_in_a_row_give_the_same_bits(&Gpu::new());
 }
 
 #[test]

@@ -392,8 +392,8 @@ for p in "${phases[@]}"; do
           missing "$name" "ncu not found"
           continue
         fi
-        # The clocks are left alone (METHOD.md). Launches 5 and 6 of the attention kernels (main,
-        # or main and combine in split mode), past criterion's first iterations.
+        # The clocks are left alone (METHOD.md). Launches 5 and 6 of the attention kernel (one
+        # launch per call, split mode included), past criterion's first iterations.
         step "$name" "$T_NCU" env CRITERION_HOME="$dir/criterion" "$nc" --clock-control none \
           --target-processes all -k 'regex:^segmented_attention_' --launch-skip 4 \
           --launch-count 2 --set full -f -o "$name" \

@@ -12,14 +12,19 @@
 //!   them as the batched launcher does, and copies the plan (descriptors, RoPE shift table,
 //!   per-sequence parameters, work list) into the batch's own device buffer, from page-locked
 //!   memory, on the device's stream;
-//! - [`CapturableBatch::launch`] enqueues the attention kernel and the combine kernel with grids
-//!   sized once for the batch's [`BatchCapacity`]. It allocates nothing, copies nothing and never
+//! - [`CapturableBatch::launch`] enqueues the attention kernel with a grid sized once for the
+//!   batch's [`BatchCapacity`]. It allocates nothing, copies nothing and never
 //!   blocks the host: it is what a capture records. Thread blocks the plan does not need are
 //!   sent to an idle sequence and leave at once.
 //!
 //! The cost of the fixed grids: surplus thread blocks (a few microseconds for a capacity near
-//! the batch's size; size one capacity per captured batch-size bucket), and a combine launch
-//! even when no sequence splits its keys.
+//! the batch's size; size one capacity per captured batch-size bucket).
+//!
+//! Split mode needs no second kernel: the last split of each query tile combines the tile's
+//! partial states, found through a counter in the batch's workspace. The counters are zeroed
+//! once, when the batch is made, and every launch leaves them at zero
+//! (`kernels/segmented_attention.cu`), so a graph's replays, two in a row included, count from
+//! zero.
 
 use std::sync::Arc;
 
@@ -29,9 +34,9 @@ use cudarc::driver::{
 };
 
 use super::segmented_attention::{
-    check_dtype, check_head_dim, device_layout, enqueue, kernel_names, smem_bytes, validate_io,
-    validate_sequences, AttentionKernels, BatchCapacity, FixedShape, KernelParams,
-    SegmentedAttentionLaunch,
+    check_dtype, check_head_dim, device_layout, enqueue, kernel_name, smem_bytes, validate_io,
+    validate_sequences, AttentionKernel, BatchCapacity, FixedShape, KernelParams,
+    SegmentedAttentionLaunch, SplitWorkspace,
 };
 use super::{BatchSequence, DType, Device, KvTensor, SegmentedAttentionOptions, Tensor};
 use crate::error::{Error, Result};
@@ -66,12 +71,13 @@ pub struct CapturableBatch {
     shape: FixedShape,
     launch: SegmentedAttentionLaunch,
     main: CudaFunction,
-    combine: CudaFunction,
     smem: usize,
     /// The plan's image on the device, at the fixed offsets of `shape`.
     params: CudaSlice<u8>,
     /// Partial outputs (`parts * head_dim` f32), then partial LSEs (`parts`).
     workspace: CudaSlice<f32>,
+    /// The split counters (`shape.counters`), zeroed here once; every launch leaves them zero.
+    split_counters: CudaSlice<u32>,
     /// Page-locked copies of the image, used in turn, and the events recorded after the copy
     /// from each: a prepare() waits only for the copy issued two prepares before it. (The
     /// slices' own events are not recorded when cudarc's event tracking is off, as it is in
@@ -102,8 +108,9 @@ impl CapturableBatch {
     /// A batch for launches on `device`'s stream of up to `capacity` (sequences, query rows,
     /// segments) with `dims` and `dtype` (bf16 or f16), planned with `options` as
     /// [`super::segmented_attention_batch_into`] plans. Allocates the parameter buffer, the
-    /// workspace (at most `128 *` one wave's thread blocks of partial states of `head_dim + 1` f32 with chosen
-    /// splits) and two page-locked staging buffers.
+    /// workspace (at most `128 *` one wave's thread blocks of partial states of `head_dim + 1`
+    /// f32 with chosen splits, and a u32 split counter per thread block of the grid) and two
+    /// page-locked staging buffers.
     pub fn new(
         device: &Device,
         dims: &AttentionDims,
@@ -116,12 +123,12 @@ impl CapturableBatch {
         let occupancy = device.attention_occupancy(dtype, dims.head_dim)?;
         let shape = FixedShape::new(capacity, dims, occupancy.wave(false), options.num_splits)?;
         let stream = device.stream().clone();
-        let (main_name, combine_name) = kernel_names(dtype, dims.head_dim);
         let (_, smem) = smem_bytes(dims.head_dim);
-        let main = device.function_with_smem(main_name, smem as u32)?;
-        let combine = device.function(combine_name)?;
+        let main = device.function_with_smem(kernel_name(dtype, dims.head_dim), smem as u32)?;
         let params = stream.alloc_zeros::<u8>(shape.bytes)?;
         let workspace = stream.alloc_zeros::<f32>((shape.parts * (dims.head_dim + 1)).max(1))?;
+        // Zeroed once: no launch or replay re-zeroes them (see the module's comment).
+        let split_counters = stream.alloc_zeros::<u32>(shape.counters.max(1))?;
         let staging = [
             new_staging(&stream, shape.bytes)?,
             new_staging(&stream, shape.bytes)?,
@@ -140,10 +147,10 @@ impl CapturableBatch {
             launch: shape.launch_params(),
             shape,
             main,
-            combine,
             smem,
             params,
             workspace,
+            split_counters,
             staging,
             copied,
             next: 0,
@@ -221,7 +228,7 @@ impl CapturableBatch {
         Ok(())
     }
 
-    /// Enqueues the attention and combine kernels over the prepared sequences: `q` packs their
+    /// Enqueues the attention kernel over the prepared sequences: `q` packs their
     /// rows (`[rows, n_heads, head_dim]` with at least the prepared rows; rows past them are not
     /// read), `out` and `lse` take the results (`out` like `q`, `lse` `[rows, n_heads]` f32).
     /// Allocates nothing and copies nothing, so a stream capture can record it.
@@ -282,14 +289,11 @@ impl CapturableBatch {
         let (mut o_part, mut lse_part) = self
             .workspace
             .split_at_mut((shape.parts * self.dims.head_dim).max(1));
-        let kernels = AttentionKernels {
+        let mut split_counters = self.split_counters.slice_mut(..);
+        let kernel = AttentionKernel {
             main: &self.main,
             grid: (shape.blocks, self.dims.n_kv_heads as u32, 1),
             smem: self.smem,
-            combine: Some((
-                &self.combine,
-                (shape.combine_blocks, shape.seq_slots as u32, 1),
-            )),
         };
         let params = KernelParams {
             descs: part(0),
@@ -302,21 +306,23 @@ impl CapturableBatch {
         // validated sequences within the capacity (prepare(), which checked its descriptors,
         // table, sequences, thread blocks and partial states against the shape); `launch` names
         // its seq_slots sequences, so every thread block reads seqs[work[blockIdx.x]], and those
-        // past the plan's leave at once (the idle sequence has no rows), as do the combine
-        // kernel's for whole or idle sequences and warps past a sequence's rows * n_heads. q,
-        // out and lse hold at least the prepared rows (checked above); the workspace holds
-        // `parts` partial states; combine_blocks covers the capacity's rows * n_heads warps. The
-        // segments' K/V are alive (the caller's contract).
+        // past the plan's leave at once (the idle sequence has no rows). q, out and lse hold at
+        // least the prepared rows (checked above); the workspace holds `parts` partial states
+        // and a zero split counter per thread block of the grid (zeroed in new(), left zero by
+        // every launch). The segments' K/V are alive (the caller's contract).
         unsafe {
             enqueue(
                 &self.stream,
-                &kernels,
+                &kernel,
                 q,
                 out,
                 lse,
                 &params,
-                &mut o_part,
-                &mut lse_part,
+                SplitWorkspace {
+                    o_part: &mut o_part,
+                    lse_part: &mut lse_part,
+                    split_counters: &mut split_counters,
+                },
             )
         }
     }

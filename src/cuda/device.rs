@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
-use super::segmented_attention::{kernel_names, smem_bytes, Occupancy, ATTENTION_THREADS};
+use super::segmented_attention::{kernel_name, smem_bytes, Occupancy, ATTENTION_THREADS};
 use super::DType;
 use crate::error::{Error, Result};
 
@@ -44,9 +44,23 @@ pub struct Device {
     sm_count: usize,
     /// The attention kernel's residency, by kernel name (asked of the driver once).
     occupancy: Mutex<HashMap<&'static str, Occupancy>>,
-    workspace: Mutex<Option<CudaSlice<f32>>>,
+    workspace: Mutex<Workspace>,
     /// RoPE frequency tables on the device, by the bits of their values.
     rope_freqs: Mutex<HashMap<Vec<u64>, Arc<CudaSlice<f64>>>>,
+}
+
+/// The split-KV attention's scratch memory, kept between launches (kernels/segmented_attention.cu):
+/// the partial states (f32) and the split counters (u32, one per query tile and KV head).
+///
+/// Two allocations, each grown on its own and zero-filled when allocated: a launch needs its
+/// counters at 0, and every launch leaves the counters it used at 0 again (the last split of a
+/// tile resets its own), so the counters stay all zero between launches, provided nothing else
+/// ever writes them. The partial states' extent changes from launch to launch: in one buffer, one
+/// launch's partial states would land where a later launch's counters are.
+#[derive(Default)]
+struct Workspace {
+    parts: Option<CudaSlice<f32>>,
+    split_counters: Option<CudaSlice<u32>>,
 }
 
 /// Distinct RoPE frequency tables kept on a device (a model has one or two); past this many the
@@ -121,7 +135,7 @@ impl Device {
             functions: Mutex::new(HashMap::new()),
             sm_count: sm_count.max(1) as usize,
             occupancy: Mutex::new(HashMap::new()),
-            workspace: Mutex::new(None),
+            workspace: Mutex::new(Workspace::default()),
             rope_freqs: Mutex::new(HashMap::new()),
         })
     }
@@ -165,7 +179,7 @@ impl Device {
     /// architecture) with the dynamic shared memory of a launch without and with RoPE shifts.
     /// Asked once per kernel; the plan fills the wave it gives.
     pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<Occupancy> {
-        let (name, _) = kernel_names(dtype, head_dim);
+        let name = kernel_name(dtype, head_dim);
         if let Some(o) = lock(&self.occupancy, "occupancy cache")?.get(name) {
             return Ok(*o);
         }
@@ -189,22 +203,34 @@ impl Device {
         Ok(o)
     }
 
-    /// Runs `f` with a scratch buffer of at least `len` f32, kept between calls (grown when too
-    /// small, zero-filled when allocated). Reuse is safe because every launch goes to this
-    /// device's one stream, in order.
+    /// Runs `f` with the split-KV workspace ([`Workspace`]): at least `parts` f32 of partial
+    /// states and `counters` split counters, all zero before a launch's first use. Each buffer is
+    /// kept between calls and grown when too small (a new one, zero-filled; the old one is freed
+    /// in stream order). Reuse is safe because every launch goes to this device's one stream, in
+    /// order, and every launch leaves the counters at zero.
     pub(crate) fn with_workspace<R>(
         &self,
-        len: usize,
-        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
+        parts: usize,
+        counters: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>, &mut CudaSlice<u32>) -> Result<R>,
     ) -> Result<R> {
         let mut guard = lock(&self.workspace, "workspace")?;
-        if guard.as_ref().is_none_or(|w| w.len() < len) {
-            *guard = None;
-            *guard = Some(self.stream.alloc_zeros::<f32>(len.max(1))?);
+        let ws = &mut *guard;
+        if ws.parts.as_ref().is_none_or(|w| w.len() < parts) {
+            ws.parts = None;
+            ws.parts = Some(self.stream.alloc_zeros::<f32>(parts.max(1))?);
         }
-        match guard.as_mut() {
-            Some(w) => f(w),
-            None => Err(Error::NoDevice("workspace allocation vanished".into())),
+        if ws
+            .split_counters
+            .as_ref()
+            .is_none_or(|w| w.len() < counters)
+        {
+            ws.split_counters = None;
+            ws.split_counters = Some(self.stream.alloc_zeros::<u32>(counters.max(1))?);
+        }
+        match (ws.parts.as_mut(), ws.split_counters.as_mut()) {
+            (Some(p), Some(c)) => f(p, c),
+            _ => Err(Error::NoDevice("workspace allocation vanished".into())),
         }
     }
 

@@ -55,6 +55,10 @@ pub struct EmulatorOptions {
     /// The device the launch is planned for (the split-KV decision): an H100 SXM by default
     /// ([`Occupancy::h100`]).
     pub occupancy: Occupancy,
+    /// Segmented attention only: launch the kernel a second time on the same workspace (its
+    /// outputs and partial states poisoned again, the split counters as the first launch left
+    /// them), as a CUDA graph's next replay does, and fail unless it gives the same bits.
+    pub relaunch: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -64,6 +68,7 @@ impl Default for EmulatorOptions {
             late_copies: false,
             threads: 0,
             occupancy: Occupancy::h100(),
+            relaunch: false,
         }
     }
 }

@@ -6,7 +6,7 @@ use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
     smem_bytes, BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef,
-    COMBINE_THREADS, THREADS,
+    THREADS,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -17,10 +17,13 @@ use crate::reference::segmented_attention::{
 
 /// The CUDA segmented-attention kernels run on the emulator: the query and the segments (f32, as
 /// the oracle takes them) are rounded to `dtype`, laid out and launched as the CUDA launcher does
-/// (whole or split-KV with the combine kernel), and the `dtype` output is returned as f32.
-/// `options` is the CUDA launcher's; the plan fills `emulator.occupancy`'s wave.
+/// (whole, or split-KV with the last split of each query tile combining), and the `dtype` output
+/// is returned as f32. `options` is the CUDA launcher's; the plan fills `emulator.occupancy`'s
+/// wave.
 ///
-/// Every output and workspace buffer starts as NaN, so a value the kernels fail to write shows.
+/// Every output and workspace buffer starts as NaN (the split counters at zero, as the CUDA
+/// launchers' are), so a value the kernel fails to write shows; a launch that leaves a split
+/// counter other than zero is an error.
 pub fn segmented_attention(
     dtype: DType,
     query: &Query,
@@ -208,15 +211,15 @@ pub(super) fn run(
         }
     };
     let (table_ptr, seqs_ptr, work_ptr) = (part(1), part(2), part(3));
-    // What the launches take besides the buffers (the CUDA launchers choose the same).
-    let (grid, smem, launch, o_len, lse_len, combine_grid) = match &fixed {
+    // What the launch takes besides the buffers (the CUDA launchers choose the same).
+    let (grid, smem, launch, o_len, lse_len, counters_len) = match &fixed {
         Some(shape) => (
             (shape.blocks, dims.n_kv_heads as u32, 1),
             smem_bytes(dims.head_dim).1,
             shape.launch_params(),
             (shape.parts * dims.head_dim).max(1),
             shape.parts.max(1),
-            Some((shape.combine_blocks, shape.seq_slots as u32, 1)),
+            shape.counters.max(1),
         ),
         None => (
             layout.grid,
@@ -224,15 +227,22 @@ pub(super) fn run(
             layout.launch,
             layout.o_len,
             layout.lse_len,
-            layout.combine_grid,
+            layout.counters_len.max(1),
         ),
     };
-    let mut out = to_dtype(&vec![f32::NAN; n * dims.head_dim], dtype);
-    let mut lse = Aligned::from_slice(&vec![f32::NAN; n]);
-    let mut o_part = Aligned::from_slice(&vec![f32::NAN; o_len]);
-    let mut lse_part = Aligned::from_slice(&vec![f32::NAN; lse_len]);
+    let poisoned = |len: usize| Aligned::from_slice(&vec![f32::NAN; len]);
+    // Attention outputs are bf16 or f16 (check_dtype): 16-bit elements.
+    let out_len = n * dims.head_dim;
+    let out_poison = to_dtype(&vec![f32::NAN; out_len], dtype);
+    let mut out = to_dtype(&vec![f32::NAN; out_len], dtype);
+    let mut lse = poisoned(n);
+    let mut o_part = poisoned(o_len);
+    let mut lse_part = poisoned(lse_len);
+    // Zero, as the CUDA launchers' counters are before a launch (and after one).
+    let mut counters = Aligned::new(counters_len * 4);
     let (out_ptr, lse_ptr) = (out.addr(), lse.addr());
-    let (o_part_ptr, lse_part_ptr) = (o_part.addr(), lse_part.addr());
+    let (o_part_ptr, lse_part_ptr, counters_ptr) =
+        (o_part.addr(), lse_part.addr(), counters.addr());
     let ptrs = [
         q.addr(),
         base,
@@ -241,49 +251,77 @@ pub(super) fn run(
         lse_ptr,
         o_part_ptr,
         lse_part_ptr,
+        counters_ptr,
         seqs_ptr,
         work_ptr,
     ];
-    let mut reads: Vec<&Aligned> = vec![&q, &upload];
-    for (k, v) in &kv {
-        reads.push(k);
-        reads.push(v);
-    }
-    // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse, o_part,
-    // lse_part, seqs, work, launch). The buffers are the sizes the CUDA launcher's are (the
-    // shapes and limits were checked above; launch_layout() sized the workspace, the table and
-    // the parameter arrays, or a fixed launch's FixedShape, which image() checked the plan
-    // against, after check_fits() checked the rows), and all outlive the call.
-    unsafe {
-        launch_ptrs(
-            layout.main,
-            grid,
-            (THREADS, 1, 1),
-            smem,
-            &ptrs,
-            &launch,
-            &reads,
-            emulator,
-        )?;
-    }
-    if let Some(grid) = combine_grid {
-        // SAFETY: segmented_attention_combine_*'s arguments (o_part, lse_part, out, lse, seqs,
-        // launch), the same buffers as above.
+    let mut first: Option<(Vec<u16>, Vec<u32>)> = None;
+    for _ in 0..1 + usize::from(emulator.relaunch) {
+        if first.is_some() {
+            // The next launch on the same workspace: outputs and partial states poisoned again,
+            // the counters as the last launch left them.
+            out.as_mut_slice::<u16>(out_len)
+                .copy_from_slice(out_poison.as_slice::<u16>(out_len));
+            lse.as_mut_slice::<f32>(n).fill(f32::NAN);
+            o_part.as_mut_slice::<f32>(o_len).fill(f32::NAN);
+            lse_part.as_mut_slice::<f32>(lse_len).fill(f32::NAN);
+        }
+        // The buffers the kernel reads (the emulator fails a read outside them): the partial
+        // states and counters too, which the last split of a tile reads.
+        let mut reads: Vec<&Aligned> = vec![&q, &upload, &o_part, &lse_part, &counters];
+        for (k, v) in &kv {
+            reads.push(k);
+            reads.push(v);
+        }
+        // SAFETY: the arguments are segmented_attention_*'s (q, segs, rope_cs, out, lse,
+        // o_part, lse_part, split_counters, seqs, work, launch). The buffers are the sizes the
+        // CUDA launcher's are (the shapes and limits were checked above; launch_layout() sized
+        // the workspace, the counters, the table and the parameter arrays, or a fixed launch's
+        // FixedShape, which image() checked the plan against, after check_fits() checked the
+        // rows), the counters are zero, and all outlive the call.
         unsafe {
             launch_ptrs(
-                layout.combine,
+                layout.main,
                 grid,
-                (COMBINE_THREADS, 1, 1),
-                0,
-                &[o_part_ptr, lse_part_ptr, out_ptr, lse_ptr, seqs_ptr],
+                (THREADS, 1, 1),
+                smem,
+                &ptrs,
                 &launch,
-                &[],
+                &reads,
                 emulator,
             )?;
         }
+        if let Some(at) = counters
+            .as_slice::<u32>(counters_len)
+            .iter()
+            .position(|&c| c != 0)
+        {
+            return Err(Error::Emulator(format!(
+                "{}: split counter {at} is {} after the launch, not 0",
+                layout.main,
+                counters.as_slice::<u32>(counters_len)[at]
+            )));
+        }
+        if !emulator.relaunch {
+            break;
+        }
+        let got = (
+            out.as_slice::<u16>(out_len).to_vec(),
+            lse.as_slice::<u32>(n).to_vec(),
+        );
+        match &first {
+            None => first = Some(got),
+            Some(want) if *want != got => {
+                return Err(Error::Emulator(format!(
+                    "{}: a second launch on the same workspace gave other bits than the first",
+                    layout.main
+                )))
+            }
+            Some(_) => {}
+        }
     }
     Ok(AttentionOutput {
-        out: from_dtype(&out, n * dims.head_dim, dtype),
+        out: from_dtype(&out, out_len, dtype),
         lse: lse.as_slice::<f32>(n).to_vec(),
     })
 }

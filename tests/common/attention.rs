@@ -306,6 +306,95 @@ pub fn lengths_and_split_modes(b: &dyn Backend) {
     }
 }
 
+/// One wave of an H100 SXM, as the kernel emulator plans for it by default.
+pub fn h100_wave() -> usize {
+    ape_attn::cuda::segmented_attention::Occupancy::h100().wave(false)
+}
+
+/// The splits of a case as the launcher plans them for a wave of `wave` thread blocks (thread
+/// blocks per query tile; 1 in whole mode).
+pub fn planned_splits(case: &Case, wave: usize) -> u32 {
+    let refs: Vec<ape_attn::cuda::segmented_attention::SegmentRef> = case
+        .segments
+        .iter()
+        .map(|s| ape_attn::cuda::segmented_attention::SegmentRef {
+            k: 0,
+            v: 0,
+            len: s.len,
+            pos_offset: s.pos_offset,
+            role: s.role,
+            rope_shift: s.rope_shift,
+        })
+        .collect();
+    ape_attn::cuda::segmented_attention::plan(case.n_rows, &case.dims, &refs, wave, case.splits)
+        .expect("a valid case")
+        .n_splits()
+}
+
+/// Eight splits of the keys (seven context and one causal, or the other way round) over decode
+/// rows, a short question and a question of several query tiles: the last split of each query
+/// tile combines eight partial states, with the APE correction, in the attention kernel.
+pub fn many_splits(b: &dyn Backend) {
+    let mut r = seeded("many_splits");
+    for head_dim in [64, 128] {
+        for (n_rows, ctx) in [(1, &[700, 300][..]), (9, &[600][..]), (40, &[500, 200][..])] {
+            let dims = AttentionDims::new(8, 2, head_dim).unwrap();
+            let ape = r.pick(&[ApeParams::default(), ApeParams::plain()]);
+            let case = make_case(&mut r, dims, DType::BF16, 5, ctx, n_rows, ape, Some(8));
+            assert_eq!(planned_splits(&case, h100_wave()), 8, "{case:?}");
+            assert_within(b, &case, check(b, &mut r, &case, 64));
+        }
+    }
+    // Only causal keys: eight causal splits, no context group.
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    let case = make_case(
+        &mut r,
+        dims,
+        DType::F16,
+        900,
+        &[],
+        3,
+        ApeParams::default(),
+        Some(8),
+    );
+    assert_eq!(planned_splits(&case, h100_wave()), 8, "{case:?}");
+    assert_within(b, &case, check(b, &mut r, &case, 24));
+}
+
+/// Split launches one after another on the backend (on a device, over the same workspace and
+/// split counters) give the same bits: each launch leaves the counters as it found them.
+pub fn split_launches_in_a_row_give_the_same_bits(b: &dyn Backend) {
+    let mut r = seeded("split_launches_in_a_row_give_the_same_bits");
+    let dims = AttentionDims::new(8, 2, 128).unwrap();
+    for (n_rows, splits) in [(1, None), (1, Some(8)), (20, Some(3))] {
+        let case = make_case(
+            &mut r,
+            dims,
+            DType::BF16,
+            7,
+            &[400, 130],
+            n_rows,
+            ApeParams::default(),
+            splits,
+        );
+        assert!(planned_splits(&case, h100_wave()) > 1, "{case:?}");
+        let bits = |(out, lse): (Vec<f32>, Vec<f32>)| -> (Vec<u32>, Vec<u32>) {
+            (
+                out.into_iter().map(f32::to_bits).collect(),
+                lse.into_iter().map(f32::to_bits).collect(),
+            )
+        };
+        let first = bits(b.run(&case));
+        for _ in 0..2 {
+            assert!(
+                bits(b.run(&case)) == first,
+                "a later launch differs: {case:?}"
+            );
+        }
+        assert_within(b, &case, check(b, &mut r, &case, 20));
+    }
+}
+
 pub fn question_lengths_prefill(b: &dyn Backend) {
     let mut r = seeded("question_lengths_prefill");
     let rows: &[usize] = if b.quick() {

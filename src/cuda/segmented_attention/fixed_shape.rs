@@ -58,9 +58,10 @@ pub(crate) struct FixedShape {
     /// Entries of the `seqs` array: the capacity's sequences and one idle sequence, which the
     /// thread blocks a launch does not need are sent to.
     pub seq_slots: usize,
-    /// The main kernel's grid x (thread blocks per KV head), and the combine kernel's.
+    /// The kernel's grid x (thread blocks per KV head).
     pub blocks: u32,
-    pub combine_blocks: u32,
+    /// Split counters of the workspace: one per thread block of the grid (`blocks * n_kv_heads`).
+    pub counters: usize,
     /// Partial states of the workspace ((row, head) entries of every split).
     pub parts: usize,
     /// Byte offsets of the image's four parts (as [`LaunchLayout::upload_bytes_into`]) and its size.
@@ -108,8 +109,8 @@ impl FixedShape {
         }
         if sequences >= MAX_BATCH_SEQUENCES {
             return Err(Error::OutOfRange(format!(
-                "a capacity of {sequences} sequences: at most {} (the combine grid's y holds \
-                 one more, an idle sequence)",
+                "a capacity of {sequences} sequences: at most {} (the batch's sequences \
+                 array holds one more, an idle sequence)",
                 MAX_BATCH_SEQUENCES - 1
             )));
         }
@@ -156,13 +157,7 @@ impl FixedShape {
         let blocks = blocks
             .filter(|&b| b <= i32::MAX as usize)
             .ok_or_else(too_big)? as u32;
-        let combine_blocks = u32_of(
-            heads_rows
-                .checked_mul(32)
-                .ok_or_else(too_big)?
-                .div_ceil(COMBINE_THREADS as usize),
-            "combine blocks",
-        )?;
+        let counters = (blocks as usize).checked_mul(n_kv).ok_or_else(too_big)?;
         parts.checked_mul(dims.head_dim).ok_or_else(too_big)?;
         let rope_len = segments.checked_mul(dims.head_dim).ok_or_else(too_big)?;
         let seq_slots = sequences + 1;
@@ -186,7 +181,7 @@ impl FixedShape {
             rope_len,
             seq_slots,
             blocks,
-            combine_blocks,
+            counters,
             parts,
             offsets,
             bytes,
@@ -238,10 +233,7 @@ impl FixedShape {
             && layout.rope_table.len() <= self.rope_len
             && n_seqs < self.seq_slots
             && work.len() <= self.blocks as usize
-            && layout.o_len <= (self.parts * self.head_dim).max(1)
-            && layout
-                .combine_grid
-                .is_none_or(|g| g.0 <= self.combine_blocks);
+            && layout.o_len <= (self.parts * self.head_dim).max(1);
         if !fits {
             return Err(Error::OutOfRange(format!(
                 "the launch ({} sequences, {} descriptors, {} thread blocks, {} partial states) \

@@ -1,26 +1,14 @@
-//! The CUDA launch: the layout over the segments' device addresses, its upload and the two
-//! kernels.
+//! The CUDA launch: the layout over the segments' device addresses, its upload and the kernel.
 
 use super::*;
 
-pub(crate) fn kernel_names(dtype: DType, head_dim: usize) -> (&'static str, &'static str) {
+/// The attention kernel for `dtype` (bf16 or f16) and `head_dim` (64 or 128).
+pub(crate) fn kernel_name(dtype: DType, head_dim: usize) -> &'static str {
     match (dtype, head_dim) {
-        (DType::BF16, 64) => (
-            "segmented_attention_bf16_d64",
-            "segmented_attention_combine_bf16_d64",
-        ),
-        (DType::BF16, _) => (
-            "segmented_attention_bf16_d128",
-            "segmented_attention_combine_bf16_d128",
-        ),
-        (_, 64) => (
-            "segmented_attention_f16_d64",
-            "segmented_attention_combine_f16_d64",
-        ),
-        _ => (
-            "segmented_attention_f16_d128",
-            "segmented_attention_combine_f16_d128",
-        ),
+        (DType::BF16, 64) => "segmented_attention_bf16_d64",
+        (DType::BF16, _) => "segmented_attention_bf16_d128",
+        (_, 64) => "segmented_attention_f16_d64",
+        _ => "segmented_attention_f16_d128",
     }
 }
 
@@ -73,13 +61,19 @@ pub(super) fn device_segment_refs<'a, K: KvTensor>(
     (refs, guards)
 }
 
-/// The two kernels of a launch: the attention kernel with its grid and dynamic shared memory,
-/// and the combine kernel with its grid when the launch has one.
-pub(crate) struct AttentionKernels<'a> {
+/// The attention kernel of a launch, with its grid and dynamic shared memory.
+pub(crate) struct AttentionKernel<'a> {
     pub main: &'a CudaFunction,
     pub grid: (u32, u32, u32),
     pub smem: usize,
-    pub combine: Option<(&'a CudaFunction, (u32, u32, u32))>,
+}
+
+/// Split mode's workspace of a launch: partial outputs and LSEs, and the split counters (zero
+/// before the launch; the launch leaves them zero).
+pub(crate) struct SplitWorkspace<'a, 'b> {
+    pub o_part: &'a mut CudaViewMut<'b, f32>,
+    pub lse_part: &'a mut CudaViewMut<'b, f32>,
+    pub split_counters: &'a mut CudaViewMut<'b, u32>,
 }
 
 /// A launch's parameter arrays on the device (descriptors, RoPE table, per-sequence parameters,
@@ -92,64 +86,46 @@ pub(crate) struct KernelParams<'a> {
     pub launch: &'a SegmentedAttentionLaunch,
 }
 
-/// Enqueues the attention kernel and then, if any, the combine kernel on `stream`: the one place
-/// that knows their argument lists (kernels/segmented_attention.cu).
+/// Enqueues the attention kernel on `stream`: the one place that knows its argument list
+/// (kernels/segmented_attention.cu). Split mode is the same one launch: the last split of each
+/// query tile combines the tile's partial states.
 ///
 /// # Safety
-/// The arguments must form a valid launch: `params` and the workspace (`o_part`, `lse_part`)
-/// laid out for the grids by [`launch_layout`] (or a [`FixedShape`] and its image), every
-/// sequence's rows within `q`, `out` and `lse`, and every descriptor pointing at live K/V of its
-/// length.
-#[allow(clippy::too_many_arguments)]
+/// The arguments must form a valid launch: `params` and the workspace (`o_part`, `lse_part`,
+/// `split_counters`) laid out for the grid by [`launch_layout`] (or a [`FixedShape`] and its
+/// image), the split counters all zero, every sequence's rows within `q`, `out` and `lse`, and
+/// every descriptor pointing at live K/V of its length.
 pub(crate) unsafe fn enqueue(
     stream: &CudaStream,
-    kernels: &AttentionKernels,
+    kernel: &AttentionKernel,
     q: &Tensor,
     out: &mut Tensor,
     lse: &mut Tensor,
     params: &KernelParams,
-    o_part: &mut CudaViewMut<'_, f32>,
-    lse_part: &mut CudaViewMut<'_, f32>,
+    ws: SplitWorkspace<'_, '_>,
 ) -> Result<()> {
     let cfg = LaunchConfig {
-        grid_dim: kernels.grid,
+        grid_dim: kernel.grid,
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: kernels.smem as u32,
+        shared_mem_bytes: kernel.smem as u32,
     };
-    let mut launch = stream.launch_builder(kernels.main);
+    let mut launch = stream.launch_builder(kernel.main);
     launch
         .arg(q.device_buffer())
         .arg(&params.descs)
         .arg(&params.rope_cs)
         .arg(out.buf_mut())
         .arg(lse.buf_mut())
-        .arg(&mut *o_part)
-        .arg(&mut *lse_part)
+        .arg(ws.o_part)
+        .arg(ws.lse_part)
+        .arg(ws.split_counters)
         .arg(&params.seqs)
         .arg(&params.work)
         .arg(params.launch);
     // SAFETY: the arguments match segmented_attention_* (q, segs, rope_cs, out, lse, o_part,
-    // lse_part, seqs, work, launch); the caller vouches for their sizes and contents.
+    // lse_part, split_counters, seqs, work, launch); the caller vouches for their sizes and
+    // contents.
     unsafe { launch.launch(cfg) }?;
-    if let Some((combine, grid)) = kernels.combine {
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (COMBINE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = stream.launch_builder(combine);
-        launch
-            .arg(o_part)
-            .arg(lse_part)
-            .arg(out.buf_mut())
-            .arg(lse.buf_mut())
-            .arg(&params.seqs)
-            .arg(params.launch);
-        // SAFETY: the arguments match segmented_attention_combine_* (o_part, lse_part, out, lse,
-        // seqs, launch): the workspace the launch above wrote for every split sequence (every
-        // split writes every valid row), and the grid's y within the sequences (caller).
-        unsafe { launch.launch(cfg) }?;
-    }
     Ok(())
 }
 
@@ -197,47 +173,51 @@ pub(super) fn launch<K: KvTensor>(
     let work = part(3, !layout.work.is_empty());
 
     let f = device.function_with_smem(layout.main, layout.smem_limit as u32)?;
-    let combine_fn = match layout.combine_grid {
-        Some(_) => Some(device.function(layout.combine)?),
-        None => None,
-    };
-    device.with_workspace(layout.o_len + layout.lse_len, |ws| {
-        let (mut o_part, mut lse_part) = ws.split_at_mut(layout.o_len);
-        let kernels = AttentionKernels {
-            main: &f,
-            grid: layout.grid,
-            smem: layout.smem,
-            combine: combine_fn.as_ref().zip(layout.combine_grid),
-        };
-        let params = KernelParams {
-            descs,
-            rope_cs,
-            seqs,
-            work,
-            launch: &layout.launch,
-        };
-        // SAFETY: validate() checked every tensor's shape, dtype and device against `dims`, and
-        // that the sequences' rows add up to q's; each sequence's parameters (q_row0, seg0,
-        // part0, work0) index within those rows, the descriptors, the workspace and the grid
-        // (launch_layout); the descriptors point at the segments' K/V buffers, which hold len *
-        // n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of rope_cs,
-        // which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the shifts'
-        // head_dim); a batch's work list has one entry per thread block, and the combine grid's
-        // y is the number of sequences. The segment buffers are freed stream-ordered, so they
-        // outlive the launch even if dropped now.
-        unsafe {
-            enqueue(
-                stream,
-                &kernels,
-                q,
-                out,
-                lse,
-                &params,
-                &mut o_part,
-                &mut lse_part,
-            )
-        }
-    })?;
+    let counters_len = layout.counters_len;
+    device.with_workspace(
+        layout.o_len + layout.lse_len,
+        counters_len,
+        |ws, counters| {
+            let (mut o_part, mut lse_part) = ws.split_at_mut(layout.o_len);
+            let mut split_counters = counters.slice_mut(..counters_len.max(1));
+            let kernel = AttentionKernel {
+                main: &f,
+                grid: layout.grid,
+                smem: layout.smem,
+            };
+            let params = KernelParams {
+                descs,
+                rope_cs,
+                seqs,
+                work,
+                launch: &layout.launch,
+            };
+            // SAFETY: validate() checked every tensor's shape, dtype and device against `dims`, and
+            // that the sequences' rows add up to q's; each sequence's parameters (q_row0, seg0,
+            // part0, work0) index within those rows, the descriptors, the workspace and the grid
+            // (launch_layout); the descriptors point at the segments' K/V buffers, which hold len *
+            // n_kv_heads * head_dim elements each, and their rope_row is -1 or a row of rope_cs,
+            // which holds head_dim / 2 (cos, sin) pairs per row (validate() checked the shifts'
+            // head_dim); a batch's work list has one entry per thread block; the split counters
+            // (one per thread block of the grid) are zero (with_workspace). The segment buffers are
+            // freed stream-ordered, so they outlive the launch even if dropped now.
+            unsafe {
+                enqueue(
+                    stream,
+                    &kernel,
+                    q,
+                    out,
+                    lse,
+                    &params,
+                    SplitWorkspace {
+                        o_part: &mut o_part,
+                        lse_part: &mut lse_part,
+                        split_counters: &mut split_counters,
+                    },
+                )
+            }
+        },
+    )?;
     drop(read_guards);
     layout.recycle();
     recycle_upload(bytes);

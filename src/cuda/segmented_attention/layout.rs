@@ -48,8 +48,8 @@ pub(crate) struct SegmentedAttentionParams {
 const _: () = assert!(std::mem::size_of::<SegmentedAttentionParams>() == 80);
 
 impl SegmentedAttentionParams {
-    /// A sequence without rows: a thread block sent to it leaves at once, and the combine kernel
-    /// skips it (whole).
+    /// A sequence without rows: a thread block sent to it leaves at once (and, whole, never
+    /// touches the workspace).
     pub(super) fn idle() -> Self {
         Self {
             group: 1,
@@ -72,9 +72,6 @@ const _: () = assert!(std::mem::size_of::<SegmentedAttentionLaunch>() == 96);
 // SAFETY: #[repr(C)] plain-data struct with the same layout as the kernel's struct.
 unsafe impl DeviceRepr for SegmentedAttentionLaunch {}
 
-/// Threads per block of the combine kernel (one warp per (row, head)).
-pub(crate) const COMBINE_THREADS: u32 = 256;
-
 /// Everything a launch takes besides the buffers: what the CUDA launcher and the kernel emulator
 /// both hand the kernels.
 #[derive(Clone, Debug)]
@@ -90,7 +87,6 @@ pub(crate) struct LaunchLayout {
     pub work: Vec<u32>,
     pub launch: SegmentedAttentionLaunch,
     pub main: &'static str,
-    pub combine: &'static str,
     /// The main kernel's grid: (thread blocks of all sequences, KV heads, 1); x may be 0 (no
     /// rows at all: nothing to launch).
     pub grid: (u32, u32, u32),
@@ -100,8 +96,10 @@ pub(crate) struct LaunchLayout {
     /// Split mode's workspace: partial outputs, then partial LSEs (f32 elements).
     pub o_len: usize,
     pub lse_len: usize,
-    /// The combine kernel's grid (one y per sequence), when some sequence runs split.
-    pub combine_grid: Option<(u32, u32, u32)>,
+    /// Split mode's counters (u32), zero before the launch and after it: one per thread block
+    /// of the grid (`grid.0 * grid.1`), of which each split query tile and KV head uses the one
+    /// of its split 0 block; 0 when every sequence runs whole.
+    pub counters_len: usize,
 }
 
 impl LaunchLayout {
@@ -281,7 +279,7 @@ pub(crate) fn launch_layout(
     let o_len = (part0 * dims.head_dim).max(1);
     let lse_len = part0.max(1);
 
-    let (main, combine) = kernel_names(dtype, dims.head_dim);
+    let main = kernel_name(dtype, dims.head_dim);
     // The function's limit is set once, to the larger size (with RoPE shifts).
     let (smem_plain, smem_limit) = smem_bytes(dims.head_dim);
     debug_assert_eq!(any_shift, !table.is_empty());
@@ -291,22 +289,10 @@ pub(crate) fn launch_layout(
         smem_limit
     };
     let grid = (n_work, dims.n_kv_heads as u32, 1);
-    // Sequences without rows always run whole (plan), so a split sequence has rows.
-    let combine_grid = if plans.iter().all(|p| p.whole) {
-        None
+    let counters_len = if plans.iter().all(|p| p.whole) {
+        0
     } else {
-        let most = sequences
-            .iter()
-            .zip(&plans)
-            .filter(|(_, p)| !p.whole)
-            .map(|(q, _)| q.n_rows * dims.n_heads)
-            .max()
-            .unwrap_or(0);
-        let blocks = u32_of(
-            (most * 32).div_ceil(COMBINE_THREADS as usize),
-            "combine blocks",
-        )?;
-        (blocks > 0).then_some((blocks, sequences.len() as u32, 1))
+        n_work as usize * dims.n_kv_heads
     };
     let launch = SegmentedAttentionLaunch {
         first: seqs[0],
@@ -323,13 +309,12 @@ pub(crate) fn launch_layout(
         work,
         launch,
         main,
-        combine,
         grid,
         smem,
         smem_limit,
         o_len,
         lse_len,
-        combine_grid,
+        counters_len,
     })
 }
 

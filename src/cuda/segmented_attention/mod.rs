@@ -114,7 +114,7 @@ pub fn segmented_attention_into<K: KvTensor>(
     launch(device, query.data, &[seq], dims, out, lse, options)
 }
 
-/// Segmented attention for a batch of sequences in one launch (and at most one combine launch):
+/// Segmented attention for a batch of sequences in one launch (split keys included):
 /// sequence `i` owns `sequences[i].n_rows` consecutive rows of the packed query `q`
 /// `[total_rows, n_heads, head_dim]`, attends to its own segments with its own APE parameters,
 /// and gets the rows of `out` and `lse` that [`segmented_attention`] would give it alone (up to

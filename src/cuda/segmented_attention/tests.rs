@@ -203,14 +203,16 @@ fn a_batch_layout_indexes_each_sequence() {
     assert_eq!(l.grid, (blocks, 2, 1));
     assert_eq!(l.lse_len, parts as usize);
     assert_eq!(l.o_len, parts as usize * 128);
-    assert_eq!(l.combine_grid.map(|g| g.1), Some(4));
+    // Some sequence splits: a split counter per thread block of the grid.
+    assert!(l.seqs.iter().any(|p| p.whole == 0));
+    assert_eq!(l.counters_len, blocks as usize * 2);
     // One sequence: its parameters travel by value, no arrays.
     let one = launch_layout(&seqs[..1], &d, DType::BF16, &Occupancy::h100(), None).expect("valid");
     assert!(one.seqs.is_empty() && one.work.is_empty());
     assert_eq!(one.launch.n_sequences, 1);
     assert!(launch_layout(&[], &d, DType::BF16, &Occupancy::h100(), None).is_err());
     // A sequence without rows never splits, even when splits are forced: beside a whole
-    // sequence, nothing is left to combine (a combine grid of x = 0 would be refused).
+    // sequence, nothing is left to combine, and no split counters are needed.
     let long = [seg(200, SegmentRole::Context)];
     let short = [seg(10, SegmentRole::Causal)];
     let l = launch_layout(
@@ -222,7 +224,7 @@ fn a_batch_layout_indexes_each_sequence() {
     )
     .expect("valid");
     assert!(l.seqs.iter().all(|p| p.whole == 1));
-    assert_eq!(l.combine_grid, None);
+    assert_eq!(l.counters_len, 0);
     assert_eq!(l.grid.0, 1);
 }
 

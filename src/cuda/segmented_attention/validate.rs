@@ -96,7 +96,9 @@ pub(crate) fn validate_sequences<K: KvTensor>(
     Ok(())
 }
 
-/// The most sequences one batched launch takes (the combine kernel's grid has one y per sequence).
+/// The most sequences one batched launch takes. (It was the limit of a second, combine kernel's
+/// grid y, one per sequence; split mode now combines in the attention kernel, and the limit is
+/// kept so that the API's bound does not change.)
 pub const MAX_BATCH_SEQUENCES: usize = 65_535;
 
 /// A batch's row counts must add up to the packed query's rows, and it must have at most
