@@ -10,7 +10,7 @@
 //! (nothing reads them); what is timed is the layout built from them and its upload image.
 
 use ape_attn::cuda::segmented_attention::{
-    launch_host_bytes, Occupancy, SegmentRef, SequenceRef, SmLimits,
+    launch_host_bytes, AttentionOccupancy, SegmentRef, SequenceRef, SmLimits,
 };
 use ape_attn::cuda::DType;
 use ape_attn::{ApeParams, AttentionDims, RopeConfig, RopeLayout, RopeShift, SegmentRole};
@@ -101,7 +101,7 @@ fn bench_host(c: &mut Criterion) {
                     std::hint::black_box(&sequences),
                     &dims,
                     DType::BF16,
-                    &Occupancy::modelled(&SmLimits::SM90, SMS, 128),
+                    &AttentionOccupancy::modelled(&SmLimits::SM90, SMS, 128),
                 )
                 .expect("valid launch")
             })

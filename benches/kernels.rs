@@ -334,6 +334,8 @@ fn bench_batch_decode(c: &mut Criterion, dev: &Device, plan: Plan) {
             sequences: n_seqs,
             rows: n_seqs,
             segments: sequences.iter().map(|s| s.segments.len()).sum(),
+            // One row each: a decode step, on the decode tile's kernel.
+            rows_per_sequence: 1,
         };
         let mut batch =
             CapturableBatch::new(dev, &dims, DType::BF16, &capacity, &opts).expect("batch");

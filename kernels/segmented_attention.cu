@@ -14,19 +14,30 @@
 // and by-value parameters are the same every launch, and the work list sends the thread blocks its
 // plan does not need to an idle sequence without rows, which they leave at once.
 //
-// Work: a CTA (4 warps) takes 64 packed query rows of one KV head (packed row = row * group + g:
-// the `group` query heads that share the KV head, so K/V are read once for all of them and never
-// repeated) and a range of tiles (a split). Per tile: S = Q K^T on tensor cores (mma.sync m16n8k16,
-// f32 accumulate), the mask (tail keys; causal keys after the row's position; tile_mask.cuh), the
-// online softmax with the tile's scale (1/(T sqrt d) for context tiles, 1/sqrt d for causal tiles;
-// online_softmax.cuh), O += P V. With at most 16 packed rows (decode, short questions) every warp
-// takes those rows and 16 of each tile's keys instead, and the four states merge after the walk.
+// Work: a CTA (4 warps) takes a tile of packed query rows of one KV head (packed row = row * group
+// + g: the `group` query heads that share the KV head, so K/V are read once for all of them and
+// never repeated) and a range of key tiles (a split). Per key tile: S = Q K^T on tensor cores
+// (mma.sync m16n8k16, f32 accumulate), the mask (tail keys; causal keys after the row's position;
+// tile_mask.cuh), the online softmax with the tile's scale (1/(T sqrt d) for context tiles,
+// 1/sqrt d for causal tiles; online_softmax.cuh), O += P V.
+//
+// Two tile shapes, two kernels (TileShape in src/cuda/segmented_attention/occupancy.rs):
+// - prefill (segmented_attention_<dtype>_d<D>): 64 packed rows, each warp its own 16 against every
+//   key; two pipeline stages; 2 CTAs per SM at up to 255 registers. A CTA left with at most 16
+//   rows (the tail of a question) runs as the decode tile does.
+// - decode (segmented_attention_decode_<dtype>_d<D>): 16 packed rows, a decode row's GQA group
+//   or a short question. Every warp takes those rows and 16 of each key tile's keys, and the four
+//   states merge after the walk. It needs fewer registers and less shared memory, so more CTAs
+//   fit an SM, and the copies run 2 to 4 stages deep (the launch's `stages`, chosen per device
+//   from its shared memory). It never runs a whole pass that crosses from the context keys to the
+//   causal keys (below): the launcher splits such a sequence at the boundary.
 //
 // APE with one accumulator: when the walk crosses from the last context tile to the causal tiles,
 // the finished context state (L_C, O_C) is turned into a state of log-mass a = S*T*L_C (or
 // T*L_C + ln S) holding O_C: m = a, l = 1, acc = O_C. Continuing the online softmax over the causal
 // keys then computes exactly merge((a, O_C), (L_O, O_O)), which is APE's output, and its LSE is
-// ln(e^a + e^(L_O)). That needs the whole context group in one CTA ("whole" mode, one split).
+// ln(e^a + e^(L_O)). That needs the whole context group in one CTA ("whole" mode, one split),
+// and, where it crosses, each warp holding its own rows over every key (the prefill tile).
 //
 // Split mode (short questions and decode, to fill the GPU): each split covers tiles of one group
 // only and writes its normalised partial state (f32) to a workspace. The last split of a (query
@@ -81,7 +92,8 @@ static_assert(sizeof(SegmentedAttentionParams) == 80, "SegmentedAttentionParams 
 struct SegmentedAttentionLaunch {
   SegmentedAttentionParams first;  // the sequence, when n_sequences == 1
   uint32_t n_sequences;
-  uint32_t pad[3];
+  uint32_t stages;                 // pipeline stages: 2 for the prefill tile, 2..4 for decode
+  uint32_t pad[2];
 };
 static_assert(sizeof(SegmentedAttentionLaunch) == 96, "SegmentedAttentionLaunch layout");
 
@@ -201,7 +213,21 @@ __device__ __forceinline__ void combine_splits(const float* o_part, const float*
   if (lane == 0) lse[i] = w.lse;
 }
 
-template <typename T, int D>
+// The tile shapes (TileShape in src/cuda/segmented_attention/occupancy.rs): packed query rows per
+// CTA, the most pipeline stages, and whether every warp always takes all the rows and a quarter of
+// each tile's keys.
+struct PrefillTile {
+  static constexpr int kRows = 64;
+  static constexpr int kMaxStages = 2;
+  static constexpr bool kFewRows = false;
+};
+struct DecodeTile {
+  static constexpr int kRows = 16;
+  static constexpr int kMaxStages = 4;
+  static constexpr bool kFewRows = true;
+};
+
+template <typename T, int D, typename Tile>
 __device__ __forceinline__ void segmented_attention_body(
     const T* __restrict__ q, const SegmentDesc* __restrict__ segs,
     const float2* __restrict__ rope_cs, T* __restrict__ out, float* __restrict__ lse,
@@ -214,12 +240,20 @@ __device__ __forceinline__ void segmented_attention_body(
   constexpr int kNBlocksS = kBlockN / 8;  // n8 blocks of S
   constexpr int kNBlocksO = D / 8;        // n8 blocks of O
   constexpr int kKSteps = D / 16;         // k16 steps over the head dim
+  constexpr int kBlockM = Tile::kRows;
+
+  // Pipeline stages: K and V tiles in shared memory, copied ahead of the one being computed.
+  int stages = 2;
+  if constexpr (Tile::kMaxStages > 2) {
+    stages = min(max(int(launch.stages), 2), Tile::kMaxStages);
+  }
+  const int n_slots = stages + 1;  // TileInfo slots (tile_walk.cuh)
 
   APE_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBlockM * D;       // [2][kBlockN][D]
-  T* sV = sK + 2 * kBlockN * D;   // [2][kBlockN][D]
-  T* sQlo = sV + 2 * kBlockN * D; // [kBlockM][D], launches with RoPE shifts only
+  T* sK = sQ + kBlockM * D;            // [stages][kBlockN][D]
+  T* sV = sK + stages * kBlockN * D;   // [stages][kBlockN][D]
+  T* sQlo = sV + stages * kBlockN * D; // [kWarps * 16][D], launches with RoPE shifts only
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -231,7 +265,7 @@ __device__ __forceinline__ void segmented_attention_body(
   // walk's state and its tiles' descriptions (tile_walk.cuh).
   __shared__ SegmentedAttentionParams s_params;
   __shared__ WalkState s_walk;
-  __shared__ TileInfo s_tiles[3];
+  __shared__ TileInfo s_tiles[Tile::kMaxStages + 1];
   if (tid == 0) {
     if (launch.n_sequences == 1) {
       s_params = launch.first;
@@ -277,8 +311,7 @@ __device__ __forceinline__ void segmented_attention_body(
     s_walk.t_end = t_end;
     s_walk.next_first = 0;
     s_walk.seg = -1;
-    walk_next<T>(s_walk, s_tiles[0], wp);
-    walk_next<T>(s_walk, s_tiles[1], wp);
+    for (int i = 0; i < stages; ++i) walk_next<T>(s_walk, s_tiles[i], wp);
   }
 
   // Few rows (decode, short questions): when the CTA's rows fit one warp's 16, every warp takes
@@ -287,7 +320,8 @@ __device__ __forceinline__ void segmented_attention_body(
   // context keys to the causal keys in whole mode: the APE correction there needs the context
   // state of all the keys.
   const bool split_keys =
-      packed_rows - m0 <= 16 && !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0);
+      Tile::kFewRows ||
+      (packed_rows - m0 <= 16 && !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0));
   const int row_warp = split_keys ? 0 : warp;  // the warp whose 16 rows this warp holds
 
   // The two rows of each thread's accumulator fragments: packed rows r and r + 8.
@@ -322,13 +356,16 @@ __device__ __forceinline__ void segmented_attention_body(
 
   KvCopy<D> kv;
   kv.init(tid, p.n_kv_heads * D);
-  __syncthreads();  // the first two tiles are described
-  if (s_tiles[0].n > 0) {
-    kv.copy(sK, s_tiles[0].k, s_tiles[0].n);
-    kv.copy(sV, s_tiles[0].v, s_tiles[0].n);
+  __syncthreads();  // the first `stages` tiles are described
+  // The first stages - 1 tiles, one commit group each (the first with Q).
+  for (int i = 0; i < stages - 1; ++i) {
+    if (s_tiles[i].n > 0) {
+      kv.copy(sK + i * kBlockN * D, s_tiles[i].k, s_tiles[i].n);
+      kv.copy(sV + i * kBlockN * D, s_tiles[i].v, s_tiles[i].n);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
-  cp_async_wait<0>();
+  cp_async_wait_upto(stages - 2);  // Q and the first tile have landed
   __syncthreads();
 
   // Q fragments stay in registers for the whole walk; sQ keeps the unrotated rows, from which they
@@ -370,7 +407,7 @@ __device__ __forceinline__ void segmented_attention_body(
 
   // This lane's ldmatrix addresses (shared window) in buffer 0's K and V tiles, for k-steps (K)
   // and d-steps (V) j < 4; step j + 4 is 128 bytes on (the swizzle flips only the low three chunk
-  // bits), key block nb (K) or k-step ks (V) 16 rows on, the other buffer kBufBytes on.
+  // bits), key block nb (K) or k-step ks (V) 16 rows on, buffer b b * kBufBytes on.
   constexpr uint32_t kBufBytes = kBlockN * D * 2;
   constexpr int kLaneSteps = kKSteps < 4 ? kKSteps : 4;
   uint32_t k_lane[kLaneSteps], v_lane[kLaneSteps];
@@ -385,16 +422,18 @@ __device__ __forceinline__ void segmented_attention_body(
   int buf = 0;
   int cur = 0;  // the slot of s_tiles describing the tile being computed
   while (s_tiles[cur].n > 0) {
-    const int nxt = cur == 2 ? 0 : cur + 1;
-    // Copy the next tile into the other buffer while this one is computed.
-    if (s_tiles[nxt].n > 0) {
-      kv.copy(sK + (buf ^ 1) * kBlockN * D, s_tiles[nxt].k, s_tiles[nxt].n);
-      kv.copy(sV + (buf ^ 1) * kBlockN * D, s_tiles[nxt].v, s_tiles[nxt].n);
+    // Tile k + stages - 1 (its slot and buffer) is copied while this one, tile k, is computed;
+    // its buffer is tile k - 1's, which every warp finished with before the last barrier.
+    const int ahead = cur + stages - 1 >= n_slots ? cur + stages - 1 - n_slots : cur + stages - 1;
+    const int fill = buf == 0 ? stages - 1 : buf - 1;
+    if (s_tiles[ahead].n > 0) {
+      kv.copy(sK + fill * kBlockN * D, s_tiles[ahead].k, s_tiles[ahead].n);
+      kv.copy(sV + fill * kBlockN * D, s_tiles[ahead].v, s_tiles[ahead].n);
     }
     cp_async_commit();
-    // The walker describes the tile after it in the third slot.
-    if (tid == 0) walk_next<T>(s_walk, s_tiles[nxt == 2 ? 0 : nxt + 1], wp);
-    cp_async_wait<1>();
+    // The walker describes tile k + stages in the slot after it (tile k - 1's).
+    if (tid == 0) walk_next<T>(s_walk, s_tiles[ahead + 1 == n_slots ? 0 : ahead + 1], wp);
+    cp_async_wait_upto(stages - 1);  // tile k has landed
     __syncthreads();
 
     const TileInfo& tile = s_tiles[cur];
@@ -464,7 +503,11 @@ __device__ __forceinline__ void segmented_attention_body(
           }
         }
       };
-      if (split_keys) {
+      if constexpr (Tile::kFewRows) {
+        // static-check: decode begin (the decode tile: every warp on a quarter of the keys)
+        keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
+        // static-check: decode end
+      } else if (split_keys) {
         // static-check: decode begin (every warp on a quarter of the keys)
         keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
         // static-check: decode end
@@ -476,9 +519,14 @@ __device__ __forceinline__ void segmented_attention_body(
     }  // warp_active
 
     __syncthreads();  // every warp is done with this buffer (and this slot) before they are reused
-    buf ^= 1;
-    buf_bytes ^= kBufBytes;
-    cur = nxt;
+    if constexpr (Tile::kMaxStages == 2) {
+      buf ^= 1;
+      buf_bytes ^= kBufBytes;
+    } else {
+      buf = buf + 1 == stages ? 0 : buf + 1;
+      buf_bytes = uint32_t(buf) * kBufBytes;
+    }
+    cur = cur + 1 == n_slots ? 0 : cur + 1;
   }
   cp_async_wait<0>();
 
@@ -554,17 +602,24 @@ __device__ __forceinline__ void segmented_attention_body(
 
 }  // namespace ape
 
-#define APE_SEGMENTED_ATTENTION(NAME, T, D)                                                      \
-  extern "C" __global__ void __launch_bounds__(ape::kThreads, 2) segmented_attention_##NAME(   \
+// MIN_BLOCKS: the launch bounds' CTAs per SM, which cap the registers a thread may use (2: 255;
+// 3: 168; 4: 128).
+#define APE_SEGMENTED_ATTENTION(NAME, T, D, TILE, MIN_BLOCKS)                                    \
+  extern "C" __global__ void __launch_bounds__(ape::kThreads, MIN_BLOCKS) NAME(                 \
       const T* q, const ape::SegmentDesc* segs, const float2* rope_cs, T* out, float* lse,      \
       float* o_part, float* lse_part, uint32_t* split_counters,                                  \
       const ape::SegmentedAttentionParams* seqs, const uint32_t* work,                          \
       const ape::SegmentedAttentionLaunch launch) {                                             \
-    ape::segmented_attention_body<T, D>(q, segs, rope_cs, out, lse, o_part, lse_part,           \
-                                        split_counters, seqs, work, launch);                    \
+    ape::segmented_attention_body<T, D, ape::TILE>(q, segs, rope_cs, out, lse, o_part,          \
+                                                   lse_part, split_counters, seqs, work,        \
+                                                   launch);                                     \
   }
 
-APE_SEGMENTED_ATTENTION(bf16_d64, __nv_bfloat16, 64)
-APE_SEGMENTED_ATTENTION(bf16_d128, __nv_bfloat16, 128)
-APE_SEGMENTED_ATTENTION(f16_d64, __half, 64)
-APE_SEGMENTED_ATTENTION(f16_d128, __half, 128)
+APE_SEGMENTED_ATTENTION(segmented_attention_bf16_d64, __nv_bfloat16, 64, PrefillTile, 2)
+APE_SEGMENTED_ATTENTION(segmented_attention_bf16_d128, __nv_bfloat16, 128, PrefillTile, 2)
+APE_SEGMENTED_ATTENTION(segmented_attention_f16_d64, __half, 64, PrefillTile, 2)
+APE_SEGMENTED_ATTENTION(segmented_attention_f16_d128, __half, 128, PrefillTile, 2)
+APE_SEGMENTED_ATTENTION(segmented_attention_decode_bf16_d64, __nv_bfloat16, 64, DecodeTile, 4)
+APE_SEGMENTED_ATTENTION(segmented_attention_decode_bf16_d128, __nv_bfloat16, 128, DecodeTile, 3)
+APE_SEGMENTED_ATTENTION(segmented_attention_decode_f16_d64, __half, 64, DecodeTile, 4)
+APE_SEGMENTED_ATTENTION(segmented_attention_decode_f16_d128, __half, 128, DecodeTile, 3)

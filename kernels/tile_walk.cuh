@@ -11,9 +11,11 @@
 // other threads read that description; nobody walks descriptors or forms 64-bit addresses per
 // copy.
 //
-// Three TileInfo slots rotate: while tile k is computed, tile k + 1 is being copied (its slot
-// is read at the start of the step) and the walker describes tile k + 2 in the third slot, whose
-// last reader (tile k - 1) finished before the barrier that ended the previous step.
+// The copies run `stages` tiles deep (2 to 4; shared memory holds that many K and V tiles), and
+// stages + 1 TileInfo slots rotate: while tile k is computed, tiles k + 1 .. k + stages - 1 are
+// being copied (the last of them is issued at the start of the step, from its slot) and the
+// walker describes tile k + stages in the remaining slot, whose last reader (tile k - 1) finished
+// before the barrier that ended the previous step.
 //
 // A copy thread's share of a tile is fixed for the launch: chunk tid % (D/8) of the rows
 // tid / (D/8) + i * (rows per pass). Its offset from the tile's start is 32-bit, and so is a
@@ -26,12 +28,27 @@
 
 namespace ape {
 
-// Packed query rows and keys per tile, warps and threads of the attention kernel (BLOCK_M,
-// BLOCK_N in src/cuda/segmented_attention/mod.rs).
-constexpr int kBlockM = 64;
+// Keys per tile, warps and threads of the attention kernels (BLOCK_N in
+// src/cuda/segmented_attention/mod.rs). The packed query rows per thread block are the kernel's
+// tile shape (PrefillTile, DecodeTile in segmented_attention.cu).
 constexpr int kBlockN = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
+
+// cp.async.wait_group n for a count known only at run time (the pipeline's stages - 1 or - 2,
+// at most 3): every committed group of copies but the newest n has landed. Where the count is a
+// constant, the branches fold away.
+__device__ __forceinline__ void cp_async_wait_upto(int n) {
+  if (n <= 0) {
+    cp_async_wait<0>();
+  } else if (n == 1) {
+    cp_async_wait<1>();
+  } else if (n == 2) {
+    cp_async_wait<2>();
+  } else {
+    cp_async_wait<3>();
+  }
+}
 
 // Mirrored by SegmentDesc in src/cuda/segmented_attention/layout.rs.
 struct SegmentDesc {

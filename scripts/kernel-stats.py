@@ -13,9 +13,10 @@ architecture, and reads:
   are on neither; `static-check: prefill` and `static-check: decode` regions are on one only.
 
 From these it derives instructions per MMA (the prefill loop), instructions per byte of K and V
-(decode: the busiest warp's instructions per key tile over the tile's bytes) and thread blocks
-per SM from registers and shared memory (the launcher's shared memory, mirrored from
-src/cuda/segmented_attention/layout.rs, smem_bytes).
+(decode: the busiest warp's instructions per key tile over the tile's bytes), the pipeline
+stages each kernel runs with and thread blocks per SM from registers and shared memory (the
+launcher's choice and shared memory, mirrored from TileShape in
+src/cuda/segmented_attention/occupancy.rs). The decode tile's kernels have no prefill path.
 
   --write   rewrites the table in docs/KERNEL-STATS.md
   --check   compares with that table: fails on any spill, on a kernel missing from the table, and
@@ -39,8 +40,11 @@ DOC = ROOT / "docs" / "KERNEL-STATS.md"
 BEGIN = "<!-- kernel-stats: begin (scripts/kernel-stats.sh --write) -->"
 END = "<!-- kernel-stats: end -->"
 
-# Tiles of the attention kernel (kBlockM, kBlockN in kernels/segmented_attention.cu).
-BLOCK_M, BLOCK_N, WARPS = 64, 64, 4
+# Keys per tile and warps of the attention kernels (kernels/tile_walk.cuh); per tile shape
+# (PrefillTile, DecodeTile in kernels/segmented_attention.cu): packed query rows and the most
+# pipeline stages.
+BLOCK_N, WARPS = 64, 4
+SHAPES = {"prefill": dict(rows=64, max_stages=2), "decode": dict(rows=16, max_stages=4)}
 
 # Per-SM limits of the real architectures built: registers, warps, thread blocks, shared memory
 # per SM and per block (bytes), and the shared memory the runtime reserves per block.
@@ -49,7 +53,7 @@ ARCH_LIMITS = {
     "sm_90a": dict(regs=65536, warps=64, ctas=32, smem_sm=233472, smem_block=232448, reserved=1024),
 }
 
-ATTENTION = re.compile(r"^segmented_attention_(bf16|f16)_d(\d+)$")
+ATTENTION = re.compile(r"^segmented_attention_(decode_)?(bf16|f16)_d(\d+)$")
 
 
 def die(msg):
@@ -227,10 +231,24 @@ def occupancy(regs, smem_static, smem_dynamic, threads, arch):
     return min(by_regs, by_smem, lim["warps"] // warps, lim["ctas"])
 
 
-def smem_bytes(d):
-    """The attention kernel's dynamic shared memory (layout.rs, smem_bytes): plain, with shifts."""
-    plain = (BLOCK_M + 4 * BLOCK_N) * d * 2
-    return plain, plain + BLOCK_M * d * 2
+def smem_bytes(shape, d, stages):
+    """An attention kernel's dynamic shared memory (TileShape::smem_bytes): plain, with shifts."""
+    plain = (SHAPES[shape]["rows"] + 2 * stages * BLOCK_N) * d * 2
+    return plain, plain + 4 * 16 * d * 2
+
+
+def choose_stages(shape, blocks_per_sm):
+    """TileShape::choose_stages: the most key tiles in flight per SM (blocks x (stages - 1)),
+    among the depths that keep 2 blocks per SM where any does; fewer stages on a tie."""
+    options = [(s, blocks_per_sm(s)) for s in range(2, SHAPES[shape]["max_stages"] + 1)]
+    several = any(b >= 2 for _, b in options)
+    best = (2, 0)
+    for s, b in options:
+        if several and b < 2:
+            continue
+        if b * (s - 1) > best[1]:
+            best = (s, b * (s - 1))
+    return best[0]
 
 
 def measure(nvcc):
@@ -263,7 +281,8 @@ def measure(nvcc):
                            stack=k["stack"], smem=k["smem"])
                 m = ATTENTION.match(name)
                 if m:
-                    d = int(m.group(2))
+                    shape = "decode" if m.group(1) else "prefill"
+                    d = int(m.group(3))
                     insns = funcs.get(name)
                     if not insns:
                         die(f"no SASS for {name} ({arch})")
@@ -277,16 +296,26 @@ def measure(nvcc):
                     mma_all = sum(1 for x in body if opcode(x[1]).startswith("HMMA"))
                     mma = sum(1 for x in hot if opcode(x[1]).startswith("HMMA"))
                     dec_mma = sum(1 for x in dec if opcode(x[1]).startswith("HMMA"))
-                    plain, shifted = smem_bytes(d)
+                    def ctas(dynamic):
+                        return occupancy(k["regs"], k["smem"], dynamic, WARPS * 32, arch)
+                    stages = choose_stages(shape, lambda s: ctas(smem_bytes(shape, d, s)[0]))
+                    stages_sh = choose_stages(shape, lambda s: ctas(smem_bytes(shape, d, s)[1]))
+                    plain = smem_bytes(shape, d, stages)[0]
+                    shifted = smem_bytes(shape, d, stages_sh)[1]
                     kv_bytes = BLOCK_N * d * 2 * 2
+                    if shape == "decode":
+                        # One path: every block of the loop that is not cold.
+                        dec = [x for b in blocks for x in b]
+                        dec_mma = sum(1 for x in dec if opcode(x[1]).startswith("HMMA"))
+                        mma = 0
                     row.update(
-                        loop_all=len(body), loop=len(hot), mma=mma, mma_all=mma_all,
-                        per_mma=len(hot) / mma if mma else 0.0,
+                        loop_all=len(body), loop=len(hot) if mma else None, mma=mma,
+                        mma_all=mma_all, per_mma=len(hot) / mma if mma else None,
                         dec=len(dec), dec_mma=dec_mma,
                         per_byte=len(dec) / kv_bytes,
                         dyn=f"{plain // 1024}/{shifted // 1024}",
-                        ctas=f"{occupancy(k['regs'], k['smem'], plain, WARPS * 32, arch)}/"
-                             f"{occupancy(k['regs'], k['smem'], shifted, WARPS * 32, arch)}",
+                        ctas=f"{ctas(plain)}/{ctas(shifted)}",
+                        stages=f"{stages}/{stages_sh}",
                     )
                 rows.append(row)
     return rows
@@ -295,15 +324,17 @@ def measure(nvcc):
 HEADER = ("| kernel | arch | registers | spill bytes | stack bytes | static smem | dynamic smem KiB "
           "(plain/shifts) | CTAs per SM (plain/shifts) | loop instructions (all) | prefill path "
           "instructions | prefill MMAs | instructions per MMA | decode path instructions | decode "
-          "MMAs | instructions per K+V byte |")
+          "MMAs | instructions per K+V byte | pipeline stages (plain/shifts) |")
 OTHER_HEADER = "| kernel | arch | registers | spill bytes | stack bytes | static smem |"
 
 
 def fmt_row(r):
     cells = [f"`{r['kernel']}`", r["arch"], r["regs"], r["spill"], r["stack"], r["smem"]]
     if "loop" in r:
-        cells += [r["dyn"], r["ctas"], r["loop_all"], r["loop"], r["mma"], f"{r['per_mma']:.2f}",
-                  r["dec"], r["dec_mma"], f"{r['per_byte']:.4f}"]
+        none = r["loop"] is None  # the decode tile: no prefill path
+        cells += [r["dyn"], r["ctas"], r["loop_all"], "-" if none else r["loop"],
+                  "-" if none else r["mma"], "-" if none else f"{r['per_mma']:.2f}",
+                  r["dec"], r["dec_mma"], f"{r['per_byte']:.4f}", r["stages"]]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -327,8 +358,9 @@ def read_table():
         if len(cells) < 6 or not cells[0].startswith("`"):
             continue
         r = dict(kernel=cells[0].strip("`"), arch=cells[1])
-        if len(cells) >= 15:
-            r.update(loop=int(cells[9]), per_mma=float(cells[11]), dec=int(cells[12]))
+        if len(cells) >= 16:
+            num = lambda c, f: None if c == "-" else f(c)
+            r.update(loop=num(cells[9], int), per_mma=num(cells[11], float), dec=int(cells[12]))
         rows[(r["kernel"], r["arch"])] = r
     return rows
 
@@ -358,7 +390,11 @@ def check(rows, margin):
         for what, now, then in (("prefill path instructions", r["loop"], old["loop"]),
                                 ("instructions per MMA", r["per_mma"], old["per_mma"]),
                                 ("decode path instructions", r["dec"], old["dec"])):
-            if now > then * (1 + margin) + 1e-9:
+            if (now is None) != (then is None):
+                failures.append(f"{r['kernel']} ({r['arch']}): {what} {now}, the table has {then}")
+            elif now is None:
+                continue
+            elif now > then * (1 + margin) + 1e-9:
                 failures.append(f"{r['kernel']} ({r['arch']}): {what} {now:g}, the table has {then:g} "
                                 f"(more than {margin:.0%} over)")
             elif now < then * (1 - margin) - 1e-9:

@@ -187,7 +187,7 @@ fn a_relaunch_on_the_same_workspace_gives_the_same_bits() {
     .schedules();
     for (case, opts) in cases.iter().zip(schedules.iter().cycle()) {
         assert!(
-            attention::planned_splits(case, opts.occupancy.wave(false)) > 1,
+            attention::planned_splits(case, &opts.occupancy) > 1,
             "{case:?}"
         );
         let (out, lse) = run_with(case, opts).unwrap_or_else(|e| panic!("{e} ({case:?})"));
@@ -214,6 +214,114 @@ fn a_relaunch_on_the_same_workspace_gives_the_same_bits() {
             let lse = &got.lse[rows.start * h..rows.end * h];
             attention::assert_ok(case, attention::compare(&mut r, case, case, out, lse, 8));
             row = rows.end;
+        }
+    }
+}
+
+/// The decode tile's kernel at each pipeline depth it runs with (2, 3 and 4 stages, with and
+/// without RoPE shifts), as planned for an H100, an A100 and a 100 KiB-per-SM part, against the
+/// oracle: decode rows and short questions (up to 16 packed rows), APE across the context/causal
+/// boundary, shifted blocks, forced and chosen splits. Copies land late (only at the wait that
+/// guarantees them) every other launch, so a stage read before its copy is waited for shows.
+#[test]
+fn the_decode_tile_at_every_pipeline_depth() {
+    use ape_attn::cuda::segmented_attention::{AttentionOccupancy, SmLimits, TileShape};
+    let mut r = seeded("the_decode_tile_at_every_pipeline_depth");
+    let mut depths = std::collections::BTreeSet::new();
+    let devices = [
+        (SmLimits::SM90, 132),
+        (SmLimits::SM80, 108),
+        (SmLimits::SM86, 84),
+    ];
+    let mut launch = 0;
+    // The three devices as modelled, and the H100 once more at 3 stages whatever the launch: no
+    // modelled device chooses 3 with RoPE shifts.
+    for (limits, sms, forced) in
+        devices
+            .iter()
+            .map(|&(l, s)| (l, s, None))
+            .chain([(SmLimits::SM90, 132, Some(3))])
+    {
+        for head_dim in [64, 128] {
+            let mut occupancy = AttentionOccupancy::modelled(&limits, sms, head_dim);
+            if let Some(stages) = forced {
+                occupancy.decode.stages = stages;
+                occupancy.decode.stages_with_shifts = stages;
+            }
+            let rope = attention::rope_configs(head_dim)[0];
+            let gqa4 = AttentionDims::new(8, 2, head_dim).unwrap();
+            let gqa8 = AttentionDims::new(16, 2, head_dim).unwrap();
+            let cases = [
+                make_case(
+                    &mut r,
+                    gqa4,
+                    DType::BF16,
+                    5,
+                    &[700, 300],
+                    1,
+                    ApeParams::default(),
+                    None,
+                ),
+                make_case(
+                    &mut r,
+                    gqa4,
+                    DType::F16,
+                    70,
+                    &[200],
+                    4,
+                    ApeParams::default(),
+                    Some(3),
+                ),
+                make_case(
+                    &mut r,
+                    gqa8,
+                    DType::BF16,
+                    9,
+                    &[400],
+                    2,
+                    ApeParams::plain(),
+                    None,
+                ),
+                attention::block_attention_case(
+                    &mut r,
+                    gqa4,
+                    DType::BF16,
+                    rope,
+                    &[300, 65, 7, 200],
+                    1,
+                    ApeParams::default(),
+                    None,
+                ),
+            ];
+            for case in &cases {
+                let shifts = case
+                    .segments
+                    .iter()
+                    .any(|s| s.rope_shift.is_some_and(|x| x.delta != 0));
+                assert_eq!(
+                    TileShape::of_launch([case.n_rows], case.dims.group_size(), case.splits),
+                    TileShape::Decode
+                );
+                depths.insert((occupancy.decode.stages(shifts), shifts));
+                let opts = EmulatorOptions {
+                    occupancy,
+                    late_copies: launch % 2 == 1,
+                    threads: 2,
+                    ..EmulatorOptions::default()
+                };
+                launch += 1;
+                let (out, lse) =
+                    run_with(case, &opts).unwrap_or_else(|e| panic!("{e} ({limits:?}, {case:?})"));
+                attention::assert_ok(case, attention::compare(&mut r, case, case, &out, &lse, 16));
+            }
+        }
+    }
+    for stages in 2..=4 {
+        for shifts in [false, true] {
+            assert!(
+                depths.contains(&(stages, shifts)),
+                "{stages} stages, shifts {shifts}: {depths:?}"
+            );
         }
     }
 }
@@ -354,6 +462,7 @@ fn bad_inputs_are_errors() {
             sequences: capacity[0],
             rows: capacity[1],
             segments: capacity[2],
+            rows_per_sequence: 0,
         };
         emulator::capturable_batch(
             DType::BF16,

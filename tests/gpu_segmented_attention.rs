@@ -199,24 +199,34 @@ fn assert_batched_bits<K: cuda::KvTensor>(
     );
 }
 
-/// The plan fills the wave the driver counts for the compiled kernel: at head dim 128 (about 254
-/// registers) that is what the architecture's shared memory allows, as modelled from its limits.
+/// The plan fills the wave the driver counts for each compiled kernel: at head dim 128 that is
+/// what the architecture's shared memory allows, at the pipeline stages the model chooses from
+/// the same limits; the decode tile's kernel fits at least as many blocks per SM as the prefill
+/// tile's.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn the_plan_fills_the_devices_wave() {
-    use ape_attn::cuda::segmented_attention::{Occupancy, SmLimits};
+    use ape_attn::cuda::segmented_attention::{AttentionOccupancy, SmLimits};
     let gpu = Gpu::new();
     let dev = &gpu.0;
     let (major, minor) = dev.compute_capability().expect("capability");
     for dtype in [DType::BF16, DType::F16] {
         let got = dev.attention_occupancy(dtype, 128).expect("occupancy");
-        assert_eq!(got.sm_count, dev.sm_count());
-        assert!(got.blocks_per_sm >= got.blocks_per_sm_with_shifts);
-        assert!(got.blocks_per_sm_with_shifts >= 1, "{got:?}");
+        for o in [got.prefill, got.decode] {
+            assert_eq!(o.sm_count, dev.sm_count());
+            assert!(o.blocks_per_sm_with_shifts >= 1, "{o:?}");
+            assert!((2..=4).contains(&o.stages), "{o:?}");
+        }
+        assert!(got.prefill.blocks_per_sm >= got.prefill.blocks_per_sm_with_shifts);
+        assert_eq!((got.prefill.stages, got.prefill.stages_with_shifts), (2, 2));
+        assert!(
+            got.decode.blocks_per_sm >= got.prefill.blocks_per_sm,
+            "{got:?}"
+        );
         match SmLimits::of_compute_capability(major, minor) {
             Some(limits) => assert_eq!(
                 got,
-                Occupancy::modelled(&limits, dev.sm_count(), 128),
+                AttentionOccupancy::modelled(&limits, dev.sm_count(), 128),
                 "compute capability {major}.{minor}"
             ),
             None => eprintln!("compute capability {major}.{minor}: no model to compare with"),
@@ -225,7 +235,7 @@ fn the_plan_fills_the_devices_wave() {
         assert_eq!(dev.attention_occupancy(dtype, 128).expect("occupancy"), got);
         let small = dev.attention_occupancy(dtype, 64).expect("occupancy");
         assert!(
-            small.blocks_per_sm >= got.blocks_per_sm,
+            small.prefill.blocks_per_sm >= got.prefill.blocks_per_sm,
             "{small:?} vs {got:?}"
         );
     }
@@ -262,6 +272,7 @@ fn back_to_back_prepares_keep_each_plan() {
         sequences: 3,
         rows: 3 * 6,
         segments: 3 * 4,
+        rows_per_sequence: 0,
     };
     let opts = SegmentedAttentionOptions::default();
     let mut batch = cuda::CapturableBatch::new(dev, &dims, DType::BF16, &capacity, &opts).unwrap();
@@ -359,6 +370,8 @@ fn capturable_decode_replays_in_a_cuda_graph() {
         sequences: 3,
         rows: 3,
         segments: 6,
+        // Decode rows: the decode tile's kernel.
+        rows_per_sequence: 1,
     };
     let opts = SegmentedAttentionOptions::default();
     let mut batch = cuda::CapturableBatch::new(dev, &dims, dtype, &capacity, &opts).unwrap();

@@ -34,9 +34,9 @@ use cudarc::driver::{
 };
 
 use super::segmented_attention::{
-    check_dtype, check_head_dim, device_layout, enqueue, kernel_name, smem_bytes, validate_io,
-    validate_sequences, AttentionKernel, BatchCapacity, FixedShape, KernelParams,
-    SegmentedAttentionLaunch, SplitWorkspace,
+    check_dtype, check_head_dim, device_layout, enqueue, validate_io, validate_sequences,
+    AttentionKernel, BatchCapacity, FixedShape, KernelParams, SegmentedAttentionLaunch,
+    SplitWorkspace,
 };
 use super::{BatchSequence, DType, Device, KvTensor, SegmentedAttentionOptions, Tensor};
 use crate::error::{Error, Result};
@@ -121,10 +121,11 @@ impl CapturableBatch {
         check_dtype(dtype)?;
         check_head_dim(dims.head_dim)?;
         let occupancy = device.attention_occupancy(dtype, dims.head_dim)?;
-        let shape = FixedShape::new(capacity, dims, occupancy.wave(false), options.num_splits)?;
+        let shape = FixedShape::new(capacity, dims, &occupancy, options.num_splits)?;
         let stream = device.stream().clone();
-        let (_, smem) = smem_bytes(dims.head_dim);
-        let main = device.function_with_smem(kernel_name(dtype, dims.head_dim), smem as u32)?;
+        let smem = shape.smem;
+        let main =
+            device.function_with_smem(shape.tile.kernel_name(dtype, dims.head_dim), smem as u32)?;
         let params = stream.alloc_zeros::<u8>(shape.bytes)?;
         let workspace = stream.alloc_zeros::<f32>((shape.parts * (dims.head_dim + 1)).max(1))?;
         // Zeroed once: no launch or replay re-zeroes them (see the module's comment).
@@ -213,6 +214,7 @@ impl CapturableBatch {
             self.dtype,
             &device.attention_occupancy(self.dtype, self.dims.head_dim)?,
             self.options.num_splits,
+            Some(self.shape.tile),
         )?;
         drop(guards);
         // The copy from this slot two prepares ago must have run before the slot is rewritten.

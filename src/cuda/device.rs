@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
-use super::segmented_attention::{kernel_name, smem_bytes, Occupancy, ATTENTION_THREADS};
+use super::segmented_attention::{AttentionOccupancy, Occupancy, TileShape, ATTENTION_THREADS};
 use super::DType;
 use crate::error::{Error, Result};
 
@@ -42,7 +42,9 @@ pub struct Device {
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     sm_count: usize,
-    /// The attention kernel's residency, by kernel name (asked of the driver once).
+    /// Shared memory one thread block may use (static plus dynamic, opted in), bytes.
+    smem_per_block: usize,
+    /// The attention kernels' residency, by kernel name (asked of the driver once).
     occupancy: Mutex<HashMap<&'static str, Occupancy>>,
     workspace: Mutex<Workspace>,
     /// RoPE frequency tables on the device, by the bits of their values.
@@ -128,12 +130,16 @@ impl Device {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )?;
+        let smem_per_block = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )?;
         Ok(Self {
             ctx,
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
             sm_count: sm_count.max(1) as usize,
+            smem_per_block: smem_per_block.max(0) as usize,
             occupancy: Mutex::new(HashMap::new()),
             workspace: Mutex::new(Workspace::default()),
             rope_freqs: Mutex::new(HashMap::new()),
@@ -174,29 +180,79 @@ impl Device {
         self.sm_count
     }
 
-    /// The attention kernel's residency on this device for `dtype` and `head_dim`, as the driver
+    /// The attention kernels' residency on this device for `dtype` and `head_dim`
+    /// ([`Device::attention_occupancy_of`] for each tile shape).
+    pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<AttentionOccupancy> {
+        Ok(AttentionOccupancy {
+            prefill: self.attention_occupancy_of(TileShape::Prefill, dtype, head_dim)?,
+            decode: self.attention_occupancy_of(TileShape::Decode, dtype, head_dim)?,
+        })
+    }
+
+    /// The residency of the `shape` attention kernel for `dtype` and `head_dim`, as the driver
     /// counts it for the compiled kernel (its registers and static shared memory on this
-    /// architecture) with the dynamic shared memory of a launch without and with RoPE shifts.
-    /// Asked once per kernel; the plan fills the wave it gives.
-    pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<Occupancy> {
-        let name = kernel_name(dtype, head_dim);
+    /// architecture) with the dynamic shared memory of each pipeline depth it may run: the
+    /// stages it runs with here ([`TileShape::choose_stages`]), and thread blocks per SM for a
+    /// launch without and with RoPE shifts at those stages. Asked once per kernel (which also
+    /// sets the kernel's shared-memory limit to its size with shifts at those stages); the plan
+    /// fills the wave it gives.
+    pub fn attention_occupancy_of(
+        &self,
+        shape: TileShape,
+        dtype: DType,
+        head_dim: usize,
+    ) -> Result<Occupancy> {
+        let name = shape.kernel_name(dtype, head_dim);
         if let Some(o) = lock(&self.occupancy, "occupancy cache")?.get(name) {
             return Ok(*o);
         }
-        let (plain, shifts) = smem_bytes(head_dim);
-        let f = self.function_with_smem(name, shifts as u32)?;
-        let threads = ATTENTION_THREADS as u32;
-        let per_sm = |smem: usize| -> Result<usize> {
-            Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)? as usize)
+        // Sizes past what one block may use fit no block; the driver is asked about the rest.
+        let fits = |dynamic: usize| shape.static_smem() + dynamic <= self.smem_per_block;
+        let (stages, plain, shifts) = {
+            let largest = (2..=shape.max_stages())
+                .map(|s| shape.smem_bytes(head_dim, s).1)
+                .filter(|&b| fits(b))
+                .max()
+                .unwrap_or(shape.smem_bytes(head_dim, 2).1);
+            let f = self.function_with_smem(name, largest as u32)?;
+            let threads = ATTENTION_THREADS as u32;
+            let per_sm = |smem: usize| -> Result<usize> {
+                if !fits(smem) || smem > largest {
+                    return Ok(0);
+                }
+                Ok(f.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)? as usize)
+            };
+            let mut err = None;
+            let mut choose = |with_shifts: bool| {
+                shape.choose_stages(|s| {
+                    let (plain, shifts) = shape.smem_bytes(head_dim, s);
+                    per_sm(if with_shifts { shifts } else { plain }).unwrap_or_else(|e| {
+                        err = Some(e);
+                        0
+                    })
+                })
+            };
+            let stages = (choose(false), choose(true));
+            if let Some(e) = err {
+                return Err(e);
+            }
+            (
+                stages,
+                per_sm(shape.smem_bytes(head_dim, stages.0).0)?,
+                per_sm(shape.smem_bytes(head_dim, stages.1).1)?,
+            )
         };
         let o = Occupancy {
             sm_count: self.sm_count,
-            blocks_per_sm: per_sm(plain)?,
-            blocks_per_sm_with_shifts: per_sm(shifts)?,
+            blocks_per_sm: plain,
+            blocks_per_sm_with_shifts: shifts,
+            stages: stages.0,
+            stages_with_shifts: stages.1,
         };
         if o.blocks_per_sm_with_shifts == 0 {
             return Err(Error::NoDevice(format!(
-                "{name} does not fit on this device's SMs ({shifts} bytes of shared memory)"
+                "{name} does not fit on this device's SMs ({} bytes of shared memory)",
+                shape.smem_bytes(head_dim, stages.1).1
             )));
         }
         lock(&self.occupancy, "occupancy cache")?.insert(name, o);

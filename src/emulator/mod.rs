@@ -37,7 +37,7 @@ pub use segmented_attention::{segmented_attention, segmented_attention_batch};
 
 use std::ffi::{c_char, c_void, CString};
 
-use crate::cuda::segmented_attention::Occupancy;
+use crate::cuda::segmented_attention::AttentionOccupancy;
 use crate::cuda::DType;
 use crate::error::{Error, Result};
 
@@ -52,9 +52,9 @@ pub struct EmulatorOptions {
     pub late_copies: bool,
     /// OS threads running CTAs in parallel (0: one per core).
     pub threads: u32,
-    /// The device the launch is planned for (the split-KV decision): an H100 SXM by default
-    /// ([`Occupancy::h100`]).
-    pub occupancy: Occupancy,
+    /// The device the launch is planned for (the split-KV decision, the decode tile's pipeline
+    /// stages): an H100 SXM by default ([`AttentionOccupancy::h100`]).
+    pub occupancy: AttentionOccupancy,
     /// Segmented attention only: launch the kernel a second time on the same workspace (its
     /// outputs and partial states poisoned again, the split counters as the first launch left
     /// them), as a CUDA graph's next replay does, and fail unless it gives the same bits.
@@ -67,7 +67,7 @@ impl Default for EmulatorOptions {
             reverse: false,
             late_copies: false,
             threads: 0,
-            occupancy: Occupancy::h100(),
+            occupancy: AttentionOccupancy::h100(),
             relaunch: false,
         }
     }

@@ -5,8 +5,7 @@
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
-    smem_bytes, BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef,
-    THREADS,
+    BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef, THREADS,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -145,8 +144,7 @@ pub(super) fn run(
     let fixed = match fixed {
         Some(c) => {
             // As CapturableBatch: new(), then prepare().
-            let shape =
-                FixedShape::new(c, dims, emulator.occupancy.wave(false), options.num_splits)?;
+            let shape = FixedShape::new(c, dims, &emulator.occupancy, options.num_splits)?;
             c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
             Some(shape)
         }
@@ -182,6 +180,8 @@ pub(super) fn run(
         dtype,
         &emulator.occupancy,
         options.num_splits,
+        // A fixed launch runs its capacity's kernel, as CapturableBatch does.
+        fixed.as_ref().map(|f| f.tile),
     )?;
 
     // The parameter arrays as the CUDA launcher uploads them (one buffer: upload_bytes_into, or a
@@ -215,7 +215,7 @@ pub(super) fn run(
     let (grid, smem, launch, o_len, lse_len, counters_len) = match &fixed {
         Some(shape) => (
             (shape.blocks, dims.n_kv_heads as u32, 1),
-            smem_bytes(dims.head_dim).1,
+            shape.smem,
             shape.launch_params(),
             (shape.parts * dims.head_dim).max(1),
             shape.parts.max(1),

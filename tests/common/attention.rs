@@ -306,14 +306,24 @@ pub fn lengths_and_split_modes(b: &dyn Backend) {
     }
 }
 
-/// One wave of an H100 SXM, as the kernel emulator plans for it by default.
-pub fn h100_wave() -> usize {
-    ape_attn::cuda::segmented_attention::Occupancy::h100().wave(false)
+/// An H100 SXM, as the kernel emulator plans for it by default.
+pub fn h100() -> ape_attn::cuda::segmented_attention::AttentionOccupancy {
+    ape_attn::cuda::segmented_attention::AttentionOccupancy::h100()
 }
 
-/// The splits of a case as the launcher plans them for a wave of `wave` thread blocks (thread
-/// blocks per query tile; 1 in whole mode).
-pub fn planned_splits(case: &Case, wave: usize) -> u32 {
+/// The splits of a case as the launcher plans them on a device with `occupancy`, for the wave of
+/// the kernel it runs (thread blocks per query tile; 1 in whole mode).
+pub fn planned_splits(
+    case: &Case,
+    occupancy: &ape_attn::cuda::segmented_attention::AttentionOccupancy,
+) -> u32 {
+    use ape_attn::cuda::segmented_attention::TileShape;
+    let shape = TileShape::of_launch([case.n_rows], case.dims.group_size(), case.splits);
+    let shifts = case
+        .segments
+        .iter()
+        .any(|s| s.len > 0 && s.rope_shift.is_some_and(|r| r.delta != 0));
+    let wave = occupancy.of(shape).wave(shifts);
     let refs: Vec<ape_attn::cuda::segmented_attention::SegmentRef> = case
         .segments
         .iter()
@@ -341,7 +351,7 @@ pub fn many_splits(b: &dyn Backend) {
             let dims = AttentionDims::new(8, 2, head_dim).unwrap();
             let ape = r.pick(&[ApeParams::default(), ApeParams::plain()]);
             let case = make_case(&mut r, dims, DType::BF16, 5, ctx, n_rows, ape, Some(8));
-            assert_eq!(planned_splits(&case, h100_wave()), 8, "{case:?}");
+            assert_eq!(planned_splits(&case, &h100()), 8, "{case:?}");
             assert_within(b, &case, check(b, &mut r, &case, 64));
         }
     }
@@ -357,7 +367,7 @@ pub fn many_splits(b: &dyn Backend) {
         ApeParams::default(),
         Some(8),
     );
-    assert_eq!(planned_splits(&case, h100_wave()), 8, "{case:?}");
+    assert_eq!(planned_splits(&case, &h100()), 8, "{case:?}");
     assert_within(b, &case, check(b, &mut r, &case, 24));
 }
 
@@ -377,7 +387,7 @@ pub fn split_launches_in_a_row_give_the_same_bits(b: &dyn Backend) {
             ApeParams::default(),
             splits,
         );
-        assert!(planned_splits(&case, h100_wave()) > 1, "{case:?}");
+        assert!(planned_splits(&case, &h100()) > 1, "{case:?}");
         let bits = |(out, lse): (Vec<f32>, Vec<f32>)| -> (Vec<u32>, Vec<u32>) {
             (
                 out.into_iter().map(f32::to_bits).collect(),
@@ -861,6 +871,9 @@ pub fn capacity_of(cases: &[Case], extra: [usize; 3]) -> BatchCapacity {
         sequences: cases.len() + extra[0],
         rows: cases.iter().map(|c| c.n_rows).sum::<usize>() + extra[1],
         segments: cases.iter().map(|c| c.segments.len()).sum::<usize>() + extra[2],
+        // Bounded by the longest sequence: a batch of decode-sized sequences runs the decode
+        // tile's kernel, as the batched launcher does.
+        rows_per_sequence: cases.iter().map(|c| c.n_rows).max().unwrap_or(0).max(1),
     }
 }
 

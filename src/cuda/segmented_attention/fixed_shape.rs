@@ -13,6 +13,11 @@ pub struct BatchCapacity {
     pub rows: usize,
     /// Segments of all the sequences together, empty ones included (at least 1).
     pub segments: usize,
+    /// Query rows of any one sequence, at most; 0: no bound but `rows`. A capacity whose
+    /// sequences pack at most 16 rows each (`rows_per_sequence * group <= DECODE_ROWS`: a decode
+    /// step) runs the decode tile's kernel, as the batched launcher does for such sequences
+    /// ([`TileShape::of_launch`]); any other runs the prefill tile's.
+    pub rows_per_sequence: usize,
 }
 
 impl BatchCapacity {
@@ -33,7 +38,13 @@ impl BatchCapacity {
             return Err(over("sequences", n.to_string(), self.sequences));
         }
         let (mut rows, mut segments) = (0usize, 0usize);
-        for (r, s) in sequences {
+        for (i, (r, s)) in sequences.enumerate() {
+            if self.rows_per_sequence > 0 && r > self.rows_per_sequence {
+                return Err(Error::OutOfRange(format!(
+                    "sequence {i}: {r} query rows exceed the batch's capacity of {} per sequence",
+                    self.rows_per_sequence
+                )));
+            }
             rows = rows.saturating_add(r);
             segments = segments.saturating_add(s);
         }
@@ -45,6 +56,16 @@ impl BatchCapacity {
         }
         Ok(rows)
     }
+
+    /// The tile shape of every launch within this capacity ([`BatchCapacity::rows_per_sequence`]),
+    /// for query heads in groups of `group` per KV head, planned with `num_splits`.
+    pub fn tile_shape(&self, group: usize, num_splits: Option<usize>) -> TileShape {
+        if self.rows_per_sequence == 0 {
+            TileShape::Prefill
+        } else {
+            TileShape::of_launch([self.rows_per_sequence], group, num_splits)
+        }
+    }
 }
 
 /// The fixed shape of a capturable launch: sizes derived from a [`BatchCapacity`] that bound
@@ -52,6 +73,11 @@ impl BatchCapacity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FixedShape {
     pub capacity: BatchCapacity,
+    /// The kernel's tile shape, its pipeline stages in every launch (the depth a launch with
+    /// RoPE shifts takes on the device), and its dynamic shared memory (room for shifts).
+    pub tile: TileShape,
+    pub stages: usize,
+    pub smem: usize,
     /// Descriptor slots, and f32 values of the RoPE shift table (a row per shifted segment).
     pub desc_slots: usize,
     pub rope_len: usize,
@@ -72,9 +98,10 @@ pub(crate) struct FixedShape {
 }
 
 impl FixedShape {
-    /// The shape for `capacity` on a device whose wave holds `wave` thread blocks (the larger,
-    /// [`Occupancy::wave`] without shifts: a launch with shifts plans for a wave no larger),
-    /// planned as [`launch_layout`] plans with `num_splits`.
+    /// The shape for `capacity` on a device where the kernels have `occupancy`, planned as
+    /// [`launch_layout`] plans with `num_splits`, for the kernel of
+    /// [`BatchCapacity::tile_shape`]. Its wave `W` is the larger of that kernel's waves without
+    /// and with RoPE shifts, so that it bounds the plan of either launch.
     ///
     /// The bounds: a sequence of `r` rows has `ceil(r * group / 64)` query tiles, at most
     /// `r * ceil(group / 64)` and at most `r * group / 64 + 1`. With `num_splits = Some(n)`, each
@@ -90,7 +117,7 @@ impl FixedShape {
     pub fn new(
         capacity: &BatchCapacity,
         dims: &AttentionDims,
-        wave: usize,
+        occupancy: &AttentionOccupancy,
         num_splits: Option<usize>,
     ) -> Result<Self> {
         dims.validate()?;
@@ -99,7 +126,13 @@ impl FixedShape {
             sequences,
             rows,
             segments,
+            rows_per_sequence: _,
         } = *capacity;
+        let tile = capacity.tile_shape(dims.group_size(), num_splits);
+        let o = occupancy.of(tile);
+        let wave = o.wave(false).max(o.wave(true));
+        let stages = o.stages_with_shifts;
+        let smem = tile.smem_bytes(dims.head_dim, stages).1;
         if sequences == 0 || rows == 0 || segments == 0 {
             return Err(Error::InvalidParameter {
                 name: "capacity",
@@ -177,6 +210,9 @@ impl FixedShape {
         }
         Ok(Self {
             capacity: *capacity,
+            tile,
+            stages,
+            smem,
             desc_slots: segments,
             rope_len,
             seq_slots,
@@ -209,6 +245,12 @@ impl FixedShape {
     /// error. Bytes outside the parts' used extents keep what they held: the launch reads none of
     /// them (descriptors and table rows past the sequences', padding).
     pub fn image_into(&self, layout: &LaunchLayout, bytes: &mut [u8]) -> Result<()> {
+        if layout.shape != self.tile {
+            return Err(Error::Shape(format!(
+                "a fixed launch runs the {:?} tile's kernel, not {}",
+                self.tile, layout.main
+            )));
+        }
         if bytes.len() != self.bytes {
             return Err(Error::Shape(format!(
                 "a fixed launch's image is {} bytes, not {}",
@@ -265,7 +307,8 @@ impl FixedShape {
         SegmentedAttentionLaunch {
             first: SegmentedAttentionParams::idle(),
             n_sequences: self.seq_slots as u32,
-            pad: [0; 3],
+            stages: self.stages as u32,
+            pad: [0; 2],
         }
     }
 }

@@ -2,26 +2,17 @@
 
 use super::*;
 
-/// The attention kernel for `dtype` (bf16 or f16) and `head_dim` (64 or 128).
-pub(crate) fn kernel_name(dtype: DType, head_dim: usize) -> &'static str {
-    match (dtype, head_dim) {
-        (DType::BF16, 64) => "segmented_attention_bf16_d64",
-        (DType::BF16, _) => "segmented_attention_bf16_d128",
-        (_, 64) => "segmented_attention_f16_d64",
-        _ => "segmented_attention_f16_d128",
-    }
-}
-
 /// The layout of a launch of validated sequences on a device ([`launch_layout`] over their
-/// segments' device addresses), and the guards that record the segments' reads on `stream` when
+/// segments' device addresses, for the kernel of `shape` or the one it chooses), and the guards that record the segments' reads on `stream` when
 /// dropped (keep them until the launch is queued).
 pub(crate) fn device_layout<'a, K: KvTensor>(
     stream: &'a CudaStream,
     sequences: &[BatchSequence<'a, K>],
     dims: &AttentionDims,
     dtype: DType,
-    occupancy: &Occupancy,
+    occupancy: &AttentionOccupancy,
     num_splits: Option<usize>,
+    shape: Option<TileShape>,
 ) -> Result<(LaunchLayout, Vec<SyncOnDrop<'a>>)> {
     let (refs, guards) = device_segment_refs(stream, sequences, dims, dtype);
     let seq_refs = sequence_refs(
@@ -30,7 +21,7 @@ pub(crate) fn device_layout<'a, K: KvTensor>(
             .iter()
             .map(|s| (s.n_rows, s.pos_offset, s.segments.len(), s.ape)),
     );
-    let layout = launch_layout(&seq_refs, dims, dtype, occupancy, num_splits)?;
+    let layout = launch_layout(&seq_refs, dims, dtype, occupancy, num_splits, shape)?;
     Ok((layout, guards))
 }
 
@@ -152,6 +143,7 @@ pub(super) fn launch<K: KvTensor>(
         q.dtype(),
         &device.attention_occupancy(q.dtype(), dims.head_dim)?,
         options.num_splits,
+        None,
     )?;
 
     // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes_into). Parts a

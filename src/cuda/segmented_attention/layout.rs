@@ -66,7 +66,8 @@ impl SegmentedAttentionParams {
 pub(crate) struct SegmentedAttentionLaunch {
     pub(super) first: SegmentedAttentionParams,
     pub(super) n_sequences: u32,
-    pub(super) pad: [u32; 3],
+    pub(super) stages: u32,
+    pub(super) pad: [u32; 2],
 }
 const _: () = assert!(std::mem::size_of::<SegmentedAttentionLaunch>() == 96);
 // SAFETY: #[repr(C)] plain-data struct with the same layout as the kernel's struct.
@@ -86,6 +87,8 @@ pub(crate) struct LaunchLayout {
     pub seqs: Vec<SegmentedAttentionParams>,
     pub work: Vec<u32>,
     pub launch: SegmentedAttentionLaunch,
+    /// The kernel's tile shape and name.
+    pub shape: TileShape,
     pub main: &'static str,
     /// The main kernel's grid: (thread blocks of all sequences, KV heads, 1); x may be 0 (no
     /// rows at all: nothing to launch).
@@ -161,26 +164,29 @@ pub(crate) fn keep_larger<T: 'static>(
     });
 }
 
-/// Dynamic shared memory of the attention kernel at `head_dim`: Q, two K and two V tiles; and
-/// with RoPE shifts, one more tile for the rotated rows' lo parts (the function's limit).
-pub(crate) fn smem_bytes(head_dim: usize) -> (usize, usize) {
-    let plain = (BLOCK_M + 4 * BLOCK_N) * head_dim * 2;
-    (plain, plain + BLOCK_M * head_dim * 2)
-}
-
 /// Plans a launch of one or more sequences and lays out its descriptors, RoPE table and
-/// parameters, for a device where the kernel has `occupancy`. Pure: the inputs are already
-/// validated ([`check_problem`] for each sequence).
+/// parameters, for a device where the kernels have `occupancy`. The kernel is the one of `shape`,
+/// or (`None`) the one [`TileShape::of_launch`] chooses. Pure: the inputs are already validated
+/// ([`check_problem`] for each sequence).
 pub(crate) fn launch_layout(
     sequences: &[SequenceRef],
     dims: &AttentionDims,
     dtype: DType,
-    occupancy: &Occupancy,
+    occupancy: &AttentionOccupancy,
     num_splits: Option<usize>,
+    shape: Option<TileShape>,
 ) -> Result<LaunchLayout> {
     if sequences.is_empty() {
         return Err(Error::Shape("a launch needs at least one sequence".into()));
     }
+    let shape = shape.unwrap_or_else(|| {
+        TileShape::of_launch(
+            sequences.iter().map(|s| s.n_rows),
+            dims.group_size(),
+            num_splits,
+        )
+    });
+    let occupancy = occupancy.of(shape);
     // A launch with any RoPE shift (a row of the table below) takes the larger shared memory,
     // so fewer blocks may fit.
     let any_shift = sequences.iter().any(|q| {
@@ -189,6 +195,23 @@ pub(crate) fn launch_layout(
             .any(|s| s.len > 0 && s.rope_shift.is_some_and(|r| r.delta != 0))
     });
     let plans = plan_batch(sequences, dims, occupancy.wave(any_shift), num_splits)?;
+    if shape == TileShape::Decode {
+        // The decode tile computes its rows with every warp on a quarter of the keys: it cannot
+        // run a pass that crosses from the context keys to the causal ones (TileShape::of_launch
+        // and the plan's split at the boundary keep such passes from it).
+        let packed = |q: &SequenceRef| q.n_rows.saturating_mul(dims.group_size());
+        if let Some(i) = sequences.iter().zip(&plans).position(|(q, p)| {
+            packed(q) > DECODE_ROWS
+                || (p.whole && p.q_tiles > 0 && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0)
+        }) {
+            return Err(Error::InvalidParameter {
+                name: "tile shape",
+                value: i as f64,
+                requirement: "the decode tile takes sequences of at most 16 packed rows, each \
+                              split at its context/causal boundary",
+            });
+        }
+    }
     let ordered: Vec<&SegmentRef> = sequences
         .iter()
         .zip(&plans)
@@ -279,14 +302,19 @@ pub(crate) fn launch_layout(
     let o_len = (part0 * dims.head_dim).max(1);
     let lse_len = part0.max(1);
 
-    let main = kernel_name(dtype, dims.head_dim);
+    let main = shape.kernel_name(dtype, dims.head_dim);
     // The function's limit is set once, to the larger size (with RoPE shifts).
-    let (smem_plain, smem_limit) = smem_bytes(dims.head_dim);
+    let smem_limit = shape.smem_bytes(dims.head_dim, occupancy.stages).0.max(
+        shape
+            .smem_bytes(dims.head_dim, occupancy.stages_with_shifts)
+            .1,
+    );
     debug_assert_eq!(any_shift, !table.is_empty());
-    let smem = if table.is_empty() {
-        smem_plain
+    let stages = occupancy.stages(any_shift);
+    let smem = if any_shift {
+        shape.smem_bytes(dims.head_dim, stages).1
     } else {
-        smem_limit
+        shape.smem_bytes(dims.head_dim, stages).0
     };
     let grid = (n_work, dims.n_kv_heads as u32, 1);
     let counters_len = if plans.iter().all(|p| p.whole) {
@@ -297,7 +325,8 @@ pub(crate) fn launch_layout(
     let launch = SegmentedAttentionLaunch {
         first: seqs[0],
         n_sequences: sequences.len() as u32,
-        pad: [0; 3],
+        stages: stages as u32,
+        pad: [0; 2],
     };
     if sequences.len() == 1 {
         seqs.clear();
@@ -308,6 +337,7 @@ pub(crate) fn launch_layout(
         seqs,
         work,
         launch,
+        shape,
         main,
         grid,
         smem,
@@ -327,9 +357,9 @@ pub fn launch_host_bytes(
     sequences: &[SequenceRef],
     dims: &AttentionDims,
     dtype: DType,
-    occupancy: &Occupancy,
+    occupancy: &AttentionOccupancy,
 ) -> Result<usize> {
-    let layout = launch_layout(sequences, dims, dtype, occupancy, None)?;
+    let layout = launch_layout(sequences, dims, dtype, occupancy, None, None)?;
     let mut bytes = spare_upload();
     layout.upload_bytes_into(&mut bytes);
     let size = bytes.len();

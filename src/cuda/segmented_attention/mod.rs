@@ -9,8 +9,11 @@
 //! launcher the sequential and the Block-Attention path.
 //!
 //! One launcher serves prefill (many rows) and decode (one row): when the question alone does not
-//! fill the GPU, the keys are split across thread blocks (split-KV) and a second kernel merges the
-//! partial states, group by group, before applying the APE correction.
+//! fill the GPU, the keys are split across thread blocks (split-KV) and the last split of each
+//! query tile merges the partial states, group by group, before applying the APE correction, in
+//! the same launch. A launch whose every sequence packs at most 16 query rows (`n_rows * group`:
+//! decode rows, short questions) runs the decode tile's kernel, which has more thread blocks per
+//! SM and a deeper copy pipeline; others run the prefill tile's ([`TileShape`]).
 //!
 //! A segment with a [`RopeShift`] is read as if its keys were rotated by `delta` positions
 //! (Block-Attention), without writing rotated keys anywhere: the kernel rotates its query rows by
@@ -27,10 +30,10 @@ use crate::cuda::rope_shift_table::rope_table;
 use crate::error::{Error, Result};
 use crate::params::{ApeParams, ApeVariant, AttentionDims, RopeShift, SegmentRole};
 
-/// Keys per tile and packed query rows per thread block (kBlockN, kBlockM in
-/// kernels/tile_walk.cuh).
+/// Keys per tile (kBlockN in kernels/tile_walk.cuh).
 pub const BLOCK_N: usize = 64;
-/// See [`BLOCK_N`].
+/// Packed query rows per thread block of the prefill tile (`PrefillTile::kRows` in
+/// kernels/segmented_attention.cu; [`TileShape::rows`]).
 pub const BLOCK_M: usize = 64;
 pub(crate) const THREADS: u32 = 128;
 /// Head dims the kernel is compiled for.

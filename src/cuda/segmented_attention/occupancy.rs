@@ -1,5 +1,5 @@
-//! How many thread blocks of the attention kernel one device runs at once: the wave that
-//! [`plan`] fills with query tiles and key splits.
+//! The attention kernels' tile shapes, and how many thread blocks of each one device runs at
+//! once: the wave that [`plan`] fills with query tiles and key splits.
 //!
 //! On a GPU the number comes from the driver, for the compiled kernel as loaded (its registers
 //! and static shared memory on that architecture) and the dynamic shared memory a launch asks
@@ -9,16 +9,126 @@
 
 use super::*;
 
-/// Threads per thread block of the attention kernel (`ape::kThreads`: 4 warps).
+/// Threads per thread block of the attention kernels (`ape::kThreads`: 4 warps).
 pub const ATTENTION_THREADS: usize = 128;
 
-/// The most registers a thread of the attention kernel may use: its `__launch_bounds__(128, 2)`
-/// makes the compiler keep two thread blocks' registers within an SM's 64K.
-pub const ATTENTION_MAX_REGISTERS: usize = 255;
+/// Packed query rows per thread block of the decode tile (`DecodeTile::kRows`): a launch whose
+/// every sequence has at most this many (`n_rows * group`) runs the decode kernel.
+pub const DECODE_ROWS: usize = 16;
 
-/// The attention kernel's static shared memory, bytes (`ptxas -v`: the same on every
-/// architecture and variant; docs/KERNEL-STATS.md).
-pub const ATTENTION_STATIC_SMEM: usize = 384;
+/// The attention kernel's two tile shapes (`PrefillTile`, `DecodeTile` in
+/// kernels/segmented_attention.cu), one compiled kernel each per dtype and head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TileShape {
+    /// 64 packed query rows per thread block, each warp its own 16 against every key; two
+    /// pipeline stages; up to 255 registers (2 blocks per SM).
+    Prefill,
+    /// 16 packed query rows (a decode row's GQA group, a short question), every warp on those
+    /// rows and a quarter of each key tile's keys; 2 to 4 pipeline stages, fewer registers (3
+    /// blocks per SM at head dim 128, 4 at 64), so more blocks fit an SM.
+    Decode,
+}
+
+impl TileShape {
+    /// The shape a launch of sequences with these `n_rows` takes: the decode tile when every
+    /// sequence has at most [`DECODE_ROWS`] packed rows, unless `num_splits = Some(1)` asks for
+    /// one pass over every key (the APE correction inside a pass needs each warp to hold its own
+    /// rows over all the keys, which only the prefill tile does).
+    pub fn of_launch(
+        n_rows: impl IntoIterator<Item = usize>,
+        group: usize,
+        num_splits: Option<usize>,
+    ) -> Self {
+        let few = n_rows
+            .into_iter()
+            .all(|r| r.checked_mul(group).is_some_and(|p| p <= DECODE_ROWS));
+        if few && num_splits != Some(1) {
+            Self::Decode
+        } else {
+            Self::Prefill
+        }
+    }
+
+    /// Packed query rows per thread block.
+    pub const fn rows(self) -> usize {
+        match self {
+            Self::Prefill => BLOCK_M,
+            Self::Decode => DECODE_ROWS,
+        }
+    }
+
+    /// The most pipeline stages (K and V tiles in shared memory) the kernel runs with.
+    pub const fn max_stages(self) -> usize {
+        match self {
+            Self::Prefill => 2,
+            Self::Decode => 4,
+        }
+    }
+
+    /// The most registers a thread may use at `head_dim`: the kernel's `__launch_bounds__`
+    /// (128 threads, 2, 3 or 4 blocks per SM) keeps that many blocks' registers within an SM's
+    /// 64K, in the units of 8 the compiler allocates.
+    pub const fn max_registers(self, head_dim: usize) -> usize {
+        match (self, head_dim) {
+            (Self::Prefill, _) => 255,
+            (Self::Decode, 64) => 128,
+            (Self::Decode, _) => 168,
+        }
+    }
+
+    /// Static shared memory, bytes (`ptxas -v`, the same on every architecture and dtype;
+    /// docs/KERNEL-STATS.md): the sequence's parameters, the walker's state and its tile slots
+    /// (one more than the stages).
+    pub const fn static_smem(self) -> usize {
+        match self {
+            Self::Prefill => 384,
+            Self::Decode => 512,
+        }
+    }
+
+    /// The compiled kernel for `dtype` (bf16 or f16) and `head_dim` (64 or 128).
+    pub fn kernel_name(self, dtype: DType, head_dim: usize) -> &'static str {
+        match (self, dtype, head_dim) {
+            (Self::Prefill, DType::BF16, 64) => "segmented_attention_bf16_d64",
+            (Self::Prefill, DType::BF16, _) => "segmented_attention_bf16_d128",
+            (Self::Prefill, _, 64) => "segmented_attention_f16_d64",
+            (Self::Prefill, _, _) => "segmented_attention_f16_d128",
+            (Self::Decode, DType::BF16, 64) => "segmented_attention_decode_bf16_d64",
+            (Self::Decode, DType::BF16, _) => "segmented_attention_decode_bf16_d128",
+            (Self::Decode, _, 64) => "segmented_attention_decode_f16_d64",
+            (Self::Decode, _, _) => "segmented_attention_decode_f16_d128",
+        }
+    }
+
+    /// Dynamic shared memory at `head_dim` with `stages` pipeline stages: the Q tile and
+    /// `stages` K and V tiles; and with RoPE shifts, 64 more rows for the rotated rows' lo parts
+    /// (16 per warp).
+    pub const fn smem_bytes(self, head_dim: usize, stages: usize) -> (usize, usize) {
+        let plain = (self.rows() + 2 * stages * BLOCK_N) * head_dim * 2;
+        (plain, plain + 4 * 16 * head_dim * 2)
+    }
+
+    /// The pipeline stages to run with, from `blocks_per_sm(stages)` (resident blocks at that
+    /// many stages): the most 64-key tiles in flight per SM (blocks x (stages -
+    /// 1)) among the counts that keep at least 2 blocks per SM where any does, fewer stages (more
+    /// blocks) on a tie. The prefill tile always runs 2.
+    pub fn choose_stages(self, mut blocks_per_sm: impl FnMut(usize) -> usize) -> usize {
+        let options: Vec<(usize, usize)> = (2..=self.max_stages())
+            .map(|s| (s, blocks_per_sm(s)))
+            .collect();
+        let several = options.iter().any(|&(_, b)| b >= 2);
+        let mut best = (2, 0);
+        for (s, b) in options {
+            if several && b < 2 {
+                continue;
+            }
+            if b * (s - 1) > best.1 {
+                best = (s, b * (s - 1));
+            }
+        }
+        best.0
+    }
+}
 
 /// The limits of one SM that decide how many thread blocks fit in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,9 +195,9 @@ impl SmLimits {
     }
 }
 
-/// The attention kernel's residency on one device: its SMs, and thread blocks per SM without and
-/// with RoPE shifts (a launch with shifts takes one more 64-row tile of shared memory: 96 KiB
-/// instead of 80 at head dim 128).
+/// One attention kernel's residency on one device: its SMs, the pipeline stages it runs with
+/// there, and thread blocks per SM without and with RoPE shifts (a launch with shifts takes 64
+/// more rows of shared memory: 96 KiB instead of 80 for the prefill tile at head dim 128).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Occupancy {
     /// Streaming multiprocessors.
@@ -96,6 +206,11 @@ pub struct Occupancy {
     pub blocks_per_sm: usize,
     /// Thread blocks resident per SM for a launch with RoPE shifts.
     pub blocks_per_sm_with_shifts: usize,
+    /// Pipeline stages of a launch without RoPE shifts ([`TileShape::choose_stages`]; 2 for
+    /// the prefill tile).
+    pub stages: usize,
+    /// Pipeline stages of a launch with RoPE shifts (chosen for their larger shared memory).
+    pub stages_with_shifts: usize,
 }
 
 impl Occupancy {
@@ -110,23 +225,68 @@ impl Occupancy {
         self.sm_count.max(1) * per_sm.max(1)
     }
 
-    /// The residency of the attention kernel at `head_dim` on `sm_count` SMs with `limits`,
-    /// computed from its threads, its register bound ([`ATTENTION_MAX_REGISTERS`]; the compiled
-    /// kernel may use fewer, so on a GPU the driver's count can be higher at head dim 64) and
-    /// its shared memory.
-    pub fn modelled(limits: &SmLimits, sm_count: usize, head_dim: usize) -> Self {
-        let (plain, shifts) = smem_bytes(head_dim);
+    /// Pipeline stages of a launch with or without RoPE shifts.
+    pub fn stages(&self, shifts: bool) -> usize {
+        if shifts {
+            self.stages_with_shifts
+        } else {
+            self.stages
+        }
+    }
+
+    /// The residency of the `shape` kernel at `head_dim` on `sm_count` SMs with `limits`,
+    /// computed from its threads, its register bound ([`TileShape::max_registers`]; the
+    /// compiled kernel may use fewer, so on a GPU the driver's count can be higher at head dim
+    /// 64) and its shared memory at the stages it would choose.
+    pub fn modelled(limits: &SmLimits, sm_count: usize, shape: TileShape, head_dim: usize) -> Self {
         let per_sm = |dynamic: usize| {
             limits.blocks_per_sm(
                 ATTENTION_THREADS,
-                ATTENTION_MAX_REGISTERS,
-                ATTENTION_STATIC_SMEM + dynamic,
+                shape.max_registers(head_dim),
+                shape.static_smem() + dynamic,
             )
         };
+        let stages = shape.choose_stages(|s| per_sm(shape.smem_bytes(head_dim, s).0));
+        let stages_with_shifts = shape.choose_stages(|s| per_sm(shape.smem_bytes(head_dim, s).1));
         Self {
             sm_count,
-            blocks_per_sm: per_sm(plain),
-            blocks_per_sm_with_shifts: per_sm(shifts),
+            blocks_per_sm: per_sm(shape.smem_bytes(head_dim, stages).0),
+            blocks_per_sm_with_shifts: per_sm(shape.smem_bytes(head_dim, stages_with_shifts).1),
+            stages,
+            stages_with_shifts,
+        }
+    }
+
+    /// An H100 SXM (132 SMs), the prefill tile at head dim 128.
+    pub fn h100() -> Self {
+        Self::modelled(&SmLimits::SM90, 132, TileShape::Prefill, 128)
+    }
+}
+
+/// Both attention kernels' residency on one device, for one dtype and head dim: a launch plans
+/// for the wave of the kernel it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionOccupancy {
+    /// The prefill tile's kernel.
+    pub prefill: Occupancy,
+    /// The decode tile's kernel.
+    pub decode: Occupancy,
+}
+
+impl AttentionOccupancy {
+    /// The kernel of `shape`.
+    pub fn of(&self, shape: TileShape) -> &Occupancy {
+        match shape {
+            TileShape::Prefill => &self.prefill,
+            TileShape::Decode => &self.decode,
+        }
+    }
+
+    /// Both kernels at `head_dim` on `sm_count` SMs with `limits` ([`Occupancy::modelled`]).
+    pub fn modelled(limits: &SmLimits, sm_count: usize, head_dim: usize) -> Self {
+        Self {
+            prefill: Occupancy::modelled(limits, sm_count, TileShape::Prefill, head_dim),
+            decode: Occupancy::modelled(limits, sm_count, TileShape::Decode, head_dim),
         }
     }
 
@@ -150,16 +310,33 @@ mod tests {
         let mut rows = 0;
         for line in table.lines() {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // | `segmented_attention_<dtype>_d<D>` | arch | registers | ... | CTAs per SM | ...
+            // | `segmented_attention_[decode_]<dtype>_d<D>` | arch | registers | ... | CTAs per SM |
+            // ... | stages |
             let Some(name) = cells
                 .get(1)
                 .and_then(|c| c.strip_prefix("`segmented_attention_"))
             else {
                 continue;
             };
-            if name.starts_with("combine") || cells.len() < 9 {
+            if cells.len() < 18 {
                 continue;
             }
+            let (shape, name) = match name.strip_prefix("decode_") {
+                Some(rest) => (TileShape::Decode, rest),
+                None => (TileShape::Prefill, name),
+            };
+            assert_eq!(
+                shape.kernel_name(
+                    if name.starts_with("bf16") {
+                        DType::BF16
+                    } else {
+                        DType::F16
+                    },
+                    if name.ends_with("d64`") { 64 } else { 128 }
+                ),
+                cells[1].trim_matches('`'),
+                "{line}"
+            );
             let head_dim: usize = name
                 .rsplit_once("_d")
                 .and_then(|(_, d)| d.trim_end_matches('`').parse().ok())
@@ -171,29 +348,46 @@ mod tests {
             };
             let registers: usize = cells[3].parse().expect("registers");
             let static_smem: usize = cells[6].parse().expect("static smem");
-            assert!(registers <= ATTENTION_MAX_REGISTERS, "{line}");
-            assert_eq!(static_smem, ATTENTION_STATIC_SMEM, "{line}");
+            assert!(registers <= shape.max_registers(head_dim), "{line}");
+            assert_eq!(static_smem, shape.static_smem(), "{line}");
             let (plain, shifts) = cells[8].split_once('/').expect("plain/shifts");
             let recorded = (
                 plain.parse::<usize>().expect("CTAs"),
                 shifts.parse::<usize>().expect("CTAs"),
             );
-            let o = Occupancy::modelled(&limits, 1, head_dim);
+            let (plain, shifts) = cells[16].split_once('/').expect("plain/shifts");
+            let stages = (
+                plain.parse::<usize>().expect("stages"),
+                shifts.parse::<usize>().expect("stages"),
+            );
+            let o = Occupancy::modelled(&limits, 1, shape, head_dim);
             assert_eq!(
                 (o.blocks_per_sm, o.blocks_per_sm_with_shifts),
                 recorded,
                 "{line}"
             );
+            assert_eq!((o.stages, o.stages_with_shifts), stages, "{line}");
             // And from the kernel's own registers, not only their bound.
-            let (dyn_plain, dyn_shifts) = smem_bytes(head_dim);
             let own =
                 |dynamic| limits.blocks_per_sm(ATTENTION_THREADS, registers, static_smem + dynamic);
-            assert_eq!((own(dyn_plain), own(dyn_shifts)), recorded, "{line}");
+            let own_stages = (
+                shape.choose_stages(|s| own(shape.smem_bytes(head_dim, s).0)),
+                shape.choose_stages(|s| own(shape.smem_bytes(head_dim, s).1)),
+            );
+            assert_eq!(own_stages, stages, "{line}");
+            assert_eq!(
+                (
+                    own(shape.smem_bytes(head_dim, stages.0).0),
+                    own(shape.smem_bytes(head_dim, stages.1).1)
+                ),
+                recorded,
+                "{line}"
+            );
             rows += 1;
         }
         assert_eq!(
-            rows, 8,
-            "4 attention kernels x 2 architectures in the table"
+            rows, 16,
+            "4 attention kernels x 2 tile shapes x 2 architectures in the table"
         );
     }
 }

@@ -172,7 +172,15 @@ fn a_batch_layout_indexes_each_sequence() {
         seq(70, &b[..]),
         seq(1, &c[..]),
     ];
-    let l = launch_layout(&seqs, &d, DType::BF16, &Occupancy::h100(), None).expect("valid");
+    let l = launch_layout(
+        &seqs,
+        &d,
+        DType::BF16,
+        &AttentionOccupancy::h100(),
+        None,
+        None,
+    )
+    .expect("valid");
     assert_eq!(l.seqs.len(), 4);
     // The empty segment is dropped: 2 + 1 + 1 + 1 descriptors.
     assert_eq!(l.descs.len(), 5);
@@ -207,10 +215,26 @@ fn a_batch_layout_indexes_each_sequence() {
     assert!(l.seqs.iter().any(|p| p.whole == 0));
     assert_eq!(l.counters_len, blocks as usize * 2);
     // One sequence: its parameters travel by value, no arrays.
-    let one = launch_layout(&seqs[..1], &d, DType::BF16, &Occupancy::h100(), None).expect("valid");
+    let one = launch_layout(
+        &seqs[..1],
+        &d,
+        DType::BF16,
+        &AttentionOccupancy::h100(),
+        None,
+        None,
+    )
+    .expect("valid");
     assert!(one.seqs.is_empty() && one.work.is_empty());
     assert_eq!(one.launch.n_sequences, 1);
-    assert!(launch_layout(&[], &d, DType::BF16, &Occupancy::h100(), None).is_err());
+    assert!(launch_layout(
+        &[],
+        &d,
+        DType::BF16,
+        &AttentionOccupancy::h100(),
+        None,
+        None
+    )
+    .is_err());
     // A sequence without rows never splits, even when splits are forced: beside a whole
     // sequence, nothing is left to combine, and no split counters are needed.
     let long = [seg(200, SegmentRole::Context)];
@@ -219,8 +243,9 @@ fn a_batch_layout_indexes_each_sequence() {
         &[seq(1, &short[..]), seq(0, &long[..])],
         &d,
         DType::BF16,
-        &Occupancy::h100(),
+        &AttentionOccupancy::h100(),
         Some(2),
+        None,
     )
     .expect("valid");
     assert!(l.seqs.iter().all(|p| p.whole == 1));
@@ -251,20 +276,30 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         let dims = AttentionDims::new(n_kv * [1, 2, 4, 8, 80][next(5)], n_kv, 64).expect("valid");
         let sms = 1 + next(150);
         let blocks_per_sm = 1 + next(3);
-        let occupancy = Occupancy {
+        let prefill = Occupancy {
             sm_count: sms,
             blocks_per_sm,
             blocks_per_sm_with_shifts: 1 + next(blocks_per_sm as u64),
+            stages: 2,
+            stages_with_shifts: 2,
+        };
+        // A fixed launch runs the prefill tile whatever the decode tile's residency.
+        let occupancy = AttentionOccupancy {
+            prefill,
+            decode: Occupancy {
+                blocks_per_sm: 4,
+                stages: 4,
+                ..prefill
+            },
         };
         let forced = (next(3) == 0).then(|| 1 + next(12));
         let most_rows = if next(2) == 0 { 64 } else { 3000 };
-        let cap = BatchCapacity {
+        let mut cap = BatchCapacity {
             sequences: 1 + next(40),
             rows: 1 + next(most_rows),
             segments: 1 + next(60),
+            rows_per_sequence: 0,
         };
-        let shape =
-            FixedShape::new(&cap, &dims, occupancy.wave(false), forced).expect("valid capacity");
         // A batch within the capacity; every other one fills it.
         let full = case % 2 == 0;
         let n_seqs = if full {
@@ -281,6 +316,17 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         for _ in 0..total_rows {
             rows[next(n_seqs as u64)] += 1;
         }
+        // Every other capacity bounds each sequence's rows (the fewest that hold these, or a few
+        // more): a bound of up to 16 packed rows runs the decode tile's kernel.
+        if next(2) == 0 {
+            cap.rows_per_sequence = rows.iter().copied().max().unwrap_or(0).max(1) + next(3);
+        }
+        let shape = FixedShape::new(&cap, &dims, &occupancy, forced).expect("valid capacity");
+        assert_eq!(
+            shape.tile,
+            cap.tile_shape(dims.group_size(), forced),
+            "{cap:?}"
+        );
         let mut n_segs = vec![0usize; n_seqs];
         let total_segs = if full {
             cap.segments
@@ -321,7 +367,15 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             .collect();
         cap.check_fits(rows.iter().copied().zip(n_segs.iter().copied()))
             .expect("within the capacity");
-        let layout = launch_layout(&seqs, &dims, DType::BF16, &occupancy, forced).expect("valid");
+        let layout = launch_layout(
+            &seqs,
+            &dims,
+            DType::BF16,
+            &occupancy,
+            forced,
+            Some(shape.tile),
+        )
+        .expect("valid");
         let image = shape
             .image(&layout)
             .unwrap_or_else(|e| panic!("{e}: {cap:?} {dims:?} {occupancy:?} {forced:?}"));
@@ -346,7 +400,7 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
             // few-row sequence split at the boundary).
             assert!(
                 shape.blocks as usize - real
-                    <= occupancy.wave(false).div_ceil(n_kv) + 2 * cap.sequences,
+                    <= occupancy.of(shape.tile).wave(false).div_ceil(n_kv) + 2 * cap.sequences,
                 "{} blocks for {real}: {cap:?}",
                 shape.blocks
             );
@@ -357,13 +411,35 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         sequences,
         rows,
         segments,
+        rows_per_sequence: 0,
     };
-    assert!(FixedShape::new(&cap(0, 1, 1), &d, H100_WAVE, None).is_err());
-    assert!(FixedShape::new(&cap(1, 0, 1), &d, H100_WAVE, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 0), &d, H100_WAVE, None).is_err());
-    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, H100_WAVE, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 1), &d, H100_WAVE, Some(0)).is_err());
-    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, H100_WAVE, None).is_err());
+    let h100 = AttentionOccupancy::h100();
+    assert!(FixedShape::new(&cap(0, 1, 1), &d, &h100, None).is_err());
+    assert!(FixedShape::new(&cap(1, 0, 1), &d, &h100, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 0), &d, &h100, None).is_err());
+    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, &h100, None).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 1), &d, &h100, Some(0)).is_err());
+    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, &h100, None).is_err());
+    // A bound of 4 rows per sequence (16 packed at group 4) runs the decode tile, past it the
+    // prefill tile; a sequence over the bound does not fit.
+    let per = |n| BatchCapacity {
+        rows_per_sequence: n,
+        ..cap(2, 10, 3)
+    };
+    assert_eq!(per(4).tile_shape(4, None), TileShape::Decode);
+    assert_eq!(per(4).tile_shape(4, Some(1)), TileShape::Prefill);
+    assert_eq!(per(5).tile_shape(4, None), TileShape::Prefill);
+    assert_eq!(per(0).tile_shape(4, None), TileShape::Prefill);
+    let fixed = FixedShape::new(&per(4), &d, &h100, None).expect("valid");
+    assert_eq!(
+        (fixed.tile, fixed.stages, fixed.launch_params().stages),
+        (TileShape::Decode, h100.decode.stages_with_shifts, 2)
+    );
+    assert!(per(4).check_fits([(4, 1), (4, 2)].into_iter()).is_ok());
+    assert!(matches!(
+        per(4).check_fits([(4, 1), (5, 2)].into_iter()),
+        Err(Error::OutOfRange(m)) if m.contains("sequence 1") && m.contains("per sequence")
+    ));
     let c = cap(2, 10, 3);
     assert!(c.check_fits([(5, 1), (5, 2)].into_iter()).is_ok());
     assert!(matches!(
@@ -421,24 +497,25 @@ fn a_segment_past_32_bit_offsets_is_an_error_naming_it() {
 fn occupancy_follows_each_architectures_shared_memory() {
     // Head dim 128: 80 KiB of dynamic shared memory, 96 KiB with RoPE shifts, plus 384 bytes
     // static and the 1 KiB the runtime reserves per block. Registers (255 x 128 threads) allow 2.
-    let h100 = Occupancy::modelled(&SmLimits::SM90, 132, 128);
+    let h100 = Occupancy::modelled(&SmLimits::SM90, 132, TileShape::Prefill, 128);
     assert_eq!((h100.blocks_per_sm, h100.blocks_per_sm_with_shifts), (2, 2));
     assert_eq!(h100, Occupancy::h100());
     assert_eq!(h100.wave(false), H100_WAVE);
     // An A100's 164 KiB holds two plain blocks (162.75 KiB) but one with shifts (194.75 KiB).
-    let a100 = Occupancy::modelled(&SmLimits::SM80, 108, 128);
+    let a100 = Occupancy::modelled(&SmLimits::SM80, 108, TileShape::Prefill, 128);
     assert_eq!((a100.blocks_per_sm, a100.blocks_per_sm_with_shifts), (2, 1));
     assert_eq!((a100.wave(false), a100.wave(true)), (216, 108));
     // An L40S (compute capability 8.9) has 100 KiB: one block either way.
     let l40 = Occupancy::modelled(
         &SmLimits::of_compute_capability(8, 9).expect("known"),
         142,
+        TileShape::Prefill,
         128,
     );
     assert_eq!((l40.blocks_per_sm, l40.blocks_per_sm_with_shifts), (1, 1));
     // Head dim 64 (40 and 48 KiB): registers, not shared memory, bind everywhere.
     for limits in [SmLimits::SM80, SmLimits::SM86, SmLimits::SM90] {
-        let o = Occupancy::modelled(&limits, 100, 64);
+        let o = Occupancy::modelled(&limits, 100, TileShape::Prefill, 64);
         assert_eq!(
             (o.blocks_per_sm, o.blocks_per_sm_with_shifts),
             (2, 2),
@@ -455,15 +532,18 @@ fn occupancy_follows_each_architectures_shared_memory() {
         sm_count: 10,
         blocks_per_sm: 0,
         blocks_per_sm_with_shifts: 0,
+        stages: 2,
+        stages_with_shifts: 2,
     };
     assert_eq!(none.wave(true), 10);
 }
 
 #[test]
 fn a_launch_with_shifts_plans_for_the_smaller_wave() {
-    // On an A100 a launch with RoPE shifts fits one block per SM: a decode row splits its keys
-    // over half as many blocks as the same launch without shifts.
-    let a100 = Occupancy::modelled(&SmLimits::SM80, 108, 128);
+    // On an A100 a launch with RoPE shifts fits one block per SM, of either kernel: a decode row
+    // splits its keys over half as many blocks as the same launch without shifts, and the prefill
+    // tile's 16 query rows likewise.
+    let a100 = AttentionOccupancy::modelled(&SmLimits::SM80, 108, 128);
     let d = dims(8, 8);
     let plain = [seg(64 * 1000, SegmentRole::Context)];
     let mut shifted = plain;
@@ -471,19 +551,88 @@ fn a_launch_with_shifts_plans_for_the_smaller_wave() {
         rope: RopeConfig::new(128, 10_000.0, RopeLayout::Neox).expect("valid"),
         delta: 3,
     });
-    let blocks = |segs: &[SegmentRef]| {
-        launch_layout(&[seq(1, segs)], &d, DType::BF16, &a100, None)
-            .expect("valid")
-            .grid
-            .0
+    let launch = |rows: usize, segs: &[SegmentRef]| {
+        let l =
+            launch_layout(&[seq(rows, segs)], &d, DType::BF16, &a100, None, None).expect("valid");
+        (l.shape, l.grid.0, l.launch.stages)
     };
     // Thread blocks per KV head (the grid's x), 8 heads of one query tile: 216 / 8 = 27 splits,
-    // 108 / 8 = 13.
-    assert_eq!(blocks(&plain), 27);
-    assert_eq!(blocks(&shifted), 13);
+    // 108 / 8 = 13. The decode tile runs 2 stages at 2 blocks per SM without shifts; with them
+    // it fits one block at any depth, and so takes the deepest, 4.
+    assert_eq!(launch(1, &plain), (TileShape::Decode, 27, 2));
+    assert_eq!(launch(1, &shifted), (TileShape::Decode, 13, 4));
+    assert_eq!(launch(17, &plain), (TileShape::Prefill, 27, 2));
+    assert_eq!(launch(17, &shifted), (TileShape::Prefill, 13, 2));
     // A shift by 0 reads the keys as stored: no table, the full wave.
     shifted[0].rope_shift.as_mut().expect("set").delta = 0;
-    assert_eq!(blocks(&shifted), 27);
+    assert_eq!(launch(1, &shifted), (TileShape::Decode, 27, 2));
+}
+
+#[test]
+fn the_decode_tile_takes_few_rows_and_the_stages_each_device_holds() {
+    let d = AttentionDims::new(32, 8, 128).expect("valid");
+    let both = [seg(640, SegmentRole::Context), seg(70, SegmentRole::Causal)];
+    let shape = |rows: &[usize], splits| {
+        let seqs: Vec<SequenceRef> = rows.iter().map(|&r| seq(r, &both)).collect();
+        launch_layout(
+            &seqs,
+            &d,
+            DType::BF16,
+            &AttentionOccupancy::h100(),
+            splits,
+            None,
+        )
+        .expect("valid")
+        .main
+    };
+    // Group 4: up to 4 rows per sequence pack into the decode tile's 16, in every sequence of a
+    // batch (a sequence without rows included); one pass over every key asks for the prefill
+    // tile, as does a fifth row.
+    assert_eq!(shape(&[1], None), "segmented_attention_decode_bf16_d128");
+    assert_eq!(
+        shape(&[4, 1, 0], Some(3)),
+        "segmented_attention_decode_bf16_d128"
+    );
+    assert_eq!(shape(&[1], Some(1)), "segmented_attention_bf16_d128");
+    assert_eq!(shape(&[1, 5], None), "segmented_attention_bf16_d128");
+    // Asked for the decode tile where it cannot run: an error, not a wrong answer.
+    let forced = |rows: usize, splits| {
+        launch_layout(
+            &[seq(rows, &both)],
+            &d,
+            DType::BF16,
+            &AttentionOccupancy::h100(),
+            splits,
+            Some(TileShape::Decode),
+        )
+    };
+    assert!(forced(1, None).is_ok());
+    assert!(forced(5, None).is_err());
+    assert!(forced(1, Some(1)).is_err());
+    // Stages per device (modelled): the most 64-key tiles in flight per SM with at least two
+    // blocks per SM where that is possible. Head dim 128 (168 registers: 3 blocks at most):
+    // 68, 100, 132 KiB at 2, 3, 4 stages; 16 KiB more with shifts.
+    let decode = |limits: &SmLimits, head_dim| {
+        let o = Occupancy::modelled(limits, 1, TileShape::Decode, head_dim);
+        (
+            o.stages,
+            o.blocks_per_sm,
+            o.stages_with_shifts,
+            o.blocks_per_sm_with_shifts,
+        )
+    };
+    assert_eq!(decode(&SmLimits::SM90, 128), (3, 2, 2, 2));
+    assert_eq!(decode(&SmLimits::SM80, 128), (2, 2, 4, 1));
+    assert_eq!(decode(&SmLimits::SM86, 128), (2, 1, 2, 1));
+    // Head dim 64 (128 registers: 4 blocks at most): 34, 50, 66 KiB.
+    assert_eq!(decode(&SmLimits::SM90, 64), (4, 3, 4, 3));
+    assert_eq!(decode(&SmLimits::SM80, 64), (3, 3, 4, 2));
+    assert_eq!(decode(&SmLimits::SM86, 64), (2, 2, 2, 2));
+    // The prefill tile always runs 2 stages.
+    for limits in [SmLimits::SM80, SmLimits::SM86, SmLimits::SM90] {
+        let o = Occupancy::modelled(&limits, 1, TileShape::Prefill, 128);
+        assert_eq!((o.stages, o.stages_with_shifts), (2, 2));
+    }
 }
 
 #[test]
@@ -519,13 +668,28 @@ fn few_rows_across_the_boundary_split_there_so_every_warp_computes() {
         sequences: 3,
         rows: 8,
         segments: 6,
+        rows_per_sequence: 0,
     };
-    let fixed = FixedShape::new(&cap, &d, 2, None).expect("valid");
     let occupancy = Occupancy {
         sm_count: 1,
         blocks_per_sm: 2,
         blocks_per_sm_with_shifts: 2,
+        stages: 2,
+        stages_with_shifts: 2,
     };
-    let layout = launch_layout(&seqs, &d, DType::BF16, &occupancy, None).expect("valid");
+    let occupancy = AttentionOccupancy {
+        prefill: occupancy,
+        decode: occupancy,
+    };
+    let fixed = FixedShape::new(&cap, &d, &occupancy, None).expect("valid");
+    let layout = launch_layout(
+        &seqs,
+        &d,
+        DType::BF16,
+        &occupancy,
+        None,
+        Some(TileShape::Prefill),
+    )
+    .expect("valid");
     fixed.image(&layout).expect("fits the fixed shape");
 }
