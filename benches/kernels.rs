@@ -19,7 +19,8 @@ use cudarc::driver::CudaGraph;
 
 /// Which benchmarks run, from the environment. `APE_BENCH_SET=quick`: the GPU session's quick
 /// phase (prefill 8K x 8K, a 64-row question over 32K keys and one decode row over 128K keys in
-/// 16 segments, a decode batch of 64 sequences x 4K keys, the device copy); otherwise all of
+/// 16 segments, a decode batch of 64 sequences x 4K keys, the device copy, and the tile shapes
+/// against each other at prefill 8K x 8K at head dim 64 and on the decode row); otherwise all of
 /// them. `APE_BENCH_SHRINK=N` divides every key count, prefill row count, batch size (to 2 at
 /// least) and the copy by N, for the session's dry run on the emulated device; the ids name the
 /// shapes that ran.
@@ -92,7 +93,18 @@ struct Problem {
 
 /// `n_rows` question rows over `keys` cached keys in `n_segments` equal Context segments.
 fn problem(dev: &Device, n_rows: usize, keys: usize, n_segments: usize) -> Problem {
-    let dims = AttentionDims::new(32, 8, 128).expect("dims");
+    problem_at(dev, 128, n_rows, keys, n_segments)
+}
+
+/// [`problem`] at `head_dim` (32 heads over 8 KV heads).
+fn problem_at(
+    dev: &Device,
+    head_dim: usize,
+    n_rows: usize,
+    keys: usize,
+    n_segments: usize,
+) -> Problem {
+    let dims = AttentionDims::new(32, 8, head_dim).expect("dims");
     let per = keys / n_segments;
     let kv = (0..n_segments)
         .map(|i| {
@@ -261,6 +273,70 @@ fn bench_short_and_decode(c: &mut Criterion, dev: &Device, plan: Plan) {
     g.finish();
 }
 
+/// The tile shapes against each other on the same problems (`SegmentedAttentionOptions::tile`):
+/// prefill over cached keys (plain) on the prefill and the wide tile, at head dims 64 and 128;
+/// one decode row over 128K keys in 16 segments (APE) on the decode and the prefill tile. The
+/// measurement that says where the launcher's choice (`TileShape::of_launch`) is right. Ids:
+/// `tile_shapes/d{head dim}_q{rows}_k{keys}/{prefill|wide}`,
+/// `tile_shapes/d128_rows1_k{keys}_s16/{decode|prefill}`.
+fn bench_tile_shapes(c: &mut Criterion, dev: &Device, plan: Plan) {
+    use ape_attn::cuda::segmented_attention::TileShape;
+    let mut g = configure(c, "tile_shapes");
+    let prefill: &[(usize, usize, usize)] = if plan.quick {
+        &[(64, 8192, 8192)]
+    } else {
+        &[(64, 8192, 8192), (128, 8192, 8192), (64, 2048, 32768)]
+    };
+    let timed = |g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+                 p: &Problem,
+                 ape: ApeParams,
+                 shape: String,
+                 tiles: [TileShape; 2]| {
+        let (mut out, mut lse) = outputs(dev, p);
+        for tile in tiles {
+            let options = SegmentedAttentionOptions {
+                num_splits: None,
+                tile: Some(tile),
+            };
+            let name = format!("{tile:?}").to_lowercase();
+            g.bench_with_input(BenchmarkId::new(&shape, name), &(), |b, _| {
+                b.iter_custom(|iters| {
+                    gpu_time(dev, iters, || {
+                        run_with(dev, p, &ape, &mut out, &mut lse, &options)
+                    })
+                })
+            });
+        }
+    };
+    for &(head_dim, rows, keys) in prefill {
+        let (rows, keys) = (plan.s(rows), plan.s(keys));
+        let p = problem_at(dev, head_dim, rows, keys, 16);
+        g.throughput(Throughput::Elements(
+            4 * rows as u64 * keys as u64 * 32 * head_dim as u64,
+        ));
+        let shape = format!("d{head_dim}_q{rows}_k{keys}");
+        timed(
+            &mut g,
+            &p,
+            ApeParams::plain(),
+            shape,
+            [TileShape::Prefill, TileShape::Wide],
+        );
+    }
+    let keys = plan.s(131072);
+    let p = problem(dev, 1, keys, 16);
+    g.throughput(Throughput::Bytes(2 * keys as u64 * 8 * 128 * 2));
+    let shape = format!("d128_rows1_k{keys}_s16");
+    timed(
+        &mut g,
+        &p,
+        ApeParams::default(),
+        shape,
+        [TileShape::Decode, TileShape::Prefill],
+    );
+    g.finish();
+}
+
 /// A decode step of many sequences, each one row over its own cached keys (Llama-3-8B attention
 /// shapes, APE): one batched launch (`batched`) against one launch per sequence (`per_sequence`,
 /// what an engine does without batches), and through a `CapturableBatch` (`capturable`: prepare
@@ -412,7 +488,10 @@ fn bench_split_sweep(c: &mut Criterion, dev: &Device) {
             Some(264),
         ] {
             let name = splits.map_or("auto".to_string(), |n| n.to_string());
-            let options = SegmentedAttentionOptions { num_splits: splits };
+            let options = SegmentedAttentionOptions {
+                num_splits: splits,
+                tile: None,
+            };
             g.bench_with_input(BenchmarkId::new(&shape, name), &(), |b, _| {
                 b.iter_custom(|iters| {
                     gpu_time(dev, iters, || {
@@ -608,6 +687,7 @@ fn benches(c: &mut Criterion) {
         bench_block_attention_shift(c, &dev);
     }
     bench_prefill(c, &dev, plan);
+    bench_tile_shapes(c, &dev, plan);
 }
 
 criterion_group!(kernel_benches, benches);

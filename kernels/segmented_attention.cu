@@ -21,10 +21,14 @@
 // tile_mask.cuh), the online softmax with the tile's scale (1/(T sqrt d) for context tiles,
 // 1/sqrt d for causal tiles; online_softmax.cuh), O += P V.
 //
-// Two tile shapes, two kernels (TileShape in src/cuda/segmented_attention/occupancy.rs):
+// Three tile shapes, three kernels (TileShape in src/cuda/segmented_attention/occupancy.rs):
 // - prefill (segmented_attention_<dtype>_d<D>): 64 packed rows, each warp its own 16 against every
 //   key; two pipeline stages; 2 CTAs per SM at up to 255 registers. A CTA left with at most 16
 //   rows (the tail of a question) runs as the decode tile does.
+// - wide (segmented_attention_wide_<dtype>_d<D>): 128 packed rows over 8 warps, each its own 16;
+//   each copied key tile serves twice the rows, so the copies' share of the issue work halves.
+//   One CTA per SM (8 warps at up to 255 registers). A CTA left with few rows computes them on
+//   one warp.
 // - decode (segmented_attention_decode_<dtype>_d<D>): 16 packed rows, a decode row's GQA group
 //   or a short question. Every warp takes those rows and 16 of each key tile's keys, and the four
 //   states merge after the walk. It needs fewer registers and less shared memory, so more CTAs
@@ -105,10 +109,10 @@ __device__ __forceinline__ float context_log_mass(float lse_c, const SegmentedAt
   return p.variant == 0 ? p.scale * p.temperature * lse_c : p.temperature * lse_c + logf(p.scale);
 }
 
-// Few rows: the four warps hold states of the same 16 rows over different keys; warp 0's state
+// Few rows: the kWarps warps hold states of the same 16 rows over different keys; warp 0's state
 // becomes their merge (docs/DESIGN.md §2.2), the others' are left as they are (they write
 // nothing). `scratch` is shared memory no tile uses any more: kWarps * 16 * (D + 2) floats.
-template <int D>
+template <int D, int kWarps>
 __device__ __forceinline__ void merge_warp_states(OnlineSoftmax& sm, float (&acc)[D / 8][4],
                                                   float* scratch, int warp, int lane) {
   float* ml = scratch + kWarps * 16 * D;  // [warp][row] (m, sum)
@@ -213,18 +217,30 @@ __device__ __forceinline__ void combine_splits(const float* o_part, const float*
   if (lane == 0) lse[i] = w.lse;
 }
 
-// The tile shapes (TileShape in src/cuda/segmented_attention/occupancy.rs): packed query rows per
-// CTA, the most pipeline stages, and whether every warp always takes all the rows and a quarter of
-// each tile's keys.
+// The tile shapes (TileShape in src/cuda/segmented_attention/occupancy.rs): packed query rows and
+// warps per CTA, the most pipeline stages, whether every warp always takes all the rows and a
+// quarter of each tile's keys (kFewRows), and whether a CTA with at most 16 rows does so
+// (kSplitKeys).
 struct PrefillTile {
   static constexpr int kRows = 64;
+  static constexpr int kWarps = 4;
   static constexpr int kMaxStages = 2;
   static constexpr bool kFewRows = false;
+  static constexpr bool kSplitKeys = true;
+};
+struct WideTile {
+  static constexpr int kRows = 128;
+  static constexpr int kWarps = 8;
+  static constexpr int kMaxStages = 2;
+  static constexpr bool kFewRows = false;
+  static constexpr bool kSplitKeys = false;
 };
 struct DecodeTile {
   static constexpr int kRows = 16;
+  static constexpr int kWarps = 4;
   static constexpr int kMaxStages = 4;
   static constexpr bool kFewRows = true;
+  static constexpr bool kSplitKeys = true;
 };
 
 template <typename T, int D, typename Tile>
@@ -241,6 +257,9 @@ __device__ __forceinline__ void segmented_attention_body(
   constexpr int kNBlocksO = D / 8;        // n8 blocks of O
   constexpr int kKSteps = D / 16;         // k16 steps over the head dim
   constexpr int kBlockM = Tile::kRows;
+  constexpr int kWarps = Tile::kWarps;
+  constexpr int kThreads = kWarps * 32;
+  static_assert(kBlockM == kWarps * 16 || Tile::kFewRows, "16 rows per warp");
 
   // Pipeline stages: K and V tiles in shared memory, copied ahead of the one being computed.
   int stages = 2;
@@ -320,8 +339,8 @@ __device__ __forceinline__ void segmented_attention_body(
   // context keys to the causal keys in whole mode: the APE correction there needs the context
   // state of all the keys.
   const bool split_keys =
-      Tile::kFewRows ||
-      (packed_rows - m0 <= 16 && !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0));
+      Tile::kFewRows || (Tile::kSplitKeys && packed_rows - m0 <= 16 &&
+                         !(p.whole && p.n_ctx_tiles > 0 && p.n_causal_tiles > 0));
   const int row_warp = split_keys ? 0 : warp;  // the warp whose 16 rows this warp holds
 
   // The two rows of each thread's accumulator fragments: packed rows r and r + 8.
@@ -354,7 +373,7 @@ __device__ __forceinline__ void segmented_attention_body(
   }
   cp_async_commit();
 
-  KvCopy<D> kv;
+  KvCopy<D, kThreads> kv;
   kv.init(tid, p.n_kv_heads * D);
   __syncthreads();  // the first `stages` tiles are described
   // The first stages - 1 tiles, one commit group each (the first with Q).
@@ -507,12 +526,18 @@ __device__ __forceinline__ void segmented_attention_body(
         // static-check: decode begin (the decode tile: every warp on a quarter of the keys)
         keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
         // static-check: decode end
-      } else if (split_keys) {
-        // static-check: decode begin (every warp on a quarter of the keys)
-        keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
-        // static-check: decode end
+      } else if constexpr (Tile::kSplitKeys) {
+        if (split_keys) {
+          // static-check: decode begin (every warp on a quarter of the keys)
+          keys(std::integral_constant<int, kNBlocksS / kWarps>(), warp * (kBlockN / kWarps));
+          // static-check: decode end
+        } else {
+          // static-check: prefill begin (each warp on its own rows, every key)
+          keys(std::integral_constant<int, kNBlocksS>(), 0);
+          // static-check: prefill end
+        }
       } else {
-        // static-check: prefill begin (each warp on its own rows, every key)
+        // static-check: prefill begin (the wide tile: each warp on its own rows, every key)
         keys(std::integral_constant<int, kNBlocksS>(), 0);
         // static-check: prefill end
       }
@@ -531,7 +556,11 @@ __device__ __forceinline__ void segmented_attention_body(
   cp_async_wait<0>();
 
   // static-check: cold begin (few rows: once per CTA)
-  if (split_keys) merge_warp_states<D>(sm, acc, reinterpret_cast<float*>(sK), warp, lane);
+  if constexpr (Tile::kSplitKeys) {
+    if (split_keys) {
+      merge_warp_states<D, kWarps>(sm, acc, reinterpret_cast<float*>(sK), warp, lane);
+    }
+  }
   // static-check: cold end
 
   if (p.whole && !corrected) correct_context();
@@ -602,10 +631,10 @@ __device__ __forceinline__ void segmented_attention_body(
 
 }  // namespace ape
 
-// MIN_BLOCKS: the launch bounds' CTAs per SM, which cap the registers a thread may use (2: 255;
-// 3: 168; 4: 128).
+// MIN_BLOCKS: the launch bounds' CTAs per SM, which cap the registers a thread may use (4 warps:
+// 2 blocks, 255; 3, 168; 4, 128. 8 warps: 1 block, 255).
 #define APE_SEGMENTED_ATTENTION(NAME, T, D, TILE, MIN_BLOCKS)                                    \
-  extern "C" __global__ void __launch_bounds__(ape::kThreads, MIN_BLOCKS) NAME(                 \
+  extern "C" __global__ void __launch_bounds__(ape::TILE::kWarps * 32, MIN_BLOCKS) NAME(        \
       const T* q, const ape::SegmentDesc* segs, const float2* rope_cs, T* out, float* lse,      \
       float* o_part, float* lse_part, uint32_t* split_counters,                                  \
       const ape::SegmentedAttentionParams* seqs, const uint32_t* work,                          \
@@ -619,6 +648,10 @@ APE_SEGMENTED_ATTENTION(segmented_attention_bf16_d64, __nv_bfloat16, 64, Prefill
 APE_SEGMENTED_ATTENTION(segmented_attention_bf16_d128, __nv_bfloat16, 128, PrefillTile, 2)
 APE_SEGMENTED_ATTENTION(segmented_attention_f16_d64, __half, 64, PrefillTile, 2)
 APE_SEGMENTED_ATTENTION(segmented_attention_f16_d128, __half, 128, PrefillTile, 2)
+APE_SEGMENTED_ATTENTION(segmented_attention_wide_bf16_d64, __nv_bfloat16, 64, WideTile, 1)
+APE_SEGMENTED_ATTENTION(segmented_attention_wide_bf16_d128, __nv_bfloat16, 128, WideTile, 1)
+APE_SEGMENTED_ATTENTION(segmented_attention_wide_f16_d64, __half, 64, WideTile, 1)
+APE_SEGMENTED_ATTENTION(segmented_attention_wide_f16_d128, __half, 128, WideTile, 1)
 APE_SEGMENTED_ATTENTION(segmented_attention_decode_bf16_d64, __nv_bfloat16, 64, DecodeTile, 4)
 APE_SEGMENTED_ATTENTION(segmented_attention_decode_bf16_d128, __nv_bfloat16, 128, DecodeTile, 3)
 APE_SEGMENTED_ATTENTION(segmented_attention_decode_f16_d64, __half, 64, DecodeTile, 4)

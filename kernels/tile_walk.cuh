@@ -28,12 +28,10 @@
 
 namespace ape {
 
-// Keys per tile, warps and threads of the attention kernels (BLOCK_N in
-// src/cuda/segmented_attention/mod.rs). The packed query rows per thread block are the kernel's
-// tile shape (PrefillTile, DecodeTile in segmented_attention.cu).
+// Keys per tile of the attention kernels (BLOCK_N in src/cuda/segmented_attention/mod.rs). The
+// packed query rows and the warps per thread block are the kernel's tile shape (PrefillTile,
+// WideTile, DecodeTile in segmented_attention.cu).
 constexpr int kBlockN = 64;
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 
 // cp.async.wait_group n for a count known only at run time (the pipeline's stages - 1 or - 2,
 // at most 3): every committed group of copies but the newest n has landed. Where the count is a
@@ -147,9 +145,10 @@ __device__ __forceinline__ void walk_next(WalkState& w, TileInfo& out, const Wal
   }
 }
 
-// A thread's share of every tile copy: the rows tid / (D/8) + i * kRowsPerPass, chunk
-// tid % (D/8), as offsets from the tile's start (global, in elements) and from the shared tile's.
-template <int D> struct KvCopy {
+// A thread's share of every tile copy by kThreads threads: the rows tid / (D/8) + i *
+// kRowsPerPass, chunk tid % (D/8), as offsets from the tile's start (global, in elements) and from
+// the shared tile's.
+template <int D, int kThreads> struct KvCopy {
   static constexpr int kChunks = D / 8;               // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kPasses = kBlockN / kRowsPerPass;

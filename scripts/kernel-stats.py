@@ -40,11 +40,15 @@ DOC = ROOT / "docs" / "KERNEL-STATS.md"
 BEGIN = "<!-- kernel-stats: begin (scripts/kernel-stats.sh --write) -->"
 END = "<!-- kernel-stats: end -->"
 
-# Keys per tile and warps of the attention kernels (kernels/tile_walk.cuh); per tile shape
-# (PrefillTile, DecodeTile in kernels/segmented_attention.cu): packed query rows and the most
+# Keys per tile of the attention kernels (kernels/tile_walk.cuh); per tile shape (PrefillTile,
+# WideTile, DecodeTile in kernels/segmented_attention.cu): packed query rows, warps and the most
 # pipeline stages.
-BLOCK_N, WARPS = 64, 4
-SHAPES = {"prefill": dict(rows=64, max_stages=2), "decode": dict(rows=16, max_stages=4)}
+BLOCK_N = 64
+SHAPES = {
+    "prefill": dict(rows=64, warps=4, max_stages=2),
+    "wide": dict(rows=128, warps=8, max_stages=2),
+    "decode": dict(rows=16, warps=4, max_stages=4),
+}
 
 # Per-SM limits of the real architectures built: registers, warps, thread blocks, shared memory
 # per SM and per block (bytes), and the shared memory the runtime reserves per block.
@@ -53,7 +57,7 @@ ARCH_LIMITS = {
     "sm_90a": dict(regs=65536, warps=64, ctas=32, smem_sm=233472, smem_block=232448, reserved=1024),
 }
 
-ATTENTION = re.compile(r"^segmented_attention_(decode_)?(bf16|f16)_d(\d+)$")
+ATTENTION = re.compile(r"^segmented_attention_(decode_|wide_)?(bf16|f16)_d(\d+)$")
 
 
 def die(msg):
@@ -234,7 +238,7 @@ def occupancy(regs, smem_static, smem_dynamic, threads, arch):
 def smem_bytes(shape, d, stages):
     """An attention kernel's dynamic shared memory (TileShape::smem_bytes): plain, with shifts."""
     plain = (SHAPES[shape]["rows"] + 2 * stages * BLOCK_N) * d * 2
-    return plain, plain + 4 * 16 * d * 2
+    return plain, plain + SHAPES[shape]["warps"] * 16 * d * 2
 
 
 def choose_stages(shape, blocks_per_sm):
@@ -281,7 +285,7 @@ def measure(nvcc):
                            stack=k["stack"], smem=k["smem"])
                 m = ATTENTION.match(name)
                 if m:
-                    shape = "decode" if m.group(1) else "prefill"
+                    shape = (m.group(1) or "prefill_").rstrip("_")
                     d = int(m.group(3))
                     insns = funcs.get(name)
                     if not insns:
@@ -297,7 +301,8 @@ def measure(nvcc):
                     mma = sum(1 for x in hot if opcode(x[1]).startswith("HMMA"))
                     dec_mma = sum(1 for x in dec if opcode(x[1]).startswith("HMMA"))
                     def ctas(dynamic):
-                        return occupancy(k["regs"], k["smem"], dynamic, WARPS * 32, arch)
+                        return occupancy(k["regs"], k["smem"], dynamic,
+                                         SHAPES[shape]["warps"] * 32, arch)
                     stages = choose_stages(shape, lambda s: ctas(smem_bytes(shape, d, s)[0]))
                     stages_sh = choose_stages(shape, lambda s: ctas(smem_bytes(shape, d, s)[1]))
                     plain = smem_bytes(shape, d, stages)[0]
@@ -308,11 +313,12 @@ def measure(nvcc):
                         dec = [x for b in blocks for x in b]
                         dec_mma = sum(1 for x in dec if opcode(x[1]).startswith("HMMA"))
                         mma = 0
+                    no_decode = shape == "wide"  # no decode path: few rows run on one warp
                     row.update(
                         loop_all=len(body), loop=len(hot) if mma else None, mma=mma,
                         mma_all=mma_all, per_mma=len(hot) / mma if mma else None,
-                        dec=len(dec), dec_mma=dec_mma,
-                        per_byte=len(dec) / kv_bytes,
+                        dec=None if no_decode else len(dec), dec_mma=dec_mma,
+                        per_byte=None if no_decode else len(dec) / kv_bytes,
                         dyn=f"{plain // 1024}/{shifted // 1024}",
                         ctas=f"{ctas(plain)}/{ctas(shifted)}",
                         stages=f"{stages}/{stages_sh}",
@@ -332,9 +338,11 @@ def fmt_row(r):
     cells = [f"`{r['kernel']}`", r["arch"], r["regs"], r["spill"], r["stack"], r["smem"]]
     if "loop" in r:
         none = r["loop"] is None  # the decode tile: no prefill path
+        nodec = r["dec"] is None  # the wide tile: no decode path
         cells += [r["dyn"], r["ctas"], r["loop_all"], "-" if none else r["loop"],
                   "-" if none else r["mma"], "-" if none else f"{r['per_mma']:.2f}",
-                  r["dec"], r["dec_mma"], f"{r['per_byte']:.4f}", r["stages"]]
+                  "-" if nodec else r["dec"], "-" if nodec else r["dec_mma"],
+                  "-" if nodec else f"{r['per_byte']:.4f}", r["stages"]]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -360,7 +368,7 @@ def read_table():
         r = dict(kernel=cells[0].strip("`"), arch=cells[1])
         if len(cells) >= 16:
             num = lambda c, f: None if c == "-" else f(c)
-            r.update(loop=num(cells[9], int), per_mma=num(cells[11], float), dec=int(cells[12]))
+            r.update(loop=num(cells[9], int), per_mma=num(cells[11], float), dec=num(cells[12], int))
         rows[(r["kernel"], r["arch"])] = r
     return rows
 

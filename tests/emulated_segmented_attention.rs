@@ -24,6 +24,7 @@ fn run_with(case: &Case, opts: &EmulatorOptions) -> ape_attn::Result<(Vec<f32>, 
         &case.ape,
         &SegmentedAttentionOptions {
             num_splits: case.splits,
+            tile: case.tile,
         },
         opts,
     )?;
@@ -48,7 +49,10 @@ impl Backend for Emulated {
             &q,
             &sequences(cases, &segments),
             &cases[0].dims,
-            &SegmentedAttentionOptions { num_splits: splits },
+            &SegmentedAttentionOptions {
+                num_splits: splits,
+                tile: None,
+            },
             &opts,
         )
         .unwrap_or_else(|e| panic!("{e} ({opts:?}, {cases:?})"));
@@ -69,7 +73,10 @@ impl Backend for Emulated {
             &sequences(cases, &segments),
             &cases[0].dims,
             capacity,
-            &SegmentedAttentionOptions { num_splits: splits },
+            &SegmentedAttentionOptions {
+                num_splits: splits,
+                tile: None,
+            },
             &opts,
         )
         .unwrap_or_else(|e| panic!("{e} ({opts:?}, {capacity:?}, {cases:?})"));
@@ -203,7 +210,10 @@ fn a_relaunch_on_the_same_workspace_gives_the_same_bits() {
             &sequences(&cases, &segments),
             &dims,
             &capacity,
-            &SegmentedAttentionOptions { num_splits: splits },
+            &SegmentedAttentionOptions {
+                num_splits: splits,
+                tile: None,
+            },
             opts,
         )
         .unwrap_or_else(|e| panic!("{e} (splits {splits:?})"));
@@ -299,7 +309,13 @@ fn the_decode_tile_at_every_pipeline_depth() {
                     .iter()
                     .any(|s| s.rope_shift.is_some_and(|x| x.delta != 0));
                 assert_eq!(
-                    TileShape::of_launch([case.n_rows], case.dims.group_size(), case.splits),
+                    TileShape::of_launch(
+                        &[case.n_rows],
+                        &case.dims,
+                        case.splits,
+                        &occupancy,
+                        shifts
+                    ),
                     TileShape::Decode
                 );
                 depths.insert((occupancy.decode.stages(shifts), shifts));
@@ -324,6 +340,84 @@ fn the_decode_tile_at_every_pipeline_depth() {
             );
         }
     }
+}
+
+/// The wide tile's kernel (128 rows, 8 warps) against the oracle, forced on cases the launcher
+/// would give the other tiles too: a tail tile of few rows (on one warp), several query tiles,
+/// GQA 1 and 4, head dims 64 and 128, bf16 and f16, whole (APE across the context/causal
+/// boundary in one pass) and split, RoPE-shifted blocks; and chosen by the launcher itself on a
+/// device of one SM, whose wave a 65-row question already fills.
+#[test]
+fn the_wide_tile() {
+    use ape_attn::cuda::segmented_attention::{AttentionOccupancy, SmLimits, TileShape};
+    let mut r = seeded("the_wide_tile");
+    let schedules = EmulatorOptions {
+        threads: 2,
+        ..EmulatorOptions::default()
+    }
+    .schedules();
+    let run = |r: &mut common::Seeded, case: &Case, opts: &EmulatorOptions| {
+        let (out, lse) =
+            run_with(case, opts).unwrap_or_else(|e| panic!("{e} ({opts:?}, {case:?})"));
+        attention::assert_ok(case, attention::compare(r, case, case, &out, &lse, 24));
+    };
+    let mut launch = 0;
+    for head_dim in [64, 128] {
+        for (n_heads, n_rows, splits) in [
+            (8, 1, None),
+            (8, 7, Some(1)),
+            (8, 40, None),
+            (2, 130, Some(3)),
+            (8, 65, Some(1)),
+        ] {
+            let dims = AttentionDims::new(n_heads, 2, head_dim).unwrap();
+            let dtype = r.pick(&[DType::BF16, DType::F16]);
+            let ape = r.pick(&[ApeParams::default(), ApeParams::plain()]);
+            let mut case = make_case(&mut r, dims, dtype, 9, &[300, 70], n_rows, ape, splits);
+            case.tile = Some(TileShape::Wide);
+            run(&mut r, &case, &schedules[launch % 4]);
+            launch += 1;
+        }
+        let rope = attention::rope_configs(head_dim)[2];
+        let dims = AttentionDims::new(8, 2, head_dim).unwrap();
+        for splits in [Some(1), None] {
+            let mut case = attention::block_attention_case(
+                &mut r,
+                dims,
+                DType::BF16,
+                rope,
+                &[65, 7, 200],
+                50,
+                ApeParams::default(),
+                splits,
+            );
+            case.tile = Some(TileShape::Wide);
+            run(&mut r, &case, &schedules[launch % 4]);
+            launch += 1;
+        }
+    }
+    // The launcher's own choice, on one SM (a wave of one wide block) at head dim 64.
+    let small = AttentionOccupancy::modelled(&SmLimits::SM90, 1, 64);
+    let dims = AttentionDims::new(8, 2, 64).unwrap();
+    let case = make_case(
+        &mut r,
+        dims,
+        DType::BF16,
+        20,
+        &[500],
+        17,
+        ApeParams::default(),
+        None,
+    );
+    assert_eq!(
+        TileShape::of_launch(&[case.n_rows], &case.dims, None, &small, false),
+        TileShape::Wide
+    );
+    let opts = EmulatorOptions {
+        occupancy: small,
+        ..schedules[3]
+    };
+    run(&mut r, &case, &opts);
 }
 
 /// Every schedule is one a GPU may produce, and each thread's arithmetic is the same under all of

@@ -57,6 +57,7 @@ impl Backend for Gpu {
         };
         let opts = SegmentedAttentionOptions {
             num_splits: case.splits,
+            tile: case.tile,
         };
         cuda::segmented_attention_into(
             dev, &query, &segs, &case.dims, &case.ape, &mut out, &mut lse, &opts,
@@ -105,7 +106,10 @@ impl Backend for Gpu {
         let q = self.upload(&q, &[rows, dims.n_heads, d], dtype);
         let mut out = self.nan(&[rows, dims.n_heads, d], dtype);
         let mut lse = self.nan(&[rows, dims.n_heads], DType::F32);
-        let opts = SegmentedAttentionOptions { num_splits: splits };
+        let opts = SegmentedAttentionOptions {
+            num_splits: splits,
+            tile: None,
+        };
         cuda::segmented_attention_batch_into(
             &self.0, &q, &sequences, &dims, &mut out, &mut lse, &opts,
         )
@@ -135,7 +139,10 @@ impl Backend for Gpu {
         let q = self.upload(&q, &[capacity.rows, dims.n_heads, d], dtype);
         let mut out = self.nan(&[capacity.rows, dims.n_heads, d], dtype);
         let mut lse = self.nan(&[capacity.rows, dims.n_heads], DType::F32);
-        let opts = SegmentedAttentionOptions { num_splits: splits };
+        let opts = SegmentedAttentionOptions {
+            num_splits: splits,
+            tile: None,
+        };
         let mut batch = cuda::CapturableBatch::new(&self.0, &dims, dtype, capacity, &opts)
             .unwrap_or_else(|e| panic!("capturable batch: {e} ({capacity:?})"));
         batch
@@ -212,7 +219,7 @@ fn the_plan_fills_the_devices_wave() {
     let (major, minor) = dev.compute_capability().expect("capability");
     for dtype in [DType::BF16, DType::F16] {
         let got = dev.attention_occupancy(dtype, 128).expect("occupancy");
-        for o in [got.prefill, got.decode] {
+        for o in [got.prefill, got.wide, got.decode] {
             assert_eq!(o.sm_count, dev.sm_count());
             assert!(o.blocks_per_sm_with_shifts >= 1, "{o:?}");
             assert!((2..=4).contains(&o.stages), "{o:?}");
@@ -567,7 +574,10 @@ fn segments_read_through_row_views_of_a_pool() {
     };
     let ape = ApeParams::default();
     for splits in [Some(1), None] {
-        let opts = SegmentedAttentionOptions { num_splits: splits };
+        let opts = SegmentedAttentionOptions {
+            num_splits: splits,
+            tile: None,
+        };
         let run = |out: &mut Tensor, lse: &mut Tensor, viewed: bool| {
             let res = if viewed {
                 let segs = span_segments(&views, &spans, rope);
@@ -811,6 +821,7 @@ fn sdpa_comparison_cases() {
             segments,
             ape: ApeParams::plain(),
             splits: None,
+            tile: None,
         };
         let err = check(&gpu, &mut r, &case, usize::MAX);
         println!("SDPA-CASE {name} rel_l2={:.6e}", err.0);

@@ -29,7 +29,7 @@ T_Q_TEST=20          # each of the small test binaries
 T_Q_SEGMENTED=60     # gpu_segmented_attention, reduced sweep
 T_Q_LLAMA=60         # gpu_llama: the cut real model and a synthetic Llama-3-8B, GPU against CPU
 T_Q_MEMCHECK=70      # memcheck on gpu_segmented_attention, reduced sweep
-T_Q_KERNELS=90       # benches/kernels.rs, APE_BENCH_SET=quick (9 benchmarks)
+T_Q_KERNELS=105      # benches/kernels.rs, APE_BENCH_SET=quick (13 benchmarks)
 T_Q_PEER=45
 T_Q_SUMMARY=15
 RESERVE=15                            # kept at the end of a phase for packing

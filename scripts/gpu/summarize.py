@@ -483,6 +483,24 @@ def main():
     table(["shape", "ours plain", "ours APE", "SDPA flash", "SDPA cuDNN", "ours plain / flash"], rows)
     link("plot_prefill.png", "prefill TFLOP/s")
 
+    tiles = {}
+    for k, e in ours.items():
+        m = re.match(r"tile_shapes/([^/]+)/(prefill|wide|decode)$", k)
+        if m:
+            tiles.setdefault(m.group(1), {})[m.group(2)] = e.get("tflops") or e.get("gbps")
+    if tiles:
+        print("\n### Tile shapes on the same problems (benches/kernels.rs, bench_tile_shapes)\n")
+        print("Prefill over cached keys (plain, 32 heads / 8 KV heads): TFLOP/s; the decode row"
+              " (APE, d 128): K+V read GB/s. The launcher runs the wide tile at head dim 64 where"
+              " a prefill fills the GPU with 128-row tiles, and the decode tile for at most 16"
+              " packed rows per sequence: a ratio under 1 says that choice is wrong there.\n")
+        rows = []
+        for sh, by in sorted(tiles.items()):
+            other = "wide" if "wide" in by else "decode"
+            rows.append([sh, fmt(by.get("prefill"), ".1f"), other, fmt(by.get(other), ".1f"),
+                         fmt(ratio(by.get(other), by.get("prefill")), ".2f")])
+        table(["shape", "prefill tile", "other tile", "other tile's", "other / prefill"], rows)
+
     print(f"\nDevice-to-device copy: ours {fmt(copy, '.0f')} GB/s, torch {fmt(tcopy, '.0f')} GB/s\n")
     print("### Short question (64 rows) and decode (1 row), K+V read bandwidth, GB/s (APE, T=S=0.9)\n")
     known = [] if quick else [short_id(*c) for c in SHORT_CASES]

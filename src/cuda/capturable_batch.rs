@@ -121,7 +121,7 @@ impl CapturableBatch {
         check_dtype(dtype)?;
         check_head_dim(dims.head_dim)?;
         let occupancy = device.attention_occupancy(dtype, dims.head_dim)?;
-        let shape = FixedShape::new(capacity, dims, &occupancy, options.num_splits)?;
+        let shape = FixedShape::new(capacity, dims, &occupancy, options)?;
         let stream = device.stream().clone();
         let smem = shape.smem;
         let main =
@@ -295,6 +295,7 @@ impl CapturableBatch {
         let kernel = AttentionKernel {
             main: &self.main,
             grid: (shape.blocks, self.dims.n_kv_heads as u32, 1),
+            threads: shape.tile.threads() as u32,
             smem: self.smem,
         };
         let params = KernelParams {

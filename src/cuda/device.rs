@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
-use super::segmented_attention::{AttentionOccupancy, Occupancy, TileShape, ATTENTION_THREADS};
+use super::segmented_attention::{AttentionOccupancy, Occupancy, TileShape};
 use super::DType;
 use crate::error::{Error, Result};
 
@@ -185,6 +185,7 @@ impl Device {
     pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<AttentionOccupancy> {
         Ok(AttentionOccupancy {
             prefill: self.attention_occupancy_of(TileShape::Prefill, dtype, head_dim)?,
+            wide: self.attention_occupancy_of(TileShape::Wide, dtype, head_dim)?,
             decode: self.attention_occupancy_of(TileShape::Decode, dtype, head_dim)?,
         })
     }
@@ -215,7 +216,7 @@ impl Device {
                 .max()
                 .unwrap_or(shape.smem_bytes(head_dim, 2).1);
             let f = self.function_with_smem(name, largest as u32)?;
-            let threads = ATTENTION_THREADS as u32;
+            let threads = shape.threads() as u32;
             let per_sm = |smem: usize| -> Result<usize> {
                 if !fits(smem) || smem > largest {
                     return Ok(0);

@@ -5,7 +5,7 @@
 use super::{from_dtype, launch_ptrs, to_dtype, Aligned, EmulatorOptions};
 use crate::cuda::segmented_attention::{
     check_batch_rows, check_dtype, check_head_dim, check_problem, launch_layout, sequence_refs,
-    BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef, THREADS,
+    BatchCapacity, FixedShape, SegmentRef, SegmentedAttentionOptions, SequenceRef,
 };
 use crate::cuda::DType;
 use crate::error::{Error, Result};
@@ -144,7 +144,7 @@ pub(super) fn run(
     let fixed = match fixed {
         Some(c) => {
             // As CapturableBatch: new(), then prepare().
-            let shape = FixedShape::new(c, dims, &emulator.occupancy, options.num_splits)?;
+            let shape = FixedShape::new(c, dims, &emulator.occupancy, options)?;
             c.check_fits(sequences.iter().map(|s| (s.n_rows, s.segments.len())))?;
             Some(shape)
         }
@@ -181,7 +181,7 @@ pub(super) fn run(
         &emulator.occupancy,
         options.num_splits,
         // A fixed launch runs its capacity's kernel, as CapturableBatch does.
-        fixed.as_ref().map(|f| f.tile),
+        fixed.as_ref().map(|f| Some(f.tile)).unwrap_or(options.tile),
     )?;
 
     // The parameter arrays as the CUDA launcher uploads them (one buffer: upload_bytes_into, or a
@@ -283,7 +283,7 @@ pub(super) fn run(
             launch_ptrs(
                 layout.main,
                 grid,
-                (THREADS, 1, 1),
+                (layout.shape.threads() as u32, 1, 1),
                 smem,
                 &ptrs,
                 &launch,

@@ -78,6 +78,8 @@ pub struct Case {
     pub segments: Vec<CaseSegment>,
     pub ape: ApeParams,
     pub splits: Option<usize>,
+    /// The kernel's tile shape, forced (None: the launcher's choice).
+    pub tile: Option<ape_attn::cuda::segmented_attention::TileShape>,
 }
 
 impl std::fmt::Debug for Case {
@@ -99,7 +101,7 @@ impl std::fmt::Debug for Case {
             .collect();
         write!(
             f,
-            "{:?} {:?} rows={} q_pos={} T={} S={} {:?} splits={:?} segments={:?}",
+            "{:?} {:?} rows={} q_pos={} T={} S={} {:?} splits={:?} tile={:?} segments={:?}",
             self.dtype,
             self.dims,
             self.n_rows,
@@ -108,6 +110,7 @@ impl std::fmt::Debug for Case {
             self.ape.scale(),
             self.ape.variant(),
             self.splits,
+            self.tile,
             lens
         )
     }
@@ -160,6 +163,7 @@ pub fn make_case(
         segments,
         ape,
         splits,
+        tile: None,
     }
 }
 
@@ -318,11 +322,13 @@ pub fn planned_splits(
     occupancy: &ape_attn::cuda::segmented_attention::AttentionOccupancy,
 ) -> u32 {
     use ape_attn::cuda::segmented_attention::TileShape;
-    let shape = TileShape::of_launch([case.n_rows], case.dims.group_size(), case.splits);
     let shifts = case
         .segments
         .iter()
         .any(|s| s.len > 0 && s.rope_shift.is_some_and(|r| r.delta != 0));
+    let shape = case.tile.unwrap_or_else(|| {
+        TileShape::of_launch(&[case.n_rows], &case.dims, case.splits, occupancy, shifts)
+    });
     let wave = occupancy.of(shape).wave(shifts);
     let refs: Vec<ape_attn::cuda::segmented_attention::SegmentRef> = case
         .segments
@@ -632,6 +638,7 @@ pub fn block_attention_case(
         segments,
         ape,
         splits,
+        tile: None,
     }
 }
 

@@ -16,7 +16,8 @@ pub struct BatchCapacity {
     /// Query rows of any one sequence, at most; 0: no bound but `rows`. A capacity whose
     /// sequences pack at most 16 rows each (`rows_per_sequence * group <= DECODE_ROWS`: a decode
     /// step) runs the decode tile's kernel, as the batched launcher does for such sequences
-    /// ([`TileShape::of_launch`]); any other runs the prefill tile's.
+    /// ([`TileShape::of_launch`]); any other runs the prefill tile's (never the wide tile's,
+    /// which the batched launcher runs only where a launch fills the device with 128-row tiles).
     pub rows_per_sequence: usize,
 }
 
@@ -60,10 +61,12 @@ impl BatchCapacity {
     /// The tile shape of every launch within this capacity ([`BatchCapacity::rows_per_sequence`]),
     /// for query heads in groups of `group` per KV head, planned with `num_splits`.
     pub fn tile_shape(&self, group: usize, num_splits: Option<usize>) -> TileShape {
-        if self.rows_per_sequence == 0 {
-            TileShape::Prefill
+        if self.rows_per_sequence > 0
+            && TileShape::few_rows([self.rows_per_sequence], group, num_splits)
+        {
+            TileShape::Decode
         } else {
-            TileShape::of_launch([self.rows_per_sequence], group, num_splits)
+            TileShape::Prefill
         }
     }
 }
@@ -99,9 +102,10 @@ pub(crate) struct FixedShape {
 
 impl FixedShape {
     /// The shape for `capacity` on a device where the kernels have `occupancy`, planned as
-    /// [`launch_layout`] plans with `num_splits`, for the kernel of
-    /// [`BatchCapacity::tile_shape`]. Its wave `W` is the larger of that kernel's waves without
-    /// and with RoPE shifts, so that it bounds the plan of either launch.
+    /// [`launch_layout`] plans with `options.num_splits`, for the kernel of
+    /// [`BatchCapacity::tile_shape`] (`options.tile`, if set, must be that one). Its wave `W` is
+    /// the larger of that kernel's waves without and with RoPE shifts, so that it bounds the plan
+    /// of either launch.
     ///
     /// The bounds: a sequence of `r` rows has `ceil(r * group / 64)` query tiles, at most
     /// `r * ceil(group / 64)` and at most `r * group / 64 + 1`. With `num_splits = Some(n)`, each
@@ -118,10 +122,11 @@ impl FixedShape {
         capacity: &BatchCapacity,
         dims: &AttentionDims,
         occupancy: &AttentionOccupancy,
-        num_splits: Option<usize>,
+        options: &SegmentedAttentionOptions,
     ) -> Result<Self> {
         dims.validate()?;
         check_head_dim(dims.head_dim)?;
+        let num_splits = options.num_splits;
         let BatchCapacity {
             sequences,
             rows,
@@ -129,6 +134,15 @@ impl FixedShape {
             rows_per_sequence: _,
         } = *capacity;
         let tile = capacity.tile_shape(dims.group_size(), num_splits);
+        if options.tile.is_some_and(|t| t != tile) {
+            return Err(Error::InvalidParameter {
+                name: "tile",
+                value: f64::NAN,
+                requirement: "a capturable batch runs its capacity's tile (the decode tile for \
+                              sequences of at most 16 packed rows, rows_per_sequence; else the \
+                              prefill tile)",
+            });
+        }
         let o = occupancy.of(tile);
         let wave = o.wave(false).max(o.wave(true));
         let stages = o.stages_with_shifts;

@@ -52,10 +52,11 @@ pub(super) fn device_segment_refs<'a, K: KvTensor>(
     (refs, guards)
 }
 
-/// The attention kernel of a launch, with its grid and dynamic shared memory.
+/// The attention kernel of a launch, with its grid, threads per block and dynamic shared memory.
 pub(crate) struct AttentionKernel<'a> {
     pub main: &'a CudaFunction,
     pub grid: (u32, u32, u32),
+    pub threads: u32,
     pub smem: usize,
 }
 
@@ -97,7 +98,7 @@ pub(crate) unsafe fn enqueue(
 ) -> Result<()> {
     let cfg = LaunchConfig {
         grid_dim: kernel.grid,
-        block_dim: (THREADS, 1, 1),
+        block_dim: (kernel.threads, 1, 1),
         shared_mem_bytes: kernel.smem as u32,
     };
     let mut launch = stream.launch_builder(kernel.main);
@@ -143,7 +144,7 @@ pub(super) fn launch<K: KvTensor>(
         q.dtype(),
         &device.attention_occupancy(q.dtype(), dims.head_dim)?,
         options.num_splits,
-        None,
+        options.tile,
     )?;
 
     // One upload: descriptors, RoPE table, sequence parameters, work list (upload_bytes_into). Parts a
@@ -175,6 +176,7 @@ pub(super) fn launch<K: KvTensor>(
             let kernel = AttentionKernel {
                 main: &f,
                 grid: layout.grid,
+                threads: layout.shape.threads() as u32,
                 smem: layout.smem,
             };
             let params = KernelParams {

@@ -179,14 +179,6 @@ pub(crate) fn launch_layout(
     if sequences.is_empty() {
         return Err(Error::Shape("a launch needs at least one sequence".into()));
     }
-    let shape = shape.unwrap_or_else(|| {
-        TileShape::of_launch(
-            sequences.iter().map(|s| s.n_rows),
-            dims.group_size(),
-            num_splits,
-        )
-    });
-    let occupancy = occupancy.of(shape);
     // A launch with any RoPE shift (a row of the table below) takes the larger shared memory,
     // so fewer blocks may fit.
     let any_shift = sequences.iter().any(|q| {
@@ -194,7 +186,18 @@ pub(crate) fn launch_layout(
             .iter()
             .any(|s| s.len > 0 && s.rope_shift.is_some_and(|r| r.delta != 0))
     });
-    let plans = plan_batch(sequences, dims, occupancy.wave(any_shift), num_splits)?;
+    let shape = shape.unwrap_or_else(|| {
+        let rows: Vec<usize> = sequences.iter().map(|s| s.n_rows).collect();
+        TileShape::of_launch(&rows, dims, num_splits, occupancy, any_shift)
+    });
+    let occupancy = occupancy.of(shape);
+    let plans = plan_batch_for(
+        sequences,
+        dims,
+        occupancy.wave(any_shift),
+        num_splits,
+        shape.rows(),
+    )?;
     if shape == TileShape::Decode {
         // The decode tile computes its rows with every warp on a quarter of the keys: it cannot
         // run a pass that crosses from the context keys to the causal ones (TileShape::of_launch

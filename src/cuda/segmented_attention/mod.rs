@@ -13,7 +13,8 @@
 //! query tile merges the partial states, group by group, before applying the APE correction, in
 //! the same launch. A launch whose every sequence packs at most 16 query rows (`n_rows * group`:
 //! decode rows, short questions) runs the decode tile's kernel, which has more thread blocks per
-//! SM and a deeper copy pipeline; others run the prefill tile's ([`TileShape`]).
+//! SM and a deeper copy pipeline; a long prefill at head dim 64 runs the wide tile's (128 rows
+//! over 8 warps); others run the prefill tile's ([`TileShape`]).
 //!
 //! A segment with a [`RopeShift`] is read as if its keys were rotated by `delta` positions
 //! (Block-Attention), without writing rotated keys anywhere: the kernel rotates its query rows by
@@ -35,7 +36,6 @@ pub const BLOCK_N: usize = 64;
 /// Packed query rows per thread block of the prefill tile (`PrefillTile::kRows` in
 /// kernels/segmented_attention.cu; [`TileShape::rows`]).
 pub const BLOCK_M: usize = 64;
-pub(crate) const THREADS: u32 = 128;
 /// Head dims the kernel is compiled for.
 pub const SUPPORTED_HEAD_DIMS: &[usize] = &[64, 128];
 

@@ -9,20 +9,20 @@
 
 use super::*;
 
-/// Threads per thread block of the attention kernels (`ape::kThreads`: 4 warps).
-pub const ATTENTION_THREADS: usize = 128;
-
 /// Packed query rows per thread block of the decode tile (`DecodeTile::kRows`): a launch whose
 /// every sequence has at most this many (`n_rows * group`) runs the decode kernel.
 pub const DECODE_ROWS: usize = 16;
 
-/// The attention kernel's two tile shapes (`PrefillTile`, `DecodeTile` in
+/// The attention kernel's three tile shapes (`PrefillTile`, `WideTile`, `DecodeTile` in
 /// kernels/segmented_attention.cu), one compiled kernel each per dtype and head dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TileShape {
-    /// 64 packed query rows per thread block, each warp its own 16 against every key; two
-    /// pipeline stages; up to 255 registers (2 blocks per SM).
+    /// 64 packed query rows per thread block of 4 warps, each warp its own 16 against every key;
+    /// two pipeline stages; up to 255 registers (2 blocks per SM).
     Prefill,
+    /// 128 packed query rows per thread block of 8 warps, each its own 16: every copied key tile
+    /// serves twice the rows. Two pipeline stages, up to 255 registers (1 block per SM).
+    Wide,
     /// 16 packed query rows (a decode row's GQA group, a short question), every warp on those
     /// rows and a quarter of each key tile's keys; 2 to 4 pipeline stages, fewer registers (3
     /// blocks per SM at head dim 128, 4 at 64), so more blocks fit an SM.
@@ -30,47 +30,96 @@ pub enum TileShape {
 }
 
 impl TileShape {
-    /// The shape a launch of sequences with these `n_rows` takes: the decode tile when every
-    /// sequence has at most [`DECODE_ROWS`] packed rows, unless `num_splits = Some(1)` asks for
-    /// one pass over every key (the APE correction inside a pass needs each warp to hold its own
-    /// rows over all the keys, which only the prefill tile does).
+    /// Every shape.
+    pub const ALL: [Self; 3] = [Self::Prefill, Self::Wide, Self::Decode];
+
+    /// The shape a launch of sequences with these `n_rows` takes on a device where the kernels
+    /// have `occupancy` (`shifts`: the launch has RoPE shifts):
+    /// - the decode tile when every sequence has at most [`DECODE_ROWS`] packed rows, unless
+    ///   `num_splits = Some(1)` asks for one pass over every key (the APE correction inside a
+    ///   pass needs each warp to hold its own rows over all the keys, which the decode tile
+    ///   does not);
+    /// - the wide tile at head dim 64 when every sequence with rows has more than [`BLOCK_M`]
+    ///   packed rows and the launch's 128-row tiles alone fill the wide kernel's wave: at head
+    ///   dim 64 it issues about a tenth fewer instructions per MMA (at 128, 3%: not chosen;
+    ///   docs/KERNEL-STATS.md), and a launch that would split its keys to fill the device, or
+    ///   whose short sequences would run on one warp of 8, gains less than it loses;
+    /// - the prefill tile otherwise.
     pub fn of_launch(
-        n_rows: impl IntoIterator<Item = usize>,
-        group: usize,
+        n_rows: &[usize],
+        dims: &AttentionDims,
         num_splits: Option<usize>,
+        occupancy: &AttentionOccupancy,
+        shifts: bool,
     ) -> Self {
-        let few = n_rows
-            .into_iter()
-            .all(|r| r.checked_mul(group).is_some_and(|p| p <= DECODE_ROWS));
-        if few && num_splits != Some(1) {
-            Self::Decode
+        let group = dims.group_size();
+        let packed = |r: usize| r.saturating_mul(group);
+        if Self::few_rows(n_rows.iter().copied(), group, num_splits) {
+            return Self::Decode;
+        }
+        let tiles: usize = n_rows
+            .iter()
+            .map(|&r| packed(r).div_ceil(Self::Wide.rows()))
+            .fold(0, usize::saturating_add);
+        let wide = dims.head_dim == 64
+            && n_rows.iter().all(|&r| r == 0 || packed(r) > BLOCK_M)
+            && tiles.saturating_mul(dims.n_kv_heads) >= occupancy.wide.wave(shifts);
+        if wide {
+            Self::Wide
         } else {
             Self::Prefill
         }
+    }
+
+    /// Whether sequences of these `n_rows` (packed in groups of `group`) run the decode tile:
+    /// each packs at most [`DECODE_ROWS`] rows, and `num_splits` is not `Some(1)`.
+    pub(crate) fn few_rows(
+        n_rows: impl IntoIterator<Item = usize>,
+        group: usize,
+        num_splits: Option<usize>,
+    ) -> bool {
+        num_splits != Some(1)
+            && n_rows
+                .into_iter()
+                .all(|r| r.checked_mul(group).is_some_and(|p| p <= DECODE_ROWS))
     }
 
     /// Packed query rows per thread block.
     pub const fn rows(self) -> usize {
         match self {
             Self::Prefill => BLOCK_M,
+            Self::Wide => 2 * BLOCK_M,
             Self::Decode => DECODE_ROWS,
         }
+    }
+
+    /// Warps per thread block.
+    pub const fn warps(self) -> usize {
+        match self {
+            Self::Wide => 8,
+            Self::Prefill | Self::Decode => 4,
+        }
+    }
+
+    /// Threads per thread block.
+    pub const fn threads(self) -> usize {
+        32 * self.warps()
     }
 
     /// The most pipeline stages (K and V tiles in shared memory) the kernel runs with.
     pub const fn max_stages(self) -> usize {
         match self {
-            Self::Prefill => 2,
+            Self::Prefill | Self::Wide => 2,
             Self::Decode => 4,
         }
     }
 
     /// The most registers a thread may use at `head_dim`: the kernel's `__launch_bounds__`
-    /// (128 threads, 2, 3 or 4 blocks per SM) keeps that many blocks' registers within an SM's
-    /// 64K, in the units of 8 the compiler allocates.
+    /// (2, 3 or 4 blocks of 4 warps, or 1 of 8, per SM) keeps that many blocks' registers within
+    /// an SM's 64K, in the units of 8 the compiler allocates.
     pub const fn max_registers(self, head_dim: usize) -> usize {
         match (self, head_dim) {
-            (Self::Prefill, _) => 255,
+            (Self::Prefill | Self::Wide, _) => 255,
             (Self::Decode, 64) => 128,
             (Self::Decode, _) => 168,
         }
@@ -81,7 +130,7 @@ impl TileShape {
     /// (one more than the stages).
     pub const fn static_smem(self) -> usize {
         match self {
-            Self::Prefill => 384,
+            Self::Prefill | Self::Wide => 384,
             Self::Decode => 512,
         }
     }
@@ -93,6 +142,10 @@ impl TileShape {
             (Self::Prefill, DType::BF16, _) => "segmented_attention_bf16_d128",
             (Self::Prefill, _, 64) => "segmented_attention_f16_d64",
             (Self::Prefill, _, _) => "segmented_attention_f16_d128",
+            (Self::Wide, DType::BF16, 64) => "segmented_attention_wide_bf16_d64",
+            (Self::Wide, DType::BF16, _) => "segmented_attention_wide_bf16_d128",
+            (Self::Wide, _, 64) => "segmented_attention_wide_f16_d64",
+            (Self::Wide, _, _) => "segmented_attention_wide_f16_d128",
             (Self::Decode, DType::BF16, 64) => "segmented_attention_decode_bf16_d64",
             (Self::Decode, DType::BF16, _) => "segmented_attention_decode_bf16_d128",
             (Self::Decode, _, 64) => "segmented_attention_decode_f16_d64",
@@ -101,11 +154,11 @@ impl TileShape {
     }
 
     /// Dynamic shared memory at `head_dim` with `stages` pipeline stages: the Q tile and
-    /// `stages` K and V tiles; and with RoPE shifts, 64 more rows for the rotated rows' lo parts
-    /// (16 per warp).
+    /// `stages` K and V tiles; and with RoPE shifts, 16 more rows per warp for the rotated rows'
+    /// lo parts.
     pub const fn smem_bytes(self, head_dim: usize, stages: usize) -> (usize, usize) {
         let plain = (self.rows() + 2 * stages * BLOCK_N) * head_dim * 2;
-        (plain, plain + 4 * 16 * head_dim * 2)
+        (plain, plain + self.warps() * 16 * head_dim * 2)
     }
 
     /// The pipeline stages to run with, from `blocks_per_sm(stages)` (resident blocks at that
@@ -241,7 +294,7 @@ impl Occupancy {
     pub fn modelled(limits: &SmLimits, sm_count: usize, shape: TileShape, head_dim: usize) -> Self {
         let per_sm = |dynamic: usize| {
             limits.blocks_per_sm(
-                ATTENTION_THREADS,
+                shape.threads(),
                 shape.max_registers(head_dim),
                 shape.static_smem() + dynamic,
             )
@@ -263,12 +316,14 @@ impl Occupancy {
     }
 }
 
-/// Both attention kernels' residency on one device, for one dtype and head dim: a launch plans
+/// The attention kernels' residency on one device, for one dtype and head dim: a launch plans
 /// for the wave of the kernel it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionOccupancy {
     /// The prefill tile's kernel.
     pub prefill: Occupancy,
+    /// The wide tile's kernel.
+    pub wide: Occupancy,
     /// The decode tile's kernel.
     pub decode: Occupancy,
 }
@@ -278,15 +333,18 @@ impl AttentionOccupancy {
     pub fn of(&self, shape: TileShape) -> &Occupancy {
         match shape {
             TileShape::Prefill => &self.prefill,
+            TileShape::Wide => &self.wide,
             TileShape::Decode => &self.decode,
         }
     }
 
-    /// Both kernels at `head_dim` on `sm_count` SMs with `limits` ([`Occupancy::modelled`]).
+    /// Every kernel at `head_dim` on `sm_count` SMs with `limits` ([`Occupancy::modelled`]).
     pub fn modelled(limits: &SmLimits, sm_count: usize, head_dim: usize) -> Self {
+        let of = |shape| Occupancy::modelled(limits, sm_count, shape, head_dim);
         Self {
-            prefill: Occupancy::modelled(limits, sm_count, TileShape::Prefill, head_dim),
-            decode: Occupancy::modelled(limits, sm_count, TileShape::Decode, head_dim),
+            prefill: of(TileShape::Prefill),
+            wide: of(TileShape::Wide),
+            decode: of(TileShape::Decode),
         }
     }
 
@@ -321,9 +379,10 @@ mod tests {
             if cells.len() < 18 {
                 continue;
             }
-            let (shape, name) = match name.strip_prefix("decode_") {
-                Some(rest) => (TileShape::Decode, rest),
-                None => (TileShape::Prefill, name),
+            let (shape, name) = match (name.strip_prefix("decode_"), name.strip_prefix("wide_")) {
+                (Some(rest), _) => (TileShape::Decode, rest),
+                (_, Some(rest)) => (TileShape::Wide, rest),
+                _ => (TileShape::Prefill, name),
             };
             assert_eq!(
                 shape.kernel_name(
@@ -369,7 +428,7 @@ mod tests {
             assert_eq!((o.stages, o.stages_with_shifts), stages, "{line}");
             // And from the kernel's own registers, not only their bound.
             let own =
-                |dynamic| limits.blocks_per_sm(ATTENTION_THREADS, registers, static_smem + dynamic);
+                |dynamic| limits.blocks_per_sm(shape.threads(), registers, static_smem + dynamic);
             let own_stages = (
                 shape.choose_stages(|s| own(shape.smem_bytes(head_dim, s).0)),
                 shape.choose_stages(|s| own(shape.smem_bytes(head_dim, s).1)),
@@ -386,8 +445,8 @@ mod tests {
             rows += 1;
         }
         assert_eq!(
-            rows, 16,
-            "4 attention kernels x 2 tile shapes x 2 architectures in the table"
+            rows, 24,
+            "4 attention kernels x 3 tile shapes x 2 architectures in the table"
         );
     }
 }

@@ -19,7 +19,8 @@ pub struct Plan {
     pub n_causal_splits: u32,
     /// One pass over every tile with the APE correction fused (no workspace, no combine).
     pub whole: bool,
-    /// Query tiles (`ceil(n_rows * group / BLOCK_M)`).
+    /// Query tiles (`ceil(n_rows * group / rows)`, the tile's rows: [`BLOCK_M`] unless planned for
+    /// another tile shape).
     pub q_tiles: u32,
 }
 
@@ -55,11 +56,12 @@ pub fn plan(
     wave: usize,
     num_splits: Option<usize>,
 ) -> Result<Plan> {
-    plan_splits(n_rows, dims, segments, wave, num_splits, None)
+    plan_splits(n_rows, dims, segments, wave, num_splits, None, BLOCK_M)
 }
 
-/// [`plan`], where `chosen` (when `num_splits` is `None`) replaces the splits [`plan`] would choose
-/// to fill the wave: a batch's share ([`plan_batch`]).
+/// [`plan`] for query tiles of `tile_rows` packed rows, where `chosen` (when `num_splits` is
+/// `None`) replaces the splits [`plan`] would choose to fill the wave: a batch's share
+/// ([`plan_batch`]).
 fn plan_splits(
     n_rows: usize,
     dims: &AttentionDims,
@@ -67,6 +69,7 @@ fn plan_splits(
     wave: usize,
     num_splits: Option<usize>,
     chosen: Option<usize>,
+    tile_rows: usize,
 ) -> Result<Plan> {
     let mut order: Vec<usize> = Vec::with_capacity(segments.len());
     for role in [SegmentRole::Context, SegmentRole::Causal] {
@@ -98,7 +101,7 @@ fn plan_splits(
     let packed = n_rows
         .checked_mul(dims.group_size())
         .ok_or_else(|| Error::OutOfRange("n_rows * group overflows".into()))?;
-    let q_tiles = u32_of(packed.div_ceil(BLOCK_M), "query tiles")?;
+    let q_tiles = u32_of(packed.div_ceil(tile_rows), "query tiles")?;
     let base = q_tiles as usize * dims.n_kv_heads;
 
     let wave = wave.max(1);
@@ -122,7 +125,7 @@ fn plan_splits(
     // context keys to the causal ones (the APE correction there needs the context state over all
     // the keys): one warp would compute while three copy. Two splits, one per group, keep every
     // warp computing; the combine applies the correction.
-    let few_rows = packed <= BLOCK_M / 4;
+    let few_rows = packed <= DECODE_ROWS;
     let wanted =
         if num_splits.is_none() && wanted <= 1 && few_rows && n_ctx_tiles > 0 && n_causal_tiles > 0
         {
@@ -186,10 +189,25 @@ pub fn plan_batch(
     wave: usize,
     num_splits: Option<usize>,
 ) -> Result<Vec<Plan>> {
+    plan_batch_for(sequences, dims, wave, num_splits, BLOCK_M)
+}
+
+/// [`plan_batch`] for query tiles of `tile_rows` packed rows ([`TileShape::rows`]).
+pub(crate) fn plan_batch_for(
+    sequences: &[SequenceRef],
+    dims: &AttentionDims,
+    wave: usize,
+    num_splits: Option<usize>,
+    tile_rows: usize,
+) -> Result<Vec<Plan>> {
     if sequences.len() == 1 || num_splits.is_some() {
         return sequences
             .iter()
-            .map(|q| plan(q.n_rows, dims, q.segments, wave, num_splits))
+            .map(|q| {
+                plan_splits(
+                    q.n_rows, dims, q.segments, wave, num_splits, None, tile_rows,
+                )
+            })
             .collect();
     }
     let wave = wave.max(1) as u128;
@@ -203,7 +221,7 @@ pub fn plan_batch(
                 .iter()
                 .map(|s| s.len.div_ceil(BLOCK_N) as u128)
                 .sum();
-            (packed.div_ceil(BLOCK_M as u128), tiles)
+            (packed.div_ceil(tile_rows as u128), tiles)
         })
         .collect();
     let n_kv = dims.n_kv_heads as u128;
@@ -226,6 +244,7 @@ pub fn plan_batch(
                 wave as usize,
                 None,
                 Some(wanted as usize),
+                tile_rows,
             )
         })
         .collect()

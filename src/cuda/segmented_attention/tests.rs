@@ -286,6 +286,7 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         // A fixed launch runs the prefill tile whatever the decode tile's residency.
         let occupancy = AttentionOccupancy {
             prefill,
+            wide: prefill,
             decode: Occupancy {
                 blocks_per_sm: 4,
                 stages: 4,
@@ -321,7 +322,11 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         if next(2) == 0 {
             cap.rows_per_sequence = rows.iter().copied().max().unwrap_or(0).max(1) + next(3);
         }
-        let shape = FixedShape::new(&cap, &dims, &occupancy, forced).expect("valid capacity");
+        let options = SegmentedAttentionOptions {
+            num_splits: forced,
+            tile: None,
+        };
+        let shape = FixedShape::new(&cap, &dims, &occupancy, &options).expect("valid capacity");
         assert_eq!(
             shape.tile,
             cap.tile_shape(dims.group_size(), forced),
@@ -414,12 +419,30 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
         rows_per_sequence: 0,
     };
     let h100 = AttentionOccupancy::h100();
-    assert!(FixedShape::new(&cap(0, 1, 1), &d, &h100, None).is_err());
-    assert!(FixedShape::new(&cap(1, 0, 1), &d, &h100, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 0), &d, &h100, None).is_err());
-    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, &h100, None).is_err());
-    assert!(FixedShape::new(&cap(1, 1, 1), &d, &h100, Some(0)).is_err());
-    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, &h100, None).is_err());
+    let opts = |num_splits, tile| SegmentedAttentionOptions { num_splits, tile };
+    let none = opts(None, None);
+    assert!(FixedShape::new(&cap(0, 1, 1), &d, &h100, &none).is_err());
+    assert!(FixedShape::new(&cap(1, 0, 1), &d, &h100, &none).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 0), &d, &h100, &none).is_err());
+    assert!(FixedShape::new(&cap(MAX_BATCH_SEQUENCES, 1, 1), &d, &h100, &none).is_err());
+    assert!(FixedShape::new(&cap(1, 1, 1), &d, &h100, &opts(Some(0), None)).is_err());
+    assert!(FixedShape::new(&cap(1, usize::MAX / 2, 1), &d, &h100, &none).is_err());
+    // A capturable batch runs its capacity's tile: asked for another, an error.
+    assert!(FixedShape::new(
+        &cap(1, 1, 1),
+        &d,
+        &h100,
+        &opts(None, Some(TileShape::Prefill))
+    )
+    .is_ok());
+    assert!(FixedShape::new(&cap(1, 1, 1), &d, &h100, &opts(None, Some(TileShape::Wide))).is_err());
+    assert!(FixedShape::new(
+        &cap(1, 1, 1),
+        &d,
+        &h100,
+        &opts(None, Some(TileShape::Decode))
+    )
+    .is_err());
     // A bound of 4 rows per sequence (16 packed at group 4) runs the decode tile, past it the
     // prefill tile; a sequence over the bound does not fit.
     let per = |n| BatchCapacity {
@@ -430,7 +453,7 @@ fn every_batch_within_a_capacity_fits_its_fixed_shape() {
     assert_eq!(per(4).tile_shape(4, Some(1)), TileShape::Prefill);
     assert_eq!(per(5).tile_shape(4, None), TileShape::Prefill);
     assert_eq!(per(0).tile_shape(4, None), TileShape::Prefill);
-    let fixed = FixedShape::new(&per(4), &d, &h100, None).expect("valid");
+    let fixed = FixedShape::new(&per(4), &d, &h100, &none).expect("valid");
     assert_eq!(
         (fixed.tile, fixed.stages, fixed.launch_params().stages),
         (TileShape::Decode, h100.decode.stages_with_shifts, 2)
@@ -679,9 +702,11 @@ fn few_rows_across_the_boundary_split_there_so_every_warp_computes() {
     };
     let occupancy = AttentionOccupancy {
         prefill: occupancy,
+        wide: occupancy,
         decode: occupancy,
     };
-    let fixed = FixedShape::new(&cap, &d, &occupancy, None).expect("valid");
+    let fixed = FixedShape::new(&cap, &d, &occupancy, &SegmentedAttentionOptions::default())
+        .expect("valid");
     let layout = launch_layout(
         &seqs,
         &d,
@@ -692,4 +717,55 @@ fn few_rows_across_the_boundary_split_there_so_every_warp_computes() {
     )
     .expect("valid");
     fixed.image(&layout).expect("fits the fixed shape");
+}
+
+#[test]
+fn the_wide_tile_takes_long_prefills_at_head_dim_64() {
+    let h100 = AttentionOccupancy::h100();
+    let d64 = AttentionDims::new(32, 8, 64).expect("valid");
+    let d128 = AttentionDims::new(32, 8, 128).expect("valid");
+    let ctx = [
+        seg(3000, SegmentRole::Context),
+        seg(700, SegmentRole::Causal),
+    ];
+    let launch = |d: &AttentionDims, rows: &[usize], splits, tile| {
+        let seqs: Vec<SequenceRef> = rows.iter().map(|&r| seq(r, &ctx)).collect();
+        launch_layout(&seqs, d, DType::BF16, &h100, splits, tile)
+    };
+    // One block of 8 warps per SM: a wave of 132. 600 rows of group 4 pack into 19 tiles of 128
+    // rows, times 8 KV heads: 152 blocks fill it; 200 rows (7 tiles, 56 blocks) would split.
+    assert_eq!(h100.wide.wave(false), 132);
+    let l = launch(&d64, &[600], None, None).expect("valid");
+    assert_eq!((l.shape, l.grid.0), (TileShape::Wide, 19));
+    assert_eq!(l.main, "segmented_attention_wide_bf16_d64");
+    assert_eq!(
+        launch(&d64, &[600], Some(1), None).expect("valid").shape,
+        TileShape::Wide
+    );
+    assert_eq!(
+        launch(&d64, &[200], None, None).expect("valid").shape,
+        TileShape::Prefill
+    );
+    // Not at head dim 128, nor beside a short sequence (it would run on one warp of 8); a
+    // sequence without rows does not count.
+    assert_eq!(
+        launch(&d128, &[600], None, None).expect("valid").shape,
+        TileShape::Prefill
+    );
+    assert_eq!(
+        launch(&d64, &[600, 10], None, None).expect("valid").shape,
+        TileShape::Prefill
+    );
+    assert_eq!(
+        launch(&d64, &[600, 0], None, None).expect("valid").shape,
+        TileShape::Wide
+    );
+    // Asked for: the wide tile takes anything, the decode tile only few rows.
+    let forced = launch(&d128, &[1, 70], Some(3), Some(TileShape::Wide)).expect("valid");
+    assert_eq!((forced.shape, forced.launch.stages), (TileShape::Wide, 2));
+    assert_eq!(forced.main, "segmented_attention_wide_bf16_d128");
+    assert!(launch(&d64, &[600], None, Some(TileShape::Decode)).is_err());
+    // Its shared memory: 128 query rows, two K and two V tiles; 128 more rows with shifts.
+    assert_eq!(TileShape::Wide.smem_bytes(64, 2), (48 * 1024, 64 * 1024));
+    assert_eq!(TileShape::Wide.threads(), 256);
 }

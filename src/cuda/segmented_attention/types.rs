@@ -142,6 +142,11 @@ pub struct SegmentedAttentionOptions {
     /// Split the keys across this many thread blocks per query tile; `None` chooses from the
     /// problem size and the number of SMs. `Some(1)` forces the single-pass (fused) path.
     pub num_splits: Option<usize>,
+    /// Run the kernel of this tile shape; `None` chooses ([`TileShape::of_launch`]). Any launch
+    /// may take the prefill or the wide tile; the decode tile only sequences of at most 16 packed
+    /// rows, without `num_splits = Some(1)` (otherwise an error). For measuring one against
+    /// another.
+    pub tile: Option<TileShape>,
 }
 
 /// A segment as a launch sees it: the addresses of its K and V and how to read them. The one
