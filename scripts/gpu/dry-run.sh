@@ -64,8 +64,8 @@ if "ERROR SUMMARY: 0 errors" not in md:
     errors.append("no sanitizer summary line in quick.md")
 crit = [r for r, _, f in os.walk(os.path.join(res, "quick", "criterion"))
         if r.endswith("new") and "estimates.json" in f]
-if len(crit) != 9:
-    errors.append(f"{len(crit)} criterion results, expected 9")
+if len(crit) != 13:
+    errors.append(f"{len(crit)} criterion results, expected 13")
 json.load(open(os.path.join(res, "quick", "peer.json")))
 # The summary's tables: a number (not n/a) for ours and the peer in each row the phase fills.
 rows = {
@@ -74,6 +74,8 @@ rows = {
     "decode": r"^\| 1 \| 512 \| 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "batch": r"^\| n2_k16_s4 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
     "copy": r"Device-to-device copy: ours [\d.]+ GB/s, torch [\d.]+ GB/s",
+    "wide tile": r"^\| d64_q32_k32 \| [\d.]+ \| wide \| [\d.]+ \| [\d.]+ \|",
+    "decode tile": r"^\| d128_rows1_k512_s16 \| [\d.]+ \| decode \| [\d.]+ \| [\d.]+ \|",
 }
 for what, pattern in rows.items():
     if not re.search(pattern, md, re.M):
