@@ -181,22 +181,32 @@ impl Device {
     }
 
     /// The attention kernels' residency on this device for `dtype` and `head_dim`
-    /// ([`Device::attention_occupancy_of`] for each tile shape).
+    /// ([`Device::attention_occupancy_of`] for each tile shape). An error only where the prefill
+    /// tile's kernel fits no SM at all; a launch that needs more than a kernel fits is refused
+    /// when it is planned, and the launcher never chooses such a kernel.
     pub fn attention_occupancy(&self, dtype: DType, head_dim: usize) -> Result<AttentionOccupancy> {
-        Ok(AttentionOccupancy {
+        let o = AttentionOccupancy {
             prefill: self.attention_occupancy_of(TileShape::Prefill, dtype, head_dim)?,
             wide: self.attention_occupancy_of(TileShape::Wide, dtype, head_dim)?,
             decode: self.attention_occupancy_of(TileShape::Decode, dtype, head_dim)?,
-        })
+        };
+        if !o.prefill.fits(false) {
+            return Err(Error::NoDevice(format!(
+                "{} does not fit on this device's SMs ({} bytes of shared memory)",
+                TileShape::Prefill.kernel_name(dtype, head_dim),
+                TileShape::Prefill.smem_bytes(head_dim, 2).0
+            )));
+        }
+        Ok(o)
     }
 
     /// The residency of the `shape` attention kernel for `dtype` and `head_dim`, as the driver
     /// counts it for the compiled kernel (its registers and static shared memory on this
     /// architecture) with the dynamic shared memory of each pipeline depth it may run: the
     /// stages it runs with here ([`TileShape::choose_stages`]), and thread blocks per SM for a
-    /// launch without and with RoPE shifts at those stages. Asked once per kernel (which also
-    /// sets the kernel's shared-memory limit to its size with shifts at those stages); the plan
-    /// fills the wave it gives.
+    /// launch without and with RoPE shifts at those stages (0 where one block does not fit).
+    /// Asked once per kernel, which also sets the kernel's shared-memory limit to the largest
+    /// size it may run with on this device; the plan fills the wave it gives.
     pub fn attention_occupancy_of(
         &self,
         shape: TileShape,
@@ -210,11 +220,16 @@ impl Device {
         // Sizes past what one block may use fit no block; the driver is asked about the rest.
         let fits = |dynamic: usize| shape.static_smem() + dynamic <= self.smem_per_block;
         let (stages, plain, shifts) = {
+            // The function's limit: the largest size that fits (0 where none does, and the
+            // kernel fits nothing).
             let largest = (2..=shape.max_stages())
-                .map(|s| shape.smem_bytes(head_dim, s).1)
+                .flat_map(|s| {
+                    let (plain, shifts) = shape.smem_bytes(head_dim, s);
+                    [plain, shifts]
+                })
                 .filter(|&b| fits(b))
                 .max()
-                .unwrap_or(shape.smem_bytes(head_dim, 2).1);
+                .unwrap_or(0);
             let f = self.function_with_smem(name, largest as u32)?;
             let threads = shape.threads() as u32;
             let per_sm = |smem: usize| -> Result<usize> {
@@ -250,12 +265,6 @@ impl Device {
             stages: stages.0,
             stages_with_shifts: stages.1,
         };
-        if o.blocks_per_sm_with_shifts == 0 {
-            return Err(Error::NoDevice(format!(
-                "{name} does not fit on this device's SMs ({} bytes of shared memory)",
-                shape.smem_bytes(head_dim, stages.1).1
-            )));
-        }
         lock(&self.occupancy, "occupancy cache")?.insert(name, o);
         Ok(o)
     }

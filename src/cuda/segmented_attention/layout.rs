@@ -191,6 +191,15 @@ pub(crate) fn launch_layout(
         TileShape::of_launch(&rows, dims, num_splits, occupancy, any_shift)
     });
     let occupancy = occupancy.of(shape);
+    if !occupancy.fits(any_shift) {
+        let (plain, shifts) = shape.smem_bytes(dims.head_dim, occupancy.stages(any_shift));
+        return Err(Error::NoDevice(format!(
+            "{} does not fit this device's SMs ({} bytes of shared memory{})",
+            shape.kernel_name(dtype, dims.head_dim),
+            if any_shift { shifts } else { plain },
+            if any_shift { ", with RoPE shifts" } else { "" }
+        )));
+    }
     let plans = plan_batch_for(
         sequences,
         dims,

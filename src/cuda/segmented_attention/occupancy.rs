@@ -44,7 +44,8 @@ impl TileShape {
     ///   dim 64 it issues about a tenth fewer instructions per MMA (at 128, 3%: not chosen;
     ///   docs/KERNEL-STATS.md), and a launch that would split its keys to fill the device, or
     ///   whose short sequences would run on one warp of 8, gains less than it loses;
-    /// - the prefill tile otherwise.
+    /// - the prefill tile otherwise, and wherever the other tile would not fit the device's SMs
+    ///   ([`Occupancy::fits`]: on 100 KiB parts, the wide tile at head dim 128 with RoPE shifts).
     pub fn of_launch(
         n_rows: &[usize],
         dims: &AttentionDims,
@@ -54,7 +55,9 @@ impl TileShape {
     ) -> Self {
         let group = dims.group_size();
         let packed = |r: usize| r.saturating_mul(group);
-        if Self::few_rows(n_rows.iter().copied(), group, num_splits) {
+        if Self::few_rows(n_rows.iter().copied(), group, num_splits)
+            && occupancy.decode.fits(shifts)
+        {
             return Self::Decode;
         }
         let tiles: usize = n_rows
@@ -62,6 +65,7 @@ impl TileShape {
             .map(|&r| packed(r).div_ceil(Self::Wide.rows()))
             .fold(0, usize::saturating_add);
         let wide = dims.head_dim == 64
+            && occupancy.wide.fits(shifts)
             && n_rows.iter().all(|&r| r == 0 || packed(r) > BLOCK_M)
             && tiles.saturating_mul(dims.n_kv_heads) >= occupancy.wide.wave(shifts);
         if wide {
@@ -267,8 +271,17 @@ pub struct Occupancy {
 }
 
 impl Occupancy {
-    /// Thread blocks resident at once, with or without RoPE shifts in the launch (at least one:
-    /// a launch that fits no block fails at the launch, not in the plan).
+    /// Whether one thread block of a launch with or without RoPE shifts fits an SM.
+    pub fn fits(&self, shifts: bool) -> bool {
+        if shifts {
+            self.blocks_per_sm_with_shifts > 0
+        } else {
+            self.blocks_per_sm > 0
+        }
+    }
+
+    /// Thread blocks resident at once, with or without RoPE shifts in the launch (at least one
+    /// per SM: a launch that fits no block is refused before it is planned, [`Occupancy::fits`]).
     pub fn wave(&self, shifts: bool) -> usize {
         let per_sm = if shifts {
             self.blocks_per_sm_with_shifts

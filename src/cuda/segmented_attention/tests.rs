@@ -769,3 +769,47 @@ fn the_wide_tile_takes_long_prefills_at_head_dim_64() {
     assert_eq!(TileShape::Wide.smem_bytes(64, 2), (48 * 1024, 64 * 1024));
     assert_eq!(TileShape::Wide.threads(), 256);
 }
+
+#[test]
+fn a_tile_that_does_not_fit_the_device_is_never_chosen_and_refused_when_asked_for() {
+    // 100 KiB per SM (an L40S, compute capability 8.9): the wide tile at head dim 128 takes
+    // 96 KiB, and 128 with RoPE shifts, which no block can have.
+    let l40 = AttentionOccupancy::modelled(
+        &SmLimits::of_compute_capability(8, 9).expect("known"),
+        142,
+        128,
+    );
+    assert!(l40.wide.fits(false) && !l40.wide.fits(true));
+    assert!(l40.prefill.fits(true) && l40.decode.fits(true));
+    let d = AttentionDims::new(32, 8, 128).expect("valid");
+    let mut shifted = [
+        seg(3000, SegmentRole::Context),
+        seg(700, SegmentRole::Causal),
+    ];
+    shifted[0].rope_shift = Some(RopeShift {
+        rope: RopeConfig::new(128, 10_000.0, RopeLayout::Neox).expect("valid"),
+        delta: 3,
+    });
+    let launch = |tile| launch_layout(&[seq(600, &shifted)], &d, DType::BF16, &l40, None, tile);
+    assert_eq!(launch(None).expect("valid").shape, TileShape::Prefill);
+    let err = launch(Some(TileShape::Wide)).expect_err("does not fit");
+    assert!(
+        matches!(&err, Error::NoDevice(m) if m.contains("segmented_attention_wide_bf16_d128")),
+        "{err}"
+    );
+    // Without shifts it fits (one block per SM), and runs when asked for.
+    let plain = [
+        seg(3000, SegmentRole::Context),
+        seg(700, SegmentRole::Causal),
+    ];
+    let l = launch_layout(
+        &[seq(600, &plain)],
+        &d,
+        DType::BF16,
+        &l40,
+        None,
+        Some(TileShape::Wide),
+    )
+    .expect("fits");
+    assert_eq!(l.shape, TileShape::Wide);
+}
