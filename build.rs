@@ -6,9 +6,15 @@
 //! With none found (or `APE_ATTN_CPU_ONLY=1`) the crate is built CPU-only: one cargo warning, and
 //! every GPU entry point returns `Error::KernelsNotBuilt`. A kernel that fails to compile fails the
 //! build with nvcc's message.
+//!
+//! The fatbin is kept in `<target dir>/kernel-cache/`, named by a hash of everything that goes
+//! into it (nvcc and its version, the flags, every file of `kernels/`), so the builds of one
+//! checkout that differ only in profile or features (clippy, doc, test, release) compile the
+//! kernels once.
 
 use std::env;
 use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -80,31 +86,47 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", unity.display())));
 
     let fatbin = out_dir.join("ape_attn_kernels.fatbin");
-    let mut cmd = Command::new(&nvcc);
-    cmd.arg("-fatbin")
-        .args(["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"])
-        .args(["--threads", "0"])
-        .args(GENCODE)
-        .arg(format!("-I{}", kernel_dir.display()))
-        .arg("-o")
-        .arg(&fatbin)
-        .arg(&unity);
-    if let Ok(extra) = env::var("APE_ATTN_NVCC_FLAGS") {
-        cmd.args(extra.split_whitespace());
-    }
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
-    if !output.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
-        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-        fail(&format!(
-            "nvcc failed to compile the kernels ({}): see its message above",
-            output.status
-        ));
+    let flags: Vec<String> = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        .iter()
+        .chain(GENCODE)
+        .map(|f| f.to_string())
+        .chain(
+            env::var("APE_ATTN_NVCC_FLAGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string),
+        )
+        .collect();
+    let version = nvcc_version(&nvcc).unwrap_or_else(|| "unknown version".to_string());
+    let cached = cache_path(&out_dir, &kernel_dir, &nvcc, &version, &flags);
+    let from_cache = cached
+        .as_ref()
+        .is_some_and(|c| fs::copy(c, &fatbin).is_ok());
+    if !from_cache {
+        let mut cmd = Command::new(&nvcc);
+        cmd.arg("-fatbin")
+            .args(&flags)
+            .args(["--threads", "0"])
+            .arg(format!("-I{}", kernel_dir.display()))
+            .arg("-o")
+            .arg(&fatbin)
+            .arg(&unity);
+        let output = cmd
+            .output()
+            .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
+        if !output.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+            eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+            fail(&format!(
+                "nvcc failed to compile the kernels ({}): see its message above",
+                output.status
+            ));
+        }
+        if let Some(c) = &cached {
+            store_in_cache(&fatbin, c);
+        }
     }
 
-    let version = nvcc_version(&nvcc).unwrap_or_else(|| "unknown version".to_string());
     let size = fs::metadata(&fatbin).map(|m| m.len()).unwrap_or(0);
     println!("cargo::rustc-cfg=ape_kernels");
     println!("cargo::rustc-env=APE_ATTN_FATBIN={}", fatbin.display());
@@ -113,6 +135,53 @@ fn main() {
         nvcc.display(),
         sources.len()
     );
+}
+
+/// Where the fatbin of these inputs is cached: `<target dir>/kernel-cache/<hash>.fatbin`, the
+/// target dir being four levels above `OUT_DIR` (`<target>[/<triple>]/<profile>/build/<pkg>/out`).
+/// None when a kernel file cannot be read (the build then compiles, and fails if nvcc does).
+fn cache_path(
+    out_dir: &Path,
+    kernel_dir: &Path,
+    nvcc: &Path,
+    version: &str,
+    flags: &[String],
+) -> Option<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(kernel_dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    // Two 64-bit hashes of the same inputs under different prefixes: a 128-bit name.
+    let mut name = String::new();
+    for salt in ["ape-attn kernels a", "ape-attn kernels b"] {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        nvcc.hash(&mut h);
+        kernel_dir.hash(&mut h);
+        version.hash(&mut h);
+        flags.hash(&mut h);
+        for f in &files {
+            f.file_name().hash(&mut h);
+            fs::read(f).ok()?.hash(&mut h);
+        }
+        name.push_str(&format!("{:016x}", h.finish()));
+    }
+    let target = out_dir.ancestors().nth(4)?;
+    Some(target.join("kernel-cache").join(format!("{name}.fatbin")))
+}
+
+/// Puts a freshly compiled fatbin in the cache (written aside, then renamed, so that a
+/// concurrent build never reads half a file); a failure only costs the next build a compile.
+fn store_in_cache(fatbin: &Path, cached: &Path) {
+    let Some(dir) = cached.parent() else { return };
+    let tmp = cached.with_extension(format!("tmp{}", std::process::id()));
+    let stored = fs::create_dir_all(dir).is_ok()
+        && fs::copy(fatbin, &tmp).is_ok()
+        && fs::rename(&tmp, cached).is_ok();
+    if !stored {
+        let _ = fs::remove_file(&tmp);
+    }
 }
 
 /// The kernel emulator (feature `emulator`): the same kernel sources compiled for the CPU by the
