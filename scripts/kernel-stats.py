@@ -69,12 +69,12 @@ def build_flags():
     """nvcc's flags and real architectures, as build.rs passes them."""
     text = (ROOT / "build.rs").read_text()
     flags = None
-    for m in re.finditer(r"\.args\(\[([^\]]*)\]\)", text):
+    for m in re.finditer(r"\[([^\[\]]*)\]", text):
         items = re.findall(r'"([^"]*)"', m.group(1))
         if "-O3" in items:
             flags = items
     if not flags:
-        die("cannot find nvcc's flags (an .args([...]) with -O3) in build.rs")
+        die("cannot find nvcc's flags (a [...] list with -O3) in build.rs")
     archs = re.findall(r'"-gencode=arch=(compute_\w+),code=(sm_\w+)"', text)
     if not archs:
         die("cannot find the real architectures (-gencode=...,code=sm_XX) in build.rs")
